@@ -1,0 +1,1 @@
+//! guest-access: placeholder until its issue lands.

@@ -1,0 +1,1 @@
+//! guest-symbols: placeholder until its issue lands.

@@ -1,0 +1,1 @@
+//! insn-emu: placeholder until its issue lands.

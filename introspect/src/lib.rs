@@ -1,0 +1,1 @@
+//! introspect: placeholder until its issue lands.

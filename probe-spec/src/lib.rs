@@ -1,0 +1,1 @@
+//! probe-spec: placeholder until its issue lands.
