@@ -1,0 +1,31 @@
+//! Compiles `proto/hvprobe/v1/hvprobe.proto` without a system `protoc`:
+//! protox parses it into a FileDescriptorSet, which is both written out for
+//! server reflection and handed to tonic's prost code generator.
+
+use std::{env, fs, path::PathBuf};
+
+use prost::Message;
+
+const PROTO: &str = "proto/hvprobe/v1/hvprobe.proto";
+const INCLUDE: &str = "proto";
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed={PROTO}");
+
+    // Source info keeps the .proto comments, which become rustdoc and are
+    // served by reflection; imports are included so the set is self-contained.
+    let fds = protox::Compiler::new([INCLUDE])?
+        .include_source_info(true)
+        .include_imports(true)
+        .open_file(PROTO)?
+        .file_descriptor_set();
+
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(out_dir.join("hvprobe_descriptor.bin"), fds.encode_to_vec())?;
+
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}
