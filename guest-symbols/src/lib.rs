@@ -1,1 +1,24 @@
-//! guest-symbols: placeholder until its issue lands.
+//! Kernel symbols for hvprobe: names to addresses, offsets and argument
+//! locations, and back. Independent of the VMM; guest memory is reached only
+//! through the tiny [`GuestMemory`] trait. See README.md for the API tour.
+
+mod dwarf;
+mod elf;
+mod kallsyms;
+mod mem;
+mod sysmap;
+mod table;
+
+pub use dwarf::{
+    DebugInfo, DwarfError, FunctionInfo, LocationSource, MemberInfo, Param, ParamLocation, Register,
+};
+pub use elf::{ImageError, KernelImage};
+pub use kallsyms::{
+    decode_kallsyms, find_kallsyms, read_kallsyms, AddressEncoding, KallsymsError, KallsymsLayout,
+};
+pub use mem::{GuestMemory, SliceMemory, Unmapped};
+pub use sysmap::{load_system_map, parse_system_map, MapParseError};
+pub use table::{
+    parse_location, Location, LocationParseError, LookupError, SymOff, Symbol, SymbolTable,
+    VariantMatch,
+};
