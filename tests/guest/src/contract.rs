@@ -1,0 +1,188 @@
+//! The host <-> guest contract of the test kernel.
+//!
+//! This file is the single source of truth: `build.rs` includes it and
+//! generates the C header `hv_contract.h` from it, and `lib.rs` re-exports it.
+//! Keep it free of dependencies (only `core`), because the build script
+//! compiles it on its own.
+
+/// I/O port the guest writes its 32-bit exit status to with `outl`.
+pub const EXIT_PORT: u16 = 0xf4;
+
+/// Exit status written to [`EXIT_PORT`]: everything ran and every check passed.
+pub const EXIT_OK: u32 = 0;
+/// A counted function returned a wrong value (`hvtest: FAIL cpu=.. fn=.. got=.. want=..`).
+pub const EXIT_RETVAL_MISMATCH: u32 = 1;
+/// An unexpected CPU exception (`hvtest: EXCEPTION vec=.. rip=.. err=..`).
+pub const EXIT_EXCEPTION: u32 = 2;
+/// The guest's own `int3` self-test did not reach its #BP handler exactly once.
+pub const EXIT_INT3_SELFTEST: u32 = 3;
+/// `%ebx` at the PVH entry did not point at a `hvm_start_info` (bad magic).
+pub const EXIT_BAD_BOOT_INFO: u32 = 4;
+/// An application processor did not check in after INIT-SIPI-SIPI.
+pub const EXIT_AP_TIMEOUT: u32 = 5;
+/// At the end, a call counter differs from what the callers counted.
+pub const EXIT_COUNTER_MISMATCH: u32 = 6;
+
+/// Every line the guest prints on the serial port starts with this.
+pub const LINE_PREFIX: &str = "hvtest: ";
+
+/// Name of the `u64` array of per-function call counters (`[u64; COUNTED_FUNCTIONS.len()]`).
+/// Each counted function increments its own slot atomically once per call
+/// (recursive calls included), so a probe at `sym+0` should hit exactly that often.
+pub const COUNTER_SYMBOL: &str = "hv_call_counts";
+/// Name of the `u64` array the *callers* fill once their loop ends: the number
+/// of calls they expect per function. After a clean finite run it equals
+/// [`COUNTER_SYMBOL`] slot for slot (the guest checks this itself).
+pub const EXPECTED_COUNTER_SYMBOL: &str = "hv_expected_counts";
+/// `u64` incremented by the guest's own #BP handler (vector 3).
+pub const BP_HANDLED_SYMBOL: &str = "hv_bp_handled";
+/// The first C function, called exactly once by the boot CPU.
+pub const FIRST_C_FUNCTION: &str = "hv_start_kernel";
+/// C entry of every application processor: `void hv_ap_main(unsigned cpu)`.
+pub const AP_C_FUNCTION: &str = "hv_ap_main";
+/// The 32-bit PVH entry point (physical address in the `.note.Xen` note).
+pub const PVH_ENTRY_SYMBOL: &str = "pvh_start_xen";
+/// `MSR_LSTAR` is set to this function's address, as on Linux.
+pub const SYSCALL_ENTRY_SYMBOL: &str = "entry_SYSCALL_64";
+/// Symbol of the NUL-terminated banner string.
+pub const BANNER_SYMBOL: &str = "linux_banner";
+/// Content of [`BANNER_SYMBOL`] (without the trailing NUL).
+pub const LINUX_BANNER: &str =
+    "Linux version 6.1.0-hvtest (hvprobe test guest) (gcc) #1 SMP PREEMPT_DYNAMIC\n";
+
+/// Functions with a call counter; index `i` is slot `i` of [`COUNTER_SYMBOL`].
+/// All are global, `noinline`, and start with the 5-byte ftrace nop
+/// (`hv_ibt_func` with `endbr64` first). Prototypes and probe-site shapes are
+/// documented in `tests/guest/README.md`.
+pub const COUNTED_FUNCTIONS: &[&str] = &[
+    "hv_open_file",
+    "hv_fib",
+    "hv_recurse",
+    "hv_add",
+    "hv_many_args",
+    "hv_work_item",
+    "hv_checksum",
+    "hv_sub_tail",
+    "hv_stack_frame",
+    "hv_lea_first",
+    "hv_jcc_after_nop",
+    "hv_tail_jmp",
+    "hv_ibt_func",
+];
+
+/// Functions compiled with `-fcf-protection=branch`: they start `endbr64; nop5`.
+pub const ENDBR_FUNCTIONS: &[&str] = &["hv_ibt_func"];
+
+/// Default worker loop iterations per CPU (`hvtest.iters=` overrides).
+pub const DEFAULT_ITERS: u64 = 20;
+/// Highest number of CPUs the guest brings up (more in the MADT are ignored).
+pub const MAX_CPUS: u32 = 64;
+/// Physical address the real-mode AP trampoline is copied to (SIPI vector 0x08).
+/// The guest overwrites this page after it has read its boot information.
+pub const TRAMPOLINE_PADDR: u32 = 0x8000;
+
+/// `hv_recurse(RECURSE_DEPTH)` is called once per worker iteration: it has
+/// exactly `RECURSE_DEPTH` activations in flight at its deepest point.
+pub const RECURSE_DEPTH: u32 = 8;
+/// Return value of `hv_recurse(RECURSE_DEPTH)`.
+pub const RECURSE_RESULT: u64 = recurse_result(RECURSE_DEPTH);
+/// `hv_fib(n)` is called with `n = (cpu + iter) % FIB_MODULUS`.
+pub const FIB_MODULUS: u32 = 8;
+
+/// Paths passed to `hv_open_file`, `OPEN_PATHS[(cpu + iter) % OPEN_PATHS.len()]`.
+pub const OPEN_PATHS: &[&str] = &[
+    "/etc/passwd",
+    "/etc/hostname",
+    "/proc/self/status",
+    "/var/log/hvtest.log",
+    "/tmp/hvprobe-test",
+    "/dev/null",
+    "/sys/kernel/tracing/kprobe_events",
+    "/home/user/.bashrc",
+];
+/// `dfd` argument of every `hv_open_file` call (Linux's `AT_FDCWD`).
+pub const AT_FDCWD: i32 = -100;
+
+/// Byte offsets in `struct hv_work` (the argument of `hv_work_item`):
+/// `{ u32 id; u32 flags; char name[16]; struct hv_work *next; u64 data; }`.
+pub const HV_WORK_OFF_ID: usize = 0;
+pub const HV_WORK_OFF_FLAGS: usize = 4;
+pub const HV_WORK_OFF_NAME: usize = 8;
+pub const HV_WORK_NAME_LEN: usize = 16;
+pub const HV_WORK_OFF_NEXT: usize = 24;
+pub const HV_WORK_OFF_DATA: usize = 32;
+pub const HV_WORK_SIZE: usize = 40;
+
+/// Length of the `hv_checksum_data` buffer; `hv_checksum` is called on a
+/// prefix of `1 + (cpu + iter) % CHECKSUM_DATA_LEN` bytes.
+pub const CHECKSUM_DATA_LEN: usize = 32;
+
+/// 32-bit FNV-1a, the string hash `hv_open_file` computes.
+pub const fn fnv1a32(bytes: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < bytes.len() {
+        h ^= bytes[i] as u32;
+        h = h.wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    h
+}
+
+/// Return value of `hv_open_file(dfd, path, flags, mode)`: the guest computes
+/// it from the string it is given, so a probe can check `$retval`.
+pub const fn open_file_retval(dfd: i32, path: &str, flags: i32, mode: u32) -> i32 {
+    ((fnv1a32(path.as_bytes()) ^ flags as u32 ^ (mode << 8) ^ dfd as u32) & 0x7fff_ffff) as i32
+}
+
+/// Byte `i` of the `hv_checksum_data` buffer.
+pub const fn checksum_data_byte(i: usize) -> u8 {
+    (i.wrapping_mul(37).wrapping_add(11) & 0xff) as u8
+}
+
+/// Return value of `hv_checksum(hv_checksum_data, len)`.
+pub const fn checksum_retval(len: usize) -> u32 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < len {
+        sum = sum.rotate_left(1) ^ checksum_data_byte(i) as u32;
+        i += 1;
+    }
+    sum
+}
+
+/// `hv_fib(n)`.
+pub const fn fib(n: u32) -> u64 {
+    let (mut a, mut b) = (0u64, 1u64);
+    let mut i = 0;
+    while i < n {
+        let t = a + b;
+        a = b;
+        b = t;
+        i += 1;
+    }
+    a
+}
+
+/// Number of `hv_fib` calls (the counter increments) made by one `hv_fib(n)`.
+pub const fn fib_calls(n: u32) -> u64 {
+    // calls(n) = 1 + calls(n-1) + calls(n-2), calls(0) = calls(1) = 1.
+    let (mut a, mut b) = (1u64, 1u64);
+    let mut i = 1;
+    while i < n {
+        let t = 1 + a + b;
+        a = b;
+        b = t;
+        i += 1;
+    }
+    if n == 0 {
+        a
+    } else {
+        b
+    }
+}
+
+/// `hv_recurse(depth)` = depth + (depth-1) + ... + 1.
+pub const fn recurse_result(depth: u32) -> u64 {
+    depth as u64 * (depth as u64 + 1) / 2
+}
