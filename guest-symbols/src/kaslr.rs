@@ -1,0 +1,176 @@
+//! Finding and verifying the KASLR slide of a running guest kernel.
+
+use crate::elf::KernelImage;
+use crate::kallsyms::{read_kallsyms, KallsymsError};
+use crate::mem::GuestMemory;
+use crate::table::SymbolTable;
+
+/// x86-64 KASLR moves the kernel in CONFIG_PHYSICAL_ALIGN steps, which must
+/// be a multiple of 2 MiB.
+pub const KASLR_ALIGN: u64 = 0x20_0000;
+
+/// A verified slide: runtime address = link-time address + `slide`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KaslrSlide {
+    pub slide: i64,
+    /// The `linux_banner` read from the guest at the slid address.
+    pub banner: String,
+}
+
+/// Why no slide could be established.
+#[derive(Debug, thiserror::Error)]
+pub enum KaslrError {
+    #[error("link-time symbol table has no `{0}`")]
+    MissingSymbol(&'static str),
+    #[error("slide {0:#x} is not a multiple of 2 MiB: MSR_LSTAR does not point at entry_SYSCALL_64 of this kernel")]
+    Misaligned(i64),
+    #[error("cannot read linux_banner at {addr:#x}: {reason}")]
+    Unreadable { addr: u64, reason: String },
+    #[error("linux_banner at {addr:#x} does not match the image (guest has `{found}`)")]
+    BannerMismatch { addr: u64, found: String },
+    #[error(transparent)]
+    Kallsyms(#[from] KallsymsError),
+}
+
+const BANNER_MAX: usize = 512;
+
+fn c_string(b: &[u8]) -> &[u8] {
+    &b[..memchr::memchr(0, b).unwrap_or(b.len())]
+}
+
+/// Slide from `MSR_LSTAR` (which holds the runtime `entry_SYSCALL_64`),
+/// checked against the `linux_banner` bytes: equal to the image's when an
+/// image is given, else at least a plausible `Linux version ` banner.
+pub fn find_kaslr_slide<M: GuestMemory>(
+    mem: &M,
+    msr_lstar: u64,
+    link: &SymbolTable,
+    image: Option<&KernelImage>,
+) -> Result<KaslrSlide, KaslrError> {
+    let entry = link
+        .lookup("entry_SYSCALL_64")
+        .map_err(|_| KaslrError::MissingSymbol("entry_SYSCALL_64"))?;
+    let slide = msr_lstar.wrapping_sub(entry) as i64;
+    verify_slide(mem, slide, link, image)
+}
+
+/// Check a candidate slide with the `linux_banner` bytes.
+pub fn verify_slide<M: GuestMemory>(
+    mem: &M,
+    slide: i64,
+    link: &SymbolTable,
+    image: Option<&KernelImage>,
+) -> Result<KaslrSlide, KaslrError> {
+    if slide.unsigned_abs() % KASLR_ALIGN != 0 {
+        return Err(KaslrError::Misaligned(slide));
+    }
+    let banner_link = link
+        .lookup("linux_banner")
+        .map_err(|_| KaslrError::MissingSymbol("linux_banner"))?;
+    let addr = banner_link.wrapping_add_signed(slide);
+    let mut got = [0u8; BANNER_MAX];
+    mem.read_virt(addr, &mut got)
+        .map_err(|e| KaslrError::Unreadable {
+            addr,
+            reason: e.to_string(),
+        })?;
+    let got = c_string(&got);
+    let found = String::from_utf8_lossy(got).trim_end().to_string();
+    let ok = match image {
+        Some(img) => {
+            let mut want = [0u8; BANNER_MAX];
+            img.read_virt(banner_link, &mut want).is_ok() && c_string(&want) == got
+        }
+        None => got.starts_with(b"Linux version "),
+    };
+    if !ok {
+        return Err(KaslrError::BannerMismatch { addr, found });
+    }
+    Ok(KaslrSlide {
+        slide,
+        banner: found,
+    })
+}
+
+/// Zero-config: decode the guest's own kallsyms tables, searching from the
+/// 2 MiB boundary below `msr_lstar` (the tables sit in .rodata, above the
+/// entry text) up to `max_scan` bytes. Addresses are runtime addresses.
+pub fn read_guest_kallsyms<M: GuestMemory>(
+    mem: &M,
+    msr_lstar: u64,
+    max_scan: u64,
+) -> Result<SymbolTable, KallsymsError> {
+    let start = msr_lstar & !(KASLR_ALIGN - 1);
+    read_kallsyms(mem, start, start.saturating_add(max_scan))
+}
+
+/// Slide between a runtime table (e.g. decoded from the guest) and the
+/// link-time one, from `_text`, else `entry_SYSCALL_64`.
+pub fn slide_between(runtime: &SymbolTable, link: &SymbolTable) -> Option<i64> {
+    ["_text", "entry_SYSCALL_64"]
+        .iter()
+        .find_map(|n| Some(runtime.lookup(n).ok()?.wrapping_sub(link.lookup(n).ok()?) as i64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem::SliceMemory;
+    use crate::table::Symbol;
+
+    fn link() -> SymbolTable {
+        let s = |name: &str, addr| Symbol {
+            name: name.into(),
+            addr,
+            kind: 'T',
+            size: None,
+            module: None,
+        };
+        SymbolTable::new(vec![
+            s("_text", 0xffff_ffff_8100_0000),
+            s("entry_SYSCALL_64", 0xffff_ffff_8100_0100),
+            s("linux_banner", 0xffff_ffff_8100_1000),
+        ])
+    }
+
+    #[test]
+    fn slide_from_lstar() {
+        let slide = 0x3a0_0000u64;
+        let mut mem = vec![0u8; 0x2000];
+        mem[0x1000..0x1000 + 22].copy_from_slice(b"Linux version 6.1.0 x\n");
+        let m = SliceMemory {
+            base: 0xffff_ffff_8100_0000 + slide,
+            bytes: &mem,
+        };
+        let got = find_kaslr_slide(&m, 0xffff_ffff_8100_0100 + slide, &link(), None).unwrap();
+        assert_eq!(got.slide, slide as i64);
+        assert_eq!(got.banner, "Linux version 6.1.0 x");
+        let base = m.base;
+        // Misaligned LSTAR, wrong banner, unreadable memory.
+        assert!(matches!(
+            find_kaslr_slide(&m, 0xffff_ffff_8100_0140 + slide, &link(), None),
+            Err(KaslrError::Misaligned(_))
+        ));
+        mem[0x1000] = b'X';
+        let m = SliceMemory { base, bytes: &mem };
+        assert!(matches!(
+            find_kaslr_slide(&m, 0xffff_ffff_8100_0100 + slide, &link(), None),
+            Err(KaslrError::BannerMismatch { .. })
+        ));
+        assert!(matches!(
+            find_kaslr_slide(&m, 0xffff_ffff_8100_0100, &link(), None),
+            Err(KaslrError::Unreadable { .. })
+        ));
+        assert!(matches!(
+            find_kaslr_slide(&m, 0, &SymbolTable::default(), None),
+            Err(KaslrError::MissingSymbol("entry_SYSCALL_64"))
+        ));
+    }
+
+    #[test]
+    fn slide_between_tables() {
+        let l = link();
+        assert_eq!(slide_between(&l.slid(0x200000), &l), Some(0x200000));
+        assert_eq!(slide_between(&l.slid(-0x200000), &l), Some(-0x200000));
+    }
+}
