@@ -481,7 +481,7 @@ fn reg(r: Register) -> Result<RegRef, Refusal> {
                 high = true;
                 idx -= 4;
             }
-            8..=11 => idx -= 4,
+            8..=19 => idx -= 4,
             _ => {}
         }
     }
@@ -630,6 +630,16 @@ mod tests {
             Ok(Op::Mov {
                 dst: Rm::Reg(r(4, false)),
                 src: Src::Rm(Rm::Reg(r(7, false))),
+                size: 1
+            })
+        );
+        // mov r15b, r8b
+        let d = prepare(&[0x45, 0x88, 0xc7], 0).unwrap();
+        assert_eq!(
+            d.op,
+            Ok(Op::Mov {
+                dst: Rm::Reg(r(15, false)),
+                src: Src::Rm(Rm::Reg(r(8, false))),
                 size: 1
             })
         );

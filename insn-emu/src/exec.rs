@@ -105,7 +105,7 @@ fn status_flags(res: u64, size: u8) -> u64 {
     if (res >> (u32::from(size) * 8 - 1)) & 1 != 0 {
         f |= SF;
     }
-    if (res as u8).count_ones() % 2 == 0 {
+    if (res as u8).count_ones() & 1 == 0 {
         f |= PF;
     }
     f
