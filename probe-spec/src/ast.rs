@@ -176,7 +176,11 @@ pub struct FetchArg {
 
 impl fmt::Display for FetchArg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}={}", self.name, self.expr)?;
+        // A generated name is generated again from the same text and index.
+        if !self.name_generated {
+            write!(f, "{}=", self.name)?;
+        }
+        write!(f, "{}", self.expr)?;
         if self.ty.explicit {
             write!(f, ":{}", self.ty)?;
         }
@@ -300,7 +304,7 @@ pub enum NamedBase {
 }
 
 /// One `->member` or `.member` step.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Eq)]
 pub struct MemberStep {
     /// `->` (through a pointer) rather than `.`.
     pub arrow: bool,
@@ -308,6 +312,14 @@ pub struct MemberStep {
     pub name: String,
     /// Byte position of the step's operator within the argument body, for errors.
     pub pos: usize,
+}
+
+impl PartialEq for MemberStep {
+    /// Positions are only for error messages: two steps are equal when they
+    /// access the same member the same way.
+    fn eq(&self, other: &Self) -> bool {
+        self.arrow == other.arrow && self.name == other.name
+    }
 }
 
 /// A DWARF-named fetch form: `file->f_path.dentry`, `$arg2->name`.
