@@ -74,6 +74,13 @@ pub struct MemFault {
 /// An instruction makes at most one `write` call, after all its reads
 /// succeeded. For the instruction to stay all-or-nothing, `write` must either
 /// write every byte or none (check all pages an access spans before writing).
+///
+/// The accesses are the guest kernel's own (CPL0), so the walk should fail
+/// where the CPU would fault: not present, a write to a read-only page when
+/// CR0.WP is set, a user page under SMAP with RFLAGS.AC clear. It should also
+/// set the Accessed/Dirty bits the CPU would set. A fault is never delivered
+/// by this crate: the caller falls back to single-stepping, which lets the
+/// CPU raise it.
 pub trait GuestMemory {
     fn read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), MemFault>;
     fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), MemFault>;
