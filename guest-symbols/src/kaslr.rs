@@ -34,8 +34,38 @@ pub enum KaslrError {
 
 const BANNER_MAX: usize = 512;
 
-fn c_string(b: &[u8]) -> &[u8] {
-    &b[..memchr::memchr(0, b).unwrap_or(b.len())]
+/// Read a NUL-terminated string of at most `BANNER_MAX` bytes; bytes are
+/// read in small steps so a string that ends just before unmapped memory
+/// (the end of a segment) is still read. `None` if its start is unreadable.
+fn read_c_string<M: GuestMemory>(mem: &M, addr: u64) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    while out.len() < BANNER_MAX {
+        let a = addr.wrapping_add(out.len() as u64);
+        let mut chunk = [0u8; 64];
+        let n = match mem.read_virt(a, &mut chunk) {
+            Ok(()) => 64,
+            // Near the end of the mapping: byte by byte.
+            Err(e) => {
+                let mut n = 0;
+                while n < 64 && mem.read_virt(a + n as u64, &mut chunk[n..n + 1]).is_ok() {
+                    n += 1;
+                }
+                if n == 0 {
+                    return Err(e.to_string());
+                }
+                n
+            }
+        };
+        if let Some(z) = memchr::memchr(0, &chunk[..n]) {
+            out.extend_from_slice(&chunk[..z]);
+            return Ok(out);
+        }
+        out.extend_from_slice(&chunk[..n]);
+        if n < 64 {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// Slide from `MSR_LSTAR` (which holds the runtime `entry_SYSCALL_64`),
@@ -68,21 +98,12 @@ pub fn verify_slide<M: GuestMemory>(
         .lookup("linux_banner")
         .map_err(|_| KaslrError::MissingSymbol("linux_banner"))?;
     let addr = banner_link.wrapping_add_signed(slide);
-    let mut got = [0u8; BANNER_MAX];
-    mem.read_virt(addr, &mut got)
-        .map_err(|e| KaslrError::Unreadable {
-            addr,
-            reason: e.to_string(),
-        })?;
-    let got = c_string(&got);
-    let found = String::from_utf8_lossy(got).trim_end().to_string();
+    let got = read_c_string(mem, addr).map_err(|reason| KaslrError::Unreadable { addr, reason })?;
+    let found = String::from_utf8_lossy(&got).trim_end().to_string();
     let ok = match image {
-        Some(img) => {
-            let mut want = [0u8; BANNER_MAX];
-            img.read_virt(banner_link, &mut want).is_ok() && c_string(&want) == got
-        }
+        Some(img) => read_c_string(img, banner_link).is_ok_and(|want| want == got),
         None => got.starts_with(b"Linux version "),
-    };
+    } && !got.is_empty();
     if !ok {
         return Err(KaslrError::BannerMismatch { addr, found });
     }
