@@ -24,18 +24,33 @@ noinline int hv_open_file(int dfd, const char *path, int flags, unsigned int mod
 noinline long hv_fib(int n)
 {
 	hv_count(hv_fib);
+	long a, b;
+
 	if (n < 2)
 		return n;
-	return hv_fib(n - 1) + hv_fib(n - 2);
+	/*
+	 * The empty asm keeps both calls real calls: gcc -O2 would otherwise turn
+	 * the recursion into a loop with an accumulator, and a probe at hv_fib+0
+	 * would see fewer entries than the counter counts.
+	 */
+	a = hv_fib(n - 1);
+	b = hv_fib(n - 2);
+	asm volatile("" : "+r"(b));
+	return a + b;
 }
 
 /* depth activations in flight at the deepest point; returns depth + ... + 1. */
 noinline long hv_recurse(int depth)
 {
 	hv_count(hv_recurse);
+	long r;
+
 	if (depth <= 1)
 		return depth;
-	return depth + hv_recurse(depth - 1);
+	/* A real recursive call (see hv_fib): kretprobes need nested returns. */
+	r = hv_recurse(depth - 1);
+	asm volatile("" : "+r"(r));
+	return depth + r;
 }
 
 noinline long hv_add(long a, long b)

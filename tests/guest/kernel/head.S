@@ -145,17 +145,17 @@ asm_exc_int3:
 	.balign 16
 	.globl hv_exc_stubs
 hv_exc_stubs:
-	vec = 0
+	.Lvec = 0
 	.rept 32
 	.balign 16
 	/* Vectors 8, 10-14, 17, 21, 29, 30 push an error code themselves. */
-	.if (vec == 8) || (vec >= 10 && vec <= 14) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
+	.if (.Lvec == 8) || (.Lvec >= 10 && .Lvec <= 14) || (.Lvec == 17) || (.Lvec == 21) || (.Lvec == 29) || (.Lvec == 30)
 	.else
 	pushq $0
 	.endif
-	pushq $vec
+	pushq $.Lvec
 	jmp hv_exc_common
-	vec = vec + 1
+	.Lvec = .Lvec + 1
 	.endr
 
 hv_exc_common:
@@ -267,7 +267,7 @@ boot_gdt_desc64:
  *   identity   0x0                -> 0  (PML4[0])
  *   direct map 0xffff888000000000 -> 0  (PML4[273], like Linux)
  *   kernel     0xffffffff80000000 -> 0  (PML4[511], PDPT[510..511], 2 GiB)
- * The top 512 MiB (MMIO: LAPIC, IOAPIC) is mapped uncached.
+ * 3-4 GiB (the MMIO hole: IOAPIC, LAPIC) is mapped uncached.
  */
 #define PTE_P_RW		0x003
 #define PDE_LARGE		0x083
@@ -298,14 +298,14 @@ level3_kernel_pgt:
 
 	.balign 4096
 level2_pgt:
-	i = 0
+	.Li = 0
 	.rept 2048
-	.if i >= 1792
-	.quad (i << 21) + PDE_LARGE + PDE_UNCACHED
+	.if .Li >= 1536
+	.quad (.Li << 21) + PDE_LARGE + PDE_UNCACHED
 	.else
-	.quad (i << 21) + PDE_LARGE
+	.quad (.Li << 21) + PDE_LARGE
 	.endif
-	i = i + 1
+	.Li = .Li + 1
 	.endr
 
 /* Per-CPU stacks; never zeroed, never loaded (NOLOAD in the linker script). */
