@@ -1,1 +1,242 @@
-//! guest-access: placeholder until its issue lands.
+//! The narrow interface between the hvprobe VMM and the probe engine.
+//!
+//! The VMM (crate `vmm`) implements these traits over KVM; the probe engine
+//! (crate `introspect`) only sees them, so it can be unit-tested against fakes
+//! and the VMM knows nothing about probes.
+//!
+//! Threading model: every vCPU is owned by one thread. A breakpoint handler runs
+//! on the thread of the vCPU that trapped, with that vCPU stopped in its exit
+//! ([`Vcpu`]). Whole-VM actions (memory, stopping the other vCPUs) go through
+//! [`VmControl`], which is shared by all threads.
+
+use std::fmt;
+
+/// General-purpose registers, instruction pointer and flags of a vCPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Regs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rsp: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rip: u64,
+    pub rflags: u64,
+}
+
+impl Regs {
+    /// The 16 GPRs in hardware encoding order (rax, rcx, rdx, rbx, rsp, rbp, rsi,
+    /// rdi, r8..r15), the order instruction decoders and emulators use.
+    pub fn gprs(&self) -> [u64; 16] {
+        [
+            self.rax, self.rcx, self.rdx, self.rbx, self.rsp, self.rbp, self.rsi, self.rdi,
+            self.r8, self.r9, self.r10, self.r11, self.r12, self.r13, self.r14, self.r15,
+        ]
+    }
+
+    /// Set the 16 GPRs from hardware encoding order (see [`Regs::gprs`]).
+    pub fn set_gprs(&mut self, g: [u64; 16]) {
+        [
+            self.rax, self.rcx, self.rdx, self.rbx, self.rsp, self.rbp, self.rsi, self.rdi,
+            self.r8, self.r9, self.r10, self.r11, self.r12, self.r13, self.r14, self.r15,
+        ] = g;
+    }
+}
+
+/// The system state a probe engine needs: paging mode and privilege level.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SystemRegs {
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    /// Current privilege level (CS.RPL / SS.DPL).
+    pub cpl: u8,
+    /// True when the vCPU executes 64-bit code (EFER.LMA and CS.L).
+    pub long_mode: bool,
+    pub gs_base: u64,
+    pub kernel_gs_base: u64,
+}
+
+impl SystemRegs {
+    pub const CR0_PG: u64 = 1 << 31;
+    pub const CR4_PAE: u64 = 1 << 5;
+    pub const CR4_LA57: u64 = 1 << 12;
+
+    /// Whether paging is enabled at all.
+    pub fn paging(&self) -> bool {
+        self.cr0 & Self::CR0_PG != 0
+    }
+
+    /// Whether 5-level paging is active.
+    pub fn la57(&self) -> bool {
+        self.cr4 & Self::CR4_LA57 != 0
+    }
+}
+
+/// An error from a guest access. Says what was attempted and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccessError {
+    /// A guest-physical address outside guest RAM.
+    #[error("guest-physical address {gpa:#x} (+{len} bytes) is outside guest RAM")]
+    OutOfRam { gpa: u64, len: usize },
+    /// A KVM ioctl failed.
+    #[error("{op} failed on vCPU {vcpu}: {errno}")]
+    Kvm {
+        op: &'static str,
+        vcpu: usize,
+        errno: String,
+    },
+    /// The vCPU thread is gone (the guest stopped).
+    #[error("vCPU {0} is no longer running")]
+    VcpuGone(usize),
+    /// Single-step did not complete (the guest stopped or an unexpected exit came first).
+    #[error("single-step on vCPU {vcpu} at {rip:#x} did not complete: {why}")]
+    StepFailed { vcpu: usize, rip: u64, why: String },
+}
+
+/// Guest-physical memory, shared by all threads.
+pub trait GuestMemory: Send + Sync {
+    /// Read `buf.len()` bytes at guest-physical `gpa`.
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError>;
+    /// Write `data` at guest-physical `gpa`.
+    fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), AccessError>;
+    /// One past the highest guest-physical RAM address.
+    fn ram_end(&self) -> u64;
+}
+
+/// A vCPU stopped in a VM exit, accessed from its own thread.
+pub trait Vcpu {
+    /// The vCPU index (0 is the boot CPU).
+    fn index(&self) -> usize;
+    fn regs(&mut self) -> Result<Regs, AccessError>;
+    fn set_regs(&mut self, regs: &Regs) -> Result<(), AccessError>;
+    fn system_regs(&mut self) -> Result<SystemRegs, AccessError>;
+    /// Execute exactly one guest instruction with interrupts blocked, then stop.
+    /// Device exits met on the way are served as usual.
+    fn single_step(&mut self) -> Result<(), AccessError>;
+}
+
+/// Keeps the other vCPUs parked until dropped.
+pub struct StopGuard<'a> {
+    resume: Option<Box<dyn FnOnce() + 'a>>,
+}
+
+impl<'a> StopGuard<'a> {
+    /// A guard that runs `resume` when dropped.
+    pub fn new(resume: impl FnOnce() + 'a) -> Self {
+        Self {
+            resume: Some(Box::new(resume)),
+        }
+    }
+}
+
+impl Drop for StopGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(resume) = self.resume.take() {
+            resume();
+        }
+    }
+}
+
+impl fmt::Debug for StopGuard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StopGuard")
+    }
+}
+
+/// Work to run on a vCPU's own thread (see [`VmControl::with_vcpu`]).
+pub type VcpuTask = Box<dyn FnOnce(&mut dyn Vcpu) + Send>;
+
+/// Whole-VM control, shared by all threads.
+pub trait VmControl: Send + Sync {
+    fn memory(&self) -> &dyn GuestMemory;
+    fn vcpu_count(&self) -> usize;
+    /// Park every vCPU except `except` (the caller's own, when called from a
+    /// handler) outside guest mode; returns once they are all parked. The
+    /// vCPUs run again when the guard is dropped. Safe to call from several
+    /// vCPU threads at once: one stopper at a time, the others park.
+    fn stop_others(&self, except: Option<usize>) -> StopGuard<'_>;
+    /// Run `f` on vCPU `index`'s own thread (waits for it). Used to read
+    /// registers of a parked vCPU.
+    fn with_vcpu(&self, index: usize, f: VcpuTask) -> Result<(), AccessError>;
+}
+
+/// What the VMM does after a breakpoint handler returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BreakpointAction {
+    /// The handler dealt with the hit (it set RIP and any registers); resume.
+    /// Also for a stale trap whose `int3` was removed in the meantime: resume
+    /// at the same RIP and the original instruction runs.
+    Resume,
+    /// Not a host breakpoint: the guest placed this `int3` itself; deliver #BP.
+    DeliverToGuest,
+}
+
+/// Where a breakpoint exit came from (for statistics and diagnostics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrapKind {
+    /// KVM_EXIT_DEBUG with exception 3 (hardware KVM with USE_SW_BP).
+    DebugExit,
+    /// KVM_EXIT_INTERNAL_ERROR emulation failure at an `int3` (emulating KVM).
+    EmulationFailure,
+}
+
+/// Receives every `int3` trap of the guest. Implemented by the probe engine.
+pub trait BreakpointHandler: Send + Sync {
+    /// Called on the trapping vCPU's thread with RIP at the `int3`.
+    fn on_breakpoint(
+        &self,
+        vcpu: &mut dyn Vcpu,
+        vm: &dyn VmControl,
+        kind: TrapKind,
+    ) -> BreakpointAction;
+}
+
+/// A handler for guests without probes: every `int3` goes to the guest.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoProbes;
+
+impl BreakpointHandler for NoProbes {
+    fn on_breakpoint(&self, _: &mut dyn Vcpu, _: &dyn VmControl, _: TrapKind) -> BreakpointAction {
+        BreakpointAction::DeliverToGuest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[test]
+    fn gpr_order_round_trips() {
+        let mut r = Regs::default();
+        let g: [u64; 16] = std::array::from_fn(|i| i as u64 * 3 + 1);
+        r.set_gprs(g);
+        assert_eq!(r.gprs(), g);
+        assert_eq!(r.rcx, g[1]);
+        assert_eq!(r.rsp, g[4]);
+        assert_eq!(r.rdi, g[7]);
+        assert_eq!(r.r15, g[15]);
+    }
+
+    #[test]
+    fn stop_guard_resumes_once_on_drop() {
+        let n = Cell::new(0);
+        {
+            let _g = StopGuard::new(|| n.set(n.get() + 1));
+            assert_eq!(n.get(), 0);
+        }
+        assert_eq!(n.get(), 1);
+    }
+}

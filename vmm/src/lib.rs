@@ -1,1 +1,592 @@
-//! vmm: placeholder until its issue lands.
+//! A minimal KVM VMM for hvprobe.
+//!
+//! Boots a Linux guest (PVH entry of an ELF `vmlinux`, or a bzImage) with an
+//! initrd and command line, N vCPUs (ACPI MADT), the in-kernel irqchip and PIT
+//! and a 16550 console. One thread per vCPU owns its fd. Every `int3` trap,
+//! whether KVM reports it as a debug exit or (on instruction-emulating KVM) as
+//! an emulation failure, reaches one [`guest_access::BreakpointHandler`].
+//! The VMM knows nothing about probes.
+
+mod acpi;
+mod control;
+mod cpu;
+mod devices;
+pub mod layout;
+mod loader;
+mod memory;
+mod vcpu;
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use guest_access::{AccessError, BreakpointHandler, GuestMemory, StopGuard, VcpuTask, VmControl};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+pub use devices::{SerialOutput, EXIT_PORT};
+pub use loader::{BootEntry, KernelFormat, LoadError, LoadedKernel};
+pub use memory::GuestRam;
+
+use control::{VcpuSlot, World};
+
+/// What to boot and how.
+#[derive(Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub serial: SerialOutput,
+    /// The KVM device (normally /dev/kvm).
+    pub kvm_device: PathBuf,
+}
+
+impl VmConfig {
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            memory_mib: 256,
+            serial: SerialOutput::Stdout,
+            kvm_device: PathBuf::from("/dev/kvm"),
+        }
+    }
+}
+
+/// How a guest run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The guest wrote its exit status to [`EXIT_PORT`].
+    GuestExit { status: u32 },
+    /// ACPI power-off (S5).
+    PowerOff,
+    /// The guest reset itself (reboot, or a panic with `panic=-1`).
+    Reset { how: &'static str },
+    /// A triple fault (KVM_EXIT_SHUTDOWN).
+    TripleFault { vcpu: usize },
+    /// The VMM could not continue the guest.
+    Crashed { vcpu: usize, reason: String },
+    /// The host stopped the VM.
+    Stopped,
+}
+
+impl RunOutcome {
+    /// Process exit code for `hvprobe run`: the guest's own status when it
+    /// reported one, 0 for a power-off, and distinct codes for the rest.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunOutcome::GuestExit { status } => {
+                if *status == 0 {
+                    0
+                } else {
+                    (*status & 0x7f).max(1) as i32
+                }
+            }
+            RunOutcome::PowerOff => 0,
+            RunOutcome::Stopped => 0,
+            RunOutcome::Reset { .. } => 130,
+            RunOutcome::TripleFault { .. } => 131,
+            RunOutcome::Crashed { .. } => 132,
+        }
+    }
+}
+
+impl std::fmt::Display for RunOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunOutcome::GuestExit { status } => write!(f, "guest exited with status {status}"),
+            RunOutcome::PowerOff => write!(f, "guest powered off"),
+            RunOutcome::Reset { how } => write!(f, "guest reset ({how})"),
+            RunOutcome::TripleFault { vcpu } => write!(f, "guest triple-faulted on vCPU {vcpu}"),
+            RunOutcome::Crashed { vcpu, reason } => {
+                write!(f, "guest stopped on vCPU {vcpu}: {reason}")
+            }
+            RunOutcome::Stopped => write!(f, "stopped by the host"),
+        }
+    }
+}
+
+/// Errors creating a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open {path}: {cause}")]
+    KvmOpen { path: PathBuf, cause: String },
+    #[error("{op} failed: {cause}")]
+    Kvm { op: &'static str, cause: String },
+    #[error("vCPU count must be between 1 and {max}, got {got}")]
+    BadVcpuCount { got: u8, max: u8 },
+    #[error("guest memory must be between {min} and {max} MiB, got {got} MiB")]
+    BadMemory { got: u64, min: u64, max: u64 },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn kvm_open_error(path: &Path, e: &kvm_ioctls::Error) -> VmError {
+    let cause = match e.errno() {
+        libc::ENOENT => {
+            "no such device: is KVM available on this host (kvm_intel/kvm_amd loaded)?".to_string()
+        }
+        libc::EACCES | libc::EPERM => {
+            "permission denied: run as root or join the group that owns the device (usually 'kvm')"
+                .to_string()
+        }
+        libc::ENOTTY | libc::EINVAL => "not a KVM device (KVM_GET_API_VERSION failed)".to_string(),
+        _ => e.to_string(),
+    };
+    VmError::KvmOpen {
+        path: path.to_owned(),
+        cause,
+    }
+}
+
+/// Per-vCPU exit counters.
+#[derive(Default)]
+pub(crate) struct VcpuStats {
+    pub exits: AtomicU64,
+    pub io: AtomicU64,
+    pub mmio: AtomicU64,
+    pub breakpoints: AtomicU64,
+    pub single_steps: AtomicU64,
+    pub kicks: AtomicU64,
+}
+
+/// Exit counters summed over all vCPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitStats {
+    /// All returns from KVM_RUN, including kicks.
+    pub exits: u64,
+    pub io: u64,
+    pub mmio: u64,
+    /// `int3` traps handed to the breakpoint handler.
+    pub breakpoints: u64,
+    pub single_steps: u64,
+    /// KVM_RUN interrupted by the host (pause, requests).
+    pub kicks: u64,
+}
+
+/// State shared by the vCPU threads and the VM handle.
+pub struct Shared {
+    ram: GuestRam,
+    bus: Mutex<devices::PortBus>,
+    world: World,
+    slots: Vec<VcpuSlot>,
+    stats: Vec<VcpuStats>,
+    stopping: AtomicBool,
+    outcome: Mutex<Option<RunOutcome>>,
+    outcome_cv: Condvar,
+    handler: OnceLock<Arc<dyn BreakpointHandler>>,
+    blockirq_flag: u32,
+}
+
+impl Shared {
+    fn handler(&self) -> Arc<dyn BreakpointHandler> {
+        self.handler
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Arc::new(guest_access::NoProbes))
+    }
+
+    /// Record how the run ended (first one wins) and stop every vCPU.
+    fn finish(&self, o: RunOutcome) {
+        {
+            let mut g = self.outcome.lock().unwrap();
+            if g.is_none() {
+                tracing::debug!("run ends: {o}");
+                *g = Some(o);
+            }
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+        self.outcome_cv.notify_all();
+        // Wake parked vCPUs and stoppers waiting on them.
+        {
+            let _st = self.world.lock();
+            self.world.cv.notify_all();
+        }
+        control::kick_all(&self.slots, None);
+    }
+
+    /// Exit counters summed over vCPUs.
+    pub fn exit_stats(&self) -> ExitStats {
+        let mut s = ExitStats::default();
+        for v in &self.stats {
+            s.exits += v.exits.load(Ordering::Relaxed);
+            s.io += v.io.load(Ordering::Relaxed);
+            s.mmio += v.mmio.load(Ordering::Relaxed);
+            s.breakpoints += v.breakpoints.load(Ordering::Relaxed);
+            s.single_steps += v.single_steps.load(Ordering::Relaxed);
+            s.kicks += v.kicks.load(Ordering::Relaxed);
+        }
+        s
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+}
+
+thread_local! {
+    static CURRENT_VCPU: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+impl VmControl for Shared {
+    fn memory(&self) -> &dyn GuestMemory {
+        &self.ram
+    }
+
+    fn vcpu_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn stop_others(&self, except: Option<usize>) -> StopGuard<'_> {
+        let me = except.or_else(|| CURRENT_VCPU.with(|c| c.get()));
+        self.world.stop(me, &self.slots, &self.stopping);
+        StopGuard::new(move || self.world.resume())
+    }
+
+    fn with_vcpu(&self, index: usize, f: VcpuTask) -> Result<(), AccessError> {
+        let slot = self.slots.get(index).ok_or(AccessError::VcpuGone(index))?;
+        if CURRENT_VCPU.with(|c| c.get()) == Some(index) {
+            return Err(AccessError::Kvm {
+                op: "with_vcpu",
+                vcpu: index,
+                errno: "called from the vCPU's own thread; use the Vcpu you were given".into(),
+            });
+        }
+        if slot.tid.load(Ordering::SeqCst) == 0 {
+            return Err(AccessError::VcpuGone(index));
+        }
+        let (tx, rx) = mpsc::channel::<()>();
+        let req: control::Request = Box::new(move |v| {
+            f(v);
+            let _ = tx.send(());
+        });
+        {
+            let _st = self.world.lock();
+            slot.requests.lock().unwrap().push_back(req);
+            self.world.cv.notify_all();
+        }
+        control::kick(slot);
+        rx.recv_timeout(Duration::from_secs(10))
+            .map_err(|_| AccessError::VcpuGone(index))
+    }
+}
+
+/// A created VM, not yet running.
+pub struct Vm {
+    shared: Arc<Shared>,
+    vcpu_fds: Vec<VcpuFd>,
+    loaded: LoadedKernel,
+    _vm_fd: VmFd,
+    _kvm: Kvm,
+}
+
+/// Upper bound on vCPUs (MADT ids are one byte; keep well below).
+pub const MAX_VCPUS: u8 = 64;
+/// Smallest guest the VMM accepts.
+pub const MIN_MEMORY_MIB: u64 = 4;
+/// Largest guest the VMM accepts.
+pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
+
+impl Vm {
+    /// Open KVM, allocate RAM, load the kernel and set up every vCPU.
+    pub fn create(config: &VmConfig) -> Result<Vm, VmError> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(VmError::BadVcpuCount {
+                got: config.vcpus,
+                max: MAX_VCPUS,
+            });
+        }
+        if config.memory_mib < MIN_MEMORY_MIB || config.memory_mib > MAX_MEMORY_MIB {
+            return Err(VmError::BadMemory {
+                got: config.memory_mib,
+                min: MIN_MEMORY_MIB,
+                max: MAX_MEMORY_MIB,
+            });
+        }
+        // Check the kernel file before touching KVM, so a typo is reported as such.
+        if let Err(source) = std::fs::metadata(&config.kernel) {
+            return Err(LoadError::Open {
+                what: "kernel",
+                path: config.kernel.clone(),
+                source,
+            }
+            .into());
+        }
+        let kvm_path = std::ffi::CString::new(config.kvm_device.as_os_str().as_encoded_bytes())
+            .map_err(|_| VmError::Setup("KVM device path contains a NUL byte".into()))?;
+        let kvm = Kvm::new_with_path(kvm_path.as_c_str())
+            .map_err(|e| kvm_open_error(&config.kvm_device, &e))?;
+        // Opening succeeds on any file; the API version says whether it is KVM.
+        if kvm.get_api_version() != kvm_bindings::KVM_API_VERSION as i32 {
+            return Err(kvm_open_error(
+                &config.kvm_device,
+                &kvm_ioctls::Error::new(libc::ENOTTY),
+            ));
+        }
+        let kerr = |op: &'static str| {
+            move |e: kvm_ioctls::Error| VmError::Kvm {
+                op,
+                cause: e.to_string(),
+            }
+        };
+        let vm_fd = kvm.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
+        vm_fd
+            .set_tss_address(layout::TSS_ADDR)
+            .map_err(kerr("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .set_identity_map_address(layout::IDENTITY_MAP_ADDR)
+            .map_err(kerr("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kerr("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kerr("KVM_CREATE_PIT2"))?;
+
+        let ram = GuestRam::new(config.memory_mib << 20).map_err(VmError::Setup)?;
+        for (slot, (gpa, size, host)) in ram.regions().into_iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: gpa,
+                memory_size: size,
+                userspace_addr: host,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `ram`, which the
+            // mapping stays alive as long as the VM: both live until RunningVm drops.
+            unsafe { vm_fd.set_user_memory_region(region) }
+                .map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let (tables, rsdp) = acpi::build_tables(config.vcpus);
+        ram.write_phys(layout::ACPI_START, &tables)
+            .map_err(|e| VmError::Setup(e.to_string()))?;
+        let loaded = loader::load(
+            &ram,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &config.cmdline,
+            rsdp,
+        )?;
+
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Setup(e.to_string()))?;
+        vm_fd
+            .register_irqfd(&irq, devices::SERIAL_IRQ)
+            .map_err(kerr("KVM_IRQFD"))?;
+        let console = devices::ConsoleWriter::new(&config.serial)
+            .map_err(|e| VmError::Setup(format!("cannot open the serial output: {e}")))?;
+
+        let base_cpuid = cpu::supported_cpuid(&kvm).map_err(VmError::Setup)?;
+        let mut vcpu_fds = Vec::new();
+        for id in 0..config.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kerr("KVM_CREATE_VCPU"))?;
+            cpu::setup_common(&fd, &cpu::cpuid_for(&base_cpuid, id)).map_err(VmError::Setup)?;
+            if id == 0 {
+                cpu::setup_boot_cpu(&fd, &ram, loaded.entry).map_err(VmError::Setup)?;
+            }
+            vcpu_fds.push(fd);
+        }
+
+        let caps =
+            vm_fd.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG2) as _);
+        let blockirq_flag = if caps > 0 && (caps as u32) & kvm_bindings::KVM_GUESTDBG_BLOCKIRQ != 0
+        {
+            kvm_bindings::KVM_GUESTDBG_BLOCKIRQ
+        } else {
+            0
+        };
+        control::install_kick_handler().map_err(VmError::Setup)?;
+        let n = vcpu_fds.len();
+        let shared = Arc::new(Shared {
+            ram,
+            bus: Mutex::new(devices::PortBus::new(irq, console)),
+            world: World::new(),
+            slots: (0..n)
+                .map(|_| VcpuSlot {
+                    tid: AtomicU64::new(0),
+                    requests: Mutex::new(VecDeque::new()),
+                })
+                .collect(),
+            stats: (0..n).map(|_| VcpuStats::default()).collect(),
+            stopping: AtomicBool::new(false),
+            outcome: Mutex::new(None),
+            outcome_cv: Condvar::new(),
+            handler: OnceLock::new(),
+            blockirq_flag,
+        });
+        Ok(Vm {
+            shared,
+            vcpu_fds,
+            loaded,
+            _vm_fd: vm_fd,
+            _kvm: kvm,
+        })
+    }
+
+    /// What was loaded and where the boot CPU starts.
+    pub fn loaded_kernel(&self) -> &LoadedKernel {
+        &self.loaded
+    }
+
+    /// VM control (memory, stop/resume) — usable before start for early probes.
+    pub fn control(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Start every vCPU thread; breakpoints go to `handler`.
+    pub fn start(self, handler: Arc<dyn BreakpointHandler>) -> Result<RunningVm, VmError> {
+        let _ = self.shared.handler.set(handler);
+        self.shared.world.lock().alive = self.vcpu_fds.len();
+        let mut threads = Vec::new();
+        for (i, fd) in self.vcpu_fds.into_iter().enumerate() {
+            let runner = vcpu::VcpuRunner::new(i, fd, self.shared.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || {
+                    CURRENT_VCPU.with(|c| c.set(Some(i)));
+                    runner.run_loop();
+                })
+                .map_err(|e| VmError::Setup(format!("cannot start vCPU thread: {e}")))?;
+            threads.push(t);
+        }
+        Ok(RunningVm {
+            shared: self.shared,
+            threads,
+            _vm_fd: self._vm_fd,
+            _kvm: self._kvm,
+        })
+    }
+}
+
+/// A running VM.
+pub struct RunningVm {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    // Declared after `threads`/`shared`: the VM fd must outlive the vCPU threads.
+    _vm_fd: VmFd,
+    _kvm: Kvm,
+}
+
+impl RunningVm {
+    pub fn control(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Ask the guest to stop (it is killed, not shut down).
+    pub fn stop(&self) {
+        self.shared.finish(RunOutcome::Stopped);
+    }
+
+    /// The outcome if the run has ended, waiting at most `timeout`.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<RunOutcome> {
+        let g = self.shared.outcome.lock().unwrap();
+        let (g, _) = self
+            .shared
+            .outcome_cv
+            .wait_timeout_while(g, timeout, |o| o.is_none())
+            .unwrap();
+        g.clone()
+    }
+
+    /// Wait for the run to end and join the vCPU threads.
+    pub fn wait(mut self) -> RunOutcome {
+        {
+            let g = self.shared.outcome.lock().unwrap();
+            let _g = self
+                .shared
+                .outcome_cv
+                .wait_while(g, |o| o.is_none())
+                .unwrap();
+        }
+        self.join()
+    }
+
+    fn join(&mut self) -> RunOutcome {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        control::kick_all(&self.shared.slots, None);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.shared
+            .outcome
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or(RunOutcome::Stopped)
+    }
+
+    pub fn exit_stats(&self) -> ExitStats {
+        self.shared.exit_stats()
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.shared.finish(RunOutcome::Stopped);
+            self.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_are_distinct() {
+        assert_eq!(RunOutcome::GuestExit { status: 0 }.exit_code(), 0);
+        assert_eq!(RunOutcome::GuestExit { status: 3 }.exit_code(), 3);
+        assert_eq!(RunOutcome::GuestExit { status: 0x100 }.exit_code(), 1);
+        assert_eq!(RunOutcome::PowerOff.exit_code(), 0);
+        let codes = [
+            RunOutcome::Reset { how: "x" }.exit_code(),
+            RunOutcome::TripleFault { vcpu: 0 }.exit_code(),
+            RunOutcome::Crashed {
+                vcpu: 0,
+                reason: String::new(),
+            }
+            .exit_code(),
+        ];
+        assert!(codes.iter().all(|c| *c > 127));
+        assert_ne!(codes[0], codes[1]);
+        assert_ne!(codes[1], codes[2]);
+    }
+
+    #[test]
+    fn kvm_open_errors_say_what_is_wrong() {
+        let p = Path::new("/dev/kvm");
+        let e = kvm_open_error(p, &kvm_ioctls::Error::new(libc::ENOENT)).to_string();
+        assert!(
+            e.contains("cannot open /dev/kvm") && e.contains("no such device"),
+            "{e}"
+        );
+        let e = kvm_open_error(p, &kvm_ioctls::Error::new(libc::EACCES)).to_string();
+        assert!(e.contains("permission denied"), "{e}");
+    }
+
+    #[test]
+    fn bad_vcpu_and_memory_counts() {
+        let mut c = VmConfig::new("/nonexistent");
+        c.vcpus = 0;
+        assert!(matches!(Vm::create(&c), Err(VmError::BadVcpuCount { .. })));
+        c.vcpus = 1;
+        c.memory_mib = 1;
+        assert!(matches!(Vm::create(&c), Err(VmError::BadMemory { .. })));
+    }
+}

@@ -1,0 +1,83 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+
+use object::{Object, ObjectSymbol};
+
+/// Kernel virtual base of Linux's (and the test guest's) kernel-text mapping:
+/// virtual `0xffffffff80000000 + x` is physical `x`.
+pub const KERNEL_MAP_BASE: u64 = 0xffff_ffff_8000_0000;
+
+/// True when tests needing /dev/kvm should run. With HVPROBE_REQUIRE_KVM=1 a
+/// missing /dev/kvm fails the test instead of skipping it.
+pub fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        if std::env::var("HVPROBE_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("HVPROBE_REQUIRE_KVM=1 but /dev/kvm cannot be opened");
+        }
+        eprintln!("SKIPPED: /dev/kvm is not available");
+    }
+    ok
+}
+
+/// Address of `name` in the test guest's ELF symbol table.
+pub fn symbol(name: &str) -> u64 {
+    let data = std::fs::read(test_guest::kernel_path()).expect("read test guest");
+    let file = object::File::parse(&*data).expect("parse test guest ELF");
+    file.symbols()
+        .find(|s| s.name() == Ok(name))
+        .unwrap_or_else(|| panic!("symbol {name} not in the test guest"))
+        .address()
+}
+
+pub fn phys(vaddr: u64) -> u64 {
+    vaddr - KERNEL_MAP_BASE
+}
+
+/// A VM config for the test guest with captured serial output.
+pub fn test_guest_config(vcpus: u8, cmdline: &str) -> (vmm::VmConfig, Arc<Mutex<Vec<u8>>>) {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let mut c = vmm::VmConfig::new(test_guest::kernel_path());
+    c.vcpus = vcpus;
+    c.memory_mib = 128;
+    c.cmdline = cmdline.to_string();
+    c.serial = vmm::SerialOutput::Capture(buf.clone());
+    (c, buf)
+}
+
+pub fn text(buf: &Arc<Mutex<Vec<u8>>>) -> String {
+    String::from_utf8_lossy(&buf.lock().unwrap()).into_owned()
+}
+
+/// Read a u64 from guest-physical memory.
+pub fn read_u64(mem: &dyn guest_access::GuestMemory, gpa: u64) -> u64 {
+    let mut b = [0u8; 8];
+    mem.read_phys(gpa, &mut b).unwrap();
+    u64::from_le_bytes(b)
+}
+
+/// The guest's own call counter of `func`.
+pub fn guest_counter(mem: &dyn guest_access::GuestMemory, func: &str) -> u64 {
+    let idx = test_guest::COUNTED_FUNCTIONS
+        .iter()
+        .position(|f| *f == func)
+        .unwrap_or_else(|| panic!("{func} is not a counted function"));
+    let base = phys(symbol(test_guest::COUNTER_SYMBOL));
+    read_u64(mem, base + 8 * idx as u64)
+}
+
+/// What the guest's callers counted for `func` (equals the counter after a clean run).
+pub fn guest_expected(mem: &dyn guest_access::GuestMemory, func: &str) -> u64 {
+    let idx = test_guest::COUNTED_FUNCTIONS
+        .iter()
+        .position(|f| *f == func)
+        .unwrap_or_else(|| panic!("{func} is not a counted function"));
+    let base = phys(symbol(test_guest::EXPECTED_COUNTER_SYMBOL));
+    read_u64(mem, base + 8 * idx as u64)
+}

@@ -1,0 +1,188 @@
+//! Port I/O devices: the 16550 console, the test-guest exit port, the ACPI
+//! sleep/reset registers and the keyboard controller's reset line.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi;
+
+pub const SERIAL_BASE: u16 = 0x3f8;
+pub const SERIAL_IRQ: u32 = 4;
+/// The test guest writes its 32-bit exit status here (`outl`).
+pub const EXIT_PORT: u16 = 0xf4;
+const I8042_COMMAND: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
+
+/// What a port write asks of the VMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortAction {
+    None,
+    /// The guest reported its exit status on [`EXIT_PORT`].
+    Exit(u32),
+    /// ACPI S5 through the sleep control register.
+    PowerOff,
+    /// Reset through the ACPI reset register or the i8042.
+    Reset(&'static str),
+}
+
+/// Raises the serial IRQ through an irqfd.
+pub struct IrqLine(pub EventFd);
+
+impl Trigger for IrqLine {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where the guest's console goes.
+#[derive(Clone)]
+pub enum SerialOutput {
+    Stdout,
+    File(std::path::PathBuf),
+    /// Kept in memory (tests read it).
+    Capture(Arc<Mutex<Vec<u8>>>),
+    Discard,
+}
+
+/// Writes to the chosen sink and, when capturing, to a shared buffer.
+pub struct ConsoleWriter {
+    sink: Box<dyn Write + Send>,
+}
+
+impl ConsoleWriter {
+    pub fn new(out: &SerialOutput) -> std::io::Result<Self> {
+        let sink: Box<dyn Write + Send> = match out {
+            SerialOutput::Stdout => Box::new(std::io::stdout()),
+            SerialOutput::File(p) => Box::new(std::fs::File::create(p)?),
+            SerialOutput::Capture(buf) => Box::new(CaptureWriter(buf.clone())),
+            SerialOutput::Discard => Box::new(std::io::sink()),
+        };
+        Ok(Self { sink })
+    }
+}
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // Flush per write so a crashed guest's last words are not lost.
+        let n = self.sink.write(buf)?;
+        self.sink.flush()?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sink.flush()
+    }
+}
+
+struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for CaptureWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// All port-I/O devices of the VM.
+pub struct PortBus {
+    serial: Serial<IrqLine, vm_superio::serial::NoEvents, ConsoleWriter>,
+}
+
+impl PortBus {
+    pub fn new(irq: EventFd, console: ConsoleWriter) -> Self {
+        Self {
+            serial: Serial::new(IrqLine(irq), console),
+        }
+    }
+
+    pub fn read(&mut self, port: u16, data: &mut [u8]) {
+        match port {
+            SERIAL_BASE..=0x3ff if data.len() == 1 => {
+                data[0] = self.serial.read((port - SERIAL_BASE) as u8);
+            }
+            // i8042 status: nothing to read, input buffer empty.
+            I8042_COMMAND => data.fill(0),
+            acpi::SLEEP_STATUS_PORT => data.fill(0),
+            // Absent devices float high, as on real hardware.
+            _ => data.fill(0xff),
+        }
+    }
+
+    pub fn write(&mut self, port: u16, data: &[u8]) -> PortAction {
+        match port {
+            SERIAL_BASE..=0x3ff if data.len() == 1 => {
+                if let Err(e) = self.serial.write((port - SERIAL_BASE) as u8, data[0]) {
+                    tracing::warn!("serial write failed: {e:?}");
+                }
+                PortAction::None
+            }
+            EXIT_PORT => {
+                let mut b = [0u8; 4];
+                let n = data.len().min(4);
+                b[..n].copy_from_slice(&data[..n]);
+                PortAction::Exit(u32::from_le_bytes(b))
+            }
+            acpi::SLEEP_CONTROL_PORT if data.first().is_some_and(|v| v & 0x20 != 0) => {
+                PortAction::PowerOff
+            }
+            acpi::RESET_PORT if data.first() == Some(&acpi::RESET_VALUE) => {
+                PortAction::Reset("ACPI reset register")
+            }
+            I8042_COMMAND if data.first() == Some(&I8042_RESET) => {
+                PortAction::Reset("keyboard controller reset")
+            }
+            _ => PortAction::None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bus() -> (PortBus, Arc<Mutex<Vec<u8>>>) {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let w = ConsoleWriter::new(&SerialOutput::Capture(buf.clone())).unwrap();
+        (PortBus::new(EventFd::new(0).unwrap(), w), buf)
+    }
+
+    #[test]
+    fn serial_thr_reaches_the_console() {
+        let (mut b, buf) = bus();
+        for c in b"hi\n" {
+            assert_eq!(b.write(SERIAL_BASE, &[*c]), PortAction::None);
+        }
+        assert_eq!(&*buf.lock().unwrap(), b"hi\n");
+    }
+
+    #[test]
+    fn exit_and_power_ports() {
+        let (mut b, _) = bus();
+        assert_eq!(b.write(EXIT_PORT, &7u32.to_le_bytes()), PortAction::Exit(7));
+        assert_eq!(
+            b.write(acpi::SLEEP_CONTROL_PORT, &[(5 << 2) | 0x20]),
+            PortAction::PowerOff
+        );
+        assert_eq!(
+            b.write(acpi::SLEEP_CONTROL_PORT, &[5 << 2]),
+            PortAction::None
+        );
+        assert!(matches!(
+            b.write(I8042_COMMAND, &[0xfe]),
+            PortAction::Reset(_)
+        ));
+        assert!(matches!(
+            b.write(acpi::RESET_PORT, &[acpi::RESET_VALUE]),
+            PortAction::Reset(_)
+        ));
+        let mut d = [0u8; 1];
+        b.read(0x80, &mut d);
+        assert_eq!(d, [0xff]);
+    }
+}

@@ -1,0 +1,88 @@
+//! Guest RAM, shared by all threads.
+
+use guest_access::AccessError;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::layout;
+
+/// Guest RAM backed by anonymous host mappings.
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    end: u64,
+}
+
+impl GuestRam {
+    /// Allocate `mem_bytes` of guest RAM laid out around the MMIO hole.
+    pub fn new(mem_bytes: u64) -> Result<Self, String> {
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mem_bytes)
+            .into_iter()
+            .map(|(s, l)| (GuestAddress(s), l as usize))
+            .collect();
+        let end = ranges
+            .last()
+            .map(|(s, l)| s.0 + *l as u64)
+            .unwrap_or_default();
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| e.to_string())?;
+        Ok(Self { mem, end })
+    }
+
+    /// The vm-memory object (for loaders).
+    pub fn mmap(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// (guest address, size, host address) of each region, for KVM memory slots.
+    pub(crate) fn regions(&self) -> Vec<(u64, u64, u64)> {
+        self.mem
+            .iter()
+            .map(|r| {
+                let host = r
+                    .get_host_address(vm_memory::MemoryRegionAddress(0))
+                    .expect("region has a host mapping") as u64;
+                (r.start_addr().0, r.len(), host)
+            })
+            .collect()
+    }
+}
+
+impl guest_access::GuestMemory for GuestRam {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| AccessError::OutOfRam {
+                gpa,
+                len: buf.len(),
+            })
+    }
+
+    fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), AccessError> {
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|_| AccessError::OutOfRam {
+                gpa,
+                len: data.len(),
+            })
+    }
+
+    fn ram_end(&self) -> u64 {
+        self.end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_access::GuestMemory;
+
+    #[test]
+    fn read_write_and_bounds() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        ram.write_phys(0x1000, b"hvprobe").unwrap();
+        let mut b = [0u8; 7];
+        ram.read_phys(0x1000, &mut b).unwrap();
+        assert_eq!(&b, b"hvprobe");
+        assert_eq!(ram.ram_end(), 4 << 20);
+        let err = ram.read_phys((4 << 20) - 2, &mut b).unwrap_err();
+        assert!(err.to_string().contains("outside guest RAM"), "{err}");
+    }
+}

@@ -1,0 +1,563 @@
+//! The vCPU thread: runs KVM_RUN, serves device exits, routes `int3` traps to
+//! the breakpoint handler, parks when the world is stopped.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use guest_access::{AccessError, BreakpointAction, GuestMemory, Regs, SystemRegs, TrapKind, Vcpu};
+use kvm_bindings::{
+    kvm_guest_debug, kvm_regs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+    KVM_GUESTDBG_USE_SW_BP, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+
+use crate::control::{self, Request};
+use crate::devices::PortAction;
+use crate::{RunOutcome, Shared};
+
+const BP_VECTOR: u8 = 3;
+const DB_VECTOR: u32 = 1;
+const INT3: u8 = 0xcc;
+const FWAIT: u8 = 0x9b;
+const EFER_LMA: u64 = 0x400;
+
+enum Next {
+    Continue,
+    Stop(RunOutcome),
+}
+
+/// Owns one vCPU fd; lives on that vCPU's thread.
+pub(crate) struct VcpuRunner {
+    pub index: usize,
+    pub fd: VcpuFd,
+    pub shared: Arc<Shared>,
+    /// RIP and exit count of the last emulation failure we could not explain,
+    /// to tell a stale trap (retry once) from a stuck instruction.
+    last_unexplained: Option<(u64, u64)>,
+    exits: u64,
+}
+
+fn to_regs(r: &kvm_regs) -> Regs {
+    Regs {
+        rax: r.rax,
+        rbx: r.rbx,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        rsp: r.rsp,
+        rbp: r.rbp,
+        r8: r.r8,
+        r9: r.r9,
+        r10: r.r10,
+        r11: r.r11,
+        r12: r.r12,
+        r13: r.r13,
+        r14: r.r14,
+        r15: r.r15,
+        rip: r.rip,
+        rflags: r.rflags,
+    }
+}
+
+fn to_kvm_regs(r: &Regs) -> kvm_regs {
+    kvm_regs {
+        rax: r.rax,
+        rbx: r.rbx,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        rsp: r.rsp,
+        rbp: r.rbp,
+        r8: r.r8,
+        r9: r.r9,
+        r10: r.r10,
+        r11: r.r11,
+        r12: r.r12,
+        r13: r.r13,
+        r14: r.r14,
+        r15: r.r15,
+        rip: r.rip,
+        rflags: r.rflags,
+    }
+}
+
+fn is_retry(e: &kvm_ioctls::Error) -> bool {
+    matches!(e.errno(), libc::EINTR | libc::EAGAIN)
+}
+
+impl VcpuRunner {
+    pub fn new(index: usize, fd: VcpuFd, shared: Arc<Shared>) -> Self {
+        Self {
+            index,
+            fd,
+            shared,
+            last_unexplained: None,
+            exits: 0,
+        }
+    }
+
+    fn kvm_err(&self, op: &'static str, e: kvm_ioctls::Error) -> AccessError {
+        AccessError::Kvm {
+            op,
+            vcpu: self.index,
+            errno: e.to_string(),
+        }
+    }
+
+    fn set_debug(&self, step: bool) -> Result<(), AccessError> {
+        let mut control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
+        if step {
+            control |= KVM_GUESTDBG_SINGLESTEP | self.shared.blockirq_flag;
+        }
+        let dbg = kvm_guest_debug {
+            control,
+            ..Default::default()
+        };
+        self.fd
+            .set_guest_debug(&dbg)
+            .map_err(|e| self.kvm_err("KVM_SET_GUEST_DEBUG", e))
+    }
+
+    /// The thread body.
+    pub fn run_loop(mut self) {
+        // SAFETY: pthread_self has no preconditions.
+        let tid = unsafe { libc::pthread_self() } as u64;
+        let shared = self.shared.clone();
+        let slot = &shared.slots[self.index];
+        slot.tid.store(tid, Ordering::SeqCst);
+        control::set_thread_kvm_run(self.fd.get_kvm_run() as *mut _);
+        self.fd.set_sync_valid_reg(SyncReg::Register);
+        self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
+
+        let outcome = match self.set_debug(false) {
+            Err(e) => Some(RunOutcome::Crashed {
+                vcpu: self.index,
+                reason: e.to_string(),
+            }),
+            Ok(()) => loop {
+                if self.shared.stopping.load(Ordering::SeqCst) {
+                    break None;
+                }
+                self.checkpoint();
+                if self.shared.stopping.load(Ordering::SeqCst) {
+                    break None;
+                }
+                match self.run_once() {
+                    Next::Continue => {}
+                    Next::Stop(o) => break Some(o),
+                }
+            },
+        };
+        if let Some(o) = outcome {
+            self.shared.finish(o);
+        }
+        control::set_thread_kvm_run(std::ptr::null_mut());
+        slot.tid.store(0, Ordering::SeqCst);
+        // Drop queued requests: their senders learn the vCPU is gone.
+        slot.requests.lock().unwrap().clear();
+        let mut st = self.shared.world.lock();
+        st.alive -= 1;
+        self.shared.world.cv.notify_all();
+    }
+
+    fn take_request(&self) -> Option<Request> {
+        self.shared.slots[self.index]
+            .requests
+            .lock()
+            .unwrap()
+            .pop_front()
+    }
+
+    fn serve_requests(&mut self) {
+        while let Some(r) = self.take_request() {
+            r(self);
+        }
+    }
+
+    /// Serve requests and park while another thread holds the world stopped.
+    fn checkpoint(&mut self) {
+        self.serve_requests();
+        if !self.shared.world.stop_requested.load(Ordering::SeqCst) {
+            return;
+        }
+        let shared = self.shared.clone();
+        let world = &shared.world;
+        let mut st = world.lock();
+        if st.stopper.is_none() || st.stopper == Some(self.index) {
+            return;
+        }
+        st.parked += 1;
+        world.cv.notify_all();
+        loop {
+            let other_stopper = st.stopper.is_some() && st.stopper != Some(self.index);
+            if !other_stopper || self.shared.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            let pending = !self.shared.slots[self.index]
+                .requests
+                .lock()
+                .unwrap()
+                .is_empty();
+            if pending {
+                drop(st);
+                self.serve_requests();
+                st = self.shared.world.lock();
+                continue;
+            }
+            st = world.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.parked -= 1;
+    }
+
+    fn run_once(&mut self) -> Next {
+        let shared = self.shared.clone();
+        let exit = self.fd.run();
+        self.exits += 1;
+        let stats = &shared.stats[self.index];
+        stats.exits.fetch_add(1, Ordering::Relaxed);
+        let kind = match exit {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                stats.io.fetch_add(1, Ordering::Relaxed);
+                let action = shared.bus.lock().unwrap().write(port, data);
+                return match action {
+                    PortAction::None => Next::Continue,
+                    PortAction::Exit(status) => Next::Stop(RunOutcome::GuestExit { status }),
+                    PortAction::PowerOff => Next::Stop(RunOutcome::PowerOff),
+                    PortAction::Reset(how) => Next::Stop(RunOutcome::Reset { how }),
+                };
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                stats.io.fetch_add(1, Ordering::Relaxed);
+                shared.bus.lock().unwrap().read(port, data);
+                return Next::Continue;
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                stats.mmio.fetch_add(1, Ordering::Relaxed);
+                data.fill(0xff);
+                return Next::Continue;
+            }
+            Ok(VcpuExit::MmioWrite(..)) => {
+                stats.mmio.fetch_add(1, Ordering::Relaxed);
+                return Next::Continue;
+            }
+            Ok(VcpuExit::Debug(arch)) => {
+                if arch.exception == u32::from(BP_VECTOR) {
+                    ExitKind::Breakpoint(TrapKind::DebugExit)
+                } else {
+                    // A stray single-step trap (e.g. after a step was cut short).
+                    return Next::Continue;
+                }
+            }
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the
+                // `internal` member of the union is the valid one.
+                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                if suberror == KVM_INTERNAL_ERROR_EMULATION {
+                    ExitKind::EmulationFailure
+                } else {
+                    return Next::Stop(RunOutcome::Crashed {
+                        vcpu: self.index,
+                        reason: format!("KVM internal error, suberror {suberror}"),
+                    });
+                }
+            }
+            Ok(VcpuExit::Shutdown) => {
+                return Next::Stop(RunOutcome::TripleFault { vcpu: self.index })
+            }
+            Ok(VcpuExit::SystemEvent(ty, _)) => {
+                return Next::Stop(match ty {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => RunOutcome::PowerOff,
+                    KVM_SYSTEM_EVENT_RESET => RunOutcome::Reset {
+                        how: "KVM system event",
+                    },
+                    KVM_SYSTEM_EVENT_CRASH => RunOutcome::Crashed {
+                        vcpu: self.index,
+                        reason: "guest reported a crash (KVM_SYSTEM_EVENT_CRASH)".into(),
+                    },
+                    other => RunOutcome::Crashed {
+                        vcpu: self.index,
+                        reason: format!("unknown KVM system event {other}"),
+                    },
+                })
+            }
+            Ok(VcpuExit::Hlt) => {
+                return Next::Stop(RunOutcome::Crashed {
+                    vcpu: self.index,
+                    reason: "guest halted with no interrupt controller to wake it".into(),
+                })
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Next::Stop(RunOutcome::Crashed {
+                    vcpu: self.index,
+                    reason: format!("VM entry failed: hardware reason {reason:#x} on cpu {cpu}"),
+                })
+            }
+            Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => return Next::Continue,
+            Ok(other) => {
+                return Next::Stop(RunOutcome::Crashed {
+                    vcpu: self.index,
+                    reason: format!("unexpected VM exit {other:?}"),
+                })
+            }
+            Err(e) if is_retry(&e) => {
+                self.fd.set_kvm_immediate_exit(0);
+                stats.kicks.fetch_add(1, Ordering::Relaxed);
+                return Next::Continue;
+            }
+            Err(e) => {
+                return Next::Stop(RunOutcome::Crashed {
+                    vcpu: self.index,
+                    reason: format!("KVM_RUN failed: {e}"),
+                })
+            }
+        };
+        match kind {
+            ExitKind::Breakpoint(k) => self.breakpoint(k),
+            ExitKind::EmulationFailure => self.emulation_failure(),
+        }
+    }
+
+    /// Read up to 16 instruction bytes at the current RIP through the guest's
+    /// page tables (KVM_TRANSLATE), without crossing into an unmapped page.
+    fn code_at(&mut self, rip: u64) -> Vec<u8> {
+        let sregs = self.fd.sync_regs().sregs;
+        let gpa = if sregs.cr0 & SystemRegs::CR0_PG == 0 {
+            Some(rip)
+        } else {
+            match self.fd.translate_gva(rip) {
+                Ok(t) if t.valid != 0 => Some(t.physical_address),
+                _ => None,
+            }
+        };
+        let Some(gpa) = gpa else { return Vec::new() };
+        let len = (16u64).min(0x1000 - (gpa & 0xfff)) as usize;
+        let mut buf = vec![0u8; len];
+        match self.shared.ram.read_phys(gpa, &mut buf) {
+            Ok(()) => buf,
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn emulation_failure(&mut self) -> Next {
+        let mut regs = self.fd.sync_regs().regs;
+        let rip = regs.rip;
+        let code = self.code_at(rip);
+        match code.first() {
+            Some(&INT3) => {
+                self.last_unexplained = None;
+                self.breakpoint(TrapKind::EmulationFailure)
+            }
+            Some(&FWAIT) => {
+                // The emulator lacks fwait; with no unmasked x87 exceptions
+                // pending it does nothing, so step over it.
+                regs.rip += 1;
+                self.fd.sync_regs_mut().regs = regs;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+                Next::Continue
+            }
+            _ => {
+                // A trap whose int3 was removed before we looked succeeds when
+                // retried; the same failure on the very next exit is real.
+                if self.last_unexplained == Some((rip, self.exits - 1)) {
+                    let bytes: Vec<String> = code.iter().map(|b| format!("{b:02x}")).collect();
+                    Next::Stop(RunOutcome::Crashed {
+                        vcpu: self.index,
+                        reason: format!(
+                            "KVM cannot emulate the instruction at {rip:#x} (bytes: {})",
+                            if bytes.is_empty() {
+                                "unreadable".to_string()
+                            } else {
+                                bytes.join(" ")
+                            }
+                        ),
+                    })
+                } else {
+                    self.last_unexplained = Some((rip, self.exits));
+                    Next::Continue
+                }
+            }
+        }
+    }
+
+    fn breakpoint(&mut self, kind: TrapKind) -> Next {
+        self.shared.stats[self.index]
+            .breakpoints
+            .fetch_add(1, Ordering::Relaxed);
+        let shared = self.shared.clone();
+        let handler = shared.handler();
+        match handler.on_breakpoint(self, &*shared, kind) {
+            BreakpointAction::Resume => Next::Continue,
+            BreakpointAction::DeliverToGuest => match self.deliver_bp() {
+                Ok(()) => Next::Continue,
+                Err(e) => Next::Stop(RunOutcome::Crashed {
+                    vcpu: self.index,
+                    reason: format!("cannot deliver #BP to the guest: {e}"),
+                }),
+            },
+        }
+    }
+
+    /// Hand a guest-owned int3 back to the guest as a trap-style #BP: RIP past
+    /// the int3, then inject vector 3.
+    fn deliver_bp(&mut self) -> Result<(), AccessError> {
+        let mut regs = self.regs()?;
+        regs.rip += 1;
+        self.set_regs(&regs)?;
+        self.flush_dirty_regs()?;
+        let mut ev = self
+            .fd
+            .get_vcpu_events()
+            .map_err(|e| self.kvm_err("KVM_GET_VCPU_EVENTS", e))?;
+        ev.exception.injected = 1;
+        ev.exception.nr = BP_VECTOR;
+        ev.exception.has_error_code = 0;
+        ev.exception.error_code = 0;
+        ev.flags = 0;
+        self.fd
+            .set_vcpu_events(&ev)
+            .map_err(|e| self.kvm_err("KVM_SET_VCPU_EVENTS", e))
+    }
+
+    /// Push sync-regs changes to KVM now (they are otherwise applied on the
+    /// next KVM_RUN), for ioctls that must see them.
+    fn flush_dirty_regs(&mut self) -> Result<(), AccessError> {
+        let run = self.fd.get_kvm_run();
+        if run.kvm_dirty_regs & u64::from(kvm_bindings::KVM_SYNC_X86_REGS) != 0 {
+            let regs = self.fd.sync_regs().regs;
+            self.fd.clear_sync_dirty_reg(SyncReg::Register);
+            self.fd
+                .set_regs(&regs)
+                .map_err(|e| self.kvm_err("KVM_SET_REGS", e))?;
+        }
+        Ok(())
+    }
+
+    /// True before the first KVM_RUN has filled kvm_run's register copy.
+    fn sync_valid(&self) -> bool {
+        self.exits > 0
+    }
+}
+
+enum ExitKind {
+    Breakpoint(TrapKind),
+    EmulationFailure,
+}
+
+impl Vcpu for VcpuRunner {
+    fn index(&self) -> usize {
+        self.index
+    }
+
+    fn regs(&mut self) -> Result<Regs, AccessError> {
+        if self.sync_valid() {
+            Ok(to_regs(&self.fd.sync_regs().regs))
+        } else {
+            let r = self
+                .fd
+                .get_regs()
+                .map_err(|e| self.kvm_err("KVM_GET_REGS", e))?;
+            Ok(to_regs(&r))
+        }
+    }
+
+    fn set_regs(&mut self, regs: &Regs) -> Result<(), AccessError> {
+        if self.sync_valid() {
+            self.fd.sync_regs_mut().regs = to_kvm_regs(regs);
+            self.fd.set_sync_dirty_reg(SyncReg::Register);
+            Ok(())
+        } else {
+            self.fd
+                .set_regs(&to_kvm_regs(regs))
+                .map_err(|e| self.kvm_err("KVM_SET_REGS", e))
+        }
+    }
+
+    fn system_regs(&mut self) -> Result<SystemRegs, AccessError> {
+        let s = if self.sync_valid() {
+            self.fd.sync_regs().sregs
+        } else {
+            self.fd
+                .get_sregs()
+                .map_err(|e| self.kvm_err("KVM_GET_SREGS", e))?
+        };
+        Ok(SystemRegs {
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+            cpl: s.ss.dpl,
+            long_mode: s.efer & EFER_LMA != 0 && s.cs.l != 0,
+            gs_base: s.gs.base,
+            kernel_gs_base: 0,
+        })
+    }
+
+    fn single_step(&mut self) -> Result<(), AccessError> {
+        let start_rip = self.regs()?.rip;
+        self.set_debug(true)?;
+        let result = self.step_until_db(start_rip);
+        let restore = self.set_debug(false);
+        self.shared.stats[self.index]
+            .single_steps
+            .fetch_add(1, Ordering::Relaxed);
+        result.and(restore)
+    }
+}
+
+impl VcpuRunner {
+    fn step_until_db(&mut self, start_rip: u64) -> Result<(), AccessError> {
+        let index = self.index;
+        let fail = |why: String| AccessError::StepFailed {
+            vcpu: index,
+            rip: start_rip,
+            why,
+        };
+        let shared = self.shared.clone();
+        for _ in 0..64 {
+            let exit = self.fd.run();
+            self.exits += 1;
+            shared.stats[self.index]
+                .exits
+                .fetch_add(1, Ordering::Relaxed);
+            match exit {
+                Ok(VcpuExit::Debug(arch)) if arch.exception == DB_VECTOR => return Ok(()),
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    let action = shared.bus.lock().unwrap().write(port, data);
+                    if action != PortAction::None {
+                        shared.finish(match action {
+                            PortAction::Exit(status) => RunOutcome::GuestExit { status },
+                            PortAction::PowerOff => RunOutcome::PowerOff,
+                            PortAction::Reset(how) => RunOutcome::Reset { how },
+                            PortAction::None => unreachable!(),
+                        });
+                        return Err(fail("the guest stopped during the step".into()));
+                    }
+                }
+                Ok(VcpuExit::IoIn(port, data)) => shared.bus.lock().unwrap().read(port, data),
+                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+                Ok(VcpuExit::MmioWrite(..)) => {}
+                Ok(VcpuExit::InternalError) => {
+                    let mut regs = self.fd.sync_regs().regs;
+                    if self.code_at(regs.rip).first() == Some(&FWAIT) {
+                        regs.rip += 1;
+                        self.fd.sync_regs_mut().regs = regs;
+                        self.fd.set_sync_dirty_reg(SyncReg::Register);
+                        self.flush_dirty_regs()?;
+                        return Ok(());
+                    }
+                    return Err(fail(format!(
+                        "KVM could not emulate the stepped instruction at {:#x}",
+                        regs.rip
+                    )));
+                }
+                Err(e) if is_retry(&e) => self.fd.set_kvm_immediate_exit(0),
+                Ok(other) => return Err(fail(format!("unexpected exit {other:?}"))),
+                Err(e) => return Err(fail(format!("KVM_RUN: {e}"))),
+            }
+        }
+        Err(fail("no #DB after 64 exits".into()))
+    }
+}
