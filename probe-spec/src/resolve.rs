@@ -195,6 +195,8 @@ pub fn resolve_names(
         let (expr, ty) = finish(cur, arg.ty, |c| err(c, type_at))?;
         arg.expr = expr;
         arg.ty = ty;
+        // The rewritten expression no longer implies the name: keep it explicit.
+        arg.name_generated = false;
     }
     Ok(())
 }

@@ -26,7 +26,9 @@ fn err_at(line: &str, code: &str, at: Option<&str>, word: Option<usize>) -> Pars
     };
     assert_eq!(e.code.as_str(), code, "{line:?}: {e}");
     let want = match at {
-        Some(needle) => line.find(needle).unwrap_or_else(|| panic!("{needle} not in {line}")),
+        Some(needle) => line
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle} not in {line}")),
         None => line.len(),
     };
     assert_eq!(e.pos, want, "{line:?}: {e}");
@@ -109,13 +111,28 @@ fn kretprobes() {
     assert_eq!(d.kind, ProbeKind::Kretprobe { maxactive: None });
     assert_eq!(d.event, "r_vfs_read_0");
     let d = ok("r100:grp/ev vfs_read+0 ret=$retval");
-    assert_eq!(d.kind, ProbeKind::Kretprobe { maxactive: Some(100) });
+    assert_eq!(
+        d.kind,
+        ProbeKind::Kretprobe {
+            maxactive: Some(100)
+        }
+    );
     assert_eq!(d.args[0].expr, FetchExpr::Retval);
     // SYM%return makes a return probe too.
     let d = ok("p:ev vfs_read%return $retval");
     assert!(d.kind.is_return());
-    assert_eq!(ok("r4096 f").kind, ProbeKind::Kretprobe { maxactive: Some(4096) });
-    assert_eq!(ok("r0x10 f").kind, ProbeKind::Kretprobe { maxactive: Some(16) });
+    assert_eq!(
+        ok("r4096 f").kind,
+        ProbeKind::Kretprobe {
+            maxactive: Some(4096)
+        }
+    );
+    assert_eq!(
+        ok("r0x10 f").kind,
+        ProbeKind::Kretprobe {
+            maxactive: Some(16)
+        }
+    );
 }
 
 #[test]
@@ -132,13 +149,19 @@ fn remove_commands() {
     let Command::Remove(r) = parse_command("-:ev a=%di").unwrap() else {
         panic!()
     };
-    assert_eq!((r.group, r.event.as_str(), r.match_args), (None, "ev", vec!["a=%di".to_string()]));
+    assert_eq!(
+        (r.group, r.event.as_str(), r.match_args),
+        (None, "ev", vec!["a=%di".to_string()])
+    );
     err_at("-:", "NO_EVENT_NAME", None, Some(0));
     err_at("-:grp/", "NO_EVENT_NAME", None, Some(0));
     err_at("-:/ev", "NO_GROUP_NAME", Some("/"), Some(0));
     err_at("-x", "BAD_COMMAND", Some("x"), Some(0));
     // parse_probe refuses removals.
-    assert_eq!(parse_probe("-:ev").unwrap_err().code, ErrorCode::BAD_COMMAND);
+    assert_eq!(
+        parse_probe("-:ev").unwrap_err().code,
+        ErrorCode::BAD_COMMAND
+    );
 }
 
 #[test]
@@ -165,10 +188,20 @@ fn header_errors() {
     err_at("p:grp/e-v foo", "BAD_EVENT_NAME", Some("e-v"), Some(0));
     err_at("p:9ev foo", "BAD_EVENT_NAME", Some("9ev"), Some(0));
     let long = "e".repeat(64);
-    err_at(&format!("p:{long} foo"), "EVENT_TOO_LONG", Some("eee"), Some(0));
+    err_at(
+        &format!("p:{long} foo"),
+        "EVENT_TOO_LONG",
+        Some("eee"),
+        Some(0),
+    );
     assert!(parse_probe(&format!("p:{} foo", "e".repeat(63))).is_ok());
     let g = "g".repeat(64);
-    err_at(&format!("p:{g}/ev foo"), "GROUP_TOO_LONG", Some("ggg"), Some(0));
+    err_at(
+        &format!("p:{g}/ev foo"),
+        "GROUP_TOO_LONG",
+        Some("ggg"),
+        Some(0),
+    );
 }
 
 // ------------------------------------------------------------ fetch args
@@ -209,7 +242,10 @@ fn memory_and_symbols() {
             resolved: None
         }
     );
-    assert!(matches!(arg("p f @x-8").expr, FetchExpr::SymMem { offset: -8, .. }));
+    assert!(matches!(
+        arg("p f @x-8").expr,
+        FetchExpr::SymMem { offset: -8, .. }
+    ));
     err_at("p f @0x1g", "BAD_MEM_ADDR", Some("@"), Some(2));
     err_at("p f @+10", "FILE_ON_KPROBE", Some("@"), Some(2));
     err_at("p f @sym+zz", "BAD_MEM_ADDR", Some("@"), Some(2));
@@ -241,7 +277,12 @@ fn variables() {
     err_at("p 0x1000 $arg1", "NOFENTRY_ARGS", Some("$"), Some(2));
     err_at("p f $foo", "BAD_VAR", Some("$"), Some(2));
     err_at("p f $comm:u32", "NEED_STRING_TYPE", Some("u32"), Some(2));
-    err_at("p f $comm:string[2]", "NEED_STRING_TYPE", Some("string["), Some(2));
+    err_at(
+        "p f $comm:string[2]",
+        "NEED_STRING_TYPE",
+        Some("string["),
+        Some(2),
+    );
 }
 
 #[test]
@@ -332,7 +373,8 @@ fn nesting_limit() {
 #[test]
 fn types() {
     for t in [
-        "u8", "u16", "u32", "u64", "s8", "s16", "s32", "s64", "x8", "x16", "x32", "x64", "char", "symbol",
+        "u8", "u16", "u32", "u64", "s8", "s16", "s32", "s64", "x8", "x16", "x32", "x64", "char",
+        "symbol",
     ] {
         let a = arg(&format!("p f %di:{t}"));
         assert_eq!(a.ty.base.name(), t);
@@ -403,16 +445,36 @@ fn argument_names() {
     err_at("p f 1a=%di", "BAD_ARG_NAME", Some("1a"), Some(2));
     err_at("p f a-b=%di", "BAD_ARG_NAME", Some("a-b"), Some(2));
     let long = "n".repeat(33);
-    err_at(&format!("p f {long}=%di"), "ARG_NAME_TOO_LONG", Some("nnn"), Some(2));
+    err_at(
+        &format!("p f {long}=%di"),
+        "ARG_NAME_TOO_LONG",
+        Some("nnn"),
+        Some(2),
+    );
     ok(&format!("p f {}=%di", "n".repeat(32)));
     err_at("p f a=%di a=%si", "USED_ARG_NAME", Some("a=%si"), Some(3));
-    err_at("p f common_pid=%di", "USED_ARG_NAME", Some("common_pid"), Some(2));
-    err_at("p f __probe_ip=%di", "USED_ARG_NAME", Some("__probe_ip"), Some(2));
+    err_at(
+        "p f common_pid=%di",
+        "USED_ARG_NAME",
+        Some("common_pid"),
+        Some(2),
+    );
+    err_at(
+        "p f __probe_ip=%di",
+        "USED_ARG_NAME",
+        Some("__probe_ip"),
+        Some(2),
+    );
     // A generated name can collide too.
     err_at("p f arg2=%di %si", "USED_ARG_NAME", Some("%si"), Some(3));
     err_at("p f a=", "NO_ARG_BODY", None, Some(2));
     let body = format!("+0({})", "+0(".repeat(1)) + &"x".repeat(60);
-    err_at(&format!("p f a={body}"), "ARG_TOO_LONG", Some("+0("), Some(2));
+    err_at(
+        &format!("p f a={body}"),
+        "ARG_TOO_LONG",
+        Some("+0("),
+        Some(2),
+    );
 }
 
 #[test]
@@ -438,7 +500,9 @@ fn dwarf_named_forms() {
     );
     let a = arg("p vfs_open file->f_path.dentry:x64");
     assert_eq!(a.name, "arg1");
-    let FetchExpr::Named(n) = &a.expr else { panic!() };
+    let FetchExpr::Named(n) = &a.expr else {
+        panic!()
+    };
     assert_eq!(n.base, NamedBase::Param("file".into()));
     let steps: Vec<_> = n.path.iter().map(|s| (s.arrow, s.name.as_str())).collect();
     assert_eq!(steps, [(true, "f_path"), (false, "dentry")]);
@@ -448,10 +512,14 @@ fn dwarf_named_forms() {
     assert_eq!(n.path[1].pos, line.find(".d").unwrap());
 
     let a = arg("p f x=$arg1->f_flags");
-    let FetchExpr::Named(n) = &a.expr else { panic!() };
+    let FetchExpr::Named(n) = &a.expr else {
+        panic!()
+    };
     assert_eq!(n.base, NamedBase::Arg(1));
     let a = arg("r f $retval->len");
-    let FetchExpr::Named(n) = &a.expr else { panic!() };
+    let FetchExpr::Named(n) = &a.expr else {
+        panic!()
+    };
     assert_eq!(n.base, NamedBase::Retval);
     assert!(ok("p f path").has_unresolved_names());
 
@@ -499,9 +567,15 @@ fn error_display_has_caret_under_position() {
     let e = parse_probe("p:ev do_sys_openat2 path=+0(%rsi):string").unwrap_err();
     let s = e.to_string();
     let lines: Vec<&str> = s.lines().collect();
-    assert!(lines[0].starts_with("BAD_REG_NAME: Invalid register name"), "{s}");
+    assert!(
+        lines[0].starts_with("BAD_REG_NAME: Invalid register name"),
+        "{s}"
+    );
     assert!(lines[0].contains("at arg 1, position 28"), "{s}");
-    assert_eq!(lines[1].trim_start(), "p:ev do_sys_openat2 path=+0(%rsi):string");
+    assert_eq!(
+        lines[1].trim_start(),
+        "p:ev do_sys_openat2 path=+0(%rsi):string"
+    );
     let caret = lines[2].find('^').unwrap();
     assert_eq!(&lines[1][caret..caret + 5], "%rsi)");
 }
