@@ -192,6 +192,7 @@ fn contract_header() -> String {
         "HV_EXIT_COUNTER_MISMATCH",
         EXIT_COUNTER_MISMATCH.to_string(),
     );
+    def("HV_EXIT_REGS_CLOBBERED", EXIT_REGS_CLOBBERED.to_string());
     def("HV_LINE_PREFIX", c_string(LINE_PREFIX));
     def("HV_LINUX_BANNER", c_string(LINUX_BANNER));
     def("HV_DEFAULT_ITERS", format!("{DEFAULT_ITERS}ULL"));

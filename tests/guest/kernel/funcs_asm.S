@@ -56,4 +56,77 @@ hv_tail_jmp_body:
 	jmp hv_add
 	.size hv_tail_jmp_body, . - hv_tail_jmp_body
 
+/*
+ * long hv_call_checked(long (*fn)(long, long), long a, long b, u64 *clobbered)
+ * Calls fn(a, b) with canaries in the callee-saved registers and reports in
+ * *clobbered which of them did not survive (bits: rbx, r12, r13, r14, r15,
+ * rsp/rbp, DF set), so a probe engine that corrupts state at a probe site is
+ * caught even where the return value would not show it. Not counted itself.
+ */
+#define CANARY(r)	(0x5a5a000000000000 + (r))
+	.globl hv_call_checked
+	.type hv_call_checked, @function
+	.balign 16
+hv_call_checked:
+	NOP5
+	pushq %rbp
+	movq %rsp, %rbp
+	pushq %rbx
+	pushq %r12
+	pushq %r13
+	pushq %r14
+	pushq %r15
+	pushq %rcx			/* clobbered; %rsp is 16-byte aligned now */
+	movq %rdi, %rax
+	movq %rsi, %rdi
+	movq %rdx, %rsi
+	movabsq $CANARY(0xb), %rbx
+	movabsq $CANARY(0xc), %r12
+	movabsq $CANARY(0xd), %r13
+	movabsq $CANARY(0xe), %r14
+	movabsq $CANARY(0xf), %r15
+	call *%rax
+	xorl %ecx, %ecx
+	movabsq $CANARY(0xb), %rdx
+	cmpq %rdx, %rbx
+	je 1f
+	orl $0x01, %ecx
+1:	movabsq $CANARY(0xc), %rdx
+	cmpq %rdx, %r12
+	je 1f
+	orl $0x02, %ecx
+1:	movabsq $CANARY(0xd), %rdx
+	cmpq %rdx, %r13
+	je 1f
+	orl $0x04, %ecx
+1:	movabsq $CANARY(0xe), %rdx
+	cmpq %rdx, %r14
+	je 1f
+	orl $0x08, %ecx
+1:	movabsq $CANARY(0xf), %rdx
+	cmpq %rdx, %r15
+	je 1f
+	orl $0x10, %ecx
+1:	leaq -48(%rbp), %rdx
+	cmpq %rdx, %rsp
+	je 1f
+	orl $0x20, %ecx
+	movq %rdx, %rsp			/* best effort, to report it */
+1:	pushfq
+	testl $0x400, (%rsp)
+	je 1f
+	orl $0x40, %ecx
+	cld
+1:	addq $8, %rsp
+	popq %rdx
+	movq %rcx, (%rdx)
+	popq %r15
+	popq %r14
+	popq %r13
+	popq %r12
+	popq %rbx
+	popq %rbp
+	ret
+	.size hv_call_checked, . - hv_call_checked
+
 	.section .note.GNU-stack, "", @progbits

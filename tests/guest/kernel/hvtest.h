@@ -49,6 +49,7 @@ long hv_lea_first(long a, long b);	/* a + 2 * b + 0x11 */
 long hv_tail_jmp(long a, long b);	/* hv_add(a, b) */
 /* hv_jcc_after_nop: flags from "cmp %rsi, %rdi" set by the caller, returns max(rdi, rsi). */
 extern long (*hv_ibt_ops)(long x);
+long hv_call_checked(long (*fn)(long, long), long a, long b, u64 *clobbered);
 long hv_ibt_func(long x);		/* 7 * x + 3, called indirectly */
 
 void *memset(void *s, int c, size_t n);

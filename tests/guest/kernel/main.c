@@ -539,6 +539,32 @@ static __noreturn noinline void hv_fail(u32 cpu, u32 fn, u64 got, u64 want)
 	hv_exit(HV_EXIT_RETVAL_MISMATCH);
 }
 
+static __noreturn noinline void hv_fail_clobbered(u32 cpu, u32 fn, u64 mask)
+{
+	struct line l;
+
+	l_start(&l);
+	l_str(&l, "FAIL cpu=");
+	l_dec(&l, cpu);
+	l_str(&l, " fn=");
+	l_str(&l, hv_fn_names[fn]);
+	l_str(&l, " clobbered=");
+	l_hex(&l, mask);
+	l_emit(&l);
+	hv_exit(HV_EXIT_REGS_CLOBBERED);
+}
+
+/* fn(a, b) through hv_call_checked: the return value is checked by the
+ * caller, the callee-saved registers here. */
+#define CHECKED_CALL(fn, a, b)                                          \
+	({                                                              \
+		u64 __clob;                                             \
+		long __r = hv_call_checked(fn, (a), (b), &__clob);      \
+		if (__clob)                                             \
+			hv_fail_clobbered(cpu, HV_FN_##fn, __clob);     \
+		__r;                                                    \
+	})
+
 #define CHECK(fn, got, want)                                            \
 	do {                                                            \
 		u64 __g = (u64)(got), __w = (u64)(want);                \
@@ -603,7 +629,7 @@ static void worker(u32 cpu)
 			      0x7fffffff);
 		CHECK(hv_fib, hv_fib((int)n), hv_fib_values[n]);
 		CHECK(hv_recurse, hv_recurse(HV_RECURSE_DEPTH), HV_RECURSE_RESULT);
-		CHECK(hv_add, hv_add(a, b), a + b);
+		CHECK(hv_add, CHECKED_CALL(hv_add, a, b), a + b);
 		CHECK(hv_many_args, hv_many_args(a, b, a + 1, b + 1, a + 2, b + 2, a + 3, b + 3),
 		      a + 2 * b + 3 * (a + 1) + 4 * (b + 1) + 5 * (a + 2) + 6 * (b + 2) +
 			      7 * (a + 3) + 8 * (b + 3));
@@ -612,7 +638,7 @@ static void worker(u32 cpu)
 		CHECK(hv_sub_tail, hv_sub_tail(a, b), a - b);
 		CHECK(hv_stack_frame, hv_stack_frame(hv_open_paths[pi]),
 		      stack_frame_want(hv_open_paths[pi]));
-		CHECK(hv_lea_first, hv_lea_first(a, b), a + 2 * b + 0x11);
+		CHECK(hv_lea_first, CHECKED_CALL(hv_lea_first, a, b), a + 2 * b + 0x11);
 		CHECK(hv_jcc_after_nop, jcc_max(a, jb), a > jb ? a : jb);
 		CHECK(hv_tail_jmp, hv_tail_jmp(a, b), a + b);
 		CHECK(hv_ibt_func, hv_ibt_ops(a), 7 * a + 3);

@@ -22,6 +22,16 @@ pub const EXIT_BAD_BOOT_INFO: u32 = 4;
 pub const EXIT_AP_TIMEOUT: u32 = 5;
 /// At the end, a call counter differs from what the callers counted.
 pub const EXIT_COUNTER_MISMATCH: u32 = 6;
+/// A counted function called through `hv_call_checked` came back with a
+/// callee-saved register, `%rsp`, or `DF` changed
+/// (`hvtest: FAIL cpu=.. fn=.. clobbered=0x..`, bits per [`CLOBBER_BITS`]).
+pub const EXIT_REGS_CLOBBERED: u32 = 7;
+
+/// Bit `i` of the `clobbered=` mask names `CLOBBER_BITS[i]`.
+pub const CLOBBER_BITS: &[&str] = &["rbx", "r12", "r13", "r14", "r15", "rsp/rbp", "DF"];
+/// Functions the workers call through `hv_call_checked`, which fills the
+/// callee-saved registers with canaries around the call and checks them after.
+pub const CHECKED_CALL_FUNCTIONS: &[&str] = &["hv_add", "hv_lea_first"];
 
 /// Every line the guest prints on the serial port starts with this.
 pub const LINE_PREFIX: &str = "hvtest: ";

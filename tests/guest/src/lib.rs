@@ -69,10 +69,12 @@ pub enum GuestExit {
     ApTimeout,
     /// A call counter disagrees with the callers' own count.
     CounterMismatch,
+    /// A callee-saved register, `%rsp` or `DF` did not survive a call.
+    RegsClobbered,
 }
 
 impl GuestExit {
-    const ALL: [GuestExit; 7] = [
+    const ALL: [GuestExit; 8] = [
         GuestExit::Ok,
         GuestExit::RetvalMismatch,
         GuestExit::Exception,
@@ -80,6 +82,7 @@ impl GuestExit {
         GuestExit::BadBootInfo,
         GuestExit::ApTimeout,
         GuestExit::CounterMismatch,
+        GuestExit::RegsClobbered,
     ];
 
     /// The value written to [`EXIT_PORT`].
@@ -92,6 +95,7 @@ impl GuestExit {
             GuestExit::BadBootInfo => EXIT_BAD_BOOT_INFO,
             GuestExit::ApTimeout => EXIT_AP_TIMEOUT,
             GuestExit::CounterMismatch => EXIT_COUNTER_MISMATCH,
+            GuestExit::RegsClobbered => EXIT_REGS_CLOBBERED,
         }
     }
 

@@ -190,3 +190,72 @@ fn unexpected_exception_is_reported() {
         run.lines
     );
 }
+
+#[test]
+#[ignore = "needs qemu-system-x86_64"]
+fn clobbered_callee_saved_register_is_caught() {
+    // The counter increment in hv_lea_first becomes "mov $1,%ebx; nop3".
+    let patch = [0xbb, 0x01, 0x00, 0x00, 0x00, 0x0f, 0x1f, 0x00];
+    let run = boot_patched("rbx", "hv_lea_first", 10, &patch);
+    assert_eq!(
+        run.status,
+        Some(GuestExit::RegsClobbered),
+        "{:#?}",
+        run.lines
+    );
+    assert!(
+        run.lines
+            .iter()
+            .any(|l| l.starts_with("hvtest: FAIL cpu=")
+                && l.ends_with(" fn=hv_lea_first clobbered=0x1")),
+        "{:#?}",
+        run.lines
+    );
+    assert_eq!(CLOBBER_BITS[0], "rbx");
+}
+
+#[test]
+#[ignore = "needs qemu-system-x86_64"]
+fn direction_flag_left_set_is_caught() {
+    // hv_add's ftrace nop becomes "std; nop4".
+    let run = boot_patched("df", "hv_add", 0, &[0xfd, 0x0f, 0x1f, 0x40, 0x00]);
+    assert_eq!(
+        run.status,
+        Some(GuestExit::RegsClobbered),
+        "{:#?}",
+        run.lines
+    );
+    assert!(
+        run.lines
+            .iter()
+            .any(|l| l.ends_with(" fn=hv_add clobbered=0x40")),
+        "{:#?}",
+        run.lines
+    );
+    assert_eq!(CLOBBER_BITS[6], "DF");
+}
+
+#[test]
+#[ignore = "needs qemu-system-x86_64"]
+fn changed_flags_at_the_nop_are_caught() {
+    // hv_jcc_after_nop's nop becomes "cmp %rdi,%rsi; xchg %ax,%ax": reversed flags.
+    let run = boot_patched(
+        "flags",
+        "hv_jcc_after_nop",
+        0,
+        &[0x48, 0x39, 0xfe, 0x66, 0x90],
+    );
+    assert_eq!(
+        run.status,
+        Some(GuestExit::RetvalMismatch),
+        "{:#?}",
+        run.lines
+    );
+    assert!(
+        run.lines
+            .iter()
+            .any(|l| l.contains(" fn=hv_jcc_after_nop got=")),
+        "{:#?}",
+        run.lines
+    );
+}
