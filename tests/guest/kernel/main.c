@@ -372,7 +372,8 @@ static const u8 *rsdp_check(u64 pa)
 {
 	const u8 *p = phys(pa, 36);
 
-	if (!p || __builtin_memcmp(p, "RSD PTR ", 8))
+	/* "RSD PTR " as one load: this runs 8k times when the BIOS area is scanned. */
+	if (!p || rd64(p) != 0x2052545020445352ULL)
 		return NULL;
 	return p;
 }
