@@ -369,6 +369,10 @@ impl DebugInfo {
                 continue;
             };
             let next = idx.next_unit + header.length_including_self();
+            if next <= idx.next_unit {
+                idx.all_scanned = true;
+                continue;
+            }
             let cu = idx.next_unit;
             idx.next_unit = next;
             // Parsed without caching: a scan may pass over many units.

@@ -91,7 +91,7 @@ pub fn verify_slide<M: GuestMemory>(
     link: &SymbolTable,
     image: Option<&KernelImage>,
 ) -> Result<KaslrSlide, KaslrError> {
-    if slide.unsigned_abs() % KASLR_ALIGN != 0 {
+    if !slide.unsigned_abs().is_multiple_of(KASLR_ALIGN) {
         return Err(KaslrError::Misaligned(slide));
     }
     let banner_link = link

@@ -3,8 +3,9 @@
 //! the files are absent, unless HVPROBE_REQUIRE_DEBIAN=1 (CI).
 
 use guest_symbols::{
-    find_kallsyms, find_kaslr_slide, load_system_map, AddressEncoding, Blacklist, DebugInfo,
-    GuestMemory, KernelImage, LocationSource, ParamLocation, SymbolTable, Unmapped,
+    find_kallsyms, find_kaslr_slide, load_system_map, read_guest_kallsyms, AddressEncoding,
+    Blacklist, DebugInfo, GuestMemory, KernelImage, LocationSource, ParamLocation, SymbolTable,
+    Unmapped,
 };
 use std::io::Write;
 use std::path::PathBuf;
@@ -231,6 +232,17 @@ fn kaslr_slide_from_lstar_and_banner() {
     );
     // A wrong LSTAR (e.g. another kernel's) is refused, not trusted.
     assert!(find_kaslr_slide(&mem, lstar + 0x20_0000, &k.map, Some(&k.image)).is_err());
+    // Zero-config: the tables are found from LSTAR alone in slid memory.
+    // (The image's relative_base is not relocated here as the real boot
+    // would, so names and count are compared, not addresses.)
+    let guest = read_guest_kallsyms(&mem, lstar, 64 << 20).unwrap();
+    let at_link =
+        guest_symbols::read_kallsyms(&k.image, lstar - slide, lstar - slide + (64 << 20)).unwrap();
+    assert_eq!(guest.len(), at_link.len());
+    assert_eq!(
+        guest.lookup("do_sys_openat2").ok(),
+        at_link.lookup("do_sys_openat2").ok()
+    );
 }
 
 #[test]
