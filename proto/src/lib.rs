@@ -10,6 +10,12 @@ pub mod v1 {
     tonic::include_proto!("hvprobe.v1");
 }
 
+mod convert;
+pub use convert::{
+    definition_error, definition_error_from_status, invalid_definition, spec_to_line,
+    DEFINITION_ERROR_TYPE_URL,
+};
+
 /// Encoded `google.protobuf.FileDescriptorSet` of the API, with source info
 /// (comments) and imports, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
