@@ -221,8 +221,10 @@ impl GuestMemory for KernelImage {
             let out = &mut buf[done..done + n];
             // File-backed prefix, then zeros (.bss) up to mem_size.
             let file_n = seg.file_size.saturating_sub(rel).min(n as u64) as usize;
-            let off = (seg.offset + rel) as usize;
-            out[..file_n].copy_from_slice(&self.data[off..off + file_n]);
+            if file_n > 0 {
+                let off = (seg.offset + rel) as usize;
+                out[..file_n].copy_from_slice(&self.data[off..off + file_n]);
+            }
             out[file_n..].fill(0);
             done += n;
         }
@@ -247,5 +249,18 @@ mod tests {
             KernelImage::open("/nonexistent/vmlinux"),
             Err(ImageError::Io { .. })
         ));
+    }
+
+    /// Found by the `elf` fuzzer: a read wholly in the zero-filled (.bss)
+    /// tail of a segment, where `offset + rel` lies past the end of the file.
+    #[test]
+    fn bss_read_at_end_of_file() {
+        let img = KernelImage::open(test_guest::kernel_path()).unwrap();
+        let (start, end) = img.loaded_ranges().last().unwrap();
+        let mut b = [0xffu8; 16];
+        img.read_virt(end - 16, &mut b).unwrap();
+        assert_eq!(b, [0; 16]);
+        assert!(img.read_virt(end - 8, &mut b).is_err());
+        assert!(img.read_virt(start.wrapping_sub(1), &mut [0u8; 4]).is_err());
     }
 }
