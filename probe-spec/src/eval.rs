@@ -442,7 +442,9 @@ fn typed<C: FetchContext + ?Sized>(ty: &FetchType, raw: u64, ctx: &C) -> Value {
     };
     let mut v = raw & mask;
     if let Some(bf) = ty.bitfield {
-        v >>= bf.offset;
+        // The parser keeps offset + width within the container; an AST built
+        // by hand may not, so never shift by 64 or more.
+        v = v.checked_shr(bf.offset).unwrap_or(0);
         if bf.width < 64 {
             v &= (1u64 << bf.width) - 1;
         }

@@ -274,8 +274,14 @@ fn finish(
     };
     let bitfield = match bitfield {
         Some((off, width)) => {
-            let container = u32::try_from(ti.size * 8).unwrap_or(0);
-            if BaseType::unsigned_of_bits(container).is_none() || off + width > container {
+            let container = ti
+                .size
+                .checked_mul(8)
+                .and_then(|b| u32::try_from(b).ok())
+                .unwrap_or(0);
+            if BaseType::unsigned_of_bits(container).is_none()
+                || off.saturating_add(width) > container
+            {
                 return Err(err(E::BAD_BITFIELD));
             }
             Some(Bitfield {
