@@ -77,6 +77,42 @@ mod tests {
     }
 
     #[test]
+    fn every_field_is_documented() {
+        let set = FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap();
+        let file = set
+            .file
+            .iter()
+            .find(|f| f.package() == "hvprobe.v1")
+            .unwrap();
+        let info = file.source_code_info.as_ref().unwrap();
+        let documented = |path: &[i32]| {
+            info.location.iter().any(|l| {
+                l.path == path
+                    && (!l.leading_comments().trim().is_empty()
+                        || !l.trailing_comments().trim().is_empty())
+            })
+        };
+        let mut missing = Vec::new();
+        // 4 = FileDescriptorProto.message_type, 2 = DescriptorProto.field.
+        for (mi, m) in file.message_type.iter().enumerate() {
+            for (fi, f) in m.field.iter().enumerate() {
+                if !documented(&[4, mi as i32, 2, fi as i32]) {
+                    missing.push(format!("{}.{}", m.name(), f.name()));
+                }
+            }
+        }
+        // 6 = service, 2 = method.
+        for (si, s) in file.service.iter().enumerate() {
+            for (mi, m) in s.method.iter().enumerate() {
+                if !documented(&[6, si as i32, 2, mi as i32]) {
+                    missing.push(format!("{}.{}", s.name(), m.name()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "undocumented: {missing:?}");
+    }
+
+    #[test]
     fn generated_types_round_trip() {
         use v1::*;
         let ev = Event {
