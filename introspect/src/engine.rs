@@ -1,0 +1,1354 @@
+//! The probe table and the breakpoint handler.
+//!
+//! One `int3` per address (a [`Site`]) with the probes behind it; the table
+//! owns the original bytes. Every write to guest text happens while all other
+//! vCPUs are parked (`stop_others`), so no vCPU can run through a half-updated
+//! site. A hit costs one exit when the displaced instruction is emulated;
+//! otherwise the world is stopped, the byte restored, the vCPU single-stepped
+//! and the `int3` planted again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use guest_access::{
+    AccessError, BreakpointAction, BreakpointHandler, Regs, SystemRegs, TrapKind, Vcpu, VmControl,
+};
+use insn_emu::Displaced;
+use probe_spec::{ArgValue, EntryArgs, EvalOptions, Fault, FetchContext, ProbeDef, Reg};
+
+use crate::events::{Event, EventBus, EventFilter, EventKind, ProbeId, Subscription, Waker};
+use crate::paging::{Access, GuestVirt};
+
+const INT3: u8 = 0xcc;
+/// Linux's (and the test guest's) kernel-text mapping: virtual
+/// `0xffffffff80000000 + x` is physical `x` when the kernel is not relocated.
+pub const KERNEL_TEXT_MAP: u64 = 0xffff_ffff_8000_0000;
+/// Upper bound for `maxactive` (the kernel's KRETPROBE_MAXACTIVE_MAX).
+pub const MAXACTIVE_MAX: u32 = 4096;
+
+/// What the engine needs to know about guest symbols.
+pub trait KernelSymbols: Send + Sync {
+    /// The function containing `addr`: (name, start, end).
+    fn function_at(&self, addr: u64) -> Option<(String, u64, u64)>;
+    /// Why `addr` must not be probed, if it must not.
+    fn blacklisted(&self, _addr: u64) -> Option<String> {
+        None
+    }
+    /// `sym+0x5/0x40` for `addr`.
+    fn describe(&self, addr: u64) -> Option<String> {
+        self.function_at(addr)
+            .map(|(n, s, e)| format!("{n}+{:#x}/{:#x}", addr - s, e - s))
+    }
+}
+
+/// No symbols known: no boundary, entry or blacklist checks are possible.
+pub struct NoSymbols;
+
+impl KernelSymbols for NoSymbols {
+    fn function_at(&self, _: u64) -> Option<(String, u64, u64)> {
+        None
+    }
+}
+
+/// kprobe or kretprobe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeType {
+    Kprobe,
+    Kretprobe { maxactive: Option<u32> },
+}
+
+/// How the displaced instruction is run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handling {
+    /// Emulated on the host: one exit per hit.
+    Emulated,
+    /// Stop the world, restore the byte, single-step, re-plant.
+    SingleStep,
+}
+
+/// A probe to register.
+#[derive(Clone, Debug)]
+pub struct ProbeRequest {
+    /// `group/event`, unique.
+    pub name: String,
+    pub address: u64,
+    pub kind: ProbeType,
+    /// Fetch arguments (kprobe_events syntax, resolved).
+    pub fetch: Option<ProbeDef>,
+    pub enabled: bool,
+    /// Force the single-step fallback even if the instruction is emulable.
+    pub force_single_step: bool,
+    /// The definition as the user wrote it (for listings).
+    pub definition: String,
+}
+
+impl ProbeRequest {
+    pub fn kprobe(name: impl Into<String>, address: u64) -> Self {
+        Self {
+            name: name.into(),
+            address,
+            kind: ProbeType::Kprobe,
+            fetch: None,
+            enabled: true,
+            force_single_step: false,
+            definition: String::new(),
+        }
+    }
+
+    pub fn kretprobe(name: impl Into<String>, address: u64, maxactive: Option<u32>) -> Self {
+        Self {
+            kind: ProbeType::Kretprobe { maxactive },
+            ..Self::kprobe(name, address)
+        }
+    }
+}
+
+/// Why a probe operation was refused. Says what and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{addr:#x} ({location}) is not an instruction boundary: it is inside the instruction at {insn_start:#x} ({insn})")]
+    NotInstructionBoundary {
+        addr: u64,
+        location: String,
+        insn_start: u64,
+        insn: String,
+    },
+    #[error("{addr:#x} ({location}) is blacklisted: {why}")]
+    Blacklisted {
+        addr: u64,
+        location: String,
+        why: String,
+    },
+    #[error("{addr:#x} cannot be probed: {why}")]
+    Unmapped { addr: u64, why: String },
+    #[error("a return probe must be at a function entry; {addr:#x} is {location}")]
+    RetprobeNotAtEntry { addr: u64, location: String },
+    #[error("a probe named {name} already exists (id {id})")]
+    AlreadyExists { name: String, id: ProbeId },
+    #[error("an identical probe already exists at {addr:#x} (id {id})")]
+    Duplicate { addr: u64, id: ProbeId },
+    #[error("probe {0} does not exist")]
+    NotFound(ProbeId),
+    #[error("cannot decode the instruction at {addr:#x}: {why}")]
+    Undecodable { addr: u64, why: String },
+    #[error("return probes need a host-owned return trap address and none is configured")]
+    NoReturnTrap,
+    #[error("maxactive {got} is out of range (1..={max})")]
+    BadMaxactive { got: u32, max: u32 },
+    #[error("guest access failed: {0}")]
+    Guest(String),
+}
+
+/// A failed batch: which request failed, why; nothing of the batch remains.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("probe {index} of the batch: {error} (nothing was registered)")]
+pub struct BatchError {
+    pub index: usize,
+    pub error: ProbeError,
+}
+
+/// A row of the probe listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeInfo {
+    pub id: ProbeId,
+    pub name: String,
+    pub kind: ProbeType,
+    pub address: u64,
+    pub location: String,
+    pub enabled: bool,
+    pub gone: bool,
+    pub hits: u64,
+    /// kretprobes: entries with no free instance (nmissed).
+    pub missed: u64,
+    /// Events lost to full subscriber queues.
+    pub dropped: u64,
+    pub handling: Handling,
+    /// The displaced instruction.
+    pub instruction: String,
+    /// kretprobes: the effective maxactive.
+    pub maxactive: u32,
+    pub definition: String,
+}
+
+impl std::fmt::Display for ProbeInfo {
+    /// Like debugfs `kprobes/list`: address, type, location, flags.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let k = match self.kind {
+            ProbeType::Kprobe => 'k',
+            ProbeType::Kretprobe { .. } => 'r',
+        };
+        write!(f, "{:016x}  {k}  {}", self.address, self.location)?;
+        if !self.enabled {
+            f.write_str(" [DISABLED]")?;
+        }
+        if self.gone {
+            f.write_str(" [GONE]")?;
+        }
+        let how = match self.handling {
+            Handling::Emulated => "EMULATED",
+            Handling::SingleStep => "SINGLESTEP",
+        };
+        write!(f, " [{how}: {}]", self.instruction)
+    }
+}
+
+/// Engine-wide counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub hits: u64,
+    pub emulated: u64,
+    pub single_stepped: u64,
+    /// Emulation declined at run time (e.g. a fault) and fell back to a step.
+    pub emulation_fallbacks: u64,
+    pub return_traps: u64,
+    /// Traps at an address whose int3 was removed meanwhile.
+    pub stale_traps: u64,
+    /// int3s that belonged to the guest.
+    pub guest_int3: u64,
+    pub live_instances: u64,
+    /// kretprobe instances reclaimed from frames that never returned.
+    pub recycled_instances: u64,
+    pub events_dropped: u64,
+}
+
+struct Probe {
+    id: ProbeId,
+    name: String,
+    address: u64,
+    kind: ProbeType,
+    maxactive: u32,
+    fetch: Option<ProbeDef>,
+    definition: String,
+    force_single_step: bool,
+    enabled: AtomicBool,
+    registered: AtomicBool,
+    hits: AtomicU64,
+    missed: AtomicU64,
+    dropped: AtomicU64,
+    active: AtomicU32,
+}
+
+struct Site {
+    addr: u64,
+    gpa: u64,
+    original: u8,
+    displaced: Displaced,
+    handling: Handling,
+    /// The int3 is in guest memory. Changed only by the world's stopper.
+    planted: AtomicBool,
+    /// The guest overwrote the int3 (its code changed or went away).
+    gone: AtomicBool,
+    probes: RwLock<Vec<Arc<Probe>>>,
+}
+
+/// A site to create for a new probe: (gpa, original byte, displaced insn).
+type NewSite = Option<(u64, u8, Displaced)>;
+
+/// A kretprobe activation in flight.
+struct Instance {
+    probe: Arc<Probe>,
+    return_to: u64,
+    func: u64,
+    entered: Instant,
+    entry_args: Vec<ArgValue>,
+    saved: EntryArgs,
+}
+
+/// The host-owned address return addresses are redirected to.
+struct ReturnTrap {
+    addr: u64,
+    gpa: u64,
+    original: u8,
+    planted: bool,
+}
+
+#[derive(Default)]
+struct Table {
+    sites: HashMap<u64, Arc<Site>>,
+    probes: HashMap<ProbeId, Arc<Probe>>,
+    next_id: ProbeId,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    emulated: AtomicU64,
+    single_stepped: AtomicU64,
+    emulation_fallbacks: AtomicU64,
+    return_traps: AtomicU64,
+    stale_traps: AtomicU64,
+    guest_int3: AtomicU64,
+    recycled: AtomicU64,
+    dropped: AtomicU64,
+    seq: AtomicU64,
+}
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Default kretprobe maxactive (Linux: max(10, 2 × CPUs)).
+    pub default_maxactive: u32,
+    /// Longest string a fetch reads.
+    pub max_string_len: usize,
+}
+
+impl EngineConfig {
+    pub fn for_vcpus(vcpus: usize) -> Self {
+        Self {
+            default_maxactive: (2 * vcpus as u32).max(10),
+            max_string_len: 256,
+        }
+    }
+}
+
+/// The probe engine. Register it as the VM's breakpoint handler.
+pub struct Engine {
+    vm: Arc<dyn VmControl>,
+    symbols: Arc<dyn KernelSymbols>,
+    config: EngineConfig,
+    table: RwLock<Table>,
+    armed: AtomicBool,
+    trap: Mutex<Option<ReturnTrap>>,
+    /// Address of the return trap, readable without the lock on the hit path.
+    trap_addr: AtomicU64,
+    instances: Mutex<HashMap<u64, Vec<Instance>>>,
+    bus: Arc<EventBus>,
+    counters: Counters,
+    /// Serialises API operations (registration etc.).
+    api: Mutex<()>,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn guest_err(e: AccessError) -> ProbeError {
+    ProbeError::Guest(e.to_string())
+}
+
+/// Fetch-argument context of a hit: registers plus a page walk.
+struct HitContext<'a> {
+    regs: Regs,
+    virt: GuestVirt<'a>,
+    symbols: &'a dyn KernelSymbols,
+}
+
+impl FetchContext for HitContext<'_> {
+    fn reg(&self, r: Reg) -> u64 {
+        let g = &self.regs;
+        match r {
+            Reg::R15 => g.r15,
+            Reg::R14 => g.r14,
+            Reg::R13 => g.r13,
+            Reg::R12 => g.r12,
+            Reg::R11 => g.r11,
+            Reg::R10 => g.r10,
+            Reg::R9 => g.r9,
+            Reg::R8 => g.r8,
+            Reg::Bx => g.rbx,
+            Reg::Cx => g.rcx,
+            Reg::Dx => g.rdx,
+            Reg::Si => g.rsi,
+            Reg::Di => g.rdi,
+            Reg::Bp => g.rbp,
+            Reg::Ax | Reg::OrigAx => g.rax,
+            Reg::Ip => g.rip,
+            Reg::Cs => 0x10,
+            Reg::Flags => g.rflags,
+            Reg::Sp => g.rsp,
+            Reg::Ss => 0x18,
+        }
+    }
+
+    fn read_kernel(&self, addr: u64, buf: &mut [u8]) -> Result<(), Fault> {
+        self.virt
+            .read(addr, buf, Access::Inspect)
+            .map_err(|e| Fault { addr: e.gva() })
+    }
+
+    fn symbolize(&self, addr: u64) -> Option<String> {
+        self.symbols.describe(addr)
+    }
+}
+
+fn emu_regs(r: &Regs) -> insn_emu::Regs {
+    insn_emu::Regs {
+        gpr: r.gprs(),
+        rip: r.rip,
+        rflags: r.rflags,
+    }
+}
+
+impl Engine {
+    pub fn new(
+        vm: Arc<dyn VmControl>,
+        symbols: Arc<dyn KernelSymbols>,
+        config: EngineConfig,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            vm,
+            symbols,
+            config,
+            table: RwLock::new(Table {
+                next_id: 1,
+                ..Default::default()
+            }),
+            armed: AtomicBool::new(true),
+            trap: Mutex::new(None),
+            trap_addr: AtomicU64::new(0),
+            instances: Mutex::new(HashMap::new()),
+            bus: Arc::new(EventBus::default()),
+            counters: Counters::default(),
+            api: Mutex::new(()),
+        })
+    }
+
+    /// Set the host-owned return trap: a kernel-text byte the guest never
+    /// executes (e.g. padding after a function). Required for kretprobes.
+    pub fn set_return_trap(&self, addr: u64) -> Result<(), ProbeError> {
+        let _api = self.api.lock().unwrap();
+        let mut t = self.trap.lock().unwrap();
+        if t.as_ref().is_some_and(|t| t.planted) {
+            return Err(ProbeError::Guest(
+                "the return trap is in use by live kretprobes".into(),
+            ));
+        }
+        let sregs = self.current_paging();
+        let gpa = self.text_gpa(addr, sregs.as_ref())?;
+        let mut b = [0u8; 1];
+        self.vm.memory().read_phys(gpa, &mut b).map_err(guest_err)?;
+        *t = Some(ReturnTrap {
+            addr,
+            gpa,
+            original: b[0],
+            planted: false,
+        });
+        self.trap_addr.store(addr, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Subscribe to events; see [`Subscription`].
+    pub fn subscribe(
+        &self,
+        capacity: usize,
+        filter: Option<EventFilter>,
+        waker: Option<Waker>,
+    ) -> Subscription {
+        self.bus.subscribe(capacity, filter, waker)
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.counters;
+        EngineStats {
+            hits: c.hits.load(Ordering::Relaxed),
+            emulated: c.emulated.load(Ordering::Relaxed),
+            single_stepped: c.single_stepped.load(Ordering::Relaxed),
+            emulation_fallbacks: c.emulation_fallbacks.load(Ordering::Relaxed),
+            return_traps: c.return_traps.load(Ordering::Relaxed),
+            stale_traps: c.stale_traps.load(Ordering::Relaxed),
+            guest_int3: c.guest_int3.load(Ordering::Relaxed),
+            live_instances: self
+                .instances
+                .lock()
+                .unwrap()
+                .values()
+                .map(|v| v.len() as u64)
+                .sum(),
+            recycled_instances: c.recycled.load(Ordering::Relaxed),
+            events_dropped: c.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Number of live event subscriptions.
+    pub fn subscriber_count(&self) -> usize {
+        self.bus.subscriber_count()
+    }
+
+    pub fn armed(&self) -> bool {
+        self.armed.load(Ordering::SeqCst)
+    }
+
+    /// Paging state of a running vCPU (fresh), or None before boot.
+    fn current_paging(&self) -> Option<SystemRegs> {
+        let out = Arc::new(Mutex::new(None));
+        let o = out.clone();
+        let r = self.vm.with_vcpu(
+            0,
+            Box::new(move |v: &mut dyn Vcpu| {
+                *o.lock().unwrap() = v.system_regs().ok();
+            }),
+        );
+        if r.is_err() {
+            return None;
+        }
+        let s = *out.lock().unwrap();
+        s.filter(|s| s.paging())
+    }
+
+    /// Guest-physical address of kernel text at `addr`.
+    fn text_gpa(&self, addr: u64, sregs: Option<&SystemRegs>) -> Result<u64, ProbeError> {
+        match sregs {
+            Some(s) => {
+                let v = GuestVirt::new(self.vm.memory(), *s, 0);
+                let t = v
+                    .translate(addr, Access::Inspect)
+                    .map_err(|e| ProbeError::Unmapped {
+                        addr,
+                        why: e.to_string(),
+                    })?;
+                if !t.executable {
+                    return Err(ProbeError::Unmapped {
+                        addr,
+                        why: "the page is not executable (NX)".into(),
+                    });
+                }
+                Ok(t.gpa)
+            }
+            None if addr >= KERNEL_TEXT_MAP => {
+                let gpa = addr - KERNEL_TEXT_MAP;
+                if gpa >= self.vm.memory().ram_end() {
+                    return Err(ProbeError::Unmapped {
+                        addr,
+                        why: "outside the loaded kernel image".into(),
+                    });
+                }
+                Ok(gpa)
+            }
+            None => Err(ProbeError::Unmapped {
+                addr,
+                why: "not a kernel-text address and the guest has not enabled paging yet".into(),
+            }),
+        }
+    }
+
+    fn location(&self, addr: u64) -> String {
+        self.symbols
+            .describe(addr)
+            .unwrap_or_else(|| format!("{addr:#x}"))
+    }
+
+    /// Guest bytes of `[addr, addr+len)` with every planted int3 replaced by
+    /// its original byte.
+    fn original_bytes(
+        &self,
+        addr: u64,
+        len: usize,
+        sregs: Option<&SystemRegs>,
+        table: &Table,
+    ) -> Result<Vec<u8>, ProbeError> {
+        let mut out = vec![0u8; len];
+        let mut done = 0;
+        while done < len {
+            let a = addr + done as u64;
+            let gpa = self.text_gpa(a, sregs)?;
+            let n = (len - done).min((0x1000 - (a & 0xfff)) as usize);
+            self.vm
+                .memory()
+                .read_phys(gpa, &mut out[done..done + n])
+                .map_err(guest_err)?;
+            done += n;
+        }
+        for (a, s) in &table.sites {
+            if *a >= addr && *a < addr + len as u64 && s.planted.load(Ordering::SeqCst) {
+                out[(*a - addr) as usize] = s.original;
+            }
+        }
+        if let Some(t) = self.trap.lock().unwrap().as_ref() {
+            if t.planted && t.addr >= addr && t.addr < addr + len as u64 {
+                out[(t.addr - addr) as usize] = t.original;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Check a request and build its site data (without planting).
+    fn prepare(
+        &self,
+        req: &ProbeRequest,
+        sregs: Option<&SystemRegs>,
+        table: &Table,
+    ) -> Result<(Probe, NewSite), ProbeError> {
+        let addr = req.address;
+        if let Some(p) = table.probes.values().find(|p| p.name == req.name) {
+            return Err(ProbeError::AlreadyExists {
+                name: req.name.clone(),
+                id: p.id,
+            });
+        }
+        if let Some(p) = table.probes.values().find(|p| {
+            p.address == addr
+                && p.kind == req.kind
+                && p.fetch == req.fetch
+                && p.force_single_step == req.force_single_step
+        }) {
+            return Err(ProbeError::Duplicate { addr, id: p.id });
+        }
+        if let Some(why) = self.symbols.blacklisted(addr) {
+            return Err(ProbeError::Blacklisted {
+                addr,
+                location: self.location(addr),
+                why,
+            });
+        }
+        if self.trap_addr.load(Ordering::SeqCst) == addr && addr != 0 {
+            return Err(ProbeError::Blacklisted {
+                addr,
+                location: self.location(addr),
+                why: "it is hvprobe's own return trap".into(),
+            });
+        }
+        let maxactive = match req.kind {
+            ProbeType::Kprobe => 0,
+            ProbeType::Kretprobe { maxactive } => {
+                let m = maxactive.unwrap_or(self.config.default_maxactive);
+                if m == 0 || m > MAXACTIVE_MAX {
+                    return Err(ProbeError::BadMaxactive {
+                        got: m,
+                        max: MAXACTIVE_MAX,
+                    });
+                }
+                if self.trap_addr.load(Ordering::SeqCst) == 0 {
+                    return Err(ProbeError::NoReturnTrap);
+                }
+                m
+            }
+        };
+        let func = self.symbols.function_at(addr);
+        if let ProbeType::Kretprobe { .. } = req.kind {
+            if let Some((_, start, _)) = &func {
+                if *start != addr {
+                    return Err(ProbeError::RetprobeNotAtEntry {
+                        addr,
+                        location: self.location(addr),
+                    });
+                }
+            }
+        }
+        // Instruction boundary: decode from the function start.
+        if let Some((_, start, _)) = &func {
+            if *start < addr {
+                let code = self.original_bytes(*start, (addr - start) as usize, sregs, table)?;
+                let mut off = 0usize;
+                while (off as u64) < addr - start {
+                    let ip = start + off as u64;
+                    let d = insn_emu::prepare(&code[off..], ip).or_else(|_| {
+                        let tail = self.original_bytes(ip, 15, sregs, table)?;
+                        insn_emu::prepare(&tail, ip).map_err(|e| ProbeError::Undecodable {
+                            addr: ip,
+                            why: e.to_string(),
+                        })
+                    })?;
+                    if ip + d.len() as u64 > addr {
+                        return Err(ProbeError::NotInstructionBoundary {
+                            addr,
+                            location: self.location(addr),
+                            insn_start: ip,
+                            insn: d.disassembly().to_string(),
+                        });
+                    }
+                    off += d.len();
+                }
+            }
+        }
+        let site = if table.sites.contains_key(&addr) {
+            None
+        } else {
+            let gpa = self.text_gpa(addr, sregs)?;
+            let bytes = self.original_bytes(addr, 15, sregs, table)?;
+            let d = insn_emu::prepare(&bytes, addr).map_err(|e| ProbeError::Undecodable {
+                addr,
+                why: e.to_string(),
+            })?;
+            Some((gpa, bytes[0], d))
+        };
+        let probe = Probe {
+            id: 0,
+            name: req.name.clone(),
+            address: addr,
+            kind: req.kind,
+            maxactive,
+            fetch: req.fetch.clone(),
+            definition: req.definition.clone(),
+            force_single_step: req.force_single_step,
+            enabled: AtomicBool::new(req.enabled),
+            registered: AtomicBool::new(true),
+            hits: AtomicU64::new(0),
+            missed: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            active: AtomicU32::new(0),
+        };
+        Ok((probe, site))
+    }
+
+    /// Register one probe.
+    pub fn register(&self, req: ProbeRequest) -> Result<ProbeId, ProbeError> {
+        self.register_batch(vec![req])
+            .map(|v| v[0])
+            .map_err(|e| e.error)
+    }
+
+    /// Register all probes or none.
+    pub fn register_batch(&self, reqs: Vec<ProbeRequest>) -> Result<Vec<ProbeId>, BatchError> {
+        let _api = self.api.lock().unwrap();
+        let sregs = self.current_paging();
+        let _world = self.vm.stop_others(None);
+        let mut table = self.table.write().unwrap();
+        // Validate everything first: a batch that fails leaves no trace.
+        let mut staged: Vec<(Probe, NewSite)> = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for (index, req) in reqs.iter().enumerate() {
+            if !names.insert(req.name.clone()) {
+                return Err(BatchError {
+                    index,
+                    error: ProbeError::AlreadyExists {
+                        name: req.name.clone(),
+                        id: 0,
+                    },
+                });
+            }
+            let mut s = self
+                .prepare(req, sregs.as_ref(), &table)
+                .map_err(|error| BatchError { index, error })?;
+            // Two new probes at one new address share one site.
+            if s.1.is_some()
+                && staged
+                    .iter()
+                    .any(|(p, site)| p.address == req.address && site.is_some())
+            {
+                s.1 = None;
+            }
+            staged.push(s);
+        }
+        let mut ids = Vec::new();
+        let mut new_sites = Vec::new();
+        for (mut probe, site) in staged {
+            probe.id = table.next_id;
+            table.next_id += 1;
+            let probe = Arc::new(probe);
+            if let Some((gpa, original, displaced)) = site {
+                let handling = if displaced.is_emulated() && !probe.force_single_step {
+                    Handling::Emulated
+                } else {
+                    Handling::SingleStep
+                };
+                let s = Arc::new(Site {
+                    addr: probe.address,
+                    gpa,
+                    original,
+                    displaced,
+                    handling,
+                    planted: AtomicBool::new(false),
+                    gone: AtomicBool::new(false),
+                    probes: RwLock::new(Vec::new()),
+                });
+                table.sites.insert(probe.address, s);
+                new_sites.push(probe.address);
+            }
+            let site = table.sites[&probe.address].clone();
+            site.probes.write().unwrap().push(probe.clone());
+            if probe.force_single_step && site.handling == Handling::Emulated {
+                // Rebuild the site to single-step (it is not planted by a
+                // handler while we hold the world).
+                let s2 = Arc::new(Site {
+                    addr: site.addr,
+                    gpa: site.gpa,
+                    original: site.original,
+                    displaced: site.displaced.clone(),
+                    handling: Handling::SingleStep,
+                    planted: AtomicBool::new(site.planted.load(Ordering::SeqCst)),
+                    gone: AtomicBool::new(false),
+                    probes: RwLock::new(site.probes.read().unwrap().clone()),
+                });
+                table.sites.insert(site.addr, s2);
+            }
+            ids.push(probe.id);
+            table.probes.insert(probe.id, probe);
+        }
+        let need_trap = table
+            .probes
+            .values()
+            .any(|p| matches!(p.kind, ProbeType::Kretprobe { .. }));
+        let addrs: Vec<u64> = reqs.iter().map(|r| r.address).collect();
+        let mut result = Ok(());
+        for a in &addrs {
+            if let Err(e) = self.sync_site(&table, *a) {
+                result = Err(e);
+                break;
+            }
+        }
+        if result.is_ok() && need_trap {
+            result = self.plant_trap();
+        }
+        if let Err(error) = result {
+            // Roll back: remove what this batch added and restore its bytes.
+            for id in &ids {
+                if let Some(p) = table.probes.remove(id) {
+                    p.registered.store(false, Ordering::SeqCst);
+                    if let Some(s) = table.sites.get(&p.address).cloned() {
+                        s.probes.write().unwrap().retain(|q| q.id != *id);
+                    }
+                }
+            }
+            for a in &addrs {
+                let _ = self.sync_site(&table, *a);
+                if table
+                    .sites
+                    .get(a)
+                    .is_some_and(|s| s.probes.read().unwrap().is_empty())
+                {
+                    table.sites.remove(a);
+                }
+            }
+            return Err(BatchError { index: 0, error });
+        }
+        Ok(ids)
+    }
+
+    /// Plant or remove the int3 at `addr` to match the probes' state. Caller
+    /// holds the world stopped and the table lock.
+    fn sync_site(&self, table: &Table, addr: u64) -> Result<(), ProbeError> {
+        let Some(site) = table.sites.get(&addr) else {
+            return Ok(());
+        };
+        if site.gone.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let want = self.armed()
+            && site
+                .probes
+                .read()
+                .unwrap()
+                .iter()
+                .any(|p| p.enabled.load(Ordering::SeqCst));
+        let have = site.planted.load(Ordering::SeqCst);
+        let mem = self.vm.memory();
+        if want && !have {
+            let mut b = [0u8; 1];
+            mem.read_phys(site.gpa, &mut b).map_err(guest_err)?;
+            if b[0] != site.original {
+                // The code changed since registration.
+                site.gone.store(true, Ordering::SeqCst);
+                return Ok(());
+            }
+            mem.write_phys(site.gpa, &[INT3]).map_err(guest_err)?;
+            site.planted.store(true, Ordering::SeqCst);
+        } else if !want && have {
+            self.restore_site(site)?;
+        }
+        Ok(())
+    }
+
+    /// Put the original byte back, unless the guest replaced our int3.
+    fn restore_site(&self, site: &Site) -> Result<(), ProbeError> {
+        let mem = self.vm.memory();
+        let mut b = [0u8; 1];
+        mem.read_phys(site.gpa, &mut b).map_err(guest_err)?;
+        if b[0] == INT3 {
+            mem.write_phys(site.gpa, &[site.original])
+                .map_err(guest_err)?;
+        } else {
+            site.gone.store(true, Ordering::SeqCst);
+        }
+        site.planted.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn plant_trap(&self) -> Result<(), ProbeError> {
+        let mut t = self.trap.lock().unwrap();
+        let Some(t) = t.as_mut() else {
+            return Err(ProbeError::NoReturnTrap);
+        };
+        if !t.planted {
+            self.vm
+                .memory()
+                .write_phys(t.gpa, &[INT3])
+                .map_err(guest_err)?;
+            t.planted = true;
+        }
+        Ok(())
+    }
+
+    /// Remove the return trap when no kretprobe and no live instance needs it.
+    /// Caller holds the world stopped.
+    fn maybe_retire_trap(&self, table: &Table) {
+        let any_ret = table
+            .probes
+            .values()
+            .any(|p| matches!(p.kind, ProbeType::Kretprobe { .. }));
+        if any_ret || !self.instances.lock().unwrap().is_empty() {
+            return;
+        }
+        let mut t = self.trap.lock().unwrap();
+        if let Some(t) = t.as_mut() {
+            if t.planted {
+                let mut b = [0u8; 1];
+                let mem = self.vm.memory();
+                if mem.read_phys(t.gpa, &mut b).is_ok() && b[0] == INT3 {
+                    let _ = mem.write_phys(t.gpa, &[t.original]);
+                }
+                t.planted = false;
+            }
+        }
+    }
+
+    /// Unregister one probe.
+    pub fn unregister(&self, id: ProbeId) -> Result<(), ProbeError> {
+        self.unregister_batch(&[id])
+    }
+
+    /// Unregister all of `ids`, or none if any is unknown.
+    pub fn unregister_batch(&self, ids: &[ProbeId]) -> Result<(), ProbeError> {
+        let _api = self.api.lock().unwrap();
+        let _world = self.vm.stop_others(None);
+        let mut table = self.table.write().unwrap();
+        if let Some(missing) = ids.iter().find(|id| !table.probes.contains_key(id)) {
+            return Err(ProbeError::NotFound(*missing));
+        }
+        let mut first_err = None;
+        for id in ids {
+            let Some(p) = table.probes.remove(id) else {
+                continue;
+            };
+            p.registered.store(false, Ordering::SeqCst);
+            let addr = p.address;
+            let empty = match table.sites.get(&addr) {
+                Some(s) => {
+                    s.probes.write().unwrap().retain(|q| q.id != *id);
+                    s.probes.read().unwrap().is_empty()
+                }
+                None => false,
+            };
+            if let Err(e) = self.sync_site(&table, addr) {
+                first_err.get_or_insert(e);
+            }
+            if empty {
+                table.sites.remove(&addr);
+            }
+        }
+        self.maybe_retire_trap(&table);
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Enable or disable one probe; the int3 stays while any probe at the
+    /// address is enabled.
+    pub fn set_enabled(&self, id: ProbeId, enabled: bool) -> Result<(), ProbeError> {
+        let _api = self.api.lock().unwrap();
+        let _world = self.vm.stop_others(None);
+        let table = self.table.read().unwrap();
+        let p = table.probes.get(&id).ok_or(ProbeError::NotFound(id))?;
+        p.enabled.store(enabled, Ordering::SeqCst);
+        self.sync_site(&table, p.address)
+    }
+
+    /// Arm or disarm every probe at once; each keeps its own enabled state.
+    pub fn set_armed(&self, armed: bool) -> Result<(), ProbeError> {
+        let _api = self.api.lock().unwrap();
+        let _world = self.vm.stop_others(None);
+        let table = self.table.read().unwrap();
+        self.armed.store(armed, Ordering::SeqCst);
+        let mut first_err = None;
+        let addrs: Vec<u64> = table.sites.keys().copied().collect();
+        for a in addrs {
+            if let Err(e) = self.sync_site(&table, a) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// The probe listing.
+    pub fn list(&self) -> Vec<ProbeInfo> {
+        let table = self.table.read().unwrap();
+        let mut v: Vec<ProbeInfo> = table
+            .probes
+            .values()
+            .map(|p| {
+                let site = table.sites.get(&p.address);
+                // A planted int3 the guest overwrote means the code is gone.
+                if let Some(s) = site {
+                    if s.planted.load(Ordering::SeqCst) {
+                        let mut b = [0u8; 1];
+                        if self.vm.memory().read_phys(s.gpa, &mut b).is_ok() && b[0] != INT3 {
+                            s.gone.store(true, Ordering::SeqCst);
+                        }
+                    }
+                }
+                ProbeInfo {
+                    id: p.id,
+                    name: p.name.clone(),
+                    kind: p.kind,
+                    address: p.address,
+                    location: self.location(p.address),
+                    enabled: p.enabled.load(Ordering::SeqCst),
+                    gone: site.is_some_and(|s| s.gone.load(Ordering::SeqCst)),
+                    hits: p.hits.load(Ordering::Relaxed),
+                    missed: p.missed.load(Ordering::Relaxed),
+                    dropped: p.dropped.load(Ordering::Relaxed),
+                    handling: site.map_or(Handling::SingleStep, |s| s.handling),
+                    instruction: site
+                        .map_or(String::new(), |s| s.displaced.disassembly().to_string()),
+                    maxactive: p.maxactive,
+                    definition: p.definition.clone(),
+                }
+            })
+            .collect();
+        v.sort_by_key(|p| p.id);
+        v
+    }
+
+    /// Guest-physical addresses and original bytes of every planted int3
+    /// (sites and the return trap): what differs from pristine guest text.
+    pub fn planted_bytes(&self) -> Vec<(u64, u8)> {
+        let table = self.table.read().unwrap();
+        let mut v: Vec<(u64, u8)> = table
+            .sites
+            .values()
+            .filter(|s| s.planted.load(Ordering::SeqCst))
+            .map(|s| (s.gpa, s.original))
+            .collect();
+        if let Some(t) = self.trap.lock().unwrap().as_ref() {
+            if t.planted {
+                v.push((t.gpa, t.original));
+            }
+        }
+        v
+    }
+
+    // ---- the hit path (vCPU threads) ----
+
+    fn publish(&self, probe: &Probe, ev: Event) {
+        let dropped = self.bus.publish(&ev);
+        if dropped > 0 {
+            probe.dropped.fetch_add(dropped, Ordering::Relaxed);
+            self.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
+    }
+
+    fn eval_opts(&self) -> EvalOptions {
+        EvalOptions {
+            max_string_len: self.config.max_string_len,
+        }
+    }
+
+    fn kprobe_hit(&self, probe: &Probe, ctx: &HitContext<'_>, vcpu: u32) {
+        if !self.bus.has_subscribers() {
+            return;
+        }
+        let args = match &probe.fetch {
+            Some(def) => probe_spec::evaluate(def, ctx, &self.eval_opts()),
+            None => Vec::new(),
+        };
+        let ev = Event {
+            probe_id: probe.id,
+            seq: self.counters.seq.fetch_add(1, Ordering::Relaxed),
+            vcpu,
+            time_ns: now_ns(),
+            ip: probe.address,
+            kind: EventKind::Entry,
+            regs: ctx.regs,
+            args,
+        };
+        self.publish(probe, ev);
+    }
+
+    /// Arguments of `def` that can be fetched at entry (all but `$retval` ones).
+    fn entry_fetch(&self, def: &ProbeDef, ctx: &HitContext<'_>) -> Vec<ArgValue> {
+        def.args
+            .iter()
+            .filter(|a| !uses_retval(a))
+            .map(|a| probe_spec::evaluate_arg(a, ctx, &self.eval_opts()))
+            .collect()
+    }
+
+    /// kretprobe entry: take an instance and redirect the return address.
+    fn kretprobe_entry(&self, probes: &[Arc<Probe>], ctx: &HitContext<'_>, trap: u64) {
+        let slot = ctx.regs.rsp;
+        let mut ret = [0u8; 8];
+        if ctx.virt.read(slot, &mut ret, Access::KernelRead).is_err() {
+            for p in probes {
+                p.missed.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        let return_to = u64::from_le_bytes(ret);
+        let mut live = self.instances.lock().unwrap();
+        // A new call at a slot with live instances: those frames were abandoned.
+        if return_to != trap {
+            if let Some(stale) = live.remove(&slot) {
+                for i in stale {
+                    i.probe.active.fetch_sub(1, Ordering::SeqCst);
+                    self.counters.recycled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let mut taken = Vec::new();
+        for p in probes {
+            if p.active.load(Ordering::SeqCst) >= p.maxactive {
+                self.recycle_stale(&mut live, p, &ctx.virt, trap);
+            }
+            if p.active.load(Ordering::SeqCst) >= p.maxactive {
+                p.missed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            p.active.fetch_add(1, Ordering::SeqCst);
+            let (entry_args, saved) = match &p.fetch {
+                Some(def) => (self.entry_fetch(def, ctx), EntryArgs::capture(def, ctx)),
+                None => (Vec::new(), EntryArgs::default()),
+            };
+            taken.push(Instance {
+                probe: p.clone(),
+                return_to,
+                func: p.address,
+                entered: Instant::now(),
+                entry_args,
+                saved,
+            });
+        }
+        if taken.is_empty() {
+            return;
+        }
+        let real_return = live
+            .get(&slot)
+            .and_then(|v| v.first().map(|i| i.return_to))
+            .unwrap_or(return_to);
+        if ctx.virt.write(slot, &trap.to_le_bytes()).is_err() {
+            for i in taken {
+                i.probe.active.fetch_sub(1, Ordering::SeqCst);
+                i.probe.missed.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        let entry = live.entry(slot).or_default();
+        for mut i in taken {
+            i.return_to = real_return;
+            entry.push(i);
+        }
+    }
+
+    /// Free instances of `p` whose stack slot no longer holds the trap
+    /// address (the frame is gone without returning).
+    fn recycle_stale(
+        &self,
+        live: &mut HashMap<u64, Vec<Instance>>,
+        p: &Arc<Probe>,
+        virt: &GuestVirt<'_>,
+        trap: u64,
+    ) {
+        let mut freed = 0;
+        live.retain(|slot, v| {
+            let mut b = [0u8; 8];
+            let still_ours =
+                virt.read(*slot, &mut b, Access::Inspect).is_ok() && u64::from_le_bytes(b) == trap;
+            if still_ours {
+                return true;
+            }
+            v.retain(|i| {
+                if Arc::ptr_eq(&i.probe, p) {
+                    freed += 1;
+                    i.probe.active.fetch_sub(1, Ordering::SeqCst);
+                    false
+                } else {
+                    true
+                }
+            });
+            !v.is_empty()
+        });
+        self.counters.recycled.fetch_add(freed, Ordering::Relaxed);
+    }
+
+    /// The guest returned into the trap: report and continue at the real
+    /// return address. The guest's `ret` already ran, so no emulation is needed.
+    fn return_trap(
+        &self,
+        vcpu: &mut dyn Vcpu,
+        vm: &dyn VmControl,
+        mut regs: Regs,
+    ) -> BreakpointAction {
+        self.counters.return_traps.fetch_add(1, Ordering::Relaxed);
+        let slot = regs.rsp.wrapping_sub(8);
+        let found = self.instances.lock().unwrap().remove(&slot);
+        let Some(instances) = found else {
+            tracing::error!(
+                "vCPU {} returned into the return trap with no instance at stack slot {slot:#x}",
+                vcpu.index()
+            );
+            // Nothing to return to: let the guest see the int3 (it will oops
+            // with a clear backtrace rather than run off somewhere).
+            return BreakpointAction::DeliverToGuest;
+        };
+        let return_to = instances[0].return_to;
+        if self.bus.has_subscribers() {
+            let sregs = vcpu.system_regs().unwrap_or_default();
+            let ctx = HitContext {
+                regs,
+                virt: GuestVirt::new(vm.memory(), sregs, regs.rflags),
+                symbols: &*self.symbols,
+            };
+            for i in &instances {
+                if !i.probe.registered.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let args = match &i.probe.fetch {
+                    Some(def) => {
+                        let at = probe_spec::AtReturn {
+                            inner: &ctx,
+                            entry: &i.saved,
+                        };
+                        def.args
+                            .iter()
+                            .filter(|a| uses_retval(a))
+                            .map(|a| probe_spec::evaluate_arg(a, &at, &self.eval_opts()))
+                            .collect()
+                    }
+                    None => Vec::new(),
+                };
+                let ev = Event {
+                    probe_id: i.probe.id,
+                    seq: self.counters.seq.fetch_add(1, Ordering::Relaxed),
+                    vcpu: vcpu.index() as u32,
+                    time_ns: now_ns(),
+                    ip: i.func,
+                    kind: EventKind::Return {
+                        func: i.func,
+                        return_to,
+                        retval: regs.rax,
+                        duration_ns: i.entered.elapsed().as_nanos() as u64,
+                        entry_args: i.entry_args.clone(),
+                    },
+                    regs,
+                    args,
+                };
+                self.publish(&i.probe, ev);
+            }
+        }
+        for i in &instances {
+            i.probe.active.fetch_sub(1, Ordering::SeqCst);
+        }
+        regs.rip = return_to;
+        if vcpu.set_regs(&regs).is_err() {
+            return BreakpointAction::DeliverToGuest;
+        }
+        BreakpointAction::Resume
+    }
+
+    /// The trap was not at one of our sites.
+    fn not_ours(&self, vcpu: &mut dyn Vcpu, vm: &dyn VmControl, rip: u64) -> BreakpointAction {
+        let sregs = vcpu.system_regs().unwrap_or_default();
+        let virt = GuestVirt::new(vm.memory(), sregs, 0);
+        let mut b = [0u8; 1];
+        match virt.read(rip, &mut b, Access::Inspect) {
+            Ok(()) if b[0] == INT3 => {
+                self.counters.guest_int3.fetch_add(1, Ordering::Relaxed);
+                BreakpointAction::DeliverToGuest
+            }
+            _ => {
+                // Our int3 was removed after the vCPU trapped: run the original.
+                self.counters.stale_traps.fetch_add(1, Ordering::Relaxed);
+                BreakpointAction::Resume
+            }
+        }
+    }
+
+    /// Stop the world, restore, step, re-plant.
+    fn step_over(&self, site: &Site, vcpu: &mut dyn Vcpu, vm: &dyn VmControl) -> BreakpointAction {
+        self.counters.single_stepped.fetch_add(1, Ordering::Relaxed);
+        let _world = vm.stop_others(Some(vcpu.index()));
+        let planted = site.planted.load(Ordering::SeqCst);
+        let mem = vm.memory();
+        if planted && mem.write_phys(site.gpa, &[site.original]).is_err() {
+            return BreakpointAction::Resume;
+        }
+        let stepped = vcpu.single_step();
+        if planted {
+            let _ = mem.write_phys(site.gpa, &[INT3]);
+        }
+        if let Err(e) = stepped {
+            tracing::warn!("single-step at {:#x} failed: {e}", site.addr);
+        }
+        BreakpointAction::Resume
+    }
+}
+
+fn uses_retval(a: &probe_spec::FetchArg) -> bool {
+    let mut r = false;
+    a.expr.visit(&mut |e| {
+        r |= matches!(e, probe_spec::FetchExpr::Retval)
+            || matches!(e, probe_spec::FetchExpr::Named(n) if matches!(n.base, probe_spec::NamedBase::Retval));
+    });
+    r
+}
+
+impl BreakpointHandler for Engine {
+    fn on_breakpoint(
+        &self,
+        vcpu: &mut dyn Vcpu,
+        vm: &dyn VmControl,
+        _kind: TrapKind,
+    ) -> BreakpointAction {
+        let Ok(regs) = vcpu.regs() else {
+            return BreakpointAction::DeliverToGuest;
+        };
+        let rip = regs.rip;
+        let trap = self.trap_addr.load(Ordering::Relaxed);
+        if trap != 0 && rip == trap {
+            return self.return_trap(vcpu, vm, regs);
+        }
+        let site = self.table.read().unwrap().sites.get(&rip).cloned();
+        let Some(site) = site else {
+            return self.not_ours(vcpu, vm, rip);
+        };
+        if !site.planted.load(Ordering::SeqCst) {
+            self.counters.stale_traps.fetch_add(1, Ordering::Relaxed);
+            return BreakpointAction::Resume;
+        }
+        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        let sregs = vcpu.system_regs().unwrap_or_default();
+        let ctx = HitContext {
+            regs,
+            virt: GuestVirt::new(vm.memory(), sregs, regs.rflags),
+            symbols: &*self.symbols,
+        };
+        let probes = site.probes.read().unwrap().clone();
+        let armed = self.armed();
+        let mut returns = Vec::new();
+        for p in &probes {
+            if !armed || !p.enabled.load(Ordering::Relaxed) {
+                continue;
+            }
+            p.hits.fetch_add(1, Ordering::Relaxed);
+            match p.kind {
+                ProbeType::Kprobe => self.kprobe_hit(p, &ctx, vcpu.index() as u32),
+                ProbeType::Kretprobe { .. } => returns.push(p.clone()),
+            }
+        }
+        if !returns.is_empty() && trap != 0 {
+            self.kretprobe_entry(&returns, &ctx, trap);
+        }
+        if site.handling == Handling::Emulated {
+            let mut er = emu_regs(&regs);
+            let mut virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
+            match site.displaced.emulate(&mut er, &mut virt) {
+                Ok(_) => {
+                    let mut out = regs;
+                    out.set_gprs(er.gpr);
+                    out.rip = er.rip;
+                    out.rflags = er.rflags;
+                    if vcpu.set_regs(&out).is_ok() {
+                        self.counters.emulated.fetch_add(1, Ordering::Relaxed);
+                        return BreakpointAction::Resume;
+                    }
+                }
+                Err(e) => tracing::debug!("emulation declined at {rip:#x}: {e}"),
+            }
+            self.counters
+                .emulation_fallbacks
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.step_over(&site, vcpu, vm)
+    }
+}
