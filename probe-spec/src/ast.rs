@@ -227,7 +227,7 @@ pub enum FetchExpr {
         /// Address expression.
         inner: Box<FetchExpr>,
     },
-    /// A DWARF-named form, not yet resolved (see [`crate::resolve`]).
+    /// A DWARF-named form, not yet resolved (see [`crate::resolve_names`]).
     Named(NamedExpr),
 }
 

@@ -18,6 +18,18 @@
 //! (`path`, `file->f_path.dentry`, `$arg1->f_flags`), kept as
 //! [`FetchExpr::Named`] until [`resolve_names`] rewrites them with a
 //! [`DebugInfo`].
+//!
+//! Where this parser knowingly differs from the kernel:
+//! - positions count characters of the original line (the kernel counts in
+//!   the words re-joined by single spaces: the same for single-spaced lines);
+//! - text after the last `)` of a dereference and junk after `p`/`r` (`px`)
+//!   are refused (the kernel ignores them); symbol names are checked for
+//!   plausible characters (the kernel leaves that to kallsyms);
+//! - `$argN` and DWARF names need a probe at `SYM+0` or a return probe (the
+//!   kernel asks kallsyms whether the address is a function entry);
+//! - address probes are named `p_0xADDR` (the kernel prints a hashed `%p`);
+//! - the `$arg*` meta-argument is not expanded (`BAD_VAR`);
+//! - strings are printed with control bytes and invalid UTF-8 as `\xNN`.
 
 mod ast;
 mod error;
