@@ -468,7 +468,7 @@ fn argument_names() {
     // A generated name can collide too.
     err_at("p f arg2=%di %si", "USED_ARG_NAME", Some("%si"), Some(3));
     err_at("p f a=", "NO_ARG_BODY", None, Some(2));
-    let body = format!("+0({})", "+0(".repeat(1)) + &"x".repeat(60);
+    let body = format!("+0({})", "x".repeat(60));
     err_at(
         &format!("p f a={body}"),
         "ARG_TOO_LONG",
