@@ -127,7 +127,7 @@ pub enum ProbeError {
     RetprobeNotAtEntry { addr: u64, location: String },
     #[error("a probe named {name} already exists (id {id})")]
     AlreadyExists { name: String, id: ProbeId },
-    #[error("an identical probe already exists at {addr:#x} (id {id})")]
+    #[error("the exact same probe already exists at {addr:#x} (id {id})")]
     Duplicate { addr: u64, id: ProbeId },
     #[error("probe {0} does not exist")]
     NotFound(ProbeId),
@@ -314,6 +314,8 @@ pub struct Engine {
     /// Address of the return trap, readable without the lock on the hit path.
     trap_addr: AtomicU64,
     instances: Mutex<HashMap<u64, Vec<Instance>>>,
+    /// No kretprobe is left but instances were live: the last return removes the trap.
+    trap_retire_pending: AtomicBool,
     bus: Arc<EventBus>,
     counters: Counters,
     /// Serialises API operations (registration etc.).
@@ -402,6 +404,7 @@ impl Engine {
             trap: Mutex::new(None),
             trap_addr: AtomicU64::new(0),
             instances: Mutex::new(HashMap::new()),
+            trap_retire_pending: AtomicBool::new(false),
             bus: Arc::new(EventBus::default()),
             counters: Counters::default(),
             api: Mutex::new(()),
@@ -580,11 +583,14 @@ impl Engine {
                 id: p.id,
             });
         }
+        // Like the kernel's SAME_PROBE: the same point with the same
+        // definition again. Other probes at one address are welcome.
         if let Some(p) = table.probes.values().find(|p| {
             p.address == addr
                 && p.kind == req.kind
                 && p.fetch == req.fetch
-                && p.force_single_step == req.force_single_step
+                && !req.definition.is_empty()
+                && p.definition == req.definition
         }) {
             return Err(ProbeError::Duplicate { addr, id: p.id });
         }
@@ -880,9 +886,15 @@ impl Engine {
             .probes
             .values()
             .any(|p| matches!(p.kind, ProbeType::Kretprobe { .. }));
-        if any_ret || !self.instances.lock().unwrap().is_empty() {
+        if any_ret {
+            self.trap_retire_pending.store(false, Ordering::SeqCst);
             return;
         }
+        if !self.instances.lock().unwrap().is_empty() {
+            self.trap_retire_pending.store(true, Ordering::SeqCst);
+            return;
+        }
+        self.trap_retire_pending.store(false, Ordering::SeqCst);
         let mut t = self.trap.lock().unwrap();
         if let Some(t) = t.as_mut() {
             if t.planted {
@@ -1232,6 +1244,14 @@ impl Engine {
         regs.rip = return_to;
         if vcpu.set_regs(&regs).is_err() {
             return BreakpointAction::DeliverToGuest;
+        }
+        if self.trap_retire_pending.load(Ordering::SeqCst)
+            && self.instances.lock().unwrap().is_empty()
+        {
+            // The last orphaned instance came home: give the byte back.
+            let _world = vm.stop_others(Some(vcpu.index()));
+            let table = self.table.read().unwrap();
+            self.maybe_retire_trap(&table);
         }
         BreakpointAction::Resume
     }

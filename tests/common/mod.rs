@@ -81,3 +81,77 @@ pub fn guest_expected(mem: &dyn guest_access::GuestMemory, func: &str) -> u64 {
     let base = phys(symbol(test_guest::EXPECTED_COUNTER_SYMBOL));
     read_u64(mem, base + 8 * idx as u64)
 }
+
+/// Function symbols of the test guest (name, start, size), sorted by address.
+pub fn functions() -> Vec<(String, u64, u64)> {
+    let data = std::fs::read(test_guest::kernel_path()).expect("read test guest");
+    let file = object::File::parse(&*data).expect("parse test guest ELF");
+    let mut v: Vec<(String, u64, u64)> = file
+        .symbols()
+        .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 0)
+        .map(|s| (s.name().unwrap_or("").to_string(), s.address(), s.size()))
+        .collect();
+    v.sort_by_key(|f| f.1);
+    v
+}
+
+/// The engine's view of test-guest symbols, from the ELF.
+pub struct GuestSymbols {
+    funcs: Vec<(String, u64, u64)>,
+    pub blacklist: Vec<String>,
+}
+
+impl GuestSymbols {
+    pub fn new() -> Self {
+        Self {
+            funcs: functions(),
+            blacklist: vec![test_guest::SYSCALL_ENTRY_SYMBOL.to_string()],
+        }
+    }
+
+    /// A byte after a function's end and before the next symbol: padding the
+    /// guest never executes, usable as the kretprobe return trap.
+    pub fn return_trap(&self) -> u64 {
+        for w in self.funcs.windows(2) {
+            let end = w[0].1 + w[0].2;
+            if end < w[1].1 && w[0].0.starts_with("hv_") {
+                return end;
+            }
+        }
+        panic!("no padding between test-guest functions");
+    }
+}
+
+impl introspect::KernelSymbols for GuestSymbols {
+    fn function_at(&self, addr: u64) -> Option<(String, u64, u64)> {
+        self.funcs
+            .iter()
+            .find(|f| addr >= f.1 && addr < f.1 + f.2)
+            .map(|f| (f.0.clone(), f.1, f.1 + f.2))
+    }
+
+    fn blacklisted(&self, addr: u64) -> Option<String> {
+        let (name, _, _) = self.function_at(addr)?;
+        self.blacklist
+            .contains(&name)
+            .then(|| format!("{name} is on the kprobe blacklist (entry code)"))
+    }
+}
+
+/// Guest-physical range of the test guest's loaded text (.text section).
+pub fn text_range() -> (u64, u64) {
+    use object::ObjectSection;
+    let data = std::fs::read(test_guest::kernel_path()).unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    let s = file.section_by_name(".text").expect(".text");
+    (phys(s.address()), phys(s.address()) + s.size())
+}
+
+/// FNV-1a hash of guest memory `[start, end)`.
+pub fn hash_range(mem: &dyn guest_access::GuestMemory, (start, end): (u64, u64)) -> u64 {
+    let mut buf = vec![0u8; (end - start) as usize];
+    mem.read_phys(start, &mut buf).unwrap();
+    buf.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}

@@ -1,0 +1,500 @@
+//! The probe engine on /dev/kvm with the test guest (2+ vCPUs unless noted).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use guest_access::VmControl;
+use introspect::{Engine, EngineConfig, EventKind, Handling, ProbeError, ProbeRequest};
+use vmm::{RunOutcome, Vm};
+
+struct Setup {
+    vm: Option<Vm>,
+    control: Arc<vmm::Shared>,
+    engine: Arc<Engine>,
+    serial: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+fn setup(vcpus: u8, cmdline: &str) -> Setup {
+    let (config, serial) = test_guest_config(vcpus, cmdline);
+    let vm = Vm::create(&config).expect("create VM");
+    let control = vm.control();
+    let symbols = Arc::new(GuestSymbols::new());
+    let trap = symbols.return_trap();
+    let engine = Engine::new(
+        control.clone(),
+        symbols,
+        EngineConfig::for_vcpus(vcpus as usize),
+    );
+    engine.set_return_trap(trap).unwrap();
+    Setup {
+        vm: Some(vm),
+        control,
+        engine,
+        serial,
+    }
+}
+
+impl Setup {
+    fn run_to_end(&mut self) -> RunOutcome {
+        let running = self.vm.take().unwrap().start(self.engine.clone()).unwrap();
+        let o = running
+            .wait_timeout(Duration::from_secs(240))
+            .expect("guest finished in time");
+        drop(running);
+        o
+    }
+    fn serial(&self) -> String {
+        text(&self.serial)
+    }
+}
+
+fn assert_ok(o: &RunOutcome, s: &Setup) {
+    assert_eq!(
+        *o,
+        RunOutcome::GuestExit { status: 0 },
+        "serial:\n{}",
+        s.serial()
+    );
+}
+
+#[test]
+fn hits_equal_guest_counters_emulated_and_single_step() {
+    if !kvm_available() {
+        return;
+    }
+    let mut s = setup(2, "hvtest.iters=40");
+    let mut ids = Vec::new();
+    // Emulated sites: function entries (nop5 / endbr64).
+    for f in [
+        "hv_add",
+        "hv_fib",
+        "hv_open_file",
+        "hv_ibt_func",
+        "hv_work_item",
+    ] {
+        ids.push((
+            f,
+            s.engine
+                .register(ProbeRequest::kprobe(format!("t/{f}"), symbol(f)))
+                .unwrap(),
+        ));
+    }
+    // Forced single-step at entries of other functions.
+    for f in ["hv_checksum", "hv_many_args"] {
+        let mut r = ProbeRequest::kprobe(format!("t/{f}_ss"), symbol(f));
+        r.force_single_step = true;
+        ids.push((f, s.engine.register(r).unwrap()));
+    }
+    // Two more probes at hv_add: three probes, one int3.
+    let a2 = s
+        .engine
+        .register(ProbeRequest::kprobe("t/hv_add_2", symbol("hv_add")))
+        .unwrap();
+    let a3 = s
+        .engine
+        .register(ProbeRequest::kretprobe(
+            "t/hv_add_r",
+            symbol("hv_add"),
+            None,
+        ))
+        .unwrap();
+    let list = s.engine.list();
+    for p in &list {
+        eprintln!("{p}");
+    }
+    let by_id = |id| list.iter().find(|p| p.id == id).unwrap().clone();
+    assert_eq!(by_id(ids[0].1).handling, Handling::Emulated);
+    assert_eq!(by_id(ids[5].1).handling, Handling::SingleStep);
+    let o = s.run_to_end();
+    assert_ok(&o, &s);
+    let list = s.engine.list();
+    let mem = s.control.memory();
+    for (f, id) in &ids {
+        let p = list.iter().find(|p| p.id == *id).unwrap();
+        let calls = guest_counter(mem, f);
+        assert!(calls > 0, "{f} never called");
+        assert_eq!(
+            p.hits, calls,
+            "{f}: probe hits {} != guest calls {calls}",
+            p.hits
+        );
+    }
+    let add_calls = guest_counter(mem, "hv_add");
+    for id in [a2, a3] {
+        assert_eq!(list.iter().find(|p| p.id == id).unwrap().hits, add_calls);
+    }
+    let st = s.engine.stats();
+    eprintln!("{st:?}");
+    assert!(st.emulated > 0 && st.single_stepped > 0);
+    assert_eq!(st.emulation_fallbacks, 0);
+    assert_eq!(st.live_instances, 0);
+}
+
+#[test]
+fn enable_disable_flipped_while_running() {
+    if !kvm_available() {
+        return;
+    }
+    let mut s = setup(2, &test_guest::cmdline(None, None, true));
+    let steady = s
+        .engine
+        .register(ProbeRequest::kprobe("t/steady", symbol("hv_add")))
+        .unwrap();
+    let flip_shared = s
+        .engine
+        .register(ProbeRequest::kprobe("t/flip_shared", symbol("hv_add")))
+        .unwrap();
+    let flip_alone = s
+        .engine
+        .register(ProbeRequest::kprobe("t/flip_alone", symbol("hv_fib")))
+        .unwrap();
+    let vm = s.vm.take().unwrap();
+    let running = vm.start(s.engine.clone()).unwrap();
+    let start = Instant::now();
+    let mut on = true;
+    let mut flips = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        on = !on;
+        s.engine.set_enabled(flip_shared, on).unwrap();
+        s.engine.set_enabled(flip_alone, on).unwrap();
+        flips += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Freeze the guest to compare counters with hits.
+    let world = s.control.stop_others(None);
+    let list = s.engine.list();
+    let mem = s.control.memory();
+    let get = |id| list.iter().find(|p| p.id == id).unwrap().hits;
+    let add_calls = guest_counter(mem, "hv_add");
+    let fib_calls = guest_counter(mem, "hv_fib");
+    drop(world);
+    running.stop();
+    drop(running);
+    eprintln!(
+        "flips {flips}: add {add_calls} steady {} shared {} ; fib {fib_calls} alone {}",
+        get(steady),
+        get(flip_shared),
+        get(flip_alone)
+    );
+    assert!(add_calls > 100, "guest made progress");
+    // The always-enabled probe sees every call even while its neighbour flips.
+    assert_eq!(get(steady), add_calls);
+    assert!(get(flip_shared) > 0 && get(flip_shared) < add_calls);
+    assert!(get(flip_alone) > 0 && get(flip_alone) < fib_calls);
+}
+
+#[test]
+fn text_is_restored_byte_for_byte_after_random_operations() {
+    if !kvm_available() {
+        return;
+    }
+    let mut s = setup(2, &test_guest::cmdline(None, None, true));
+    let range = text_range();
+    let pristine = hash_range(s.control.memory(), range);
+    let vm = s.vm.take().unwrap();
+    let running = vm.start(s.engine.clone()).unwrap();
+    // Candidate probe points: entries and other instruction boundaries.
+    let mut points: Vec<u64> = test_guest::COUNTED_FUNCTIONS
+        .iter()
+        .map(|f| symbol(f))
+        .collect();
+    points.extend(test_guest::COUNTED_FUNCTIONS.iter().map(|f| symbol(f) + 5));
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut live: Vec<u64> = Vec::new();
+    let mut ops = 0;
+    let mut name = 0;
+    while ops < 2000 {
+        let r = next();
+        match r % 6 {
+            0 | 1 => {
+                let a = points[(r >> 8) as usize % points.len()];
+                name += 1;
+                let mut req = if (r >> 20) % 4 == 0
+                    && test_guest::COUNTED_FUNCTIONS.iter().any(|f| symbol(f) == a)
+                {
+                    ProbeRequest::kretprobe(format!("r/{name}"), a, Some(4))
+                } else {
+                    ProbeRequest::kprobe(format!("k/{name}"), a)
+                };
+                req.force_single_step = (r >> 30) % 3 == 0;
+                match s.engine.register(req) {
+                    Ok(id) => live.push(id),
+                    Err(ProbeError::NotInstructionBoundary { .. }) => {}
+                    Err(e) => panic!("register: {e}"),
+                }
+            }
+            2 if !live.is_empty() => {
+                let id = live.swap_remove((r >> 8) as usize % live.len());
+                s.engine.unregister(id).unwrap();
+            }
+            3 if !live.is_empty() => {
+                let id = live[(r >> 8) as usize % live.len()];
+                s.engine.set_enabled(id, (r >> 40) % 2 == 0).unwrap();
+            }
+            4 => s.engine.set_armed((r >> 8) % 3 != 0).unwrap(),
+            _ => {}
+        }
+        ops += 1;
+    }
+    s.engine.set_armed(true).unwrap();
+    s.engine.unregister_batch(&live).unwrap();
+    // Live kretprobe instances keep the return trap until their frames return.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.engine.stats().live_instances > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let world = s.control.stop_others(None);
+    let after = hash_range(s.control.memory(), range);
+    let planted = s.engine.planted_bytes();
+    drop(world);
+    let alive = running.wait_timeout(Duration::from_millis(1)).is_none();
+    running.stop();
+    drop(running);
+    let st = s.engine.stats();
+    eprintln!("{ops} operations; stats {st:?}");
+    assert!(alive, "guest died: {}", s.serial());
+    assert!(planted.is_empty(), "still planted: {planted:?}");
+    assert_eq!(after, pristine, "guest text differs from the original");
+    assert!(st.hits > 0);
+}
+
+#[test]
+fn kretprobe_maxactive_below_recursion_depth_one_vcpu() {
+    if !kvm_available() {
+        return;
+    }
+    let mut s = setup(1, "hvtest.iters=30");
+    let depth = test_guest::RECURSE_DEPTH as u64;
+    let maxactive = 5u32;
+    let mut req = ProbeRequest::kretprobe("t/recurse", symbol("hv_recurse"), Some(maxactive));
+    req.fetch = Some(
+        probe_spec::parse_probe("r:t/recurse hv_recurse depth=%di:s32 ret=$retval:s64").unwrap(),
+    );
+    let id = s.engine.register(req).unwrap();
+    let sub = s.engine.subscribe(100_000, None, None);
+    let o = s.run_to_end();
+    assert_ok(&o, &s);
+    let calls = guest_counter(s.control.memory(), "hv_recurse");
+    let top = calls / depth;
+    let p = s.engine.list().into_iter().find(|p| p.id == id).unwrap();
+    assert_eq!(p.hits, calls);
+    // Each top-level call nests `depth` activations; only `maxactive` get one.
+    assert_eq!(p.missed, top * (depth - u64::from(maxactive)), "nmissed");
+    let events = sub.drain(usize::MAX);
+    assert_eq!(events.len() as u64, top * u64::from(maxactive));
+    check_return_values(&events);
+    assert_eq!(s.engine.stats().live_instances, 0);
+}
+
+/// Every return event's retval equals d(d+1)/2 for the depth d fetched at entry.
+fn check_return_values(events: &[introspect::Event]) {
+    for e in events {
+        let EventKind::Return {
+            retval,
+            entry_args,
+            duration_ns,
+            ..
+        } = &e.kind
+        else {
+            panic!("expected a return event: {e:?}");
+        };
+        let d = match &entry_args[0].value {
+            probe_spec::Value::Signed { value, .. } => *value,
+            v => panic!("depth: {v:?}"),
+        };
+        assert_eq!(
+            *retval as i64,
+            d * (d + 1) / 2,
+            "hv_recurse({d}) returned {retval}"
+        );
+        let ret_arg = match &e.args[0].value {
+            probe_spec::Value::Signed { value, .. } => *value,
+            v => panic!("ret: {v:?}"),
+        };
+        assert_eq!(ret_arg, *retval as i64);
+        assert!(*duration_ns > 0);
+    }
+}
+
+#[test]
+fn kretprobe_on_recursion_with_two_vcpus() {
+    if !kvm_available() {
+        return;
+    }
+    let mut s = setup(2, "hvtest.iters=30");
+    let mut req = ProbeRequest::kretprobe("t/recurse", symbol("hv_recurse"), Some(6));
+    req.fetch = Some(
+        probe_spec::parse_probe("r:t/recurse hv_recurse depth=%di:s32 ret=$retval:s64").unwrap(),
+    );
+    let id = s.engine.register(req).unwrap();
+    let sub = s.engine.subscribe(100_000, None, None);
+    let o = s.run_to_end();
+    assert_ok(&o, &s);
+    let calls = guest_counter(s.control.memory(), "hv_recurse");
+    let p = s.engine.list().into_iter().find(|p| p.id == id).unwrap();
+    let events = sub.drain(usize::MAX);
+    // Every entry either got an instance (and returned) or was missed.
+    assert_eq!(p.hits, calls);
+    assert_eq!(events.len() as u64 + p.missed, calls);
+    // Two CPUs nest 8 deep each: at least 16 - 6 entries of each round miss.
+    assert!(p.missed >= calls / 8 * 2, "missed {}", p.missed);
+    check_return_values(&events);
+}
+
+#[test]
+fn early_probe_on_first_c_function_hits_once() {
+    if !kvm_available() {
+        return;
+    }
+    let mut s = setup(2, "");
+    let id = s
+        .engine
+        .register(ProbeRequest::kprobe(
+            "t/start",
+            symbol(test_guest::FIRST_C_FUNCTION),
+        ))
+        .unwrap();
+    let o = s.run_to_end();
+    assert_ok(&o, &s);
+    let p = s.engine.list().into_iter().find(|p| p.id == id).unwrap();
+    assert_eq!(p.hits, 1);
+}
+
+#[test]
+fn kprobe_fetches_string_and_integer_arguments() {
+    if !kvm_available() {
+        return;
+    }
+    let mut s = setup(2, "hvtest.iters=10");
+    let mut req = ProbeRequest::kprobe("t/open", symbol("hv_open_file"));
+    req.fetch = Some(
+        probe_spec::parse_probe(
+            "p:t/open hv_open_file dfd=%di:s32 path=+0(%si):string flags=%dx:x32",
+        )
+        .unwrap(),
+    );
+    s.engine.register(req).unwrap();
+    let sub = s.engine.subscribe(10_000, None, None);
+    let o = s.run_to_end();
+    assert_ok(&o, &s);
+    let events = sub.drain(usize::MAX);
+    assert_eq!(
+        events.len() as u64,
+        guest_counter(s.control.memory(), "hv_open_file")
+    );
+    for e in &events {
+        assert_eq!(
+            e.args[0].value,
+            probe_spec::Value::Signed {
+                bits: 32,
+                value: i64::from(test_guest::AT_FDCWD)
+            }
+        );
+        let probe_spec::Value::Str { bytes, truncated } = &e.args[1].value else {
+            panic!("path: {:?}", e.args[1]);
+        };
+        let text = String::from_utf8_lossy(bytes);
+        assert!(
+            !truncated && test_guest::OPEN_PATHS.contains(&&*text),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn refusals_are_clear() {
+    if !kvm_available() {
+        return;
+    }
+    let s = setup(2, "");
+    let e = &s.engine;
+    let add = symbol("hv_add");
+    // Inside the 5-byte nop.
+    let err = e
+        .register(ProbeRequest::kprobe("t/mid", add + 2))
+        .unwrap_err();
+    assert!(
+        matches!(err, ProbeError::NotInstructionBoundary { insn_start, .. } if insn_start == add),
+        "{err}"
+    );
+    assert!(err.to_string().contains("hv_add+0x2"), "{err}");
+    let err = e
+        .register(ProbeRequest::kprobe("t/bl", symbol("entry_SYSCALL_64")))
+        .unwrap_err();
+    assert!(matches!(err, ProbeError::Blacklisted { .. }), "{err}");
+    let err = e
+        .register(ProbeRequest::kprobe("t/unmapped", 0xffff_ffff_ff00_0000))
+        .unwrap_err();
+    assert!(matches!(err, ProbeError::Unmapped { .. }), "{err}");
+    let err = e
+        .register(ProbeRequest::kretprobe("t/r", add + 5, None))
+        .unwrap_err();
+    assert!(
+        matches!(err, ProbeError::RetprobeNotAtEntry { .. }),
+        "{err}"
+    );
+    let mut a = ProbeRequest::kprobe("t/a", add);
+    a.definition = "p hv_add".into();
+    e.register(a.clone()).unwrap();
+    // Another probe at the same address is fine; the same definition again is not.
+    e.register(ProbeRequest::kprobe("t/other", add)).unwrap();
+    a.name = "t/b".into();
+    let err = e.register(a).unwrap_err();
+    assert!(matches!(err, ProbeError::Duplicate { .. }), "{err}");
+    let err = e
+        .register(ProbeRequest::kprobe("t/a", symbol("hv_fib")))
+        .unwrap_err();
+    assert!(matches!(err, ProbeError::AlreadyExists { .. }), "{err}");
+    let err = e
+        .register(ProbeRequest::kretprobe(
+            "t/big",
+            symbol("hv_fib"),
+            Some(100_000),
+        ))
+        .unwrap_err();
+    assert!(matches!(err, ProbeError::BadMaxactive { .. }), "{err}");
+    assert_eq!(e.unregister(999).unwrap_err(), ProbeError::NotFound(999));
+}
+
+#[test]
+fn batch_register_rolls_back_on_failure() {
+    if !kvm_available() {
+        return;
+    }
+    let s = setup(2, "");
+    let range = text_range();
+    let before = hash_range(s.control.memory(), range);
+    let add = symbol("hv_add");
+    let batch = vec![
+        ProbeRequest::kprobe("b/one", add),
+        ProbeRequest::kretprobe("b/two", symbol("hv_fib"), None),
+        ProbeRequest::kprobe("b/bad", add + 1),
+        ProbeRequest::kprobe("b/four", symbol("hv_recurse")),
+    ];
+    let err = s.engine.register_batch(batch).unwrap_err();
+    assert_eq!(err.index, 2, "{err}");
+    assert!(s.engine.list().is_empty());
+    assert_eq!(hash_range(s.control.memory(), range), before);
+    // A good batch registers all; batch delete with an unknown id removes none.
+    let ids = s
+        .engine
+        .register_batch(vec![
+            ProbeRequest::kprobe("b/one", add),
+            ProbeRequest::kprobe("b/x", symbol("hv_fib")),
+        ])
+        .unwrap();
+    assert_eq!(s.engine.list().len(), 2);
+    assert!(s.engine.unregister_batch(&[ids[0], 12345]).is_err());
+    assert_eq!(s.engine.list().len(), 2);
+    s.engine.unregister_batch(&ids).unwrap();
+    assert_eq!(hash_range(s.control.memory(), range), before);
+}
