@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod runner;
 
 #[derive(Parser)]
@@ -51,6 +52,8 @@ enum Command {
         #[command(flatten)]
         guest: GuestArgs,
     },
+    /// Measure probe costs against a bare VM exit (test guest).
+    Bench(bench::BenchArgs),
     /// Boot the bundled test guest (no downloads needed).
     Demo {
         /// Test-guest command line (e.g. `hvtest.iters=500`).
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
             cmdline,
             guest,
         } => runner::boot(guest.config(kernel, initrd, cmdline)),
+        Command::Bench(args) => bench::run(args),
         Command::Demo { cmdline, guest } => {
             runner::boot(guest.config(test_guest::kernel_path().to_owned(), None, cmdline))
         }

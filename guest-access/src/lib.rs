@@ -194,6 +194,13 @@ pub enum TrapKind {
 
 /// Receives every `int3` trap of the guest. Implemented by the probe engine.
 pub trait BreakpointHandler: Send + Sync {
+    /// Whether `rip` is an address where this handler planted an `int3`.
+    /// Lets the VMM skip reading guest code on the hot path; a `false` is
+    /// always safe (the VMM then looks for the 0xcc itself).
+    fn owns_address(&self, _rip: u64) -> bool {
+        false
+    }
+
     /// Called on the trapping vCPU's thread with RIP at the `int3`.
     fn on_breakpoint(
         &self,

@@ -1304,6 +1304,18 @@ fn uses_retval(a: &probe_spec::FetchArg) -> bool {
 }
 
 impl BreakpointHandler for Engine {
+    fn owns_address(&self, rip: u64) -> bool {
+        let trap = self.trap_addr.load(Ordering::Relaxed);
+        (trap != 0 && rip == trap)
+            || self
+                .table
+                .read()
+                .unwrap()
+                .sites
+                .get(&rip)
+                .is_some_and(|s| s.planted.load(Ordering::Relaxed))
+    }
+
     fn on_breakpoint(
         &self,
         vcpu: &mut dyn Vcpu,

@@ -11,9 +11,11 @@
 mod engine;
 pub mod events;
 pub mod paging;
+mod symbols;
 
 pub use engine::{
     BatchError, Engine, EngineConfig, EngineStats, Handling, KernelSymbols, NoSymbols, ProbeError,
     ProbeInfo, ProbeRequest, ProbeType, KERNEL_TEXT_MAP, MAXACTIVE_MAX,
 };
 pub use events::{Event, EventFilter, EventKind, ProbeId, Subscription, Waker};
+pub use symbols::SymbolIndex;

@@ -179,15 +179,16 @@ impl<'a> GuestVirt<'a> {
     }
 
     pub fn read(&self, gva: u64, buf: &mut [u8], access: Access) -> Result<(), PageFault> {
+        let pieces = self.pieces(gva, buf.len(), access)?;
         let mut off = 0;
-        for (gpa, n, _) in self.pieces(gva, buf.len(), access)? {
+        for (gpa, n, _) in &pieces {
             self.mem
-                .read_phys(gpa, &mut buf[off..off + n])
-                .map_err(|_| PageFault::BadTable { gva, gpa })?;
+                .read_phys(*gpa, &mut buf[off..off + n])
+                .map_err(|_| PageFault::BadTable { gva, gpa: *gpa })?;
             off += n;
         }
         if access != Access::Inspect {
-            self.mark(gva, buf.len(), false);
+            self.mark(gva, &pieces, false);
         }
         Ok(())
     }
@@ -195,21 +196,18 @@ impl<'a> GuestVirt<'a> {
     pub fn write(&self, gva: u64, data: &[u8]) -> Result<(), PageFault> {
         let pieces = self.pieces(gva, data.len(), Access::KernelWrite)?;
         let mut off = 0;
-        for (gpa, n, _) in pieces {
+        for (gpa, n, _) in &pieces {
             self.mem
-                .write_phys(gpa, &data[off..off + n])
-                .map_err(|_| PageFault::BadTable { gva, gpa })?;
+                .write_phys(*gpa, &data[off..off + n])
+                .map_err(|_| PageFault::BadTable { gva, gpa: *gpa })?;
             off += n;
         }
-        self.mark(gva, data.len(), true);
+        self.mark(gva, &pieces, true);
         Ok(())
     }
 
     /// Set the Accessed (and Dirty) bits the CPU would have set in the leaf.
-    fn mark(&self, gva: u64, len: usize, dirty: bool) {
-        let Ok(pieces) = self.pieces(gva, len, Access::Inspect) else {
-            return;
-        };
+    fn mark(&self, gva: u64, pieces: &[(u64, usize, Translation)], dirty: bool) {
         for (_, _, t) in pieces {
             if let Some(e) = t.leaf_entry {
                 if let Ok(v) = read_entry(self.mem, gva, e) {

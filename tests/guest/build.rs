@@ -182,6 +182,12 @@ fn contract_header() -> String {
     let mut def = |name: &str, value: String| writeln!(h, "#define {name} {value}").unwrap();
 
     def("HV_EXIT_PORT", format!("{EXIT_PORT:#x}"));
+    def("HV_BENCH_MARKER_PORT", format!("{BENCH_MARKER_PORT:#x}"));
+    def("HV_BENCH_NOP_PORT", format!("{BENCH_NOP_PORT:#x}"));
+    def("HV_BENCH_PHASE_EXITS", format!("{BENCH_PHASE_EXITS}"));
+    def("HV_BENCH_PHASE_LOOP", format!("{BENCH_PHASE_LOOP}"));
+    def("HV_BENCH_PHASE_CALLS", format!("{BENCH_PHASE_CALLS}"));
+    def("HV_BENCH_PHASE_END", format!("{BENCH_PHASE_END}"));
     def("HV_EXIT_OK", EXIT_OK.to_string());
     def("HV_EXIT_RETVAL_MISMATCH", EXIT_RETVAL_MISMATCH.to_string());
     def("HV_EXIT_EXCEPTION", EXIT_EXCEPTION.to_string());

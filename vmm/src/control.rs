@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -29,6 +29,8 @@ pub(crate) struct World {
     pub state: Mutex<WorldState>,
     pub cv: Condvar,
     pub stop_requested: AtomicBool,
+    /// Mirror of `WorldState::parked`, so a stopper can spin without the lock.
+    pub parked_hint: AtomicUsize,
 }
 
 /// Per-vCPU slot visible to other threads.
@@ -48,6 +50,7 @@ impl World {
             }),
             cv: Condvar::new(),
             stop_requested: AtomicBool::new(false),
+            parked_hint: AtomicUsize::new(0),
         }
     }
 
@@ -63,6 +66,7 @@ impl World {
         if st.stopper.is_some() {
             if me.is_some() {
                 st.parked += 1;
+                self.parked_hint.store(st.parked, Ordering::SeqCst);
                 self.cv.notify_all();
             }
             while st.stopper.is_some() {
@@ -70,10 +74,26 @@ impl World {
             }
             if me.is_some() {
                 st.parked -= 1;
+                self.parked_hint.store(st.parked, Ordering::SeqCst);
             }
         }
         st.stopper = Some(me.unwrap_or(EXTERNAL));
         self.stop_requested.store(true, Ordering::SeqCst);
+        let need = st.alive - usize::from(me.is_some() && st.alive > 0);
+        if st.parked < need {
+            // Kick, then spin briefly: parking takes microseconds, while
+            // sleeping on the condvar costs a scheduler round trip each time.
+            drop(st);
+            kick_all(slots, me);
+            let spin_until = std::time::Instant::now() + Duration::from_micros(300);
+            while self.parked_hint.load(Ordering::SeqCst) < need
+                && std::time::Instant::now() < spin_until
+                && !stopping.load(Ordering::SeqCst)
+            {
+                std::hint::spin_loop();
+            }
+            st = self.lock();
+        }
         loop {
             let need = st.alive - usize::from(me.is_some() && st.alive > 0);
             if st.parked >= need || stopping.load(Ordering::SeqCst) {

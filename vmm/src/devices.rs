@@ -13,6 +13,9 @@ pub const SERIAL_BASE: u16 = 0x3f8;
 pub const SERIAL_IRQ: u32 = 4;
 /// The test guest writes its 32-bit exit status here (`outl`).
 pub const EXIT_PORT: u16 = 0xf4;
+/// A guest writes a 32-bit tag here (`outl`); the VMM records it with the host
+/// time, so benchmarks can time guest phases without a guest clock.
+pub const MARKER_PORT: u16 = 0xf5;
 const I8042_COMMAND: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
 
@@ -22,6 +25,8 @@ pub enum PortAction {
     None,
     /// The guest reported its exit status on [`EXIT_PORT`].
     Exit(u32),
+    /// A timing marker on [`MARKER_PORT`].
+    Marker(u32),
     /// ACPI S5 through the sleep control register.
     PowerOff,
     /// Reset through the ACPI reset register or the i8042.
@@ -127,6 +132,12 @@ impl PortBus {
                 let n = data.len().min(4);
                 b[..n].copy_from_slice(&data[..n]);
                 PortAction::Exit(u32::from_le_bytes(b))
+            }
+            MARKER_PORT => {
+                let mut b = [0u8; 4];
+                let n = data.len().min(4);
+                b[..n].copy_from_slice(&data[..n]);
+                PortAction::Marker(u32::from_le_bytes(b))
             }
             acpi::SLEEP_CONTROL_PORT if data.first().is_some_and(|v| v & 0x20 != 0) => {
                 PortAction::PowerOff

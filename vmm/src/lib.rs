@@ -28,7 +28,7 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use devices::{SerialOutput, EXIT_PORT};
+pub use devices::{SerialOutput, EXIT_PORT, MARKER_PORT};
 pub use loader::{BootEntry, KernelFormat, LoadError, LoadedKernel};
 pub use memory::GuestRam;
 
@@ -186,14 +186,15 @@ pub struct Shared {
     outcome_cv: Condvar,
     handler: OnceLock<Arc<dyn BreakpointHandler>>,
     blockirq_flag: u32,
+    markers: Mutex<Vec<(u32, std::time::Instant)>>,
 }
 
 impl Shared {
-    fn handler(&self) -> Arc<dyn BreakpointHandler> {
-        self.handler
-            .get()
-            .cloned()
-            .unwrap_or_else(|| Arc::new(guest_access::NoProbes))
+    fn handler(&self) -> &dyn BreakpointHandler {
+        match self.handler.get() {
+            Some(h) => &**h,
+            None => &guest_access::NoProbes,
+        }
     }
 
     /// Record how the run ended (first one wins) and stop every vCPU.
@@ -227,6 +228,18 @@ impl Shared {
             s.kicks += v.kicks.load(Ordering::Relaxed);
         }
         s
+    }
+
+    fn record_marker(&self, tag: u32) {
+        self.markers
+            .lock()
+            .unwrap()
+            .push((tag, std::time::Instant::now()));
+    }
+
+    /// Timing markers the guest wrote to [`MARKER_PORT`], in order.
+    pub fn markers(&self) -> Vec<(u32, std::time::Instant)> {
+        self.markers.lock().unwrap().clone()
     }
 
     /// Guest RAM.
@@ -428,6 +441,7 @@ impl Vm {
             outcome_cv: Condvar::new(),
             handler: OnceLock::new(),
             blockirq_flag,
+            markers: Mutex::new(Vec::new()),
         });
         Ok(Vm {
             shared,

@@ -190,6 +190,7 @@ impl VcpuRunner {
             return;
         }
         st.parked += 1;
+        world.parked_hint.store(st.parked, Ordering::SeqCst);
         world.cv.notify_all();
         loop {
             let other_stopper = st.stopper.is_some() && st.stopper != Some(self.index);
@@ -210,6 +211,7 @@ impl VcpuRunner {
             st = world.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         st.parked -= 1;
+        world.parked_hint.store(st.parked, Ordering::SeqCst);
     }
 
     fn run_once(&mut self) -> Next {
@@ -224,6 +226,10 @@ impl VcpuRunner {
                 let action = shared.bus.lock().unwrap().write(port, data);
                 return match action {
                     PortAction::None => Next::Continue,
+                    PortAction::Marker(tag) => {
+                        shared.record_marker(tag);
+                        Next::Continue
+                    }
                     PortAction::Exit(status) => Next::Stop(RunOutcome::GuestExit { status }),
                     PortAction::PowerOff => Next::Stop(RunOutcome::PowerOff),
                     PortAction::Reset(how) => Next::Stop(RunOutcome::Reset { how }),
@@ -344,6 +350,10 @@ impl VcpuRunner {
     fn emulation_failure(&mut self) -> Next {
         let mut regs = self.fd.sync_regs().regs;
         let rip = regs.rip;
+        if self.shared.handler().owns_address(rip) {
+            self.last_unexplained = None;
+            return self.breakpoint(TrapKind::EmulationFailure);
+        }
         let code = self.code_at(rip);
         match code.first() {
             Some(&INT3) => {
@@ -387,8 +397,7 @@ impl VcpuRunner {
             .breakpoints
             .fetch_add(1, Ordering::Relaxed);
         let shared = self.shared.clone();
-        let handler = shared.handler();
-        match handler.on_breakpoint(self, &*shared, kind) {
+        match shared.handler().on_breakpoint(self, &*shared, kind) {
             BreakpointAction::Resume => Next::Continue,
             BreakpointAction::DeliverToGuest => match self.deliver_bp() {
                 Ok(()) => Next::Continue,
@@ -526,12 +535,14 @@ impl VcpuRunner {
                 Ok(VcpuExit::Debug(arch)) if arch.exception == DB_VECTOR => return Ok(()),
                 Ok(VcpuExit::IoOut(port, data)) => {
                     let action = shared.bus.lock().unwrap().write(port, data);
-                    if action != PortAction::None {
+                    if let PortAction::Marker(tag) = action {
+                        shared.record_marker(tag);
+                    } else if action != PortAction::None {
                         shared.finish(match action {
                             PortAction::Exit(status) => RunOutcome::GuestExit { status },
                             PortAction::PowerOff => RunOutcome::PowerOff,
                             PortAction::Reset(how) => RunOutcome::Reset { how },
-                            PortAction::None => unreachable!(),
+                            PortAction::None | PortAction::Marker(_) => unreachable!(),
                         });
                         return Err(fail("the guest stopped during the step".into()));
                     }

@@ -85,6 +85,7 @@ static struct idt_entry hv_idt[32];
 static u32 hv_ncpus = 1;
 static u64 hv_iters = HV_DEFAULT_ITERS;
 static int hv_forever;
+static u64 hv_bench;
 static u32 hv_ap_started;
 static u32 hv_workers_done;
 static u32 hv_console_lock;
@@ -361,6 +362,9 @@ static void parse_cmdline(const char *c, u32 *cpus_override)
 				*cpus_override = (u32)v;
 			else
 				bad_option(w, len);
+		} else if (starts_with(w, len, "hvtest.bench=", &rest)) {
+			if (parse_u64(w + rest, len - rest, &v))
+				hv_bench = v;
 		} else if (starts_with(w, len, "hvtest.forever", &rest) && rest == len) {
 			hv_forever = 1;
 		}
@@ -663,11 +667,35 @@ static void worker(u32 cpu)
 	__atomic_fetch_add(&hv_workers_done, 1, __ATOMIC_RELEASE);
 }
 
+/*
+ * hvtest.bench=N: timed phases on the boot CPU, each announced on the marker
+ * port: N bare exits, N empty loop iterations (loop overhead), N calls.
+ */
+static void bench(u64 n)
+{
+	outl(HV_BENCH_MARKER_PORT, HV_BENCH_PHASE_EXITS);
+	for (u64 i = 0; i < n; i++)
+		outb(HV_BENCH_NOP_PORT, 0);
+	outl(HV_BENCH_MARKER_PORT, HV_BENCH_PHASE_LOOP);
+	for (u64 i = 0; i < n; i++)
+		asm volatile("" : : : "memory");
+	outl(HV_BENCH_MARKER_PORT, HV_BENCH_PHASE_CALLS);
+	for (u64 i = 0; i < n; i++) {
+		long r = hv_add((long)i, 1);
+
+		if (r != (long)i + 1)
+			hv_fail(0, HV_FN_hv_add, (u64)r, (u64)i + 1);
+	}
+	outl(HV_BENCH_MARKER_PORT, HV_BENCH_PHASE_END);
+}
+
 /* ---------------------------------------------------------- entry points */
 void hv_ap_main(u32 cpu)
 {
 	cpu_common_init();
 	__atomic_store_n(&hv_ap_started, cpu, __ATOMIC_RELEASE);
+	if (hv_bench)
+		halt_forever();
 	worker(cpu);
 	halt_forever();
 }
@@ -738,6 +766,10 @@ void hv_start_kernel(void)
 		start_aps();
 	}
 
+	if (hv_bench) {
+		bench(hv_bench);
+		hv_exit(HV_EXIT_OK);
+	}
 	worker(0);
 	while (__atomic_load_n(&hv_workers_done, __ATOMIC_ACQUIRE) != hv_ncpus)
 		cpu_relax();

@@ -8,6 +8,21 @@
 /// I/O port the guest writes its 32-bit exit status to with `outl`.
 pub const EXIT_PORT: u16 = 0xf4;
 
+/// `hvtest.bench=N`: the boot CPU writes the phase number (`outl`) here at
+/// each phase boundary of the benchmark loop, so the host can time phases.
+pub const BENCH_MARKER_PORT: u16 = 0xf5;
+/// A port no device answers: `outb` to it is a bare VM exit.
+pub const BENCH_NOP_PORT: u16 = 0x80;
+/// Benchmark phases (value written to [`BENCH_MARKER_PORT`] when a phase starts):
+/// N bare exits (`outb` to [`BENCH_NOP_PORT`]), N empty loop iterations,
+/// N calls of [`BENCH_FUNCTION`]; [`BENCH_PHASE_END`] when done.
+pub const BENCH_PHASE_EXITS: u32 = 1;
+pub const BENCH_PHASE_LOOP: u32 = 2;
+pub const BENCH_PHASE_CALLS: u32 = 3;
+pub const BENCH_PHASE_END: u32 = 4;
+/// The function the benchmark calls N times: `hv_add(i, 1)`.
+pub const BENCH_FUNCTION: &str = "hv_add";
+
 /// Exit status written to [`EXIT_PORT`]: everything ran and every check passed.
 pub const EXIT_OK: u32 = 0;
 /// A counted function returned a wrong value (`hvtest: FAIL cpu=.. fn=.. got=.. want=..`).

@@ -1,0 +1,83 @@
+//! The engine's view of guest symbols, backed by the `guest-symbols` crate.
+
+use guest_symbols::{Blacklist, SymbolTable};
+
+use crate::KernelSymbols;
+
+/// Function bounds, `sym+off/size` and the kprobe blacklist from a symbol
+/// table (vmlinux ELF, System.map, kallsyms).
+pub struct SymbolIndex {
+    pub table: SymbolTable,
+    pub blacklist: Option<Blacklist>,
+}
+
+impl SymbolIndex {
+    pub fn new(table: SymbolTable, blacklist: Option<Blacklist>) -> Self {
+        Self { table, blacklist }
+    }
+
+    /// A kernel-text byte the guest never executes, for the kretprobe return
+    /// trap: padding after a function whose size the ELF records, before the
+    /// next symbol. None when sizes are unknown (System.map, kallsyms).
+    pub fn return_trap_candidate(&self) -> Option<u64> {
+        let syms = self.table.symbols();
+        syms.windows(2).find_map(|w| {
+            let size = w[0].size?;
+            let end = w[0].addr + size;
+            (w[0].is_text() && size > 0 && end < w[1].addr && w[1].addr - end < 64)
+                .then_some(end)
+                .filter(|a| {
+                    self.blacklist
+                        .as_ref()
+                        .is_none_or(|b| b.contains(*a).is_none())
+                })
+        })
+    }
+}
+
+impl KernelSymbols for SymbolIndex {
+    fn function_at(&self, addr: u64) -> Option<(String, u64, u64)> {
+        let (start, end) = self.table.function_bounds(addr)?;
+        let name = self.table.describe(addr)?.name;
+        Some((name, start, end))
+    }
+
+    fn blacklisted(&self, addr: u64) -> Option<String> {
+        let e = self.blacklist.as_ref()?.contains(addr)?;
+        Some(format!("inside {} (kprobe blacklist)", e.what))
+    }
+
+    fn describe(&self, addr: u64) -> Option<String> {
+        self.table.describe(addr).map(|s| s.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_symbols::Symbol;
+
+    fn sym(name: &str, addr: u64, size: Option<u64>) -> Symbol {
+        Symbol {
+            name: name.into(),
+            addr,
+            kind: 'T',
+            size,
+            module: None,
+        }
+    }
+
+    #[test]
+    fn bounds_describe_and_trap() {
+        let t = SymbolTable::new(vec![
+            sym("a", 0x1000, Some(0x10)),
+            sym("b", 0x1020, Some(0x20)),
+            sym("c", 0x1040, Some(0x8)),
+        ]);
+        let s = SymbolIndex::new(t, None);
+        assert_eq!(s.function_at(0x1025), Some(("b".into(), 0x1020, 0x1040)));
+        assert_eq!(s.return_trap_candidate(), Some(0x1010));
+        assert!(s.describe(0x1025).unwrap().starts_with("b+0x5"));
+        assert_eq!(s.blacklisted(0x1025), None);
+    }
+}

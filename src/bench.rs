@@ -1,0 +1,241 @@
+//! `hvprobe bench`: what a probe hit costs, measured against a bare VM exit
+//! on the same guest in the same run.
+//!
+//! The test guest's `hvtest.bench=N` mode runs three timed phases on the boot
+//! CPU, announced on the marker port: N bare exits (`outb` to a port no device
+//! answers), N empty loop iterations, N calls of `hv_add`. A bare exit costs
+//! (exits − loop) / N. A probe hit costs the extra time of the call phase
+//! with the probe over the call phase without it, / N. Ratios are taken per
+//! round against that round's own bare-exit cost, and the median reported.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use guest_access::GuestMemory;
+use introspect::{Engine, EngineConfig, ProbeRequest, SymbolIndex, KERNEL_TEXT_MAP};
+use vmm::{RunOutcome, Vm, VmConfig};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Iterations of each guest phase.
+    #[arg(long, default_value_t = 20_000)]
+    pub iters: u64,
+    /// vCPUs (the other vCPUs idle; the single-step fallback must stop them).
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u8,
+    /// Rounds per configuration; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// How many never-hit probes to arm for the exit-count check.
+    #[arg(long, default_value_t = 100)]
+    pub unhit: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Setup {
+    NoProbe,
+    Kprobe,
+    KprobeSingleStep,
+    Kretprobe,
+    Unhit,
+}
+
+/// One guest run.
+struct Sample {
+    /// Seconds per iteration of each phase.
+    exit_s: f64,
+    loop_s: f64,
+    call_s: f64,
+    vm_exits: u64,
+    probes_armed: usize,
+    hits: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Instruction boundaries in test-guest functions that bench mode never runs.
+fn never_run_boundaries(mem: &dyn GuestMemory, symbols: &SymbolIndex, want: usize) -> Vec<u64> {
+    let mut out = Vec::new();
+    for f in test_guest::COUNTED_FUNCTIONS {
+        if *f == test_guest::BENCH_FUNCTION {
+            continue;
+        }
+        let Ok(start) = symbols.table.lookup(f) else {
+            continue;
+        };
+        let Some((_, end)) = symbols.table.function_bounds(start) else {
+            continue;
+        };
+        let mut code = vec![0u8; (end - start) as usize + 15];
+        if mem.read_phys(start - KERNEL_TEXT_MAP, &mut code).is_err() {
+            continue;
+        }
+        let mut off = 0usize;
+        while start + (off as u64) < end && out.len() < want {
+            let ip = start + off as u64;
+            let Ok(d) = insn_emu::prepare(&code[off..], ip) else {
+                break;
+            };
+            out.push(ip);
+            off += d.len();
+        }
+    }
+    out
+}
+
+fn run_once(args: &BenchArgs, setup: Setup) -> Result<Sample> {
+    let kernel = test_guest::kernel_path();
+    let mut config = VmConfig::new(kernel);
+    config.vcpus = args.vcpus;
+    config.memory_mib = 64;
+    config.cmdline = format!("hvtest.bench={}", args.iters);
+    config.serial = vmm::SerialOutput::Discard;
+    let vm = Vm::create(&config)?;
+    let control = vm.control();
+    let image = guest_symbols::KernelImage::open(kernel)?;
+    let symbols = Arc::new(SymbolIndex::new(image.symbols()?, None));
+    let engine = Engine::new(
+        control.clone(),
+        symbols.clone(),
+        EngineConfig::for_vcpus(args.vcpus as usize),
+    );
+    let trap = symbols
+        .return_trap_candidate()
+        .ok_or_else(|| anyhow!("no return-trap padding in the test guest"))?;
+    engine.set_return_trap(trap)?;
+    let target = symbols.table.lookup(test_guest::BENCH_FUNCTION)?;
+    let mut probes_armed = 0;
+    match setup {
+        Setup::NoProbe => {}
+        Setup::Kprobe => {
+            engine.register(ProbeRequest::kprobe("bench/k", target))?;
+            probes_armed = 1;
+        }
+        Setup::KprobeSingleStep => {
+            let mut r = ProbeRequest::kprobe("bench/ss", target);
+            r.force_single_step = true;
+            engine.register(r)?;
+            probes_armed = 1;
+        }
+        Setup::Kretprobe => {
+            engine.register(ProbeRequest::kretprobe("bench/r", target, None))?;
+            probes_armed = 1;
+        }
+        Setup::Unhit => {
+            let points = never_run_boundaries(control.ram(), &symbols, args.unhit);
+            let reqs = points
+                .iter()
+                .enumerate()
+                .map(|(i, a)| ProbeRequest::kprobe(format!("bench/unhit{i}"), *a))
+                .collect();
+            engine.register_batch(reqs)?;
+            probes_armed = points.len();
+        }
+    }
+    let running = vm.start(engine.clone())?;
+    let outcome = running.wait();
+    if outcome != (RunOutcome::GuestExit { status: 0 }) {
+        bail!("bench guest ({setup:?}) ended badly: {outcome}");
+    }
+    let marks = control.markers();
+    let at = |tag: u32| -> Result<Instant> {
+        marks
+            .iter()
+            .find(|m| m.0 == tag)
+            .map(|m| m.1)
+            .ok_or_else(|| anyhow!("guest marker {tag} missing"))
+    };
+    let n = args.iters as f64;
+    let per =
+        |a: u32, b: u32| -> Result<f64> { Ok(at(b)?.duration_since(at(a)?).as_secs_f64() / n) };
+    let hits = engine.list().iter().map(|p| p.hits).sum();
+    Ok(Sample {
+        exit_s: per(test_guest::BENCH_PHASE_EXITS, test_guest::BENCH_PHASE_LOOP)?,
+        loop_s: per(test_guest::BENCH_PHASE_LOOP, test_guest::BENCH_PHASE_CALLS)?,
+        call_s: per(test_guest::BENCH_PHASE_CALLS, test_guest::BENCH_PHASE_END)?,
+        vm_exits: control.exit_stats().exits,
+        probes_armed,
+        hits,
+    })
+}
+
+/// Run the benchmark and print the figures.
+pub fn run(args: BenchArgs) -> Result<u8> {
+    if args.iters == 0 || args.rounds == 0 {
+        bail!("--iters and --rounds must be at least 1");
+    }
+    let setups = [
+        Setup::NoProbe,
+        Setup::Kprobe,
+        Setup::KprobeSingleStep,
+        Setup::Kretprobe,
+        Setup::Unhit,
+    ];
+    // Interleave the configurations round by round, so drift on a noisy
+    // machine hits all of them alike.
+    let mut samples: Vec<Vec<Sample>> = setups.iter().map(|_| Vec::new()).collect();
+    for round in 0..args.rounds {
+        for (i, s) in setups.iter().enumerate() {
+            let sample = run_once(&args, *s).with_context(|| format!("round {round}, {s:?}"))?;
+            samples[i].push(sample);
+        }
+    }
+    let us = |s: f64| s * 1e6;
+    // Every run measures bare exits the same way: pool them all.
+    let bare = median(
+        samples
+            .iter()
+            .flatten()
+            .map(|s| s.exit_s - s.loop_s)
+            .collect(),
+    );
+    let call_bare = median(samples[0].iter().map(|s| s.call_s).collect());
+    println!(
+        "hvprobe bench: test guest, {} vCPUs, {} iterations per phase, median of {} rounds",
+        args.vcpus, args.iters, args.rounds
+    );
+    println!(
+        "  bare VM exit (outb to an unused port):       {:8.2} us",
+        us(bare)
+    );
+    println!(
+        "  hv_add call without probe (emulated guest):  {:8.2} us",
+        us(call_bare)
+    );
+    let report = |label: &str, idx: usize, target: f64| {
+        let extra = median(samples[idx].iter().map(|s| s.call_s).collect()) - call_bare;
+        let hits_ok = samples[idx].iter().all(|s| s.hits == args.iters);
+        let r = extra / bare;
+        println!(
+            "  {label:<44} {:8.2} us  = {r:5.2} bare exits (target <= {target}){}{}",
+            us(extra),
+            if r <= target { "" } else { "  ABOVE TARGET" },
+            if hits_ok {
+                ""
+            } else {
+                "  (hit count != iterations!)"
+            }
+        );
+    };
+    report("kprobe hit, emulated (extra per call):", 1, 1.2);
+    report("kprobe hit, single-step fallback:", 2, 2.5);
+    report("kretprobe entry + return:", 3, 2.4);
+    let unhit = &samples[4];
+    let base_exits: Vec<u64> = samples[0].iter().map(|s| s.vm_exits).collect();
+    let unhit_exits: Vec<u64> = unhit.iter().map(|s| s.vm_exits).collect();
+    let equal = base_exits == unhit_exits;
+    println!(
+        "  VM exits per run, {} armed never-hit probes: {:?}; without probes: {:?} ({})",
+        unhit[0].probes_armed,
+        unhit_exits,
+        base_exits,
+        if equal { "equal" } else { "DIFFERENT" }
+    );
+    let probes_armed: usize = samples.iter().map(|v| v[0].probes_armed).sum();
+    tracing::debug!("probes armed across setups: {probes_armed}");
+    Ok(if equal { 0 } else { 1 })
+}
