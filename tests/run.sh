@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Run every hvprobe test. Fetches what the tests need first (nothing is
+# committed): the Debian 6.1 cloud kernel with its vmlinux/System.map, and the
+# Python gRPC client used by the independent-client test.
+#
+# Environment:
+#   HVPROBE_REQUIRE_KVM=1     a missing /dev/kvm fails the KVM tests (CI sets it)
+#   HVPROBE_REQUIRE_DEBIAN=1  missing Debian artifacts fail the real-kernel tests
+#   HVPROBE_REQUIRE_PYTHON=1  a missing grpcio fails the Python client test
+#   HVPROBE_SKIP_FETCH=1      do not download anything
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${HVPROBE_SKIP_FETCH:-0}" != 1 ]; then
+  bash tests/debian/fetch-kernel.sh --dbg
+  if ! python3 -c 'import grpc, grpc_reflection, google.protobuf' 2>/dev/null; then
+    python3 -m pip install --quiet grpcio grpcio-reflection protobuf
+  fi
+fi
+
+# Release build: the DWARF tests read a 600 MB vmlinux and the KVM tests time
+# guest runs; both are much faster optimised.
+cargo test --workspace --release
