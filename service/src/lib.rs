@@ -1,0 +1,25 @@
+//! hvprobe's gRPC server: the `hvprobe.v1.HvProbe` service over the probe
+//! engine ([`HvProbeService`]), served on a Unix socket or TCP with server
+//! reflection (v1 and v1alpha) and `grpc.health.v1` ([`listen::bind`]).
+//!
+//! ```no_run
+//! # async fn f(engine: std::sync::Arc<introspect::Engine>, vm: std::sync::Arc<dyn guest_access::VmControl>) {
+//! use service::{Guest, HvProbeService, ServiceConfig, Symbols, listen};
+//! let symbols = std::sync::Arc::new(Symbols::none());
+//! let svc = HvProbeService::new(engine, symbols, Guest::new(vm), ServiceConfig::default());
+//! let bound = listen::bind(&listen::Listen::default_unix(), &listen::TlsFiles::default()).await.unwrap();
+//! bound.serve(svc, std::future::pending()).await.unwrap();
+//! # }
+//! ```
+
+pub mod client;
+mod convert;
+mod errors;
+pub mod listen;
+mod server;
+mod subscribe;
+mod symbols;
+
+pub use listen::{Listen, ListenError, TlsFiles};
+pub use server::{Guest, HvProbeService, ServiceConfig};
+pub use symbols::{DwarfNames, SymbolError, Symbols};

@@ -1,0 +1,718 @@
+//! The `hvprobe.v1.HvProbe` service over the probe engine.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use guest_access::VmControl;
+use introspect::{Engine, ProbeId, ProbeRequest, ProbeType};
+use probe_spec::{Command, FieldKind, Filter, ProbeDef, ProbeTarget};
+use proto::v1::{self, hv_probe_server::HvProbe};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::errors::{engine_error, engine_op_error, parse_error};
+use crate::subscribe;
+use crate::symbols::Symbols;
+
+/// Limits and defaults of the service.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// Most probes defined at once (RESOURCE_EXHAUSTED beyond).
+    pub max_probes: usize,
+    /// Most concurrent subscriptions (RESOURCE_EXHAUSTED beyond).
+    pub max_subscribers: usize,
+    /// Subscriber queue size when the request leaves it 0.
+    pub default_queue_capacity: u32,
+    /// Largest subscriber queue a client may ask for.
+    pub max_queue_capacity: u32,
+    /// Events per batch when the request leaves it 0.
+    pub default_batch_events: u32,
+    /// Largest batch a client may ask for.
+    pub max_batch_events: u32,
+    /// Batching delay when the request leaves it 0.
+    pub default_batch_delay_ms: u32,
+    /// Longest batching delay a client may ask for.
+    pub max_batch_delay_ms: u32,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            max_probes: 4096,
+            max_subscribers: 64,
+            default_queue_capacity: 16384,
+            max_queue_capacity: 1 << 20,
+            default_batch_events: 512,
+            max_batch_events: 16384,
+            default_batch_delay_ms: 20,
+            max_batch_delay_ms: 10_000,
+        }
+    }
+}
+
+/// The guest's lifecycle as the runner reports it, plus the VM for reads.
+pub struct Guest {
+    state: AtomicI32,
+    vm: Arc<dyn VmControl>,
+}
+
+impl Guest {
+    pub fn new(vm: Arc<dyn VmControl>) -> Arc<Self> {
+        Arc::new(Guest {
+            state: AtomicI32::new(v1::GuestState::Created as i32),
+            vm,
+        })
+    }
+
+    pub fn set_state(&self, s: v1::GuestState) {
+        self.state.store(s as i32, Ordering::SeqCst);
+    }
+
+    pub fn state(&self) -> v1::GuestState {
+        v1::GuestState::try_from(self.state.load(Ordering::SeqCst))
+            .unwrap_or(v1::GuestState::Unspecified)
+    }
+}
+
+/// What the service knows about a probe beyond the engine's table.
+pub(crate) struct ProbeMeta {
+    pub id: ProbeId,
+    pub group: String,
+    pub event: String,
+    pub kind: v1::ProbeKind,
+    pub symbol: String,
+    pub offset: u64,
+    pub module: String,
+    pub location: String,
+    pub definition: String,
+    pub filter: Option<Filter>,
+    pub arg_names: Vec<String>,
+    /// `sym+0x0/0x40` of the probed address, for trace lines.
+    pub ip_text: String,
+}
+
+/// Live probes plus recently deleted ones (their queued events still need
+/// names after the probe is gone).
+#[derive(Default)]
+pub(crate) struct ProbeTable {
+    pub live: BTreeMap<ProbeId, Arc<ProbeMeta>>,
+    pub retired: HashMap<ProbeId, Arc<ProbeMeta>>,
+}
+
+impl ProbeTable {
+    pub fn get(&self, id: ProbeId) -> Option<&Arc<ProbeMeta>> {
+        self.live.get(&id).or_else(|| self.retired.get(&id))
+    }
+
+    fn retire(&mut self, id: ProbeId) {
+        if let Some(m) = self.live.remove(&id) {
+            // Bounded: the oldest retired names go first.
+            if self.retired.len() >= 4096 {
+                if let Some(&old) = self.retired.keys().min() {
+                    self.retired.remove(&old);
+                }
+            }
+            self.retired.insert(id, m);
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub engine: Arc<Engine>,
+    pub symbols: Arc<Symbols>,
+    pub guest: Arc<Guest>,
+    pub config: ServiceConfig,
+    /// Never held while the engine stops the world: the subscriber filters
+    /// read it on vCPU threads.
+    pub probes: Arc<RwLock<ProbeTable>>,
+    /// Serialises create/delete so the limit check and the table agree.
+    ops: Mutex<()>,
+    pub next_subscription: AtomicU64,
+}
+
+/// The gRPC service. Cheap to clone.
+#[derive(Clone)]
+pub struct HvProbeService {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// A definition checked and resolved, ready for the engine.
+struct Prepared {
+    request: ProbeRequest,
+    meta: ProbeMeta,
+}
+
+impl HvProbeService {
+    pub fn new(
+        engine: Arc<Engine>,
+        symbols: Arc<Symbols>,
+        guest: Arc<Guest>,
+        config: ServiceConfig,
+    ) -> Self {
+        HvProbeService {
+            inner: Arc::new(Inner {
+                engine,
+                symbols,
+                guest,
+                config,
+                probes: Arc::new(RwLock::new(ProbeTable::default())),
+                ops: Mutex::new(()),
+                next_subscription: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.inner.engine
+    }
+
+    /// Creates probes from kprobe_events lines, all or nothing (used for
+    /// `--probe` before the guest starts: these become early probes).
+    pub fn create_lines(&self, lines: &[String]) -> Result<Vec<v1::ProbeInfo>, Status> {
+        let defs = lines
+            .iter()
+            .map(|l| v1::ProbeDefinition {
+                definition: Some(v1::probe_definition::Definition::KprobeEvents(l.clone())),
+                ..Default::default()
+            })
+            .collect();
+        self.inner.create(defs, true)
+    }
+}
+
+impl Inner {
+    fn prepare(&self, def: &v1::ProbeDefinition, index: Option<u32>) -> Result<Prepared, Status> {
+        let prefix = |m: String| match index {
+            Some(i) => format!("definitions[{i}]: {m}"),
+            None => format!("definition: {m}"),
+        };
+        let line = match &def.definition {
+            Some(v1::probe_definition::Definition::Spec(s)) => proto::spec_to_line(s)
+                .map_err(|m| Status::invalid_argument(prefix(format!("spec.{m}"))))?,
+            Some(v1::probe_definition::Definition::KprobeEvents(l)) => l.clone(),
+            None => {
+                return Err(Status::invalid_argument(prefix(
+                    "missing (spec or kprobe_events)".into(),
+                )))
+            }
+        };
+        let mut pd = match probe_spec::parse_command(&line) {
+            Ok(Command::Add(d)) => d,
+            Ok(Command::Remove(_)) => {
+                return Err(Status::invalid_argument(prefix(
+                    "'-:' lines delete probes: use DeleteProbe".into(),
+                )))
+            }
+            Err(e) => return Err(parse_error(&e, index)),
+        };
+        let (address, symbol, offset, module) = self.resolve_target(&pd, &line, index)?;
+        if pd.has_unresolved_names() {
+            let Some(dbg) = self.symbols.debug_info() else {
+                let pos = crate::errors::word_position(&line, 2);
+                return Err(Status::invalid_argument(prefix(format!(
+                    "NOSUP_BTFARG: named arguments need DWARF (load a vmlinux with debug info) at position {pos}"
+                ))));
+            };
+            probe_spec::resolve_names(&mut pd, &line, &dbg).map_err(|e| parse_error(&e, index))?;
+        }
+        probe_spec::resolve_symbols(&mut pd, &line, &|s: &str| self.symbols.lookup(s).ok())
+            .map_err(|e| parse_error(&e, index))?;
+        let filter = if def.filter.trim().is_empty() {
+            None
+        } else {
+            let f = Filter::parse(&def.filter).map_err(|e| parse_error(&e, index))?;
+            let is_return = pd.kind.is_return();
+            f.check(&|name: &str| probe_field_kind(&pd, is_return, name))
+                .map_err(|e| parse_error(&e, index))?;
+            Some(f)
+        };
+        let kind = match pd.kind {
+            probe_spec::ProbeKind::Kprobe => ProbeType::Kprobe,
+            probe_spec::ProbeKind::Kretprobe { maxactive } => ProbeType::Kretprobe { maxactive },
+        };
+        let location = if symbol.is_empty() {
+            format!("0x{address:x}")
+        } else if offset == 0 {
+            symbol.clone()
+        } else {
+            format!("{symbol}+{offset}")
+        };
+        let ip_text = self
+            .symbols
+            .sym_off(address)
+            .map_or_else(|| format!("0x{address:x}"), |s| s.to_string());
+        let meta = ProbeMeta {
+            id: 0,
+            group: pd.group.clone(),
+            event: pd.event.clone(),
+            kind: pd.kind.into(),
+            symbol,
+            offset,
+            module,
+            location,
+            definition: line.clone(),
+            filter,
+            arg_names: pd.args.iter().map(|a| a.name.clone()).collect(),
+            ip_text,
+        };
+        let request = ProbeRequest {
+            name: pd.full_name(),
+            address,
+            kind,
+            fetch: Some(pd),
+            enabled: !def.create_disabled,
+            force_single_step: false,
+            definition: line,
+        };
+        Ok(Prepared { request, meta })
+    }
+
+    /// Address, symbol, offset and module of the probe point.
+    fn resolve_target(
+        &self,
+        pd: &ProbeDef,
+        line: &str,
+        index: Option<u32>,
+    ) -> Result<(u64, String, u64, String), Status> {
+        let pos = crate::errors::word_position(line, 1);
+        let at = |m: String| match index {
+            Some(i) => format!("definition {i}: {m} at position {pos}"),
+            None => format!("{m} at position {pos}"),
+        };
+        match &pd.target {
+            ProbeTarget::Symbol {
+                module,
+                symbol,
+                offset,
+            } => {
+                if let Some(m) = module.as_deref().filter(|m| *m != "vmlinux") {
+                    return Err(Status::not_found(at(format!(
+                        "BAD_PROBE_ADDR: module '{m}' is not loaded (only vmlinux symbols are known)"
+                    ))));
+                }
+                let base = self.symbols.lookup(symbol).map_err(|e| match e {
+                    guest_symbols::LookupError::NotFound(_) => Status::not_found(at(format!(
+                        "BAD_PROBE_ADDR: symbol '{symbol}' not found"
+                    ))),
+                    other => Status::invalid_argument(at(format!("BAD_PROBE_ADDR: {other}"))),
+                })?;
+                let addr = base.checked_add(*offset).ok_or_else(|| {
+                    Status::invalid_argument(at("BAD_PROBE_ADDR: offset overflows".into()))
+                })?;
+                Ok((addr, symbol.clone(), *offset, String::new()))
+            }
+            ProbeTarget::Address(a) => {
+                let (symbol, offset, module) = match self.symbols.sym_off(*a) {
+                    Some(s) => (s.name, s.offset, s.module.unwrap_or_default()),
+                    None => (String::new(), 0, String::new()),
+                };
+                Ok((*a, symbol, offset, module))
+            }
+        }
+    }
+
+    /// Creates every definition or none.
+    fn create(
+        &self,
+        defs: Vec<v1::ProbeDefinition>,
+        batch: bool,
+    ) -> Result<Vec<v1::ProbeInfo>, Status> {
+        if defs.is_empty() {
+            return Err(Status::invalid_argument("definitions: empty"));
+        }
+        let mut prepared = Vec::with_capacity(defs.len());
+        for (i, d) in defs.iter().enumerate() {
+            let index = batch.then(|| u32::try_from(i).unwrap_or(u32::MAX));
+            prepared.push(self.prepare(d, index)?);
+        }
+        let _ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        let live = self.engine.list().len();
+        if live + prepared.len() > self.config.max_probes {
+            return Err(Status::resource_exhausted(format!(
+                "too many probes: {live} defined, {} requested, limit {}",
+                prepared.len(),
+                self.config.max_probes
+            )));
+        }
+        let (requests, metas): (Vec<_>, Vec<_>) =
+            prepared.into_iter().map(|p| (p.request, p.meta)).unzip();
+        let lines: Vec<String> = requests.iter().map(|r| r.definition.clone()).collect();
+        let ids = self.engine.register_batch(requests).map_err(|e| {
+            let i = e.index.min(lines.len().saturating_sub(1));
+            engine_error(
+                &e.error,
+                &lines[i],
+                batch.then(|| u32::try_from(e.index).unwrap_or(u32::MAX)),
+            )
+        })?;
+        {
+            let mut t = self.probes.write().unwrap_or_else(|e| e.into_inner());
+            for (id, mut m) in ids.iter().zip(metas) {
+                m.id = *id;
+                t.live.insert(*id, Arc::new(m));
+            }
+        }
+        self.infos(Some(&ids))
+    }
+
+    /// ProbeInfo messages for `ids` (all live probes if `None`), by id.
+    fn infos(&self, ids: Option<&[ProbeId]>) -> Result<Vec<v1::ProbeInfo>, Status> {
+        let rows = self.engine.list();
+        let t = self.probes.read().unwrap_or_else(|e| e.into_inner());
+        Ok(rows
+            .iter()
+            .filter(|r| ids.is_none_or(|ids| ids.contains(&r.id)))
+            .filter_map(|r| t.live.get(&r.id).map(|m| convert::probe_info(r, m)))
+            .collect())
+    }
+
+    fn resolve_ref(&self, r: Option<&v1::ProbeRef>, what: &str) -> Result<ProbeId, Status> {
+        let t = self.probes.read().unwrap_or_else(|e| e.into_inner());
+        match r.and_then(|r| r.r#ref.as_ref()) {
+            Some(v1::probe_ref::Ref::Id(id)) => t
+                .live
+                .contains_key(id)
+                .then_some(*id)
+                .ok_or_else(|| Status::not_found(format!("{what}: no probe with id {id}"))),
+            Some(v1::probe_ref::Ref::Name(n)) => {
+                let (group, event) = n
+                    .split_once('/')
+                    .unwrap_or((probe_spec::DEFAULT_GROUP, n.as_str()));
+                t.live
+                    .values()
+                    .find(|m| m.group == group && m.event == event)
+                    .map(|m| m.id)
+                    .ok_or_else(|| {
+                        Status::not_found(format!("{what}: no probe named {group}/{event}"))
+                    })
+            }
+            None => Err(Status::invalid_argument(format!(
+                "{what}: missing (id or name)"
+            ))),
+        }
+    }
+
+    fn delete(&self, ids: Vec<ProbeId>) -> Result<Vec<v1::ProbeInfo>, Status> {
+        let _ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        let before = self.infos(Some(&ids))?;
+        self.engine
+            .unregister_batch(&ids)
+            .map_err(|e| engine_op_error(&e))?;
+        let mut t = self.probes.write().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            t.retire(id);
+        }
+        Ok(before)
+    }
+
+    fn set_enabled(&self, r: Option<&v1::ProbeRef>, on: bool) -> Result<v1::ProbeInfo, Status> {
+        let id = self.resolve_ref(r, "probe")?;
+        self.engine
+            .set_enabled(id, on)
+            .map_err(|e| engine_op_error(&e))?;
+        self.one(id)
+    }
+
+    fn one(&self, id: ProbeId) -> Result<v1::ProbeInfo, Status> {
+        self.infos(Some(&[id]))?
+            .pop()
+            .ok_or_else(|| Status::not_found(format!("probe {id} does not exist")))
+    }
+
+    fn resolve_symbol(
+        &self,
+        q: &v1::ResolveSymbolRequest,
+    ) -> Result<v1::ResolveSymbolResponse, Status> {
+        let address = match &q.query {
+            Some(v1::resolve_symbol_request::Query::Address(a)) => *a,
+            Some(v1::resolve_symbol_request::Query::Symbol(s)) => {
+                let text = match s.split_once(':') {
+                    Some(("vmlinux", rest)) => rest,
+                    Some((m, _)) => {
+                        return Err(Status::not_found(format!(
+                            "symbol: module '{m}' is not loaded"
+                        )))
+                    }
+                    None => s.as_str(),
+                };
+                let loc = guest_symbols::parse_location(text)
+                    .map_err(|e| Status::invalid_argument(format!("symbol: {e}")))?;
+                self.symbols.table().resolve(&loc).map_err(|e| match e {
+                    guest_symbols::LookupError::NotFound(_) => {
+                        Status::not_found(format!("symbol: {e}"))
+                    }
+                    e => Status::invalid_argument(format!("symbol: {e}")),
+                })?
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "query: missing (symbol or address)",
+                ))
+            }
+        };
+        let so = self
+            .symbols
+            .sym_off(address)
+            .ok_or_else(|| Status::not_found(format!("no symbol covers {address:#x}")))?;
+        let module = so.module.clone().unwrap_or_default();
+        let base = if module.is_empty() {
+            String::new()
+        } else {
+            format!("{module}:")
+        };
+        Ok(v1::ResolveSymbolResponse {
+            address,
+            kind: self
+                .symbols
+                .kind_at(&so.name, address)
+                .map(String::from)
+                .unwrap_or_default(),
+            location: format!("{base}{}+{:#x}", so.name, so.offset),
+            symbol: so.name,
+            offset: so.offset,
+            module,
+            size: so.size,
+        })
+    }
+
+    fn guest_info(&self) -> v1::GetGuestInfoResponse {
+        let (source, detail) = self.symbols.source();
+        let vm = &self.guest.vm;
+        // The banner in guest memory at the link-time address (the test
+        // guest and `nokaslr` kernels are not relocated): equal bytes
+        // verify a zero slide.
+        let (banner, verified) = match self.symbols.image_banner() {
+            Some((addr, want)) if addr >= introspect::KERNEL_TEXT_MAP => {
+                let mut got = vec![0u8; want.len()];
+                let ok = vm
+                    .memory()
+                    .read_phys(addr - introspect::KERNEL_TEXT_MAP, &mut got)
+                    .is_ok()
+                    && got == want;
+                (String::from_utf8_lossy(&want).trim_end().to_string(), ok)
+            }
+            _ => (String::new(), false),
+        };
+        v1::GetGuestInfoResponse {
+            state: self.guest.state() as i32,
+            vcpus: u32::try_from(vm.vcpu_count()).unwrap_or(u32::MAX),
+            kernel_banner: banner,
+            kaslr_slide: 0,
+            kaslr_verified: verified,
+            symbol_source: source as i32,
+            symbol_source_detail: detail.to_string(),
+            symbol_count: self.symbols.table().len() as u64,
+            memory_bytes: vm.memory().ram_end(),
+            armed: self.engine.armed(),
+            probe_count: u32::try_from(self.engine.list().len()).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+/// Type of a field a probe's own filter may name.
+fn probe_field_kind(pd: &ProbeDef, is_return: bool, name: &str) -> Option<FieldKind> {
+    if let Some(a) = pd.args.iter().find(|a| a.name == name) {
+        return convert::arg_field_kind(&a.ty);
+    }
+    common_field_kind(name, is_return)
+}
+
+/// Fields every event has: the vCPU, and the return value of return probes.
+/// `common_pid`/`comm` are accepted but have no value (the guest's current
+/// task is not known), so predicates on them are false.
+pub(crate) fn common_field_kind(name: &str, is_return: bool) -> Option<FieldKind> {
+    match name {
+        "cpu" => Some(FieldKind::Unsigned),
+        "common_pid" => Some(FieldKind::Signed),
+        "comm" => Some(FieldKind::String),
+        "retval" if is_return => Some(FieldKind::Unsigned),
+        _ => None,
+    }
+}
+
+/// Runs a blocking engine operation off the async workers (it may stop the
+/// world and wait for vCPUs).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("operation failed: {e}")))?
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl HvProbe for HvProbeService {
+    async fn create_probe(
+        &self,
+        req: Request<v1::CreateProbeRequest>,
+    ) -> Result<Response<v1::CreateProbeResponse>, Status> {
+        let def = req.into_inner().definition.ok_or_else(|| {
+            Status::invalid_argument("definition: missing (spec or kprobe_events)")
+        })?;
+        let inner = self.inner.clone();
+        let mut v = blocking(move || inner.create(vec![def], false)).await?;
+        Ok(Response::new(v1::CreateProbeResponse { probe: v.pop() }))
+    }
+
+    async fn create_probes(
+        &self,
+        req: Request<v1::CreateProbesRequest>,
+    ) -> Result<Response<v1::CreateProbesResponse>, Status> {
+        let defs = req.into_inner().definitions;
+        let inner = self.inner.clone();
+        let probes = blocking(move || inner.create(defs, true)).await?;
+        Ok(Response::new(v1::CreateProbesResponse { probes }))
+    }
+
+    async fn delete_probe(
+        &self,
+        req: Request<v1::DeleteProbeRequest>,
+    ) -> Result<Response<v1::DeleteProbeResponse>, Status> {
+        let id = self
+            .inner
+            .resolve_ref(req.get_ref().probe.as_ref(), "probe")?;
+        let inner = self.inner.clone();
+        let mut v = blocking(move || inner.delete(vec![id])).await?;
+        Ok(Response::new(v1::DeleteProbeResponse { probe: v.pop() }))
+    }
+
+    async fn delete_probes(
+        &self,
+        req: Request<v1::DeleteProbesRequest>,
+    ) -> Result<Response<v1::DeleteProbesResponse>, Status> {
+        let r = req.into_inner();
+        let ids = if r.all {
+            if !r.probes.is_empty() {
+                return Err(Status::invalid_argument(
+                    "probes: must be empty when all is set",
+                ));
+            }
+            let t = self.inner.probes.read().unwrap_or_else(|e| e.into_inner());
+            t.live.keys().copied().collect()
+        } else {
+            let mut ids = Vec::new();
+            for (i, p) in r.probes.iter().enumerate() {
+                ids.push(self.inner.resolve_ref(Some(p), &format!("probes[{i}]"))?);
+            }
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        };
+        if ids.is_empty() {
+            return Ok(Response::new(v1::DeleteProbesResponse::default()));
+        }
+        let inner = self.inner.clone();
+        let probes = blocking(move || inner.delete(ids)).await?;
+        Ok(Response::new(v1::DeleteProbesResponse { probes }))
+    }
+
+    async fn enable_probe(
+        &self,
+        req: Request<v1::EnableProbeRequest>,
+    ) -> Result<Response<v1::EnableProbeResponse>, Status> {
+        let inner = self.inner.clone();
+        let r = req.into_inner();
+        let probe = blocking(move || inner.set_enabled(r.probe.as_ref(), true)).await?;
+        Ok(Response::new(v1::EnableProbeResponse {
+            probe: Some(probe),
+        }))
+    }
+
+    async fn disable_probe(
+        &self,
+        req: Request<v1::DisableProbeRequest>,
+    ) -> Result<Response<v1::DisableProbeResponse>, Status> {
+        let inner = self.inner.clone();
+        let r = req.into_inner();
+        let probe = blocking(move || inner.set_enabled(r.probe.as_ref(), false)).await?;
+        Ok(Response::new(v1::DisableProbeResponse {
+            probe: Some(probe),
+        }))
+    }
+
+    async fn arm(&self, _: Request<v1::ArmRequest>) -> Result<Response<v1::ArmResponse>, Status> {
+        let engine = self.inner.engine.clone();
+        let was_armed = blocking(move || {
+            let was = engine.armed();
+            engine.set_armed(true).map_err(|e| engine_op_error(&e))?;
+            Ok(was)
+        })
+        .await?;
+        Ok(Response::new(v1::ArmResponse { was_armed }))
+    }
+
+    async fn disarm(
+        &self,
+        _: Request<v1::DisarmRequest>,
+    ) -> Result<Response<v1::DisarmResponse>, Status> {
+        let engine = self.inner.engine.clone();
+        let was_armed = blocking(move || {
+            let was = engine.armed();
+            engine.set_armed(false).map_err(|e| engine_op_error(&e))?;
+            Ok(was)
+        })
+        .await?;
+        Ok(Response::new(v1::DisarmResponse { was_armed }))
+    }
+
+    async fn list_probes(
+        &self,
+        req: Request<v1::ListProbesRequest>,
+    ) -> Result<Response<v1::ListProbesResponse>, Status> {
+        let r = req.into_inner();
+        let inner = self.inner.clone();
+        let probes = blocking(move || inner.infos(None)).await?;
+        let probes = probes
+            .into_iter()
+            .filter(|p| r.groups.is_empty() || r.groups.contains(&p.group))
+            .filter(|p| r.ids.is_empty() || r.ids.contains(&p.id))
+            .collect();
+        Ok(Response::new(v1::ListProbesResponse {
+            probes,
+            armed: self.inner.engine.armed(),
+        }))
+    }
+
+    async fn get_probe(
+        &self,
+        req: Request<v1::GetProbeRequest>,
+    ) -> Result<Response<v1::GetProbeResponse>, Status> {
+        let id = self
+            .inner
+            .resolve_ref(req.get_ref().probe.as_ref(), "probe")?;
+        let inner = self.inner.clone();
+        let probe = blocking(move || inner.one(id)).await?;
+        Ok(Response::new(v1::GetProbeResponse { probe: Some(probe) }))
+    }
+
+    async fn resolve_symbol(
+        &self,
+        req: Request<v1::ResolveSymbolRequest>,
+    ) -> Result<Response<v1::ResolveSymbolResponse>, Status> {
+        self.inner.resolve_symbol(req.get_ref()).map(Response::new)
+    }
+
+    async fn get_guest_info(
+        &self,
+        _: Request<v1::GetGuestInfoRequest>,
+    ) -> Result<Response<v1::GetGuestInfoResponse>, Status> {
+        let inner = self.inner.clone();
+        let info = blocking(move || Ok(inner.guest_info())).await?;
+        Ok(Response::new(info))
+    }
+
+    type SubscribeStream = EventStream;
+
+    async fn subscribe(
+        &self,
+        req: Request<v1::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let stream = subscribe::start(self.inner.clone(), req.into_inner())?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,390 @@
+//! The guest's symbols as the service uses them: name ↔ address, function
+//! bounds and the kprobe blacklist for the engine, and DWARF parameter and
+//! member lookups for named fetch arguments.
+
+use std::path::Path;
+
+use guest_symbols::{
+    Blacklist, DwarfError, GuestMemory as _, KernelImage, LookupError, SymOff, SymbolTable,
+};
+use probe_spec::{MemberInfo, ParamInfo, TypeInfo, TypeKind};
+use proto::v1::SymbolSource;
+
+/// Why symbols could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SymbolError {
+    #[error("cannot read kernel image {path}: {cause}")]
+    Image { path: String, cause: String },
+    #[error("cannot read System.map {path}: {cause}")]
+    SystemMap { path: String, cause: String },
+}
+
+/// Symbols of one guest kernel.
+pub struct Symbols {
+    table: SymbolTable,
+    blacklist: Option<Blacklist>,
+    image: Option<KernelImage>,
+    dwarf: Option<guest_symbols::DebugInfo>,
+    source: SymbolSource,
+    detail: String,
+}
+
+impl Symbols {
+    /// No symbols: only absolute addresses can be probed.
+    pub fn none() -> Self {
+        Symbols {
+            table: SymbolTable::default(),
+            blacklist: None,
+            image: None,
+            dwarf: None,
+            source: SymbolSource::None,
+            detail: String::new(),
+        }
+    }
+
+    /// ELF symbols, the kprobe blacklist and (when present) DWARF of a vmlinux.
+    pub fn from_vmlinux(path: &Path) -> Result<Self, SymbolError> {
+        let err = |cause: String| SymbolError::Image {
+            path: path.display().to_string(),
+            cause,
+        };
+        let image = KernelImage::open(path).map_err(|e| err(e.to_string()))?;
+        let table = image.symbols().map_err(|e| err(e.to_string()))?;
+        // Kernels without a _kprobe_blacklist section (like the test guest)
+        // still get the text ranges Linux refuses.
+        let blacklist = Some(
+            Blacklist::from_image(&image, &table)
+                .unwrap_or_else(|_| Blacklist::from_entries(&table, &[])),
+        );
+        // A second mapping for DWARF: DebugInfo takes ownership of its image.
+        let dwarf = KernelImage::open(path)
+            .ok()
+            .and_then(|i| guest_symbols::DebugInfo::from_image(i).ok());
+        let source = if dwarf.is_some() {
+            SymbolSource::VmlinuxDwarf
+        } else {
+            SymbolSource::Vmlinux
+        };
+        Ok(Symbols {
+            table,
+            blacklist,
+            image: Some(image),
+            dwarf,
+            source,
+            detail: path.display().to_string(),
+        })
+    }
+
+    /// Symbols from a System.map (no sizes, no DWARF, no blacklist section).
+    pub fn from_system_map(path: &Path) -> Result<Self, SymbolError> {
+        let table = guest_symbols::load_system_map(path).map_err(|e| SymbolError::SystemMap {
+            path: path.display().to_string(),
+            cause: e.to_string(),
+        })?;
+        let blacklist = Some(Blacklist::from_entries(&table, &[]));
+        Ok(Symbols {
+            table,
+            blacklist,
+            image: None,
+            dwarf: None,
+            source: SymbolSource::SystemMap,
+            detail: path.display().to_string(),
+        })
+    }
+
+    pub fn table(&self) -> &SymbolTable {
+        &self.table
+    }
+
+    pub fn source(&self) -> (SymbolSource, &str) {
+        (self.source, &self.detail)
+    }
+
+    pub fn has_dwarf(&self) -> bool {
+        self.dwarf.is_some()
+    }
+
+    /// Address of `name`.
+    pub fn lookup(&self, name: &str) -> Result<u64, LookupError> {
+        self.table.lookup(name)
+    }
+
+    /// `SYM+off/size` of `addr`.
+    pub fn sym_off(&self, addr: u64) -> Option<SymOff> {
+        self.table.describe(addr)
+    }
+
+    /// Symbol type letter of the symbol `describe` picked for `addr`.
+    pub fn kind_at(&self, name: &str, addr: u64) -> Option<char> {
+        self.table
+            .all_named(name)
+            .find(|s| s.addr <= addr)
+            .map(|s| s.kind)
+    }
+
+    /// A kernel-text byte the guest never executes, for the kretprobe return
+    /// trap: padding after a function whose ELF size is known, before the
+    /// next symbol. `None` without sizes (System.map).
+    pub fn return_trap_candidate(&self) -> Option<u64> {
+        let syms = self.table.symbols();
+        syms.windows(2).find_map(|w| {
+            let size = w[0].size.filter(|&s| s > 0)?;
+            let end = w[0].addr.checked_add(size)?;
+            let usable = w[0].is_text()
+                && end < w[1].addr
+                && self
+                    .blacklist
+                    .as_ref()
+                    .is_none_or(|b| b.contains(end).is_none());
+            usable.then_some(end)
+        })
+    }
+
+    /// `linux_banner` as stored in the kernel image (NUL excluded).
+    pub fn image_banner(&self) -> Option<(u64, Vec<u8>)> {
+        let addr = self.table.lookup("linux_banner").ok()?;
+        let image = self.image.as_ref()?;
+        let mut buf = vec![0u8; 256];
+        // The banner may end near a segment end: shrink until it reads.
+        let mut len = buf.len();
+        while len > 0 && image.read_virt(addr, &mut buf[..len]).is_err() {
+            len /= 2;
+        }
+        buf.truncate(len);
+        let end = buf.iter().position(|&b| b == 0)?;
+        buf.truncate(end);
+        Some((addr, buf))
+    }
+
+    /// The DWARF view for probe-spec's name resolution, if DWARF is loaded.
+    pub fn debug_info(&self) -> Option<DwarfNames<'_>> {
+        self.dwarf.as_ref().map(DwarfNames)
+    }
+}
+
+impl introspect::KernelSymbols for Symbols {
+    fn function_at(&self, addr: u64) -> Option<(String, u64, u64)> {
+        let (start, end) = self.table.function_bounds(addr)?;
+        let name = self.table.describe(start)?.name;
+        Some((name, start, end))
+    }
+
+    fn blacklisted(&self, addr: u64) -> Option<String> {
+        let e = self.blacklist.as_ref()?.contains(addr)?;
+        Some(format!("inside {} (kprobe blacklist)", e.what))
+    }
+
+    fn describe(&self, addr: u64) -> Option<String> {
+        self.table.describe(addr).map(|s| s.to_string())
+    }
+}
+
+/// guest-symbols' DWARF seen through probe-spec's [`probe_spec::DebugInfo`].
+/// guest-symbols reports types by their C spelling, so the shape probe-spec
+/// needs (pointer, struct, char, integer) is read back from that spelling.
+pub struct DwarfNames<'a>(&'a guest_symbols::DebugInfo);
+
+impl DwarfNames<'_> {
+    fn type_info(&self, name: &str, size: Option<u64>) -> TypeInfo {
+        let clean = strip_qualifiers(name);
+        let kind = if let Some(inner) = clean.strip_suffix('*') {
+            let inner = inner.trim_end();
+            let pointee = (inner != "void").then(|| Box::new(self.type_info(inner, None)));
+            TypeKind::Pointer { pointee }
+        } else if let Some(open) = clean.find('[') {
+            let elem = clean[..open].trim_end();
+            TypeKind::Array {
+                elem: Box::new(self.type_info(elem, None)),
+            }
+        } else if matches!(clean, "char" | "signed char" | "unsigned char") {
+            TypeKind::Char
+        } else if clean.starts_with("struct ") || clean.starts_with("union ") {
+            TypeKind::Struct
+        } else if clean.starts_with("enum ") || clean == "_Bool" || clean == "bool" {
+            TypeKind::Int { signed: false }
+        } else if let Some(signed) = int_signedness(clean) {
+            TypeKind::Int { signed }
+        } else if self.is_aggregate(clean) {
+            TypeKind::Struct
+        } else {
+            TypeKind::Other
+        };
+        let size = size.unwrap_or(match &kind {
+            TypeKind::Pointer { .. } => 8,
+            TypeKind::Char => 1,
+            _ => 0,
+        });
+        TypeInfo {
+            id: 0,
+            name: name.to_string(),
+            size,
+            kind,
+        }
+    }
+
+    /// A typedef name that stands for a struct or union.
+    fn is_aggregate(&self, name: &str) -> bool {
+        // Asking for a member that cannot exist tells aggregates (member not
+        // found) from everything else (not an aggregate, unknown type).
+        matches!(
+            self.0.member(&format!("{name}.\u{1}")),
+            Err(DwarfError::MemberNotFound { .. })
+        )
+    }
+
+    fn param_info(&self, func: &str, pick: impl Fn(usize, &str) -> bool) -> Option<ParamInfo> {
+        let f = self.0.function_params(func).ok()?;
+        let (index, p) = f
+            .params
+            .iter()
+            .enumerate()
+            .find(|(i, p)| pick(*i, &p.name))?;
+        Some(ParamInfo {
+            index: u32::try_from(index).ok()?,
+            ty: self.type_info(&p.type_name, p.size),
+        })
+    }
+}
+
+impl probe_spec::DebugInfo for DwarfNames<'_> {
+    fn param(&self, func: &str, name: &str) -> Option<ParamInfo> {
+        self.param_info(func, |_, n| n == name)
+    }
+
+    fn param_at(&self, func: &str, index: u32) -> Option<ParamInfo> {
+        self.param_info(func, |i, _| i as u64 == u64::from(index))
+    }
+
+    fn return_type(&self, _func: &str) -> Option<TypeInfo> {
+        // guest-symbols does not report return types; named `$retval`
+        // forms are refused (NO_RETVAL), plain `$retval` works.
+        None
+    }
+
+    fn member(&self, ty: &TypeInfo, name: &str) -> Option<MemberInfo> {
+        let root = strip_qualifiers(&ty.name);
+        let m = self.0.member(&format!("{root}.{name}")).ok()?;
+        Some(MemberInfo {
+            offset: m.offset,
+            ty: self.type_info(&m.type_name, m.size),
+            bitfield: m
+                .bitfield
+                .and_then(|(off, width)| Some((u32::from(off), u32::try_from(width).ok()?))),
+        })
+    }
+}
+
+fn strip_qualifiers(name: &str) -> &str {
+    let mut s = name.trim();
+    loop {
+        match s
+            .strip_prefix("const ")
+            .or_else(|| s.strip_prefix("volatile "))
+        {
+            Some(r) => s = r.trim_start(),
+            None => return s,
+        }
+    }
+}
+
+/// Signedness of C integer spellings and the kernel's integer typedefs.
+fn int_signedness(name: &str) -> Option<bool> {
+    const UNSIGNED: &[&str] = &[
+        "u8",
+        "u16",
+        "u32",
+        "u64",
+        "__u8",
+        "__u16",
+        "__u32",
+        "__u64",
+        "size_t",
+        "uintptr_t",
+        "uint8_t",
+        "uint16_t",
+        "uint32_t",
+        "uint64_t",
+        "umode_t",
+        "gfp_t",
+        "dev_t",
+        "fmode_t",
+    ];
+    const SIGNED: &[&str] = &[
+        "s8", "s16", "s32", "s64", "__s8", "__s16", "__s32", "__s64", "ssize_t", "loff_t", "pid_t",
+        "int8_t", "int16_t", "int32_t", "int64_t",
+    ];
+    if name.starts_with("unsigned ") || UNSIGNED.contains(&name) {
+        return Some(false);
+    }
+    if SIGNED.contains(&name) {
+        return Some(true);
+    }
+    let words: Vec<&str> = name.split_whitespace().collect();
+    let c_int = !words.is_empty()
+        && words
+            .iter()
+            .all(|w| matches!(*w, "signed" | "int" | "long" | "short"));
+    c_int.then_some(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use introspect::KernelSymbols;
+
+    fn guest() -> Symbols {
+        Symbols::from_vmlinux(test_guest::kernel_path()).expect("test guest symbols")
+    }
+
+    #[test]
+    fn test_guest_symbols_bounds_and_trap() {
+        let s = guest();
+        assert_eq!(s.source().0, SymbolSource::VmlinuxDwarf);
+        let fib = s.lookup("hv_fib").unwrap();
+        let (name, start, end) = s.function_at(fib + 4).unwrap();
+        assert_eq!((name.as_str(), start), ("hv_fib", fib));
+        assert!(end > start);
+        let trap = s.return_trap_candidate().expect("padding after a function");
+        assert!(
+            s.function_at(trap).is_none(),
+            "trap {trap:#x} inside a function"
+        );
+        let (_, banner) = s.image_banner().expect("banner");
+        assert!(banner.starts_with(b"Linux version"));
+    }
+
+    #[test]
+    fn dwarf_types_have_the_shapes_probe_spec_needs() {
+        let s = guest();
+        let d = s.debug_info().expect("test guest has DWARF");
+        use probe_spec::DebugInfo as _;
+        let path = d.param("hv_open_file", "path").expect("path param");
+        assert_eq!(path.index, 1);
+        let TypeKind::Pointer { pointee: Some(p) } = &path.ty.kind else {
+            panic!("{:?}", path.ty)
+        };
+        assert_eq!(p.kind, TypeKind::Char);
+        let w = d.param("hv_work_item", "w").expect("w param");
+        let TypeKind::Pointer { pointee: Some(st) } = &w.ty.kind else {
+            panic!("{:?}", w.ty)
+        };
+        assert_eq!(st.kind, TypeKind::Struct);
+        let name = d.member(st, "name").expect("name member");
+        assert_eq!(name.offset, 8);
+        assert!(matches!(name.ty.kind, TypeKind::Array { .. }));
+        let id = d.member(st, "id").expect("id member");
+        assert_eq!(id.ty.kind, TypeKind::Int { signed: false });
+        assert_eq!(id.ty.size, 4);
+        assert!(d.member(st, "nope").is_none());
+        assert!(d.param("hv_open_file", "nope").is_none());
+    }
+
+    #[test]
+    fn integer_spellings() {
+        assert_eq!(int_signedness("unsigned int"), Some(false));
+        assert_eq!(int_signedness("long int"), Some(true));
+        assert_eq!(int_signedness("u32"), Some(false));
+        assert_eq!(int_signedness("struct x"), None);
+        assert_eq!(strip_qualifiers("const volatile char"), "char");
+    }
+}
