@@ -7,6 +7,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod cli;
 mod runner;
 
 #[derive(Parser)]
@@ -36,9 +37,41 @@ struct GuestArgs {
     kvm_device: PathBuf,
 }
 
+#[derive(clap::Args, Clone)]
+struct ServeArgs {
+    /// Plant this probe before the guest starts (kprobe_events syntax, e.g.
+    /// `p:grp/ev hv_open_file path=+0(%si):string`); repeatable.
+    #[arg(long = "probe", value_name = "DEFINITION")]
+    probes: Vec<String>,
+    /// Serve the API on `unix:PATH` or `tcp:HOST:PORT` [default:
+    /// $XDG_RUNTIME_DIR/hvprobe.sock or /run/hvprobe/hvprobe.sock].
+    #[arg(long, value_name = "ADDRESS")]
+    listen: Option<service::Listen>,
+    /// TLS server certificate (PEM); with --tls-key and --tls-client-ca.
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// TLS server key (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// CA that client certificates must chain to (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    fn tls(&self) -> service::TlsFiles {
+        service::TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a guest kernel (ELF vmlinux with a PVH note, or bzImage).
+    /// Boot a guest kernel (ELF vmlinux with a PVH note, or bzImage) and
+    /// serve the hvprobe.v1 API while it runs.
     Run {
         /// Kernel image.
         #[arg(long)]
@@ -49,20 +82,63 @@ enum Command {
         /// Kernel command line.
         #[arg(long, default_value = "console=ttyS0")]
         cmdline: String,
+        /// Symbols from this System.map (e.g. for a bzImage).
+        #[arg(long)]
+        system_map: Option<PathBuf>,
+        #[command(flatten)]
+        serve: ServeArgs,
         #[command(flatten)]
         guest: GuestArgs,
     },
     /// Measure probe costs against a bare VM exit (test guest).
     Bench(bench::BenchArgs),
-    /// Boot the bundled test guest (no downloads needed).
+    /// Boot the bundled test guest with example probes and print their
+    /// events until it exits (exit code = the guest's status).
     Demo {
         /// Test-guest command line (e.g. `hvtest.iters=500`).
         #[arg(long, default_value = "")]
         cmdline: String,
+        /// Probes instead of the examples (repeatable).
+        #[arg(long = "probe", value_name = "DEFINITION")]
+        probes: Vec<String>,
+        /// Also serve the API here (`unix:PATH` or `tcp:127.0.0.1:PORT`).
+        #[arg(long, value_name = "ADDRESS")]
+        listen: Option<service::Listen>,
         #[command(flatten)]
         guest: GuestArgs,
     },
+    /// Manage probes of a running `hvprobe run`.
+    Probe {
+        #[command(subcommand)]
+        action: cli::ProbeAction,
+        #[command(flatten)]
+        server: cli::ServerArg,
+    },
+    /// Arm all enabled probes (kprobes/enabled = 1).
+    Arm {
+        #[command(flatten)]
+        server: cli::ServerArg,
+    },
+    /// Disarm all probes without deleting them (kprobes/enabled = 0).
+    Disarm {
+        #[command(flatten)]
+        server: cli::ServerArg,
+    },
+    /// Follow the event stream as JSON lines (lost events as `{"lost":...}`).
+    Events(cli::EventsArgs),
+    /// Describe the guest (state, vCPUs, banner, symbols).
+    Info {
+        #[command(flatten)]
+        server: cli::ServerArg,
+    },
 }
+
+/// Example probes of `hvprobe demo`: the open path, and fib's argument
+/// (saved at entry) with its return value.
+const DEMO_PROBES: &[&str] = &[
+    "p:demo/open hv_open_file dfd=%di:s32 path=+0(%si):string flags=%dx:x32",
+    "r32:demo/fib hv_fib n=$arg1:s32 ret=$retval:s64",
+];
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -78,12 +154,47 @@ fn main() -> ExitCode {
             kernel,
             initrd,
             cmdline,
+            system_map,
+            serve,
             guest,
-        } => runner::boot(guest.config(kernel, initrd, cmdline)),
+        } => runner::boot(
+            guest.config(kernel, initrd, cmdline),
+            runner::RunOptions {
+                tls: serve.tls(),
+                probes: serve.probes,
+                listen: Some(serve.listen.unwrap_or_else(service::Listen::default_unix)),
+                system_map,
+                print_events: false,
+            },
+        ),
         Command::Bench(args) => bench::run(args),
-        Command::Demo { cmdline, guest } => {
-            runner::boot(guest.config(test_guest::kernel_path().to_owned(), None, cmdline))
+        Command::Demo {
+            cmdline,
+            probes,
+            listen,
+            guest,
+        } => {
+            let probes = if probes.is_empty() {
+                DEMO_PROBES.iter().map(|s| s.to_string()).collect()
+            } else {
+                probes
+            };
+            runner::boot(
+                guest.config(test_guest::kernel_path().to_owned(), None, cmdline),
+                runner::RunOptions {
+                    probes,
+                    listen,
+                    tls: service::TlsFiles::default(),
+                    system_map: None,
+                    print_events: true,
+                },
+            )
         }
+        Command::Probe { action, server } => cli::probe(&server, action),
+        Command::Arm { server } => cli::arm(&server, true),
+        Command::Disarm { server } => cli::arm(&server, false),
+        Command::Events(args) => cli::events(args),
+        Command::Info { server } => cli::info(&server),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1,20 +1,179 @@
-//! Booting a guest from the command line.
+//! Booting a guest with the probe engine and the gRPC server.
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use introspect::{Engine, EngineConfig};
+use proto::v1;
+use service::{Guest, HvProbeService, Listen, ServiceConfig, Symbols, TlsFiles};
+use tokio_stream::StreamExt;
 
-/// Boot the guest described by `config` and wait for it; returns the process
-/// exit code that reflects the guest's fate.
-pub fn boot(config: vmm::VmConfig) -> Result<u8> {
+/// How to run: probes to plant before boot, where to serve.
+pub struct RunOptions {
+    /// kprobe_events lines registered before the first guest instruction.
+    pub probes: Vec<String>,
+    /// Serve the API here (`None`: no server).
+    pub listen: Option<Listen>,
+    pub tls: TlsFiles,
+    /// Symbols from this System.map instead of the kernel's ELF symbols.
+    pub system_map: Option<PathBuf>,
+    /// Print events to stdout as trace lines (the demo).
+    pub print_events: bool,
+}
+
+fn load_symbols(kernel: &Path, system_map: Option<&Path>) -> Result<Symbols> {
+    if let Some(map) = system_map {
+        return Ok(Symbols::from_system_map(map)?);
+    }
+    match Symbols::from_vmlinux(kernel) {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            // A bzImage has no symbols: only absolute addresses can be probed.
+            eprintln!("hvprobe: warning: no symbols ({e}); pass --system-map to probe by name");
+            Ok(Symbols::none())
+        }
+    }
+}
+
+/// Boot the guest described by `config`, serve the API while it runs, and
+/// return the process exit code that reflects the guest's fate.
+pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
     let started = Instant::now();
+    let symbols = Arc::new(load_symbols(&config.kernel, opts.system_map.as_deref())?);
     let vm = vmm::Vm::create(&config)?;
-    let running = vm.start(Arc::new(guest_access::NoProbes))?;
-    let outcome = running.wait();
+    let control = vm.control();
+    let engine = Engine::new(
+        control.clone(),
+        symbols.clone(),
+        EngineConfig::for_vcpus(usize::from(config.vcpus)),
+    );
+    match symbols.return_trap_candidate() {
+        Some(t) => engine
+            .set_return_trap(t)
+            .with_context(|| format!("setting the kretprobe return trap at {t:#x}"))?,
+        None => tracing::warn!("no padding byte for a return trap: kretprobes are unavailable"),
+    }
+    let guest = Guest::new(control.clone());
+    let svc = HvProbeService::new(
+        engine.clone(),
+        symbols,
+        guest.clone(),
+        ServiceConfig::default(),
+    );
+    if !opts.probes.is_empty() {
+        let created = svc.create_lines(&opts.probes).map_err(|s| {
+            let detail = proto::definition_error_from_status(&s)
+                .map(|d| format!("\n{}", d.rendered))
+                .unwrap_or_default();
+            anyhow::anyhow!("--probe: {}{detail}", s.message())
+        })?;
+        for p in &created {
+            eprintln!("hvprobe: probe {} {}/{} at {}", p.id, p.group, p.event, p.location);
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = match &opts.listen {
+        Some(l) => {
+            let bound = rt.block_on(service::listen::bind(l, &opts.tls))?;
+            eprintln!("hvprobe: serving hvprobe.v1 on {}", bound.local());
+            let svc = svc.clone();
+            Some(rt.spawn(async move {
+                bound
+                    .serve(svc, async {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+            }))
+        }
+        None => None,
+    };
+    let printer = if opts.print_events {
+        let stream = rt
+            .block_on(async { svc.subscribe_stream(v1::SubscribeRequest::default()) })
+            .map_err(|s| anyhow::anyhow!("subscribing: {}", s.message()))?;
+        Some(rt.spawn(print_events(stream)))
+    } else {
+        None
+    };
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        rt.spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                flag.store(true, Ordering::SeqCst);
+            }
+        });
+    }
+    let running = vm.start(engine.clone())?;
+    guest.set_state(v1::GuestState::Running);
+    let outcome = loop {
+        if let Some(o) = running.wait_timeout(Duration::from_millis(200)) {
+            break o;
+        }
+        if interrupted.load(Ordering::SeqCst) {
+            eprintln!("hvprobe: interrupted, stopping the guest");
+            running.stop();
+        }
+    };
+    let outcome2 = running.wait();
+    debug_assert_eq!(outcome, outcome2);
+    guest.set_state(match outcome {
+        vmm::RunOutcome::TripleFault { .. } | vmm::RunOutcome::Crashed { .. } => {
+            v1::GuestState::Failed
+        }
+        _ => v1::GuestState::Stopped,
+    });
+    if let Some(p) = printer {
+        // Let the last batch out: the stream batches for a few milliseconds.
+        std::thread::sleep(Duration::from_millis(200));
+        p.abort();
+        let _ = rt.block_on(p);
+        for p in engine.list() {
+            eprintln!(
+                "hvprobe: {} hits={} missed={} dropped={}",
+                p.name, p.hits, p.missed, p.dropped
+            );
+        }
+    }
+    let _ = stop_tx.send(());
+    if let Some(s) = server {
+        match rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), s).await }) {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => eprintln!("hvprobe: server error: {e}"),
+            Ok(Err(e)) => eprintln!("hvprobe: server task failed: {e}"),
+            Err(_) => eprintln!("hvprobe: server did not stop within 5 s"),
+        }
+    }
+    rt.shutdown_timeout(Duration::from_secs(1));
     eprintln!(
         "hvprobe: {outcome} after {:.2}s",
         started.elapsed().as_secs_f64()
     );
     Ok(outcome.exit_code() as u8)
+}
+
+async fn print_events(
+    stream: impl tokio_stream::Stream<Item = Result<v1::SubscribeResponse, tonic::Status>>,
+) {
+    use v1::subscribe_response::Payload;
+    tokio::pin!(stream);
+    while let Some(Ok(msg)) = stream.next().await {
+        match msg.payload {
+            Some(Payload::Events(b)) => {
+                for e in b.events {
+                    println!("cpu{} {}", e.vcpu, e.text);
+                }
+            }
+            Some(Payload::Lost(l)) => println!("LOST {} events", l.count),
+            _ => {}
+        }
+    }
 }

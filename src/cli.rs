@@ -1,0 +1,372 @@
+//! Client commands: talk to a running `hvprobe run` over its API.
+
+use anyhow::{Context, Result};
+use proto::v1::{self, hv_probe_client::HvProbeClient};
+use serde_json::{json, Map, Value as Json};
+use service::Listen;
+use tonic::transport::Channel;
+
+#[derive(clap::Args, Clone)]
+pub struct ServerArg {
+    /// Server address, `unix:PATH` or `tcp:HOST:PORT` [default: $HVPROBE_SERVER,
+    /// else $XDG_RUNTIME_DIR/hvprobe.sock or /run/hvprobe/hvprobe.sock].
+    #[arg(long, value_name = "ADDRESS", env = "HVPROBE_SERVER")]
+    server: Option<Listen>,
+}
+
+#[derive(clap::Subcommand, Clone)]
+pub enum ProbeAction {
+    /// Create probes from kprobe_events lines (several: all or nothing).
+    Add {
+        /// e.g. `p:fs/open do_sys_openat2 path=+0(%si):string`.
+        #[arg(required = true)]
+        definitions: Vec<String>,
+        /// Create them disabled.
+        #[arg(long)]
+        disabled: bool,
+        /// tracefs filter evaluated at the probe, e.g. `path ~ "/etc/*"`.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Delete probes by id or GROUP/EVENT.
+    Rm {
+        #[arg(required_unless_present = "all")]
+        probes: Vec<String>,
+        /// Delete every probe.
+        #[arg(long, conflicts_with = "probes")]
+        all: bool,
+    },
+    /// List probes with their counters.
+    Ls {
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enable a probe.
+    Enable { probe: String },
+    /// Disable a probe.
+    Disable { probe: String },
+}
+
+#[derive(clap::Args, Clone)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    server: ServerArg,
+    /// Only these probe ids (repeatable).
+    #[arg(long = "id")]
+    ids: Vec<u64>,
+    /// Only probes of these groups (repeatable).
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// tracefs filter over the event fields, e.g. `path ~ "/etc/*"`.
+    #[arg(long, default_value = "")]
+    filter: String,
+    /// Queue size in events (0: server default).
+    #[arg(long, default_value_t = 0)]
+    queue: u32,
+    /// Stop after this many events (0: follow forever).
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn connect(s: &ServerArg) -> Result<HvProbeClient<Channel>> {
+    let addr = s.server.clone().unwrap_or_else(Listen::default_unix);
+    service::client::connect(&addr)
+        .await
+        .with_context(|| format!("cannot connect to the hvprobe server at {addr}"))
+}
+
+/// A status as an error: code, message, and the caret line of definition errors.
+fn status(s: tonic::Status) -> anyhow::Error {
+    let mut m = format!("{:?}: {}", s.code(), s.message());
+    if let Some(d) = proto::definition_error_from_status(&s) {
+        m.push('\n');
+        m.push_str(&d.rendered);
+    }
+    anyhow::anyhow!(m)
+}
+
+fn probe_ref(text: &str) -> v1::ProbeRef {
+    v1::ProbeRef {
+        r#ref: Some(match text.parse::<u64>() {
+            Ok(id) => v1::probe_ref::Ref::Id(id),
+            Err(_) => v1::probe_ref::Ref::Name(text.to_string()),
+        }),
+    }
+}
+
+pub fn probe(server: &ServerArg, action: ProbeAction) -> Result<u8> {
+    runtime()?.block_on(async {
+        let mut c = connect(server).await?;
+        match action {
+            ProbeAction::Add {
+                definitions,
+                disabled,
+                filter,
+            } => {
+                let definitions = definitions
+                    .into_iter()
+                    .map(|l| v1::ProbeDefinition {
+                        definition: Some(v1::probe_definition::Definition::KprobeEvents(l)),
+                        create_disabled: disabled,
+                        filter: filter.clone().unwrap_or_default(),
+                    })
+                    .collect();
+                let r = c
+                    .create_probes(v1::CreateProbesRequest { definitions })
+                    .await
+                    .map_err(status)?;
+                for p in r.into_inner().probes {
+                    println!("{}\t{}/{}\t{}", p.id, p.group, p.event, p.location);
+                }
+            }
+            ProbeAction::Rm { probes, all } => {
+                let r = c
+                    .delete_probes(v1::DeleteProbesRequest {
+                        probes: probes.iter().map(|p| probe_ref(p)).collect(),
+                        all,
+                    })
+                    .await
+                    .map_err(status)?;
+                for p in r.into_inner().probes {
+                    println!("deleted {}\t{}/{}\thits={}", p.id, p.group, p.event, p.hits);
+                }
+            }
+            ProbeAction::Ls { json } => {
+                let r = c
+                    .list_probes(v1::ListProbesRequest::default())
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if json {
+                    for p in &r.probes {
+                        println!("{}", probe_json(p));
+                    }
+                } else {
+                    println!("armed: {}", r.armed);
+                    println!(
+                        "{:>4}  {:<24} {:<4} {:<28} {:<9} {:>10} {:>8} {:>8}  HANDLING",
+                        "ID", "NAME", "KIND", "LOCATION", "STATE", "HITS", "MISSES", "DROPPED"
+                    );
+                    for p in &r.probes {
+                        println!(
+                            "{:>4}  {:<24} {:<4} {:<28} {:<9} {:>10} {:>8} {:>8}  {}",
+                            p.id,
+                            format!("{}/{}", p.group, p.event),
+                            kind_name(p.kind),
+                            p.location,
+                            state(p),
+                            p.hits,
+                            p.misses,
+                            p.dropped,
+                            handling_name(p.handling)
+                        );
+                    }
+                }
+            }
+            ProbeAction::Enable { probe } => {
+                let p = c
+                    .enable_probe(v1::EnableProbeRequest {
+                        probe: Some(probe_ref(&probe)),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+                    .probe
+                    .unwrap_or_default();
+                println!("{}	{}/{}	{}", p.id, p.group, p.event, state(&p));
+            }
+            ProbeAction::Disable { probe } => {
+                let p = c
+                    .disable_probe(v1::DisableProbeRequest {
+                        probe: Some(probe_ref(&probe)),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+                    .probe
+                    .unwrap_or_default();
+                println!("{}	{}/{}	{}", p.id, p.group, p.event, state(&p));
+            }
+        }
+        Ok(0)
+    })
+}
+
+fn kind_name(k: i32) -> &'static str {
+    match v1::ProbeKind::try_from(k) {
+        Ok(v1::ProbeKind::Kprobe) => "p",
+        Ok(v1::ProbeKind::Kretprobe) => "r",
+        _ => "?",
+    }
+}
+
+fn handling_name(h: i32) -> &'static str {
+    match v1::HandlingMode::try_from(h) {
+        Ok(v1::HandlingMode::Emulate) => "emulate",
+        Ok(v1::HandlingMode::SingleStep) => "single-step",
+        _ => "?",
+    }
+}
+
+fn state(p: &v1::ProbeInfo) -> &'static str {
+    if p.gone {
+        "gone"
+    } else if p.enabled {
+        "enabled"
+    } else {
+        "disabled"
+    }
+}
+
+fn probe_json(p: &v1::ProbeInfo) -> Json {
+    json!({
+        "id": p.id, "group": p.group, "event": p.event, "kind": kind_name(p.kind),
+        "address": format!("{:#x}", p.address), "location": p.location,
+        "state": state(p), "hits": p.hits, "misses": p.misses, "dropped": p.dropped,
+        "handling": handling_name(p.handling), "maxactive": p.maxactive,
+        "definition": p.definition, "filter": p.filter,
+    })
+}
+
+pub fn arm(server: &ServerArg, on: bool) -> Result<u8> {
+    runtime()?.block_on(async {
+        let mut c = connect(server).await?;
+        let was = if on {
+            c.arm(v1::ArmRequest {}).await.map_err(status)?.into_inner().was_armed
+        } else {
+            c.disarm(v1::DisarmRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .was_armed
+        };
+        println!("armed: {on} (was {was})");
+        Ok(0)
+    })
+}
+
+pub fn info(server: &ServerArg) -> Result<u8> {
+    runtime()?.block_on(async {
+        let mut c = connect(server).await?;
+        let i = c
+            .get_guest_info(v1::GetGuestInfoRequest {})
+            .await
+            .map_err(status)?
+            .into_inner();
+        let st = v1::GuestState::try_from(i.state).map_or("?".into(), |s| {
+            s.as_str_name().trim_start_matches("GUEST_STATE_").to_lowercase()
+        });
+        let src = v1::SymbolSource::try_from(i.symbol_source).map_or("?".into(), |s| {
+            s.as_str_name().trim_start_matches("SYMBOL_SOURCE_").to_lowercase()
+        });
+        println!("state:    {st}");
+        println!("vcpus:    {}", i.vcpus);
+        println!("memory:   {} MiB", i.memory_bytes >> 20);
+        println!("banner:   {}", i.kernel_banner);
+        println!(
+            "kaslr:    slide {:#x} ({})",
+            i.kaslr_slide,
+            if i.kaslr_verified { "verified" } else { "not verified" }
+        );
+        println!(
+            "symbols:  {} from {src} {}",
+            i.symbol_count, i.symbol_source_detail
+        );
+        println!("probes:   {} (armed: {})", i.probe_count, i.armed);
+        Ok(0)
+    })
+}
+
+pub fn events(a: EventsArgs) -> Result<u8> {
+    use v1::subscribe_response::Payload;
+    runtime()?.block_on(async {
+        let mut c = connect(&a.server).await?;
+        let mut stream = c
+            .subscribe(v1::SubscribeRequest {
+                probe_ids: a.ids.clone(),
+                groups: a.groups.clone(),
+                filter: a.filter.clone(),
+                queue_capacity: a.queue,
+                ..Default::default()
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        let mut seen = 0u64;
+        while let Some(msg) = stream.message().await.map_err(status)? {
+            match msg.payload {
+                Some(Payload::Events(b)) => {
+                    for e in &b.events {
+                        println!("{}", event_json(e));
+                        seen += 1;
+                        if a.count != 0 && seen >= a.count {
+                            return Ok(0);
+                        }
+                    }
+                }
+                Some(Payload::Lost(l)) => println!(
+                    "{}",
+                    json!({"lost": {"count": l.count, "since_ns": l.since_ns, "until_ns": l.until_ns,
+                        "probe_ids": l.probe_ids,
+                        "reason": v1::LostReason::try_from(l.reason).map_or("?", |r| r.as_str_name())}})
+                ),
+                Some(Payload::Started(s)) => eprintln!(
+                    "hvprobe: subscribed (id {}, queue {}, batch {}, {} ms)",
+                    s.subscription_id, s.queue_capacity, s.max_batch_events, s.max_batch_delay_ms
+                ),
+                None => {}
+            }
+        }
+        eprintln!("hvprobe: the server ended the stream");
+        Ok(0)
+    })
+}
+
+fn value_json(v: Option<&v1::Value>) -> Json {
+    use v1::value::Kind;
+    match v.and_then(|v| v.kind.as_ref()) {
+        Some(Kind::Unsigned(u)) => json!(u.value),
+        Some(Kind::Signed(s)) => json!(s.value),
+        Some(Kind::Hex(h)) => json!(format!("{:#x}", h.value)),
+        Some(Kind::Char(c)) => json!(char::from_u32(*c).map(String::from).unwrap_or_default()),
+        Some(Kind::String(s)) => json!(s.text),
+        Some(Kind::Symbol(s)) if !s.symbol.is_empty() => json!(s.symbol),
+        Some(Kind::Symbol(s)) => json!(format!("{:#x}", s.address)),
+        Some(Kind::Array(a)) => Json::Array(a.elements.iter().map(|e| value_json(Some(e))).collect()),
+        Some(Kind::Fault(f)) => json!({"fault": format!("{:#x}", f.address)}),
+        None => Json::Null,
+    }
+}
+
+fn args_json(args: &[v1::FetchedArg]) -> Json {
+    let mut m = Map::new();
+    for a in args {
+        m.insert(a.name.clone(), value_json(a.value.as_ref()));
+    }
+    Json::Object(m)
+}
+
+/// One event as a JSON object (values typed; hex types as "0x.." strings).
+pub fn event_json(e: &v1::Event) -> Json {
+    let mut o = json!({
+        "probe_id": e.probe_id, "group": e.group, "event": e.event,
+        "kind": kind_name(e.kind), "seq": e.seq, "cpu": e.vcpu,
+        "timestamp_ns": e.timestamp_ns, "ip": format!("{:#x}", e.ip),
+        "args": args_json(&e.args), "text": e.text,
+    });
+    if let Some(r) = &e.ret {
+        o["ret"] = json!({
+            "retval": r.retval, "return_address": format!("{:#x}", r.return_address),
+            "duration_ns": r.duration_ns, "entry_args": args_json(&r.entry_args),
+        });
+    }
+    o
+}
