@@ -181,6 +181,16 @@ impl HvProbeService {
             .collect();
         self.inner.create(defs, true)
     }
+
+    /// The event stream `Subscribe` serves, for in-process consumers (the
+    /// demo). Must be called inside a tokio runtime.
+    pub fn subscribe_stream(
+        &self,
+        req: v1::SubscribeRequest,
+    ) -> Result<impl Stream<Item = Result<v1::SubscribeResponse, Status>> + Send + 'static, Status>
+    {
+        subscribe::start(self.inner.clone(), req)
+    }
 }
 
 impl Inner {
