@@ -37,6 +37,7 @@ enum Setup {
     NoProbe,
     Kprobe,
     KprobeSingleStep,
+    KprobeOutOfLine,
     Kretprobe,
     Unhit,
 }
@@ -121,6 +122,12 @@ fn run_once(args: &BenchArgs, setup: Setup) -> Result<Sample> {
             engine.register(r)?;
             probes_armed = 1;
         }
+        Setup::KprobeOutOfLine => {
+            let mut r = ProbeRequest::kprobe("bench/xol", target);
+            r.force_out_of_line = true;
+            engine.register(r)?;
+            probes_armed = 1;
+        }
         Setup::Kretprobe => {
             engine.register(ProbeRequest::kretprobe("bench/r", target, None))?;
             probes_armed = 1;
@@ -174,6 +181,7 @@ pub fn run(args: BenchArgs) -> Result<u8> {
         Setup::KprobeSingleStep,
         Setup::Kretprobe,
         Setup::Unhit,
+        Setup::KprobeOutOfLine,
     ];
     // Interleave the configurations round by round, so drift on a noisy
     // machine hits all of them alike.
@@ -223,6 +231,7 @@ pub fn run(args: BenchArgs) -> Result<u8> {
     };
     report("kprobe hit, emulated (extra per call):", 1, 1.2);
     report("kprobe hit, single-step fallback:", 2, 2.5);
+    report("kprobe hit, out of line (2 exits, no stop):", 5, 2.5);
     report("kretprobe entry + return:", 3, 2.4);
     let unhit = &samples[4];
     let base_exits: Vec<u64> = samples[0].iter().map(|s| s.vm_exits).collect();

@@ -21,8 +21,8 @@ fn setup(vcpus: u8, cmdline: &str) -> Setup {
     let (config, serial) = test_guest_config(vcpus, cmdline);
     let vm = Vm::create(&config).expect("create VM");
     let control = vm.control();
-    let symbols = Arc::new(GuestSymbols::new());
-    let trap = symbols.return_trap();
+    let symbols = Arc::new(guest_symbols());
+    let trap = symbols.return_trap_candidate().unwrap();
     let engine = Engine::new(
         control.clone(),
         symbols,
@@ -88,6 +88,24 @@ fn hits_equal_guest_counters_emulated_and_single_step() {
         r.force_single_step = true;
         ids.push((f, s.engine.register(r).unwrap()));
     }
+    // Out of line: forced at entries, and natural at `lock add` (refused by
+    // the emulator; RIP-relative, so the relocation must fix it up or the
+    // guest's own counter check fails).
+    for f in ["hv_recurse", "hv_stack_frame"] {
+        let mut r = ProbeRequest::kprobe(format!("t/{f}_xol"), symbol(f));
+        r.force_out_of_line = true;
+        ids.push((f, s.engine.register(r).unwrap()));
+    }
+    let mut locked = Vec::new();
+    for f in ["hv_sub_tail", "hv_lea_first"] {
+        let at = first_locked_insn(s.control.memory(), f);
+        locked.push((
+            f,
+            s.engine
+                .register(ProbeRequest::kprobe(format!("t/{f}_lock"), at))
+                .unwrap(),
+        ));
+    }
     // Two more probes at hv_add: three probes, one int3.
     let a2 = s
         .engine
@@ -108,6 +126,11 @@ fn hits_equal_guest_counters_emulated_and_single_step() {
     let by_id = |id| list.iter().find(|p| p.id == id).unwrap().clone();
     assert_eq!(by_id(ids[0].1).handling, Handling::Emulated);
     assert_eq!(by_id(ids[5].1).handling, Handling::SingleStep);
+    assert_eq!(by_id(ids[7].1).handling, Handling::OutOfLine);
+    for (_, id) in &locked {
+        assert_eq!(by_id(*id).handling, Handling::OutOfLine, "{}", by_id(*id));
+    }
+    ids.extend(locked);
     let o = s.run_to_end();
     assert_ok(&o, &s);
     let list = s.engine.list();
@@ -128,7 +151,7 @@ fn hits_equal_guest_counters_emulated_and_single_step() {
     }
     let st = s.engine.stats();
     eprintln!("{st:?}");
-    assert!(st.emulated > 0 && st.single_stepped > 0);
+    assert!(st.emulated > 0 && st.single_stepped > 0 && st.out_of_line > 0);
     assert_eq!(st.emulation_fallbacks, 0);
     assert_eq!(st.live_instances, 0);
 }
@@ -226,6 +249,7 @@ fn text_is_restored_byte_for_byte_after_random_operations() {
                     ProbeRequest::kprobe(format!("k/{name}"), a)
                 };
                 req.force_single_step = (r >> 30) % 3 == 0;
+                req.force_out_of_line = (r >> 30) % 3 == 1;
                 match s.engine.register(req) {
                     Ok(id) => live.push(id),
                     Err(ProbeError::NotInstructionBoundary { .. }) => {}
@@ -249,7 +273,10 @@ fn text_is_restored_byte_for_byte_after_random_operations() {
     s.engine.unregister_batch(&live).unwrap();
     // Live kretprobe instances keep the return trap until their frames return.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while s.engine.stats().live_instances > 0 && Instant::now() < deadline {
+    // (and retired out-of-line slots until no vCPU is inside them).
+    while (s.engine.stats().live_instances > 0 || !s.engine.planted_bytes().is_empty())
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(10));
     }
     let world = s.control.stop_others(None);

@@ -20,6 +20,7 @@ use probe_spec::{ArgValue, EntryArgs, EvalOptions, Fault, FetchContext, ProbeDef
 
 use crate::events::{Event, EventBus, EventFilter, EventKind, ProbeId, Subscription, Waker};
 use crate::paging::{Access, GuestVirt};
+use crate::xol::{self, Scratch};
 
 const INT3: u8 = 0xcc;
 /// Linux's (and the test guest's) kernel-text mapping: virtual
@@ -40,6 +41,11 @@ pub trait KernelSymbols: Send + Sync {
     fn describe(&self, addr: u64) -> Option<String> {
         self.function_at(addr)
             .map(|(n, s, e)| format!("{n}+{:#x}/{:#x}", addr - s, e - s))
+    }
+    /// `[start, end)` kernel-text ranges the guest never executes (padding
+    /// between functions): room for out-of-line instruction slots.
+    fn scratch_ranges(&self) -> Vec<(u64, u64)> {
+        Vec::new()
     }
 }
 
@@ -64,6 +70,9 @@ pub enum ProbeType {
 pub enum Handling {
     /// Emulated on the host: one exit per hit.
     Emulated,
+    /// Run out of line in a host-owned slot followed by an int3: two exits,
+    /// no other vCPU stops.
+    OutOfLine,
     /// Stop the world, restore the byte, single-step, re-plant.
     SingleStep,
 }
@@ -78,8 +87,10 @@ pub struct ProbeRequest {
     /// Fetch arguments (kprobe_events syntax, resolved).
     pub fetch: Option<ProbeDef>,
     pub enabled: bool,
-    /// Force the single-step fallback even if the instruction is emulable.
+    /// Force the stop-the-world single-step even if the instruction is emulable.
     pub force_single_step: bool,
+    /// Force out-of-line execution even if the instruction is emulable.
+    pub force_out_of_line: bool,
     /// The definition as the user wrote it (for listings).
     pub definition: String,
 }
@@ -93,6 +104,7 @@ impl ProbeRequest {
             fetch: None,
             enabled: true,
             force_single_step: false,
+            force_out_of_line: false,
             definition: String::new(),
         }
     }
@@ -188,6 +200,7 @@ impl std::fmt::Display for ProbeInfo {
         }
         let how = match self.handling {
             Handling::Emulated => "EMULATED",
+            Handling::OutOfLine => "OUT-OF-LINE",
             Handling::SingleStep => "SINGLESTEP",
         };
         write!(f, " [{how}: {}]", self.instruction)
@@ -200,6 +213,7 @@ pub struct EngineStats {
     pub hits: u64,
     pub emulated: u64,
     pub single_stepped: u64,
+    pub out_of_line: u64,
     /// Emulation declined at run time (e.g. a fault) and fell back to a step.
     pub emulation_fallbacks: u64,
     pub return_traps: u64,
@@ -222,6 +236,7 @@ struct Probe {
     fetch: Option<ProbeDef>,
     definition: String,
     force_single_step: bool,
+    force_out_of_line: bool,
     enabled: AtomicBool,
     registered: AtomicBool,
     hits: AtomicU64,
@@ -241,6 +256,27 @@ struct Site {
     /// The guest overwrote the int3 (its code changed or went away).
     gone: AtomicBool,
     probes: RwLock<Vec<Arc<Probe>>>,
+    /// The out-of-line slot, for [`Handling::OutOfLine`].
+    slot: Option<Arc<XolSlot>>,
+}
+
+/// A relocated copy of a displaced instruction plus an int3, in guest padding.
+struct XolSlot {
+    addr: u64,
+    /// Relocated instruction followed by 0xcc.
+    code: Vec<u8>,
+    /// The padding bytes the slot replaced.
+    saved: Vec<u8>,
+    /// Where execution continues after the slot.
+    resume: u64,
+    /// vCPUs between entering the slot and its trailing int3.
+    in_flight: AtomicU32,
+}
+
+impl XolSlot {
+    fn end(&self) -> u64 {
+        self.addr + self.code.len() as u64 - 1
+    }
 }
 
 /// A site to create for a new probe: (gpa, original byte, displaced insn).
@@ -269,6 +305,11 @@ struct Table {
     sites: HashMap<u64, Arc<Site>>,
     probes: HashMap<ProbeId, Arc<Probe>>,
     next_id: ProbeId,
+    /// Each out-of-line slot by the address of its trailing int3 (retired
+    /// slots stay until no vCPU is inside them).
+    slot_ends: HashMap<u64, Arc<XolSlot>>,
+    /// Slots of removed sites with a vCPU still inside.
+    retired: Vec<Arc<XolSlot>>,
 }
 
 #[derive(Default)]
@@ -276,6 +317,7 @@ struct Counters {
     hits: AtomicU64,
     emulated: AtomicU64,
     single_stepped: AtomicU64,
+    out_of_line: AtomicU64,
     emulation_fallbacks: AtomicU64,
     return_traps: AtomicU64,
     stale_traps: AtomicU64,
@@ -320,6 +362,10 @@ pub struct Engine {
     counters: Counters,
     /// Serialises API operations (registration etc.).
     api: Mutex<()>,
+    /// Free padding for out-of-line slots (built on first use).
+    scratch: Mutex<Option<Scratch>>,
+    /// Per vCPU: RFLAGS.IF to restore when it leaves an out-of-line slot.
+    xol_if: Vec<AtomicBool>,
 }
 
 fn now_ns() -> u64 {
@@ -392,6 +438,7 @@ impl Engine {
         symbols: Arc<dyn KernelSymbols>,
         config: EngineConfig,
     ) -> Arc<Self> {
+        let vcpus = vm.vcpu_count();
         Arc::new(Self {
             vm,
             symbols,
@@ -408,6 +455,8 @@ impl Engine {
             bus: Arc::new(EventBus::default()),
             counters: Counters::default(),
             api: Mutex::new(()),
+            scratch: Mutex::new(None),
+            xol_if: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
         })
     }
 
@@ -451,6 +500,7 @@ impl Engine {
             hits: c.hits.load(Ordering::Relaxed),
             emulated: c.emulated.load(Ordering::Relaxed),
             single_stepped: c.single_stepped.load(Ordering::Relaxed),
+            out_of_line: c.out_of_line.load(Ordering::Relaxed),
             emulation_fallbacks: c.emulation_fallbacks.load(Ordering::Relaxed),
             return_traps: c.return_traps.load(Ordering::Relaxed),
             stale_traps: c.stale_traps.load(Ordering::Relaxed),
@@ -681,6 +731,7 @@ impl Engine {
             fetch: req.fetch.clone(),
             definition: req.definition.clone(),
             force_single_step: req.force_single_step,
+            force_out_of_line: req.force_out_of_line,
             enabled: AtomicBool::new(req.enabled),
             registered: AtomicBool::new(true),
             hits: AtomicU64::new(0),
@@ -737,40 +788,41 @@ impl Engine {
             table.next_id += 1;
             let probe = Arc::new(probe);
             if let Some((gpa, original, displaced)) = site {
-                let handling = if displaced.is_emulated() && !probe.force_single_step {
-                    Handling::Emulated
-                } else {
-                    Handling::SingleStep
-                };
-                let s = Arc::new(Site {
-                    addr: probe.address,
+                let want = self.wanted_handling(&displaced, &probe);
+                let s = self.build_site(
+                    probe.address,
                     gpa,
                     original,
                     displaced,
-                    handling,
-                    planted: AtomicBool::new(false),
-                    gone: AtomicBool::new(false),
-                    probes: RwLock::new(Vec::new()),
-                });
-                table.sites.insert(probe.address, s);
+                    want,
+                    sregs.as_ref(),
+                    &mut table,
+                    Vec::new(),
+                );
+                table.sites.insert(probe.address, Arc::new(s));
                 new_sites.push(probe.address);
             }
             let site = table.sites[&probe.address].clone();
             site.probes.write().unwrap().push(probe.clone());
-            if probe.force_single_step && site.handling == Handling::Emulated {
-                // Rebuild the site to single-step (it is not planted by a
-                // handler while we hold the world).
-                let s2 = Arc::new(Site {
-                    addr: site.addr,
-                    gpa: site.gpa,
-                    original: site.original,
-                    displaced: site.displaced.clone(),
-                    handling: Handling::SingleStep,
-                    planted: AtomicBool::new(site.planted.load(Ordering::SeqCst)),
-                    gone: AtomicBool::new(false),
-                    probes: RwLock::new(site.probes.read().unwrap().clone()),
-                });
-                table.sites.insert(site.addr, s2);
+            let want = self.wanted_handling(&site.displaced, &probe);
+            if rank(want) > rank(site.handling) {
+                // A stricter probe joined: rebuild the site (no handler runs
+                // on it while we hold the world).
+                self.release_slot(&site, &mut table);
+                let probes = site.probes.read().unwrap().clone();
+                let s2 = self.build_site(
+                    site.addr,
+                    site.gpa,
+                    site.original,
+                    site.displaced.clone(),
+                    want,
+                    sregs.as_ref(),
+                    &mut table,
+                    probes,
+                );
+                s2.planted
+                    .store(site.planted.load(Ordering::SeqCst), Ordering::SeqCst);
+                table.sites.insert(site.addr, Arc::new(s2));
             }
             ids.push(probe.id);
             table.probes.insert(probe.id, probe);
@@ -807,12 +859,162 @@ impl Engine {
                     .get(a)
                     .is_some_and(|s| s.probes.read().unwrap().is_empty())
                 {
-                    table.sites.remove(a);
+                    if let Some(site) = table.sites.remove(a) {
+                        self.release_slot(&site, &mut table);
+                    }
                 }
             }
             return Err(BatchError { index: 0, error });
         }
         Ok(ids)
+    }
+
+    /// The handling a probe asks for at a site.
+    fn wanted_handling(&self, d: &Displaced, p: &Probe) -> Handling {
+        if p.force_single_step {
+            Handling::SingleStep
+        } else if p.force_out_of_line || !d.is_emulated() {
+            Handling::OutOfLine
+        } else {
+            Handling::Emulated
+        }
+    }
+
+    /// A site with `want` handling, or the next best: out-of-line needs a
+    /// relocatable instruction and free padding, else single-step.
+    #[allow(clippy::too_many_arguments)]
+    fn build_site(
+        &self,
+        addr: u64,
+        gpa: u64,
+        original: u8,
+        displaced: Displaced,
+        want: Handling,
+        sregs: Option<&SystemRegs>,
+        table: &mut Table,
+        probes: Vec<Arc<Probe>>,
+    ) -> Site {
+        let mut handling = want;
+        let mut slot = None;
+        if want == Handling::OutOfLine {
+            slot = self.alloc_slot(&displaced, sregs);
+            if slot.is_none() {
+                handling = Handling::SingleStep;
+            }
+        }
+        if let Some(sl) = &slot {
+            table.slot_ends.insert(sl.end(), sl.clone());
+        }
+        Site {
+            addr,
+            gpa,
+            original,
+            displaced,
+            handling,
+            planted: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
+            probes: RwLock::new(probes),
+            slot,
+        }
+    }
+
+    /// Relocate the instruction into free padding and write the slot.
+    /// Caller holds the world stopped.
+    fn alloc_slot(&self, d: &Displaced, sregs: Option<&SystemRegs>) -> Option<Arc<XolSlot>> {
+        let mut guard = self.scratch.lock().unwrap();
+        let scratch = guard.get_or_insert_with(|| {
+            let trap = self.trap_addr.load(Ordering::SeqCst);
+            let mut ranges = Vec::new();
+            for (s, e) in self.symbols.scratch_ranges() {
+                // Keep the return trap byte out of the pool.
+                if trap >= s && trap < e {
+                    ranges.push((s, trap));
+                    ranges.push((trap + 1, e));
+                } else {
+                    ranges.push((s, e));
+                }
+            }
+            Scratch::new(ranges)
+        });
+        let need = d.len() as u64 + 1;
+        let candidates: Vec<u64> = scratch.candidates(need + 4).take(64).collect();
+        for at in candidates {
+            let mut code = xol::relocate(d.bytes(), d.ip(), at)?;
+            code.push(INT3);
+            let len = code.len() as u64;
+            let mut saved = vec![0u8; code.len()];
+            if self.read_text(at, &mut saved, sregs).is_err() || !scratch.take(at, len) {
+                continue;
+            }
+            if self.write_text(at, &code, sregs).is_err() {
+                scratch.give_back(at, len);
+                continue;
+            }
+            return Some(Arc::new(XolSlot {
+                addr: at,
+                code,
+                saved,
+                resume: d.next_ip(),
+                in_flight: AtomicU32::new(0),
+            }));
+        }
+        None
+    }
+
+    /// Put a site's slot padding back, or retire the slot while a vCPU is
+    /// still inside it. Caller holds the world stopped.
+    fn release_slot(&self, site: &Site, table: &mut Table) {
+        let Some(sl) = &site.slot else { return };
+        if sl.in_flight.load(Ordering::SeqCst) > 0 {
+            table.retired.push(sl.clone());
+            return;
+        }
+        self.free_slot(sl, table);
+    }
+
+    fn free_slot(&self, sl: &XolSlot, table: &mut Table) {
+        table.slot_ends.remove(&sl.end());
+        let mut now = vec![0u8; sl.code.len()];
+        // Restore only what is still ours.
+        if self.read_text(sl.addr, &mut now, None).is_ok() && now == sl.code {
+            let _ = self.write_text(sl.addr, &sl.saved, None);
+        }
+        if let Some(sc) = self.scratch.lock().unwrap().as_mut() {
+            sc.give_back(sl.addr, sl.code.len() as u64);
+        }
+    }
+
+    fn read_text(
+        &self,
+        addr: u64,
+        buf: &mut [u8],
+        sregs: Option<&SystemRegs>,
+    ) -> Result<(), ProbeError> {
+        for (i, b) in buf.iter_mut().enumerate() {
+            let gpa = self.text_gpa(addr + i as u64, sregs)?;
+            let mut x = [0u8; 1];
+            self.vm.memory().read_phys(gpa, &mut x).map_err(guest_err)?;
+            *b = x[0];
+        }
+        Ok(())
+    }
+
+    fn write_text(
+        &self,
+        addr: u64,
+        data: &[u8],
+        sregs: Option<&SystemRegs>,
+    ) -> Result<(), ProbeError> {
+        let gpas: Vec<u64> = (0..data.len())
+            .map(|i| self.text_gpa(addr + i as u64, sregs))
+            .collect::<Result<_, _>>()?;
+        for (gpa, b) in gpas.iter().zip(data) {
+            self.vm
+                .memory()
+                .write_phys(*gpa, &[*b])
+                .map_err(guest_err)?;
+        }
+        Ok(())
     }
 
     /// Plant or remove the int3 at `addr` to match the probes' state. Caller
@@ -939,7 +1141,9 @@ impl Engine {
                 first_err.get_or_insert(e);
             }
             if empty {
-                table.sites.remove(&addr);
+                if let Some(site) = table.sites.remove(&addr) {
+                    self.release_slot(&site, &mut table);
+                }
             }
         }
         self.maybe_retire_trap(&table);
@@ -1026,6 +1230,15 @@ impl Engine {
         if let Some(t) = self.trap.lock().unwrap().as_ref() {
             if t.planted {
                 v.push((t.gpa, t.original));
+            }
+        }
+        for sl in table.slot_ends.values() {
+            {
+                for (i, b) in sl.saved.iter().enumerate() {
+                    if let Ok(gpa) = self.text_gpa(sl.addr + i as u64, None) {
+                        v.push((gpa, *b));
+                    }
+                }
             }
         }
         v
@@ -1274,6 +1487,44 @@ impl Engine {
         }
     }
 
+    /// Back from an out-of-line slot: restore IF and continue after the
+    /// original instruction; free the slot if it was retired meanwhile.
+    fn leave_slot(
+        &self,
+        vcpu: &mut dyn Vcpu,
+        vm: &dyn VmControl,
+        regs: Regs,
+        slot: &Arc<XolSlot>,
+    ) -> BreakpointAction {
+        const RFLAGS_IF: u64 = 1 << 9;
+        let mut r = regs;
+        r.rip = slot.resume;
+        if self.xol_if[vcpu.index()].load(Ordering::SeqCst) {
+            r.rflags |= RFLAGS_IF;
+        }
+        let left = slot.in_flight.fetch_sub(1, Ordering::SeqCst) == 1;
+        if vcpu.set_regs(&r).is_err() {
+            return BreakpointAction::DeliverToGuest;
+        }
+        if left
+            && self
+                .table
+                .read()
+                .unwrap()
+                .retired
+                .iter()
+                .any(|s| Arc::ptr_eq(s, slot))
+        {
+            let _world = vm.stop_others(Some(vcpu.index()));
+            let mut table = self.table.write().unwrap();
+            if slot.in_flight.load(Ordering::SeqCst) == 0 {
+                table.retired.retain(|s| !Arc::ptr_eq(s, slot));
+                self.free_slot(slot, &mut table);
+            }
+        }
+        BreakpointAction::Resume
+    }
+
     /// Stop the world, restore, step, re-plant.
     fn step_over(&self, site: &Site, vcpu: &mut dyn Vcpu, vm: &dyn VmControl) -> BreakpointAction {
         self.counters.single_stepped.fetch_add(1, Ordering::Relaxed);
@@ -1306,11 +1557,12 @@ fn uses_retval(a: &probe_spec::FetchArg) -> bool {
 impl BreakpointHandler for Engine {
     fn owns_address(&self, rip: u64) -> bool {
         let trap = self.trap_addr.load(Ordering::Relaxed);
-        (trap != 0 && rip == trap)
-            || self
-                .table
-                .read()
-                .unwrap()
+        if trap != 0 && rip == trap {
+            return true;
+        }
+        let table = self.table.read().unwrap();
+        table.slot_ends.contains_key(&rip)
+            || table
                 .sites
                 .get(&rip)
                 .is_some_and(|s| s.planted.load(Ordering::Relaxed))
@@ -1330,7 +1582,13 @@ impl BreakpointHandler for Engine {
         if trap != 0 && rip == trap {
             return self.return_trap(vcpu, vm, regs);
         }
-        let site = self.table.read().unwrap().sites.get(&rip).cloned();
+        let (site, resume) = {
+            let t = self.table.read().unwrap();
+            (t.sites.get(&rip).cloned(), t.slot_ends.get(&rip).cloned())
+        };
+        if let Some(slot) = resume {
+            return self.leave_slot(vcpu, vm, regs, &slot);
+        }
         let Some(site) = site else {
             return self.not_ours(vcpu, vm, rip);
         };
@@ -1381,6 +1639,34 @@ impl BreakpointHandler for Engine {
                 .emulation_fallbacks
                 .fetch_add(1, Ordering::Relaxed);
         }
+        const RFLAGS_TF: u64 = 1 << 8;
+        const RFLAGS_IF: u64 = 1 << 9;
+        if let (Handling::OutOfLine, Some(sl)) = (site.handling, &site.slot) {
+            // (With TF set the guest's own #DB must see the real RIP: step instead.)
+            if regs.rflags & RFLAGS_TF == 0 {
+                // Interrupts stay masked in the slot, so no interrupt frame
+                // can ever point into it (it may be freed later).
+                let mut r = regs;
+                r.rip = sl.addr;
+                r.rflags &= !RFLAGS_IF;
+                self.xol_if[vcpu.index()].store(regs.rflags & RFLAGS_IF != 0, Ordering::SeqCst);
+                sl.in_flight.fetch_add(1, Ordering::SeqCst);
+                if vcpu.set_regs(&r).is_ok() {
+                    self.counters.out_of_line.fetch_add(1, Ordering::Relaxed);
+                    return BreakpointAction::Resume;
+                }
+                sl.in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         self.step_over(&site, vcpu, vm)
+    }
+}
+
+/// How strict a handling is: a site takes the strictest any probe asks for.
+fn rank(h: Handling) -> u8 {
+    match h {
+        Handling::Emulated => 0,
+        Handling::OutOfLine => 1,
+        Handling::SingleStep => 2,
     }
 }

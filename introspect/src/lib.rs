@@ -12,6 +12,7 @@ mod engine;
 pub mod events;
 pub mod paging;
 mod symbols;
+mod xol;
 
 pub use engine::{
     BatchError, Engine, EngineConfig, EngineStats, Handling, KernelSymbols, NoSymbols, ProbeError,

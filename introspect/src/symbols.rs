@@ -50,6 +50,24 @@ impl KernelSymbols for SymbolIndex {
     fn describe(&self, addr: u64) -> Option<String> {
         self.table.describe(addr).map(|s| s.to_string())
     }
+
+    fn scratch_ranges(&self) -> Vec<(u64, u64)> {
+        // Padding between a sized function and the next symbol is never run.
+        self.table
+            .symbols()
+            .windows(2)
+            .filter_map(|w| {
+                let end = w[0].addr + w[0].size?;
+                (w[0].is_text() && end < w[1].addr && w[1].addr - end < 4096)
+                    .then_some((end, w[1].addr))
+            })
+            .filter(|r| {
+                self.blacklist
+                    .as_ref()
+                    .is_none_or(|b| b.contains(r.0).is_none())
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

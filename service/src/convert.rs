@@ -26,6 +26,7 @@ pub(crate) fn probe_info(r: &introspect::ProbeInfo, m: &ProbeMeta) -> v1::ProbeI
         handling: match r.handling {
             Handling::Emulated => v1::HandlingMode::Emulate,
             Handling::SingleStep => v1::HandlingMode::SingleStep,
+            Handling::OutOfLine => v1::HandlingMode::OutOfLine,
         } as i32,
         maxactive: match r.kind {
             ProbeType::Kprobe => 0,

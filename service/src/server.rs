@@ -275,6 +275,7 @@ impl Inner {
             fetch: Some(pd),
             enabled: !def.create_disabled,
             force_single_step: false,
+            force_out_of_line: false,
             definition: line,
         };
         Ok(Prepared { request, meta })

@@ -95,46 +95,30 @@ pub fn functions() -> Vec<(String, u64, u64)> {
     v
 }
 
-/// The engine's view of test-guest symbols, from the ELF.
-pub struct GuestSymbols {
-    funcs: Vec<(String, u64, u64)>,
-    pub blacklist: Vec<String>,
+/// The engine's view of test-guest symbols (guest-symbols over the ELF),
+/// with `entry_SYSCALL_64` blacklisted as on Linux.
+pub fn guest_symbols() -> introspect::SymbolIndex {
+    let image = guest_symbols::KernelImage::open(test_guest::kernel_path()).unwrap();
+    let table = image.symbols().unwrap();
+    let entry = symbol(test_guest::SYSCALL_ENTRY_SYMBOL);
+    let blacklist = guest_symbols::Blacklist::from_entries(&table, &[entry]);
+    introspect::SymbolIndex::new(table, Some(blacklist))
 }
 
-impl GuestSymbols {
-    pub fn new() -> Self {
-        Self {
-            funcs: functions(),
-            blacklist: vec![test_guest::SYSCALL_ENTRY_SYMBOL.to_string()],
+/// Offset of the first `lock`-prefixed instruction in `func` (the counter
+/// increment): an instruction the emulator refuses.
+pub fn first_locked_insn(mem: &dyn guest_access::GuestMemory, func: &str) -> u64 {
+    let start = symbol(func);
+    let mut code = vec![0u8; 256];
+    mem.read_phys(phys(start), &mut code).unwrap();
+    let mut off = 0usize;
+    loop {
+        let d = insn_emu::prepare(&code[off..], start + off as u64).unwrap();
+        if d.bytes()[0] == 0xf0 {
+            return start + off as u64;
         }
-    }
-
-    /// A byte after a function's end and before the next symbol: padding the
-    /// guest never executes, usable as the kretprobe return trap.
-    pub fn return_trap(&self) -> u64 {
-        for w in self.funcs.windows(2) {
-            let end = w[0].1 + w[0].2;
-            if end < w[1].1 && w[0].0.starts_with("hv_") {
-                return end;
-            }
-        }
-        panic!("no padding between test-guest functions");
-    }
-}
-
-impl introspect::KernelSymbols for GuestSymbols {
-    fn function_at(&self, addr: u64) -> Option<(String, u64, u64)> {
-        self.funcs
-            .iter()
-            .find(|f| addr >= f.1 && addr < f.1 + f.2)
-            .map(|f| (f.0.clone(), f.1, f.1 + f.2))
-    }
-
-    fn blacklisted(&self, addr: u64) -> Option<String> {
-        let (name, _, _) = self.function_at(addr)?;
-        self.blacklist
-            .contains(&name)
-            .then(|| format!("{name} is on the kprobe blacklist (entry code)"))
+        off += d.len();
+        assert!(off < 200, "no lock prefix in {func}");
     }
 }
 
