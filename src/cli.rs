@@ -240,7 +240,11 @@ pub fn arm(server: &ServerArg, on: bool) -> Result<u8> {
     runtime()?.block_on(async {
         let mut c = connect(server).await?;
         let was = if on {
-            c.arm(v1::ArmRequest {}).await.map_err(status)?.into_inner().was_armed
+            c.arm(v1::ArmRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .was_armed
         } else {
             c.disarm(v1::DisarmRequest {})
                 .await
@@ -262,10 +266,14 @@ pub fn info(server: &ServerArg) -> Result<u8> {
             .map_err(status)?
             .into_inner();
         let st = v1::GuestState::try_from(i.state).map_or("?".into(), |s| {
-            s.as_str_name().trim_start_matches("GUEST_STATE_").to_lowercase()
+            s.as_str_name()
+                .trim_start_matches("GUEST_STATE_")
+                .to_lowercase()
         });
         let src = v1::SymbolSource::try_from(i.symbol_source).map_or("?".into(), |s| {
-            s.as_str_name().trim_start_matches("SYMBOL_SOURCE_").to_lowercase()
+            s.as_str_name()
+                .trim_start_matches("SYMBOL_SOURCE_")
+                .to_lowercase()
         });
         println!("state:    {st}");
         println!("vcpus:    {}", i.vcpus);
@@ -274,7 +282,11 @@ pub fn info(server: &ServerArg) -> Result<u8> {
         println!(
             "kaslr:    slide {:#x} ({})",
             i.kaslr_slide,
-            if i.kaslr_verified { "verified" } else { "not verified" }
+            if i.kaslr_verified {
+                "verified"
+            } else {
+                "not verified"
+            }
         );
         println!(
             "symbols:  {} from {src} {}",
@@ -340,7 +352,9 @@ fn value_json(v: Option<&v1::Value>) -> Json {
         Some(Kind::String(s)) => json!(s.text),
         Some(Kind::Symbol(s)) if !s.symbol.is_empty() => json!(s.symbol),
         Some(Kind::Symbol(s)) => json!(format!("{:#x}", s.address)),
-        Some(Kind::Array(a)) => Json::Array(a.elements.iter().map(|e| value_json(Some(e))).collect()),
+        Some(Kind::Array(a)) => {
+            Json::Array(a.elements.iter().map(|e| value_json(Some(e))).collect())
+        }
         Some(Kind::Fault(f)) => json!({"fault": format!("{:#x}", f.address)}),
         None => Json::Null,
     }

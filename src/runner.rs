@@ -71,7 +71,10 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
             anyhow::anyhow!("--probe: {}{detail}", s.message())
         })?;
         for p in &created {
-            eprintln!("hvprobe: probe {} {}/{} at {}", p.id, p.group, p.event, p.location);
+            eprintln!(
+                "hvprobe: probe {} {}/{} at {}",
+                p.id, p.group, p.event, p.location
+            );
         }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -48,10 +48,17 @@ fn python_client_by_reflection_only() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");
-    assert!(out.status.success(), "python client failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "python client failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("ok: disabled"), "{stdout}");
     assert!(h.alive(), "the guest stopped");
     // Everything the client created is gone and the guest text is pristine.
     assert!(h.engine.list().is_empty());
-    assert_eq!(h.engine.subscriber_count(), 0, "cancelled stream left a queue");
+    assert_eq!(
+        h.engine.subscriber_count(),
+        0,
+        "cancelled stream left a queue"
+    );
 }

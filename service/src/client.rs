@@ -11,16 +11,25 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Connects to the server at `listen` (Unix socket or plain TCP).
 pub async fn connect(listen: &Listen) -> Result<HvProbeClient<Channel>, tonic::transport::Error> {
+    connect_with(listen, |e| e).await
+}
+
+/// Like [`connect`], with the endpoint adjusted first (e.g. HTTP/2 window
+/// sizes).
+pub async fn connect_with(
+    listen: &Listen,
+    configure: impl FnOnce(Endpoint) -> Endpoint,
+) -> Result<HvProbeClient<Channel>, tonic::transport::Error> {
     let channel = match listen {
         Listen::Tcp(addr) => {
-            Endpoint::from_shared(format!("http://{addr}"))?
+            configure(Endpoint::from_shared(format!("http://{addr}"))?)
                 .connect()
                 .await?
         }
         Listen::Unix(path) => {
             let path = path.clone();
             // The URI is required by the API but unused: the connector dials the socket.
-            Endpoint::from_static("http://localhost")
+            configure(Endpoint::from_static("http://localhost"))
                 .connect_with_connector(tower::service_fn(move |_| {
                     let path = path.clone();
                     async move {

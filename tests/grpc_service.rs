@@ -1,0 +1,295 @@
+//! The server over the test guest through a Rust tonic client: error
+//! mapping (codes, kernel-style codes, positions, batch rollback, limits)
+//! and a slow subscriber that must never slow the guest down.
+
+mod grpc_harness;
+
+use std::time::{Duration, Instant};
+
+use grpc_harness::*;
+use proto::v1::{self, subscribe_response::Payload};
+use tonic::Code;
+
+fn line(l: &str) -> v1::ProbeDefinition {
+    v1::ProbeDefinition {
+        definition: Some(v1::probe_definition::Definition::KprobeEvents(l.into())),
+        ..Default::default()
+    }
+}
+
+fn create(l: &str) -> v1::CreateProbeRequest {
+    v1::CreateProbeRequest {
+        definition: Some(line(l)),
+    }
+}
+
+#[test]
+fn errors_map_to_codes_with_positions() {
+    if !kvm_available() {
+        return;
+    }
+    let h = Harness::start(service::ServiceConfig {
+        max_probes: 3,
+        max_subscribers: 1,
+        ..Default::default()
+    });
+    h.rt.block_on(async {
+        let mut c = service::client::connect(&h.listen()).await.unwrap();
+        let err = |r: Result<tonic::Response<v1::CreateProbeResponse>, tonic::Status>| {
+            r.expect_err("must fail")
+        };
+
+        let s = err(c.create_probe(create("p:t/bad hv_open_file x=%rsi")).await);
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        let d = proto::definition_error_from_status(&s).expect("details");
+        assert_eq!(
+            (d.code.as_str(), d.position, d.arg_index),
+            ("BAD_REG_NAME", 23, Some(0))
+        );
+        assert!(
+            s.message().contains("at arg 1, position 23"),
+            "{}",
+            s.message()
+        );
+
+        let s = err(c.create_probe(create("p:t/nosym hv_nope")).await);
+        assert_eq!(s.code(), Code::NotFound, "{s:?}");
+        assert!(
+            s.message().contains("'hv_nope' not found at position 10"),
+            "{}",
+            s.message()
+        );
+
+        let s = err(c.create_probe(create("p:t/rv hv_fib r=$retval")).await);
+        assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+        assert_eq!(
+            proto::definition_error_from_status(&s).unwrap().code,
+            "RETVAL_ON_PROBE"
+        );
+
+        // hv_fib starts with a 5-byte nop: +1 is inside it.
+        let s = err(c.create_probe(create("p:t/mid hv_fib+1")).await);
+        assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+        let d = proto::definition_error_from_status(&s).unwrap();
+        assert_eq!((d.code.as_str(), d.position), ("BAD_INSN_BNDRY", 8));
+
+        let s = err(c.create_probe(create("r:t/ret hv_fib+5")).await);
+        assert!(
+            matches!(s.code(), Code::FailedPrecondition | Code::InvalidArgument),
+            "{s:?}"
+        );
+
+        let mut bad_filter = line("p:t/f hv_open_file dfd=%di:s32");
+        bad_filter.filter = "dfd == ".into();
+        let s = c
+            .create_probe(v1::CreateProbeRequest {
+                definition: Some(bad_filter),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        let d = proto::definition_error_from_status(&s).unwrap();
+        assert_eq!(d.text, "dfd == ");
+
+        let spec = v1::ProbeDefinition {
+            definition: Some(v1::probe_definition::Definition::Spec(
+                v1::ProbeSpec::default(),
+            )),
+            ..Default::default()
+        };
+        let s = c
+            .create_probe(v1::CreateProbeRequest {
+                definition: Some(spec),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("spec.location"), "{}", s.message());
+
+        // Batch: the second definition fails, the first is rolled back.
+        for (defs, code, idx) in [
+            (
+                ["p:t/a hv_add", "p:t/b hv_add x=%bogus"],
+                Code::InvalidArgument,
+                1,
+            ),
+            (
+                ["p:t/a hv_add", "p:t/b hv_fib+2"],
+                Code::FailedPrecondition,
+                1,
+            ),
+            (["p:t/a hv_add", "p:t/a hv_fib"], Code::AlreadyExists, 1),
+        ] {
+            let s = c
+                .create_probes(v1::CreateProbesRequest {
+                    definitions: defs.iter().map(|l| line(l)).collect(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(s.code(), code, "{defs:?}: {s:?}");
+            let d = proto::definition_error_from_status(&s).expect("batch details");
+            assert_eq!(d.batch_index, Some(idx), "{defs:?}");
+            assert!(h.engine.list().is_empty(), "{defs:?} left probes behind");
+        }
+
+        c.create_probe(create("p:t/one hv_add")).await.unwrap();
+        let s = err(c.create_probe(create("p:t/one hv_fib")).await);
+        assert_eq!(s.code(), Code::AlreadyExists, "{s:?}");
+        c.create_probe(create("p:t/two hv_fib")).await.unwrap();
+        c.create_probe(create("p:t/three hv_recurse"))
+            .await
+            .unwrap();
+        let s = err(c.create_probe(create("p:t/four hv_many_args")).await);
+        assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+
+        let s = c
+            .delete_probe(v1::DeleteProbeRequest {
+                probe: Some(v1::ProbeRef {
+                    r#ref: Some(v1::probe_ref::Ref::Id(999)),
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::NotFound);
+        let s = c
+            .enable_probe(v1::EnableProbeRequest {
+                probe: Some(v1::ProbeRef {
+                    r#ref: Some(v1::probe_ref::Ref::Name("t/nope".into())),
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::NotFound);
+
+        // Subscriber filter naming a field no selected probe has.
+        let s = c
+            .subscribe(v1::SubscribeRequest {
+                groups: vec!["t".into()],
+                filter: "path ~ \"/etc/*\"".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(
+            proto::definition_error_from_status(&s).unwrap().code,
+            "FIELD_NOT_FOUND"
+        );
+
+        let first = c.subscribe(v1::SubscribeRequest::default()).await.unwrap();
+        let s = c
+            .subscribe(v1::SubscribeRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+        drop(first);
+
+        let r = c
+            .resolve_symbol(v1::ResolveSymbolRequest {
+                query: Some(v1::resolve_symbol_request::Query::Symbol("hv_nope".into())),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(r.code(), Code::NotFound);
+    });
+}
+
+#[test]
+fn slow_subscriber_loses_counted_events_and_guest_keeps_pace() {
+    if !kvm_available() {
+        return;
+    }
+    let h = Harness::start(service::ServiceConfig::default());
+    // Small HTTP/2 windows, so a stalled reader backs up to the server
+    // within a few hundred events instead of megabytes.
+    let mut c =
+        h.rt.block_on(service::client::connect_with(&h.listen(), |e| {
+            e.initial_stream_window_size(16 * 1024)
+                .initial_connection_window_size(16 * 1024)
+        }))
+        .unwrap();
+    let probe =
+        h.rt.block_on(c.create_probe(create("p:slow/add hv_add a=%di b=%si")))
+            .unwrap()
+            .into_inner()
+            .probe
+            .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let base = h.rate("hv_add", Duration::from_secs(2));
+
+    let mut stream =
+        h.rt.block_on(c.subscribe(v1::SubscribeRequest {
+            probe_ids: vec![probe.id],
+            queue_capacity: 64,
+            max_batch_events: 16,
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    let first = h.rt.block_on(stream.message()).unwrap().unwrap();
+    assert!(
+        matches!(first.payload, Some(Payload::Started(_))),
+        "{first:?}"
+    );
+    // Stop reading: HTTP/2 flow control, the server's channel and the
+    // 64-event queue fill up; the engine must drop, not wait.
+    let stalled = h.rate("hv_add", Duration::from_secs(3));
+    println!("hv_add calls/s: {base:.0} without subscriber, {stalled:.0} with a stalled one");
+    assert!(base > 0.0);
+    assert!(
+        stalled >= 0.5 * base,
+        "the guest slowed down: {stalled:.0}/s against {base:.0}/s"
+    );
+    assert!(h.alive());
+
+    // No more events, then read everything that is left.
+    h.rt.block_on(c.disarm(v1::DisarmRequest {})).unwrap();
+    let (mut events, mut lost, mut lost_records, mut events_before_lost) = (0u64, 0u64, 0, 0);
+    h.rt.block_on(async {
+        loop {
+            let m = match tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
+                Err(_) | Ok(Ok(None)) => break, // idle for 2 s, or ended
+                Ok(Err(s)) => panic!("stream failed: {s:?}"),
+                Ok(Ok(Some(m))) => m,
+            };
+            match m.payload {
+                Some(Payload::Events(b)) => events += b.events.len() as u64,
+                Some(Payload::Lost(l)) => {
+                    lost += l.count;
+                    lost_records += 1;
+                    if events > 0 {
+                        events_before_lost += 1;
+                    }
+                    assert_eq!(l.reason, v1::LostReason::SubscriberQueueFull as i32);
+                }
+                other => panic!("unexpected message {other:?}"),
+            }
+        }
+    });
+    let stats = h.engine.stats();
+    let listed = h.engine.list();
+    println!(
+        "received {events} events, {lost} lost in {lost_records} records; engine dropped {}",
+        stats.events_dropped
+    );
+    assert!(lost > 0, "a stalled 64-event queue lost nothing");
+    assert!(events > 0 && events_before_lost > 0);
+    // The only subscriber: its drops are all the engine's drops.
+    assert_eq!(lost, stats.events_dropped);
+    assert_eq!(lost, listed[0].dropped);
+    // Every hit since the subscription was either delivered or counted lost.
+    assert!(events + lost <= listed[0].hits);
+
+    assert_eq!(h.engine.subscriber_count(), 1);
+    drop(stream);
+    drop(c);
+    let t = Instant::now();
+    while h.engine.subscriber_count() != 0 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        h.engine.subscriber_count(),
+        0,
+        "disconnected subscriber kept its queue"
+    );
+}
