@@ -11,6 +11,7 @@ mod acpi;
 mod control;
 mod cpu;
 mod devices;
+mod gaps;
 pub mod layout;
 mod loader;
 mod memory;
@@ -158,6 +159,7 @@ pub(crate) struct VcpuStats {
     pub breakpoints: AtomicU64,
     pub single_steps: AtomicU64,
     pub kicks: AtomicU64,
+    pub gaps: AtomicU64,
 }
 
 /// Exit counters summed over all vCPUs.
@@ -172,6 +174,8 @@ pub struct ExitStats {
     pub single_steps: u64,
     /// KVM_RUN interrupted by the host (pause, requests).
     pub kicks: u64,
+    /// Instructions KVM could not emulate that the VMM completed.
+    pub gap_instructions: u64,
 }
 
 /// State shared by the vCPU threads and the VM handle.
@@ -226,6 +230,7 @@ impl Shared {
             s.breakpoints += v.breakpoints.load(Ordering::Relaxed);
             s.single_steps += v.single_steps.load(Ordering::Relaxed);
             s.kicks += v.kicks.load(Ordering::Relaxed);
+            s.gap_instructions += v.gaps.load(Ordering::Relaxed);
         }
         s
     }

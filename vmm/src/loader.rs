@@ -131,7 +131,7 @@ pub fn load(
     rsdp: u64,
 ) -> Result<LoadedKernel, LoadError> {
     let mut file = open("kernel", kernel)?;
-    let mut magic = [0u8; 0x210];
+    let mut magic = [0u8; 0x270];
     let n = read_up_to(&mut file, &mut magic).map_err(|source| LoadError::Read {
         what: "kernel",
         path: kernel.to_owned(),
@@ -196,6 +196,12 @@ pub fn load(
             (r.kernel_load.0, r.kernel_end, entry, None)
         }
         KernelFormat::BzImage => {
+            if magic.len() < 0x268 {
+                return Err(kernel_err(format!(
+                    "bzImage setup header is truncated ({} bytes)",
+                    magic.len()
+                )));
+            }
             // The decompressor moves the kernel to pref_address and needs
             // init_size bytes there.
             let init_size = u32::from_le_bytes(magic[0x260..0x264].try_into().unwrap()) as u64;
@@ -409,6 +415,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(s.contains("command line is 5000 bytes"), "{s}");
+    }
+
+    #[test]
+    fn truncated_bzimage_header() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let mut img = vec![0u8; 0x210];
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        let p = tmp("bzshort", &img);
+        let s = load(&ram, &p, None, "", 0).unwrap_err().to_string();
+        assert!(s.contains("truncated"), "{s}");
     }
 
     #[test]

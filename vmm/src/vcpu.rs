@@ -14,12 +14,12 @@ use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 
 use crate::control::{self, Request};
 use crate::devices::PortAction;
+use crate::gaps;
 use crate::{RunOutcome, Shared};
 
 const BP_VECTOR: u8 = 3;
 const DB_VECTOR: u32 = 1;
 const INT3: u8 = 0xcc;
-const FWAIT: u8 = 0x9b;
 const EFER_LMA: u64 = 0x400;
 
 enum Next {
@@ -348,7 +348,7 @@ impl VcpuRunner {
     }
 
     fn emulation_failure(&mut self) -> Next {
-        let mut regs = self.fd.sync_regs().regs;
+        let regs = self.fd.sync_regs().regs;
         let rip = regs.rip;
         if self.shared.handler().owns_address(rip) {
             self.last_unexplained = None;
@@ -360,14 +360,7 @@ impl VcpuRunner {
                 self.last_unexplained = None;
                 self.breakpoint(TrapKind::EmulationFailure)
             }
-            Some(&FWAIT) => {
-                // The emulator lacks fwait; with no unmasked x87 exceptions
-                // pending it does nothing, so step over it.
-                regs.rip += 1;
-                self.fd.sync_regs_mut().regs = regs;
-                self.fd.set_sync_dirty_reg(SyncReg::Register);
-                Next::Continue
-            }
+            Some(_) if self.complete_gap(&code) => Next::Continue,
             _ => {
                 // A trap whose int3 was removed before we looked succeeds when
                 // retried; the same failure on the very next exit is real.
@@ -442,6 +435,38 @@ impl VcpuRunner {
                 .map_err(|e| self.kvm_err("KVM_SET_REGS", e))?;
         }
         Ok(())
+    }
+
+    /// Complete an instruction KVM's emulator lacks (see [`gaps`]).
+    fn complete_gap(&mut self, code: &[u8]) -> bool {
+        match gaps::complete(self, code) {
+            Ok(gaps::Gap::Completed(m)) => {
+                self.shared.stats[self.index]
+                    .gaps
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::trace!("vCPU {} completed {m:?} for KVM", self.index);
+                true
+            }
+            Ok(gaps::Gap::Unknown) => false,
+            Err(e) => {
+                tracing::warn!(
+                    "vCPU {}: cannot complete the instruction for KVM: {e}",
+                    self.index
+                );
+                false
+            }
+        }
+    }
+
+    fn gva_to_gpa(&mut self, gva: u64) -> Result<u64, String> {
+        let sregs = self.fd.sync_regs().sregs;
+        if sregs.cr0 & SystemRegs::CR0_PG == 0 {
+            return Ok(gva);
+        }
+        match self.fd.translate_gva(gva) {
+            Ok(t) if t.valid != 0 => Ok(t.physical_address),
+            _ => Err(format!("{gva:#x} is not mapped")),
+        }
     }
 
     /// True before the first KVM_RUN has filled kvm_run's register copy.
@@ -551,11 +576,9 @@ impl VcpuRunner {
                 Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
                 Ok(VcpuExit::MmioWrite(..)) => {}
                 Ok(VcpuExit::InternalError) => {
-                    let mut regs = self.fd.sync_regs().regs;
-                    if self.code_at(regs.rip).first() == Some(&FWAIT) {
-                        regs.rip += 1;
-                        self.fd.sync_regs_mut().regs = regs;
-                        self.fd.set_sync_dirty_reg(SyncReg::Register);
+                    let regs = self.fd.sync_regs().regs;
+                    let code = self.code_at(regs.rip);
+                    if self.complete_gap(&code) {
                         self.flush_dirty_regs()?;
                         return Ok(());
                     }
@@ -570,5 +593,64 @@ impl VcpuRunner {
             }
         }
         Err(fail("no #DB after 64 exits".into()))
+    }
+}
+
+impl gaps::GapCpu for VcpuRunner {
+    fn regs(&mut self) -> kvm_regs {
+        self.fd.sync_regs().regs
+    }
+
+    fn sregs(&mut self) -> kvm_bindings::kvm_sregs {
+        self.fd.sync_regs().sregs
+    }
+
+    fn set_regs(&mut self, regs: &kvm_regs) {
+        self.fd.sync_regs_mut().regs = *regs;
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
+    }
+
+    fn fpu(&mut self) -> Result<kvm_bindings::kvm_fpu, String> {
+        self.fd.get_fpu().map_err(|e| format!("KVM_GET_FPU: {e}"))
+    }
+
+    fn set_fpu(&mut self, fpu: &kvm_bindings::kvm_fpu) -> Result<(), String> {
+        self.fd
+            .set_fpu(fpu)
+            .map_err(|e| format!("KVM_SET_FPU: {e}"))
+    }
+
+    fn read_virt(&mut self, gva: u64, buf: &mut [u8]) -> Result<(), String> {
+        let mut done = 0;
+        while done < buf.len() {
+            let va = gva + done as u64;
+            let n = (buf.len() - done).min((0x1000 - (va & 0xfff)) as usize);
+            let gpa = self.gva_to_gpa(va)?;
+            self.shared
+                .ram
+                .read_phys(gpa, &mut buf[done..done + n])
+                .map_err(|e| e.to_string())?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_virt(&mut self, gva: u64, data: &[u8]) -> Result<(), String> {
+        // Translate every page first: all or nothing.
+        let mut pieces = Vec::new();
+        let mut done = 0;
+        while done < data.len() {
+            let va = gva + done as u64;
+            let n = (data.len() - done).min((0x1000 - (va & 0xfff)) as usize);
+            pieces.push((self.gva_to_gpa(va)?, done, n));
+            done += n;
+        }
+        for (gpa, off, n) in pieces {
+            self.shared
+                .ram
+                .write_phys(gpa, &data[off..off + n])
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 }
