@@ -42,8 +42,10 @@ fn load_symbols(kernel: &Path, system_map: Option<&Path>) -> Result<Symbols> {
 /// return the process exit code that reflects the guest's fate.
 pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
     let started = Instant::now();
-    let symbols = Arc::new(load_symbols(&config.kernel, opts.system_map.as_deref())?);
+    // Create the VM first: a bad kernel, memory size or KVM device is the
+    // one error the user sees, not a symbol warning before it.
     let vm = vmm::Vm::create(&config)?;
+    let symbols = Arc::new(load_symbols(&config.kernel, opts.system_map.as_deref())?);
     let control = vm.control();
     let engine = Engine::new(
         control.clone(),

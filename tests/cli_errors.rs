@@ -37,6 +37,11 @@ fn missing_kernel_file() {
     let (code, err) = hvprobe(&["run", "--kernel", "/nonexistent/vmlinux"]);
     assert_ne!(code, 0);
     assert_one_line_error(&err, "cannot open kernel /nonexistent/vmlinux");
+    assert_eq!(
+        err.matches("os error 2").count(),
+        1,
+        "cause repeated: {err}"
+    );
 }
 
 #[test]

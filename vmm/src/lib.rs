@@ -333,11 +333,11 @@ impl Vm {
             });
         }
         // Check the kernel file before touching KVM, so a typo is reported as such.
-        if let Err(source) = std::fs::metadata(&config.kernel) {
+        if let Err(cause) = std::fs::metadata(&config.kernel) {
             return Err(LoadError::Open {
                 what: "kernel",
                 path: config.kernel.clone(),
-                source,
+                cause,
             }
             .into());
         }

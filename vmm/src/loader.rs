@@ -41,17 +41,19 @@ pub enum KernelFormat {
 /// A kernel/initrd/command-line problem, naming the file and the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot open {what} {path}: {source}")]
+    // The I/O error is part of the message, not a `source`, so that error
+    // chains print it once.
+    #[error("cannot open {what} {path}: {cause}")]
     Open {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("cannot read {what} {path}: {source}")]
+    #[error("cannot read {what} {path}: {cause}")]
     Read {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path} is neither an ELF vmlinux nor a bzImage (first bytes {magic})")]
     UnknownFormat { path: PathBuf, magic: String },
@@ -70,16 +72,16 @@ pub enum LoadError {
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, LoadError> {
-    let f = File::open(path).map_err(|source| LoadError::Open {
+    let f = File::open(path).map_err(|cause| LoadError::Open {
         what,
         path: path.to_owned(),
-        source,
+        cause,
     })?;
     if f.metadata().map(|m| m.is_dir()).unwrap_or(false) {
         return Err(LoadError::Open {
             what,
             path: path.to_owned(),
-            source: std::io::Error::other("is a directory"),
+            cause: std::io::Error::other("is a directory"),
         });
     }
     Ok(f)
@@ -132,10 +134,10 @@ pub fn load(
 ) -> Result<LoadedKernel, LoadError> {
     let mut file = open("kernel", kernel)?;
     let mut magic = [0u8; 0x270];
-    let n = read_up_to(&mut file, &mut magic).map_err(|source| LoadError::Read {
+    let n = read_up_to(&mut file, &mut magic).map_err(|cause| LoadError::Read {
         what: "kernel",
         path: kernel.to_owned(),
-        source,
+        cause,
     })?;
     let magic = &magic[..n];
     let format = if magic.starts_with(b"\x7fELF") {
@@ -247,10 +249,10 @@ pub fn load(
         Some(path) => {
             let mut f = open("initrd", path)?;
             let mut data = Vec::new();
-            f.read_to_end(&mut data).map_err(|source| LoadError::Read {
+            f.read_to_end(&mut data).map_err(|cause| LoadError::Read {
                 what: "initrd",
                 path: path.to_owned(),
-                source,
+                cause,
             })?;
             let top = low_ram_end(ram).min(0x8000_0000);
             let addr = top.saturating_sub(data.len() as u64) & !0xfff;
