@@ -16,8 +16,15 @@ use guest_access::GuestMemory;
 use introspect::{Engine, EngineConfig, ProbeRequest, SymbolIndex, KERNEL_TEXT_MAP};
 use vmm::{RunOutcome, Vm, VmConfig};
 
+#[path = "bench_events.rs"]
+mod events;
+
 #[derive(clap::Args, Debug, Clone)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    /// Another benchmark instead of probe costs.
+    #[command(subcommand)]
+    pub what: Option<BenchWhat>,
     /// Iterations of each guest phase.
     #[arg(long, default_value_t = 20_000)]
     pub iters: u64,
@@ -30,6 +37,14 @@ pub struct BenchArgs {
     /// How many never-hit probes to arm for the exit-count check.
     #[arg(long, default_value_t = 100)]
     pub unhit: usize,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum BenchWhat {
+    /// Events/s delivered through the gRPC stream to a loopback client
+    /// (synthetic load on the engine's hit path) and the test guest's hit
+    /// rate in the same run.
+    Events(events::EventsArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,6 +187,9 @@ fn run_once(args: &BenchArgs, setup: Setup) -> Result<Sample> {
 
 /// Run the benchmark and print the figures.
 pub fn run(args: BenchArgs) -> Result<u8> {
+    if let Some(BenchWhat::Events(a)) = args.what {
+        return events::run(a);
+    }
     if args.iters == 0 || args.rounds == 0 {
         bail!("--iters and --rounds must be at least 1");
     }

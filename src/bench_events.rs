@@ -1,0 +1,590 @@
+//! `hvprobe bench events`: events/s delivered through the gRPC stream to a
+//! client on loopback, and the test guest's hit rate in the same run.
+//!
+//! The test guest alone produces a few thousand hits/s here (its kernel code
+//! is emulated), far too few to load the delivery path. So N producer
+//! threads drive the engine's real hit path against an in-process fake vCPU:
+//! each call of `Engine::on_breakpoint` finds the planted site, evaluates the
+//! probe's fetch arguments from fake guest memory, emulates the displaced
+//! `nop5` and publishes the event into the subscriber queues, exactly as for
+//! a guest hit. A real server (`HvProbeService` behind `listen::bind`)
+//! streams them to a real tonic client, which counts events and lost
+//! records. The real test guest runs at the same time with a probe on
+//! `hv_add`, served and subscribed the same way.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use guest_access::{
+    AccessError, BreakpointAction, BreakpointHandler, GuestMemory, Regs, StopGuard, SystemRegs,
+    TrapKind, Vcpu, VcpuTask, VmControl,
+};
+use introspect::{Engine, EngineConfig, KERNEL_TEXT_MAP};
+use proto::v1::{self, subscribe_response::Payload};
+use service::{Guest, HvProbeService, Listen, ServiceConfig, Symbols, TlsFiles};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct EventsArgs {
+    /// Length of the measured window.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Threads calling the engine's breakpoint handler in a loop.
+    #[arg(long, default_value_t = 1)]
+    pub producers: usize,
+    /// Events per stream message (the subscription's max_batch_events).
+    #[arg(long, default_value_t = 4096)]
+    pub batch: u32,
+    /// Engine-side queue of the subscription, in events.
+    #[arg(long, default_value_t = 65536)]
+    pub queue: u32,
+    /// Where the servers listen: `tcp` (127.0.0.1, any port) or `unix`.
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "unix"])]
+    pub transport: String,
+    /// Skip the real test guest (synthetic load only).
+    #[arg(long)]
+    pub no_guest: bool,
+}
+
+/// Guest-physical layout of the fake: the probed `nop5` (+ `ret`) and the
+/// string the probe fetches.
+const TEXT_GPA: u64 = 0x1000;
+const STRING_GPA: u64 = 0x2000;
+const FAKE_RAM: usize = 0x10000;
+const PATH: &[u8] = b"/etc/hvprobe/bench.conf";
+const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+
+/// Flat guest RAM. Bytes are atomics so that the engine's writes (planting)
+/// and the producers' reads need no lock, like real guest RAM.
+struct FakeMemory {
+    bytes: Box<[AtomicU8]>,
+}
+
+impl FakeMemory {
+    fn range(&self, gpa: u64, len: usize) -> Result<std::ops::Range<usize>, AccessError> {
+        let out = AccessError::OutOfRam { gpa, len };
+        let start = usize::try_from(gpa).map_err(|_| out.clone())?;
+        let end = start.checked_add(len).ok_or(out.clone())?;
+        if end > self.bytes.len() {
+            return Err(out);
+        }
+        Ok(start..end)
+    }
+}
+
+impl GuestMemory for FakeMemory {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError> {
+        let r = self.range(gpa, buf.len())?;
+        for (b, m) in buf.iter_mut().zip(&self.bytes[r]) {
+            *b = m.load(Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), AccessError> {
+        let r = self.range(gpa, data.len())?;
+        for (b, m) in data.iter().zip(&self.bytes[r]) {
+            m.store(*b, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn ram_end(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+}
+
+/// A VM whose vCPUs are the producer threads' [`FakeVcpu`]s: nothing runs
+/// guest code on its own, so there is nobody to stop.
+struct FakeVm {
+    mem: FakeMemory,
+    vcpus: usize,
+}
+
+impl FakeVm {
+    fn new(vcpus: usize) -> Result<Arc<Self>> {
+        let vm = FakeVm {
+            mem: FakeMemory {
+                bytes: (0..FAKE_RAM).map(|_| AtomicU8::new(0)).collect(),
+            },
+            vcpus,
+        };
+        vm.mem.write_phys(TEXT_GPA, &NOP5)?;
+        vm.mem.write_phys(TEXT_GPA + 5, &[0xc3])?;
+        vm.mem.write_phys(STRING_GPA, PATH)?;
+        Ok(Arc::new(vm))
+    }
+}
+
+impl VmControl for FakeVm {
+    fn memory(&self) -> &dyn GuestMemory {
+        &self.mem
+    }
+
+    fn vcpu_count(&self) -> usize {
+        self.vcpus
+    }
+
+    fn stop_others(&self, _except: Option<usize>) -> StopGuard<'_> {
+        StopGuard::new(|| {})
+    }
+
+    fn with_vcpu(&self, index: usize, _f: VcpuTask) -> Result<(), AccessError> {
+        // No vCPU thread: the engine then treats the guest as not yet booted
+        // (paging off, kernel text at its link address).
+        Err(AccessError::VcpuGone(index))
+    }
+}
+
+/// A vCPU stopped at the probe, paging off.
+struct FakeVcpu {
+    index: usize,
+    regs: Regs,
+}
+
+impl Vcpu for FakeVcpu {
+    fn index(&self) -> usize {
+        self.index
+    }
+    fn regs(&mut self) -> Result<Regs, AccessError> {
+        Ok(self.regs)
+    }
+    fn set_regs(&mut self, regs: &Regs) -> Result<(), AccessError> {
+        self.regs = *regs;
+        Ok(())
+    }
+    fn system_regs(&mut self) -> Result<SystemRegs, AccessError> {
+        Ok(SystemRegs::default())
+    }
+    fn single_step(&mut self) -> Result<(), AccessError> {
+        Err(AccessError::StepFailed {
+            vcpu: self.index,
+            rip: self.regs.rip,
+            why: "the benchmark's fake vCPU cannot execute".into(),
+        })
+    }
+}
+
+/// What a client saw on one stream.
+#[derive(Default)]
+struct Counts {
+    events: AtomicU64,
+    lost: AtomicU64,
+    messages: AtomicU64,
+    /// Events whose content did not match what the probe must produce.
+    bad: AtomicU64,
+    /// The stream ended or failed.
+    ended: AtomicBool,
+}
+
+impl Counts {
+    fn snapshot(&self) -> (u64, u64) {
+        (
+            self.events.load(Ordering::Relaxed),
+            self.lost.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// One server: an engine, the gRPC service over it, and where it listens.
+struct Server {
+    engine: Arc<Engine>,
+    listen: Listen,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn serve(
+    rt: &tokio::runtime::Runtime,
+    engine: Arc<Engine>,
+    symbols: Arc<Symbols>,
+    vm: Arc<dyn VmControl>,
+    transport: &str,
+    name: &str,
+) -> Result<Server> {
+    let guest = Guest::new(vm);
+    guest.set_state(v1::GuestState::Running);
+    let svc = HvProbeService::new(engine.clone(), symbols, guest, ServiceConfig::default());
+    let want = match transport {
+        "unix" => Listen::Unix(
+            std::env::temp_dir().join(format!("hvprobe-bench-{}-{name}.sock", std::process::id())),
+        ),
+        _ => Listen::Tcp(([127, 0, 0, 1], 0).into()),
+    };
+    let bound = rt
+        .block_on(service::listen::bind(&want, &TlsFiles::default()))
+        .with_context(|| format!("listening on {want}"))?;
+    let listen = bound.local();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    rt.spawn(async move {
+        if let Err(e) = bound
+            .serve(svc, async {
+                let _ = rx.await;
+            })
+            .await
+        {
+            eprintln!("hvprobe bench: server error: {e}");
+        }
+    });
+    Ok(Server {
+        engine,
+        listen,
+        stop,
+    })
+}
+
+type Client = proto::v1::hv_probe_client::HvProbeClient<tonic::transport::Channel>;
+
+async fn connect(listen: &Listen) -> Result<Client> {
+    // Large HTTP/2 windows: the default 64 KiB stream window would cap
+    // the stream at one window per round trip.
+    service::client::connect_with(listen, |e| {
+        e.initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(16 << 20)
+    })
+    .await
+    .with_context(|| format!("connecting to {listen}"))
+}
+
+/// Creates a probe through the API and subscribes to its events; returns
+/// the probe id and the stream.
+async fn probe_and_subscribe(
+    client: &mut Client,
+    definition: &str,
+    args: &EventsArgs,
+) -> Result<(u64, tonic::Streaming<v1::SubscribeResponse>)> {
+    let probe = client
+        .create_probe(v1::CreateProbeRequest {
+            definition: Some(v1::ProbeDefinition {
+                definition: Some(v1::probe_definition::Definition::KprobeEvents(
+                    definition.into(),
+                )),
+                ..Default::default()
+            }),
+        })
+        .await
+        .map_err(|s| anyhow!("creating probe '{definition}': {}", s.message()))?
+        .into_inner()
+        .probe
+        .ok_or_else(|| anyhow!("creating probe '{definition}': no probe in the answer"))?;
+    let mut stream = client
+        .subscribe(v1::SubscribeRequest {
+            probe_ids: vec![probe.id],
+            max_batch_events: args.batch,
+            queue_capacity: args.queue,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| anyhow!("subscribing: {}", s.message()))?
+        .into_inner();
+    match stream.message().await {
+        Ok(Some(v1::SubscribeResponse {
+            payload: Some(Payload::Started(_)),
+        })) => Ok((probe.id, stream)),
+        other => bail!("subscription did not start: {other:?}"),
+    }
+}
+
+/// Counts a stream's events and lost records; `check` validates events.
+async fn count(
+    mut stream: tonic::Streaming<v1::SubscribeResponse>,
+    counts: Arc<Counts>,
+    check: impl Fn(&v1::Event) -> bool + Send,
+) {
+    loop {
+        match stream.message().await {
+            Ok(Some(m)) => {
+                counts.messages.fetch_add(1, Ordering::Relaxed);
+                match m.payload {
+                    Some(Payload::Events(b)) => {
+                        // Checking one event per batch keeps the client's own
+                        // cost out of the way while still catching garbage.
+                        if b.events.first().is_some_and(|e| !check(e)) {
+                            counts.bad.fetch_add(1, Ordering::Relaxed);
+                        }
+                        counts
+                            .events
+                            .fetch_add(b.events.len() as u64, Ordering::Relaxed);
+                    }
+                    Some(Payload::Lost(l)) => {
+                        counts.lost.fetch_add(l.count, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+            Ok(None) => break,
+            Err(s) => {
+                eprintln!("hvprobe bench: stream failed: {s}");
+                break;
+            }
+        }
+    }
+    counts.ended.store(true, Ordering::SeqCst);
+}
+
+/// The kernel-style text of argument `name` of `e`.
+fn arg_text<'a>(e: &'a v1::Event, name: &str) -> Option<&'a str> {
+    e.args
+        .iter()
+        .find(|a| a.name == name)
+        .map(|a| a.text.as_str())
+}
+
+/// The producers' loop: hit the probe until told to stop.
+fn produce(
+    engine: Arc<Engine>,
+    vm: Arc<FakeVm>,
+    index: usize,
+    stop: Arc<AtomicBool>,
+    hits: Arc<AtomicU64>,
+) -> Result<()> {
+    let addr = KERNEL_TEXT_MAP + TEXT_GPA;
+    let at_probe = Regs {
+        rip: addr,
+        rdi: 3,
+        rsi: STRING_GPA,
+        rdx: 0x8000 + index as u64,
+        rsp: 0x8000,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    let mut vcpu = FakeVcpu {
+        index,
+        regs: at_probe,
+    };
+    let mut local = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        for _ in 0..256 {
+            vcpu.regs = at_probe;
+            let action = engine.on_breakpoint(&mut vcpu, &*vm, TrapKind::EmulationFailure);
+            if action != BreakpointAction::Resume || vcpu.regs.rip != addr + NOP5.len() as u64 {
+                bail!(
+                    "producer {index}: the hit was not handled as an emulated nop5 ({action:?}, RIP {:#x})",
+                    vcpu.regs.rip
+                );
+            }
+        }
+        local += 256;
+        hits.fetch_add(256, Ordering::Relaxed);
+    }
+    tracing::debug!("producer {index}: {local} hits");
+    Ok(())
+}
+
+fn rate(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+/// Run the benchmark and print the figures.
+pub fn run(args: EventsArgs) -> Result<u8> {
+    if args.producers == 0 || !(args.seconds > 0.0) || args.batch == 0 {
+        bail!("--producers, --seconds and --batch must be above 0");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+
+    // Synthetic load: an engine over the fake VM.
+    let fake = FakeVm::new(args.producers)?;
+    let fake_symbols = Arc::new(Symbols::none());
+    let fake_engine = Engine::new(
+        fake.clone(),
+        fake_symbols.clone(),
+        EngineConfig::for_vcpus(args.producers),
+    );
+    let synth = serve(
+        &rt,
+        fake_engine.clone(),
+        fake_symbols,
+        fake.clone(),
+        &args.transport,
+        "synthetic",
+    )?;
+
+    // The real test guest, with its own engine and server.
+    let mut guest = None;
+    if !args.no_guest {
+        let symbols = Arc::new(
+            Symbols::from_vmlinux(test_guest::kernel_path()).context("test guest symbols")?,
+        );
+        let mut config = vmm::VmConfig::new(test_guest::kernel_path());
+        config.vcpus = 2;
+        config.memory_mib = 128;
+        config.cmdline = test_guest::cmdline(None, None, true);
+        config.serial = vmm::SerialOutput::Discard;
+        let vm = vmm::Vm::create(&config)?;
+        let control = vm.control();
+        let engine = Engine::new(control.clone(), symbols.clone(), EngineConfig::for_vcpus(2));
+        let server = serve(&rt, engine, symbols, control, &args.transport, "guest")?;
+        guest = Some((vm, server));
+    }
+
+    let synth_counts = Arc::new(Counts::default());
+    let guest_counts = Arc::new(Counts::default());
+    let probe_line = format!(
+        "p:bench/open {:#x} dfd=%di:s32 path=+0(%si):string flags=%dx:x32",
+        KERNEL_TEXT_MAP + TEXT_GPA
+    );
+    let (synth_probe, guest_probe) = rt.block_on(async {
+        let mut c = connect(&synth.listen).await?;
+        let (id, stream) = probe_and_subscribe(&mut c, &probe_line, &args).await?;
+        let want_path = format!("\"{}\"", String::from_utf8_lossy(PATH));
+        tokio::spawn(count(stream, synth_counts.clone(), move |e| {
+            arg_text(e, "path") == Some(want_path.as_str()) && arg_text(e, "dfd") == Some("3")
+        }));
+        let mut guest_probe = None;
+        if let Some((_, server)) = &guest {
+            let mut g = connect(&server.listen).await?;
+            let (gid, gstream) =
+                probe_and_subscribe(&mut g, "p:bench/add hv_add a=%di b=%si", &args).await?;
+            tokio::spawn(count(gstream, guest_counts.clone(), move |e| {
+                e.probe_id == gid && e.args.len() == 2
+            }));
+            guest_probe = Some(gid);
+        }
+        anyhow::Ok((id, guest_probe))
+    })?;
+
+    // Start the guest now that its probe is planted and subscribed.
+    let mut running = None;
+    let mut guest_server = None;
+    if let Some((vm, server)) = guest {
+        running = Some(vm.start(server.engine.clone())?);
+        guest_server = Some(server);
+        // Let the guest boot and reach its loop.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let produced = Arc::new(AtomicU64::new(0));
+    let producers: Vec<_> = (0..args.producers)
+        .map(|i| {
+            let (e, vm, s, h) = (
+                fake_engine.clone(),
+                fake.clone(),
+                stop.clone(),
+                produced.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("producer{i}"))
+                .spawn(move || produce(e, vm, i, s, h))
+        })
+        .collect::<std::io::Result<_>>()?;
+
+    // Warm up, then measure over the window.
+    std::thread::sleep(Duration::from_millis(300));
+    let guest_hits = |g: &Option<Server>| -> u64 {
+        g.as_ref()
+            .map_or(0, |s| s.engine.list().iter().map(|p| p.hits).sum())
+    };
+    let t0 = Instant::now();
+    let (p0, s0, g0, gh0) = (
+        produced.load(Ordering::Relaxed),
+        synth_counts.snapshot(),
+        guest_counts.snapshot(),
+        guest_hits(&guest_server),
+    );
+    std::thread::sleep(Duration::from_secs_f64(args.seconds));
+    let window = t0.elapsed();
+    let (p1, s1, g1, gh1) = (
+        produced.load(Ordering::Relaxed),
+        synth_counts.snapshot(),
+        guest_counts.snapshot(),
+        guest_hits(&guest_server),
+    );
+    stop.store(true, Ordering::SeqCst);
+    for p in producers {
+        p.join()
+            .map_err(|_| anyhow!("a producer thread panicked"))??;
+    }
+
+    // Everything published must arrive or be counted lost.
+    let published = fake_engine.stats().hits;
+    let t = Instant::now();
+    loop {
+        let (e, l) = synth_counts.snapshot();
+        if e + l >= published || t.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (synth_events, synth_lost) = synth_counts.snapshot();
+    let engine_dropped = fake_engine.stats().events_dropped;
+
+    let synth_rate = rate(s1.0 - s0.0, window);
+    let guest_rate = rate(g1.0 - g0.0, window);
+    println!(
+        "hvprobe bench events: {} producer thread(s), batch {}, queue {}, {} transport, {:.1} s window",
+        args.producers,
+        args.batch,
+        args.queue,
+        args.transport,
+        window.as_secs_f64()
+    );
+    println!(
+        "  producer hit rate (engine hit path, fake vCPU): {:>12.0} hits/s",
+        rate(p1 - p0, window)
+    );
+    println!(
+        "  events received by the client, synthetic:      {:>12.0} events/s ({} lost in the window)",
+        synth_rate,
+        s1.1 - s0.1
+    );
+    if let Some(gp) = guest_probe {
+        println!(
+            "  guest hit rate (hv_add, 2 vCPUs):               {:>12.0} hits/s",
+            rate(gh1 - gh0, window)
+        );
+        println!(
+            "  events received by the client, guest:          {:>12.0} events/s ({} lost in the window; probe {gp})",
+            guest_rate,
+            g1.1 - g0.1
+        );
+    }
+    println!(
+        "  total received:                                 {:>12.0} events/s (target >= 1000000{})",
+        synth_rate + guest_rate,
+        if synth_rate + guest_rate >= 1e6 {
+            ""
+        } else {
+            ": NOT REACHED"
+        }
+    );
+    let accounted = synth_events + synth_lost == published && synth_lost == engine_dropped;
+    println!(
+        "  synthetic totals: {published} published, {synth_events} received + {synth_lost} lost ({}); engine dropped {engine_dropped}; {} stream messages",
+        if accounted { "all accounted for" } else { "MISMATCH" },
+        synth_counts.messages.load(Ordering::Relaxed)
+    );
+    let bad = synth_counts.bad.load(Ordering::Relaxed) + guest_counts.bad.load(Ordering::Relaxed);
+    let guest_ok = guest_probe.is_none() || g1.0 > g0.0;
+    if bad > 0 {
+        println!("  {bad} batch(es) carried events with wrong content");
+    }
+    if !guest_ok {
+        println!("  no guest events arrived in the window");
+    }
+    if let Some(r) = running {
+        r.stop();
+        let _ = r.wait();
+    }
+    let _ = synth.stop.send(());
+    if let Some(s) = guest_server {
+        let _ = s.stop.send(());
+        if let Listen::Unix(p) = &s.listen {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    if let Listen::Unix(p) = &synth.listen {
+        let _ = std::fs::remove_file(p);
+    }
+    rt.shutdown_timeout(Duration::from_secs(1));
+    tracing::debug!("synthetic probe {synth_probe}");
+    Ok(if accounted && bad == 0 && guest_ok {
+        0
+    } else {
+        1
+    })
+}
