@@ -162,6 +162,8 @@ fn enable_disable_flipped_while_running() {
         return;
     }
     let mut s = setup(2, &test_guest::cmdline(None, None, true));
+    // Where the guest counts a call (read before any int3 is planted).
+    let increment = first_locked_insn(s.control.memory(), "hv_add");
     let steady = s
         .engine
         .register(ProbeRequest::kprobe("t/steady", symbol("hv_add")))
@@ -186,12 +188,29 @@ fn enable_disable_flipped_while_running() {
         flips += 1;
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Freeze the guest to compare counters with hits.
+    // Freeze the guest to compare counters with hits. A vCPU parked between
+    // the probe (function entry) and the guest's own counter increment has
+    // been counted by the probe but not yet by the guest.
     let world = s.control.stop_others(None);
     let list = s.engine.list();
     let mem = s.control.memory();
     let get = |id| list.iter().find(|p| p.id == id).unwrap().hits;
-    let add_calls = guest_counter(mem, "hv_add");
+    let entry = symbol("hv_add");
+    let mut in_flight = 0;
+    for v in 0..s.control.vcpu_count() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        s.control
+            .with_vcpu(
+                v,
+                Box::new(move |c| tx.send(c.regs().unwrap().rip).unwrap()),
+            )
+            .unwrap();
+        let rip = rx.recv().unwrap();
+        if rip > entry && rip <= increment {
+            in_flight += 1;
+        }
+    }
+    let add_calls = guest_counter(mem, "hv_add") + in_flight;
     let fib_calls = guest_counter(mem, "hv_fib");
     drop(world);
     running.stop();
