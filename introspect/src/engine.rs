@@ -18,7 +18,10 @@ use guest_access::{
 use insn_emu::Displaced;
 use probe_spec::{ArgValue, EntryArgs, EvalOptions, Fault, FetchContext, ProbeDef, Reg};
 
-use crate::events::{Event, EventBus, EventFilter, EventKind, ProbeId, Subscription, Waker};
+use crate::events::{
+    Event, EventBus, EventFilter, EventKind, Interest, ProbeId, SubscribeOptions, Subscription,
+    Waker,
+};
 use crate::paging::{Access, GuestVirt};
 use crate::xol::{self, Scratch};
 
@@ -491,7 +494,17 @@ impl Engine {
         filter: Option<EventFilter>,
         waker: Option<Waker>,
     ) -> Subscription {
-        self.bus.subscribe(capacity, filter, waker)
+        self.bus.subscribe(SubscribeOptions {
+            capacity,
+            select: None,
+            filter,
+            waker,
+        })
+    }
+
+    /// Subscribe with a probe selector; see [`SubscribeOptions`].
+    pub fn subscribe_with(&self, opts: SubscribeOptions) -> Subscription {
+        self.bus.subscribe(opts)
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -1247,10 +1260,29 @@ impl Engine {
     // ---- the hit path (vCPU threads) ----
 
     fn publish(&self, probe: &Probe, ev: Event) {
-        let dropped = self.bus.publish(&ev);
+        let dropped = self.bus.publish(ev);
+        self.count_dropped(probe, dropped);
+    }
+
+    fn count_dropped(&self, probe: &Probe, dropped: u64) {
         if dropped > 0 {
             probe.dropped.fetch_add(dropped, Ordering::Relaxed);
             self.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a hit of `probe` is worth fetching. A hit that only finds full
+    /// queues is counted lost here, unfetched, and still takes a sequence
+    /// number so that gaps keep meaning losses.
+    fn wants_event(&self, probe: &Probe) -> bool {
+        match self.bus.interest(probe.id) {
+            Interest::Fetch => true,
+            Interest::Nobody => false,
+            Interest::Dropped(n) => {
+                self.counters.seq.fetch_add(1, Ordering::Relaxed);
+                self.count_dropped(probe, n);
+                false
+            }
         }
     }
 
@@ -1261,7 +1293,7 @@ impl Engine {
     }
 
     fn kprobe_hit(&self, probe: &Probe, ctx: &HitContext<'_>, vcpu: u32) {
-        if !self.bus.has_subscribers() {
+        if !self.wants_event(probe) {
             return;
         }
         let args = match &probe.fetch {
@@ -1415,7 +1447,7 @@ impl Engine {
                 symbols: &*self.symbols,
             };
             for i in &instances {
-                if !i.probe.registered.load(Ordering::SeqCst) {
+                if !i.probe.registered.load(Ordering::SeqCst) || !self.wants_event(&i.probe) {
                     continue;
                 }
                 let args = match &i.probe.fetch {

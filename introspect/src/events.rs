@@ -49,18 +49,86 @@ pub struct Event {
     pub args: Vec<ArgValue>,
 }
 
-/// Selects events for a subscriber; runs on the vCPU thread, so keep it cheap.
+/// Selects events for a subscriber by their content; runs on the vCPU
+/// thread after the probe's arguments were fetched, so keep it cheap.
 pub type EventFilter = Box<dyn Fn(&Event) -> bool + Send + Sync>;
+/// Selects events for a subscriber by probe alone, before anything is
+/// fetched (e.g. the probe ids or groups a client asked for).
+pub type ProbeSelector = Box<dyn Fn(ProbeId) -> bool + Send + Sync>;
 /// Called after an event is queued (e.g. to wake an async task).
 pub type Waker = Box<dyn Fn() + Send + Sync>;
+
+/// How to subscribe.
+///
+/// With a `select`or, interest is known before a hit's arguments are
+/// fetched: a hit of a selected probe that finds the queue full is counted
+/// lost without fetching and without running `filter` (like the kernel's
+/// ring buffer, which drops before filtering), and hits of probes nobody
+/// selected are not fetched at all. Without one, `filter` alone decides, so
+/// every hit is fetched while this subscriber exists and a full queue counts
+/// only the events `filter` accepts.
+pub struct SubscribeOptions {
+    /// Queue size in events (at least 1).
+    pub capacity: usize,
+    pub select: Option<ProbeSelector>,
+    pub filter: Option<EventFilter>,
+    pub waker: Option<Waker>,
+}
+
+impl SubscribeOptions {
+    /// Every event, no waker.
+    pub fn new(capacity: usize) -> Self {
+        SubscribeOptions {
+            capacity,
+            select: None,
+            filter: None,
+            waker: None,
+        }
+    }
+}
 
 pub(crate) struct SubscriberQueue {
     pub id: u64,
     queue: ArrayQueue<Event>,
     dropped: AtomicU64,
     delivered: AtomicU64,
+    select: Option<ProbeSelector>,
     filter: Option<EventFilter>,
     waker: Option<Waker>,
+}
+
+impl SubscriberQueue {
+    fn selects(&self, probe: ProbeId) -> bool {
+        self.select.as_ref().is_none_or(|s| s(probe))
+    }
+
+    /// The content filter can be skipped for a full queue: interest was
+    /// settled by the selector (or there is no filter).
+    fn drops_unfiltered(&self) -> bool {
+        self.select.is_some() || self.filter.is_none()
+    }
+
+    fn drop_one(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn wake(&self) {
+        if let Some(w) = &self.waker {
+            w();
+        }
+    }
+}
+
+/// What a hit of a probe needs, decided before its arguments are fetched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Interest {
+    /// No subscriber selects the probe: nothing to fetch or count.
+    Nobody,
+    /// Every subscriber that selects it has a full queue; the event was
+    /// counted lost for each of them (this many), nothing to fetch.
+    Dropped(u64),
+    /// Fetch the arguments and [`EventBus::publish`].
+    Fetch,
 }
 
 /// All subscribers.
@@ -71,46 +139,82 @@ pub(crate) struct EventBus {
 }
 
 impl EventBus {
+    /// Whether a hit of `probe` must be fetched; when every interested
+    /// queue is full, counts the loss right here instead.
+    pub fn interest(&self, probe: ProbeId) -> Interest {
+        let subs = self.subs.read().unwrap();
+        let mut full = 0;
+        for s in subs.iter().filter(|s| s.selects(probe)) {
+            if !s.drops_unfiltered() || !s.queue.is_full() {
+                return Interest::Fetch;
+            }
+            full += 1;
+        }
+        if full == 0 {
+            return Interest::Nobody;
+        }
+        // Still under the read lock: the same set of subscribers.
+        for s in subs.iter().filter(|s| s.selects(probe)) {
+            s.drop_one();
+            s.wake();
+        }
+        Interest::Dropped(full)
+    }
+
     /// Offer an event to every subscriber. Returns how many queues were full.
-    pub fn publish(&self, ev: &Event) -> u64 {
+    pub fn publish(&self, ev: Event) -> u64 {
         let subs = self.subs.read().unwrap();
         let mut dropped = 0;
+        // The event moves into the last taker; only the others get clones.
+        let mut taker: Option<&SubscriberQueue> = None;
         for s in subs.iter() {
-            if let Some(f) = &s.filter {
-                if !f(ev) {
-                    continue;
-                }
+            if !s.selects(ev.probe_id) {
+                continue;
             }
-            if s.queue.push(ev.clone()).is_err() {
-                s.dropped.fetch_add(1, Ordering::Relaxed);
+            if s.drops_unfiltered() && s.queue.is_full() {
+                s.drop_one();
                 dropped += 1;
-            } else {
-                s.delivered.fetch_add(1, Ordering::Relaxed);
+                s.wake();
+                continue;
             }
-            if let Some(w) = &s.waker {
-                w();
+            if s.filter.as_ref().is_some_and(|f| !f(&ev)) {
+                continue;
+            }
+            if let Some(t) = taker.replace(s) {
+                dropped += Self::push(t, ev.clone());
             }
         }
+        if let Some(t) = taker {
+            dropped += Self::push(t, ev);
+        }
         dropped
+    }
+
+    /// Queue `ev` for `s`; 1 if the queue was full.
+    fn push(s: &SubscriberQueue, ev: Event) -> u64 {
+        let full = s.queue.push(ev).is_err();
+        if full {
+            s.drop_one();
+        } else {
+            s.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+        s.wake();
+        u64::from(full)
     }
 
     pub fn has_subscribers(&self) -> bool {
         !self.subs.read().unwrap().is_empty()
     }
 
-    pub fn subscribe(
-        self: &Arc<Self>,
-        capacity: usize,
-        filter: Option<EventFilter>,
-        waker: Option<Waker>,
-    ) -> Subscription {
+    pub fn subscribe(self: &Arc<Self>, opts: SubscribeOptions) -> Subscription {
         let q = Arc::new(SubscriberQueue {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            queue: ArrayQueue::new(capacity.max(1)),
+            queue: ArrayQueue::new(opts.capacity.max(1)),
             dropped: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
-            filter,
-            waker,
+            select: opts.select,
+            filter: opts.filter,
+            waker: opts.waker,
         });
         self.subs.write().unwrap().push(q.clone());
         Subscription {
@@ -207,30 +311,96 @@ mod tests {
         }
     }
 
+    fn opts(capacity: usize) -> SubscribeOptions {
+        SubscribeOptions::new(capacity)
+    }
+
     #[test]
     fn full_queue_drops_and_counts_without_blocking() {
         let bus = Arc::new(EventBus::default());
-        let mut sub = bus.subscribe(2, None, None);
-        assert_eq!(bus.publish(&ev(1)), 0);
-        assert_eq!(bus.publish(&ev(1)), 0);
-        assert_eq!(bus.publish(&ev(1)), 1);
-        assert_eq!(bus.publish(&ev(1)), 1);
+        let mut sub = bus.subscribe(opts(2));
+        assert_eq!(bus.publish(ev(1)), 0);
+        assert_eq!(bus.publish(ev(1)), 0);
+        assert_eq!(bus.publish(ev(1)), 1);
+        assert_eq!(bus.publish(ev(1)), 1);
         assert_eq!(sub.take_dropped(), 2);
         assert_eq!(sub.take_dropped(), 0);
         assert_eq!(sub.drain(10).len(), 2);
-        assert_eq!(bus.publish(&ev(1)), 0);
+        assert_eq!(bus.publish(ev(1)), 0);
         assert_eq!(sub.dropped_total(), 2);
     }
 
     #[test]
     fn filter_and_unsubscribe_on_drop() {
         let bus = Arc::new(EventBus::default());
-        let only_7 = bus.subscribe(8, Some(Box::new(|e: &Event| e.probe_id == 7)), None);
-        bus.publish(&ev(1));
-        bus.publish(&ev(7));
+        let only_7 = bus.subscribe(SubscribeOptions {
+            filter: Some(Box::new(|e: &Event| e.probe_id == 7)),
+            ..opts(8)
+        });
+        bus.publish(ev(1));
+        bus.publish(ev(7));
         assert_eq!(only_7.drain(8).len(), 1);
         assert_eq!(bus.subscriber_count(), 1);
         drop(only_7);
         assert_eq!(bus.subscriber_count(), 0);
+    }
+
+    #[test]
+    fn every_taker_gets_the_event_and_its_args() {
+        let bus = Arc::new(EventBus::default());
+        let a = bus.subscribe(opts(4));
+        let b = bus.subscribe(opts(4));
+        let c = bus.subscribe(SubscribeOptions {
+            select: Some(Box::new(|p| p == 2)),
+            ..opts(4)
+        });
+        let mut e = ev(1);
+        e.args.push(ArgValue {
+            name: "n".into(),
+            ty: "u8".into(),
+            value: probe_spec::Value::Unsigned { bits: 8, value: 5 },
+        });
+        assert_eq!(bus.publish(e), 0);
+        for s in [&a, &b] {
+            let got = s.drain(4);
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].args[0].name, "n");
+        }
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn interest_skips_fetch_only_when_every_interested_queue_is_full() {
+        let bus = Arc::new(EventBus::default());
+        assert_eq!(bus.interest(1), Interest::Nobody);
+        let mut sel = bus.subscribe(SubscribeOptions {
+            select: Some(Box::new(|p| p == 1)),
+            // Would reject everything, but a full queue never asks it.
+            filter: Some(Box::new(|_: &Event| false)),
+            ..opts(1)
+        });
+        assert_eq!(bus.interest(2), Interest::Nobody);
+        assert_eq!(bus.interest(1), Interest::Fetch);
+        // Fill the queue past the filter: drain() is the consumer's only way in.
+        sel.queue.queue.push(ev(1)).unwrap();
+        assert_eq!(bus.interest(1), Interest::Dropped(1));
+        assert_eq!(bus.interest(2), Interest::Nobody);
+        assert_eq!(bus.publish(ev(1)), 1);
+        assert_eq!(sel.take_dropped(), 2);
+
+        // A filter-only subscriber must see the arguments: fetch again.
+        let mut legacy = bus.subscribe(SubscribeOptions {
+            filter: Some(Box::new(|e: &Event| e.probe_id == 3)),
+            ..opts(1)
+        });
+        assert_eq!(bus.interest(1), Interest::Fetch);
+        assert_eq!(bus.publish(ev(1)), 1); // sel full; legacy filters it out
+        assert_eq!(legacy.take_dropped(), 0);
+        assert_eq!(sel.take_dropped(), 1);
+        drop(legacy);
+
+        // Room again: fetch.
+        assert_eq!(sel.drain(8).len(), 1);
+        assert_eq!(bus.interest(1), Interest::Fetch);
     }
 }
