@@ -45,6 +45,10 @@ pub struct EventsArgs {
     /// Skip the real test guest (synthetic load only).
     #[arg(long)]
     pub no_guest: bool,
+    /// First measure the engine's cost of hits that only find a stalled
+    /// subscriber (engine-level subscriptions, before the gRPC one).
+    #[arg(long)]
+    pub stalled_costs: bool,
 }
 
 /// Guest-physical layout of the fake: the probed `nop5` (+ `ret`) and the
@@ -246,13 +250,8 @@ async fn connect(listen: &Listen) -> Result<Client> {
     .with_context(|| format!("connecting to {listen}"))
 }
 
-/// Creates a probe through the API and subscribes to its events; returns
-/// the probe id and the stream.
-async fn probe_and_subscribe(
-    client: &mut Client,
-    definition: &str,
-    args: &EventsArgs,
-) -> Result<(u64, tonic::Streaming<v1::SubscribeResponse>)> {
+/// Creates a probe through the API; returns its id.
+async fn create_probe(client: &mut Client, definition: &str) -> Result<u64> {
     let probe = client
         .create_probe(v1::CreateProbeRequest {
             definition: Some(v1::ProbeDefinition {
@@ -267,9 +266,18 @@ async fn probe_and_subscribe(
         .into_inner()
         .probe
         .ok_or_else(|| anyhow!("creating probe '{definition}': no probe in the answer"))?;
+    Ok(probe.id)
+}
+
+/// Subscribes to a probe's events and waits for the stream to start.
+async fn subscribe(
+    client: &mut Client,
+    probe: u64,
+    args: &EventsArgs,
+) -> Result<tonic::Streaming<v1::SubscribeResponse>> {
     let mut stream = client
         .subscribe(v1::SubscribeRequest {
-            probe_ids: vec![probe.id],
+            probe_ids: vec![probe],
             max_batch_events: args.batch,
             queue_capacity: args.queue,
             ..Default::default()
@@ -280,7 +288,7 @@ async fn probe_and_subscribe(
     match stream.message().await {
         Ok(Some(v1::SubscribeResponse {
             payload: Some(Payload::Started(_)),
-        })) => Ok((probe.id, stream)),
+        })) => Ok(stream),
         other => bail!("subscription did not start: {other:?}"),
     }
 }
@@ -371,13 +379,101 @@ fn produce(
     Ok(())
 }
 
+/// Producer threads hitting the synthetic probe until [`Producers::finish`].
+struct Producers {
+    stop: Arc<AtomicBool>,
+    hits: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Producers {
+    fn start(engine: &Arc<Engine>, vm: &Arc<FakeVm>, n: usize) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let hits = Arc::new(AtomicU64::new(0));
+        let threads = (0..n)
+            .map(|i| {
+                let (e, vm, s, h) = (engine.clone(), vm.clone(), stop.clone(), hits.clone());
+                std::thread::Builder::new()
+                    .name(format!("producer{i}"))
+                    .spawn(move || produce(e, vm, i, s, h))
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(Producers {
+            stop,
+            hits,
+            threads,
+        })
+    }
+
+    fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    fn finish(self) -> Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            t.join()
+                .map_err(|_| anyhow!("a producer thread panicked"))??;
+        }
+        Ok(())
+    }
+}
+
+/// Hits/s of the producers over `d` (after a short warm-up).
+fn hit_rate(engine: &Arc<Engine>, vm: &Arc<FakeVm>, n: usize, d: Duration) -> Result<f64> {
+    let p = Producers::start(engine, vm, n)?;
+    std::thread::sleep(Duration::from_millis(100));
+    let (t, h) = (Instant::now(), p.hits());
+    std::thread::sleep(d);
+    let r = rate(p.hits() - h, t.elapsed());
+    p.finish()?;
+    Ok(r)
+}
+
+/// The engine's cost of a hit nobody can take: no subscriber, a stalled
+/// subscriber that selects the probe (the hit is counted lost unfetched),
+/// and a stalled filter-only subscriber (every hit is fetched, then dropped).
+fn stalled_costs(engine: &Arc<Engine>, vm: &Arc<FakeVm>, n: usize) -> Result<()> {
+    let d = Duration::from_millis(1000);
+    let none = hit_rate(engine, vm, n, d)?;
+    let mut rates = Vec::new();
+    for selector in [true, false] {
+        let mut opts = introspect::events::SubscribeOptions::new(1);
+        if selector {
+            opts.select = Some(Box::new(|_| true));
+        } else {
+            opts.filter = Some(Box::new(|_: &introspect::Event| true));
+        }
+        let mut sub = engine.subscribe_with(opts);
+        let r = hit_rate(engine, vm, n, d)?;
+        if sub.take_dropped() == 0 || sub.len() != 1 {
+            bail!("the stalled engine-level subscriber did not fill up and drop");
+        }
+        rates.push(r);
+    }
+    let ns = |r: f64| 1e9 / r * n as f64;
+    println!(
+        "  engine hit cost, nobody reading ({n} thread(s)): no subscriber {:.0} hits/s ({:.0} ns/hit); \
+         stalled subscriber with probe selector {:.0} hits/s ({:.0} ns/hit, not fetched); \
+         stalled filter-only subscriber {:.0} hits/s ({:.0} ns/hit, fetched)",
+        none,
+        ns(none),
+        rates[0],
+        ns(rates[0]),
+        rates[1],
+        ns(rates[1])
+    );
+    Ok(())
+}
+
 fn rate(n: u64, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
 
 /// Run the benchmark and print the figures.
 pub fn run(args: EventsArgs) -> Result<u8> {
-    if args.producers == 0 || !(args.seconds > 0.0) || args.batch == 0 {
+    // (Also refuses a NaN duration.)
+    if args.producers == 0 || !args.seconds.is_finite() || args.seconds <= 0.0 || args.batch == 0 {
         bail!("--producers, --seconds and --batch must be above 0");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -427,9 +523,16 @@ pub fn run(args: EventsArgs) -> Result<u8> {
         "p:bench/open {:#x} dfd=%di:s32 path=+0(%si):string flags=%dx:x32",
         KERNEL_TEXT_MAP + TEXT_GPA
     );
-    let (synth_probe, guest_probe) = rt.block_on(async {
+    let (mut client, synth_probe) = rt.block_on(async {
         let mut c = connect(&synth.listen).await?;
-        let (id, stream) = probe_and_subscribe(&mut c, &probe_line, &args).await?;
+        let id = create_probe(&mut c, &probe_line).await?;
+        anyhow::Ok((c, id))
+    })?;
+    if args.stalled_costs {
+        stalled_costs(&fake_engine, &fake, args.producers)?;
+    }
+    let guest_probe = rt.block_on(async {
+        let stream = subscribe(&mut client, synth_probe, &args).await?;
         let want_path = format!("\"{}\"", String::from_utf8_lossy(PATH));
         tokio::spawn(count(stream, synth_counts.clone(), move |e| {
             arg_text(e, "path") == Some(want_path.as_str()) && arg_text(e, "dfd") == Some("3")
@@ -437,14 +540,14 @@ pub fn run(args: EventsArgs) -> Result<u8> {
         let mut guest_probe = None;
         if let Some((_, server)) = &guest {
             let mut g = connect(&server.listen).await?;
-            let (gid, gstream) =
-                probe_and_subscribe(&mut g, "p:bench/add hv_add a=%di b=%si", &args).await?;
+            let gid = create_probe(&mut g, "p:bench/add hv_add a=%di b=%si").await?;
+            let gstream = subscribe(&mut g, gid, &args).await?;
             tokio::spawn(count(gstream, guest_counts.clone(), move |e| {
                 e.probe_id == gid && e.args.len() == 2
             }));
             guest_probe = Some(gid);
         }
-        anyhow::Ok((id, guest_probe))
+        anyhow::Ok(guest_probe)
     })?;
 
     // Start the guest now that its probe is planted and subscribed.
@@ -457,21 +560,7 @@ pub fn run(args: EventsArgs) -> Result<u8> {
         std::thread::sleep(Duration::from_millis(500));
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let produced = Arc::new(AtomicU64::new(0));
-    let producers: Vec<_> = (0..args.producers)
-        .map(|i| {
-            let (e, vm, s, h) = (
-                fake_engine.clone(),
-                fake.clone(),
-                stop.clone(),
-                produced.clone(),
-            );
-            std::thread::Builder::new()
-                .name(format!("producer{i}"))
-                .spawn(move || produce(e, vm, i, s, h))
-        })
-        .collect::<std::io::Result<_>>()?;
+    let producers = Producers::start(&fake_engine, &fake, args.producers)?;
 
     // Warm up, then measure over the window.
     std::thread::sleep(Duration::from_millis(300));
@@ -481,7 +570,7 @@ pub fn run(args: EventsArgs) -> Result<u8> {
     };
     let t0 = Instant::now();
     let (p0, s0, g0, gh0) = (
-        produced.load(Ordering::Relaxed),
+        producers.hits(),
         synth_counts.snapshot(),
         guest_counts.snapshot(),
         guest_hits(&guest_server),
@@ -489,16 +578,12 @@ pub fn run(args: EventsArgs) -> Result<u8> {
     std::thread::sleep(Duration::from_secs_f64(args.seconds));
     let window = t0.elapsed();
     let (p1, s1, g1, gh1) = (
-        produced.load(Ordering::Relaxed),
+        producers.hits(),
         synth_counts.snapshot(),
         guest_counts.snapshot(),
         guest_hits(&guest_server),
     );
-    stop.store(true, Ordering::SeqCst);
-    for p in producers {
-        p.join()
-            .map_err(|_| anyhow!("a producer thread panicked"))??;
-    }
+    producers.finish()?;
 
     // Everything published must arrive or be counted lost.
     let published = fake_engine.stats().hits;
