@@ -21,8 +21,8 @@ pub enum SymbolError {
 
 /// Symbols of one guest kernel.
 pub struct Symbols {
-    table: SymbolTable,
-    blacklist: Option<Blacklist>,
+    /// Table and blacklist; also what the engine sees (introspect::KernelSymbols).
+    index: introspect::SymbolIndex,
     image: Option<KernelImage>,
     dwarf: Option<guest_symbols::DebugInfo>,
     source: SymbolSource,
@@ -33,8 +33,7 @@ impl Symbols {
     /// No symbols: only absolute addresses can be probed.
     pub fn none() -> Self {
         Symbols {
-            table: SymbolTable::default(),
-            blacklist: None,
+            index: introspect::SymbolIndex::new(SymbolTable::default(), None),
             image: None,
             dwarf: None,
             source: SymbolSource::None,
@@ -66,8 +65,7 @@ impl Symbols {
             SymbolSource::Vmlinux
         };
         Ok(Symbols {
-            table,
-            blacklist,
+            index: introspect::SymbolIndex::new(table, blacklist),
             image: Some(image),
             dwarf,
             source,
@@ -83,8 +81,7 @@ impl Symbols {
         })?;
         let blacklist = Some(Blacklist::from_entries(&table, &[]));
         Ok(Symbols {
-            table,
-            blacklist,
+            index: introspect::SymbolIndex::new(table, blacklist),
             image: None,
             dwarf: None,
             source: SymbolSource::SystemMap,
@@ -93,7 +90,7 @@ impl Symbols {
     }
 
     pub fn table(&self) -> &SymbolTable {
-        &self.table
+        &self.index.table
     }
 
     pub fn source(&self) -> (SymbolSource, &str) {
@@ -106,43 +103,32 @@ impl Symbols {
 
     /// Address of `name`.
     pub fn lookup(&self, name: &str) -> Result<u64, LookupError> {
-        self.table.lookup(name)
+        self.index.table.lookup(name)
     }
 
     /// `SYM+off/size` of `addr`.
     pub fn sym_off(&self, addr: u64) -> Option<SymOff> {
-        self.table.describe(addr)
+        self.index.table.describe(addr)
     }
 
     /// Symbol type letter of the symbol `describe` picked for `addr`.
     pub fn kind_at(&self, name: &str, addr: u64) -> Option<char> {
-        self.table
+        self.index
+            .table
             .all_named(name)
             .find(|s| s.addr <= addr)
             .map(|s| s.kind)
     }
 
     /// A kernel-text byte the guest never executes, for the kretprobe return
-    /// trap: padding after a function whose ELF size is known, before the
-    /// next symbol. `None` without sizes (System.map).
+    /// trap (see [`introspect::SymbolIndex::return_trap_candidate`]).
     pub fn return_trap_candidate(&self) -> Option<u64> {
-        let syms = self.table.symbols();
-        syms.windows(2).find_map(|w| {
-            let size = w[0].size.filter(|&s| s > 0)?;
-            let end = w[0].addr.checked_add(size)?;
-            let usable = w[0].is_text()
-                && end < w[1].addr
-                && self
-                    .blacklist
-                    .as_ref()
-                    .is_none_or(|b| b.contains(end).is_none());
-            usable.then_some(end)
-        })
+        self.index.return_trap_candidate()
     }
 
     /// `linux_banner` as stored in the kernel image (NUL excluded).
     pub fn image_banner(&self) -> Option<(u64, Vec<u8>)> {
-        let addr = self.table.lookup("linux_banner").ok()?;
+        let addr = self.index.table.lookup("linux_banner").ok()?;
         let image = self.image.as_ref()?;
         let mut buf = vec![0u8; 256];
         // The banner may end near a segment end: shrink until it reads.
@@ -164,18 +150,19 @@ impl Symbols {
 
 impl introspect::KernelSymbols for Symbols {
     fn function_at(&self, addr: u64) -> Option<(String, u64, u64)> {
-        let (start, end) = self.table.function_bounds(addr)?;
-        let name = self.table.describe(start)?.name;
-        Some((name, start, end))
+        self.index.function_at(addr)
     }
 
     fn blacklisted(&self, addr: u64) -> Option<String> {
-        let e = self.blacklist.as_ref()?.contains(addr)?;
-        Some(format!("inside {} (kprobe blacklist)", e.what))
+        self.index.blacklisted(addr)
     }
 
     fn describe(&self, addr: u64) -> Option<String> {
-        self.table.describe(addr).map(|s| s.to_string())
+        self.index.describe(addr)
+    }
+
+    fn scratch_ranges(&self) -> Vec<(u64, u64)> {
+        self.index.scratch_ranges()
     }
 }
 
