@@ -321,12 +321,7 @@ fn kretprobe_maxactive_below_recursion_depth_one_vcpu() {
     let mut s = setup(1, "hvtest.iters=30");
     let depth = test_guest::RECURSE_DEPTH as u64;
     let maxactive = 5u32;
-    let mut req = ProbeRequest::kretprobe("t/recurse", symbol("hv_recurse"), Some(maxactive));
-    req.fetch = Some(
-        probe_spec::parse_probe("r:t/recurse hv_recurse depth=%di:s32 ret=$retval:s64").unwrap(),
-    );
-    let id = s.engine.register(req).unwrap();
-    let sub = s.engine.subscribe(100_000, None, None);
+    let (id, sub) = recurse_kretprobe(&s, maxactive);
     let o = s.run_to_end();
     assert_ok(&o, &s);
     let calls = guest_counter(s.control.memory(), "hv_recurse");
@@ -339,6 +334,16 @@ fn kretprobe_maxactive_below_recursion_depth_one_vcpu() {
     assert_eq!(events.len() as u64, top * u64::from(maxactive));
     check_return_values(&events);
     assert_eq!(s.engine.stats().live_instances, 0);
+}
+
+/// A kretprobe on hv_recurse fetching the depth at entry and the return value.
+fn recurse_kretprobe(s: &Setup, maxactive: u32) -> (introspect::ProbeId, introspect::Subscription) {
+    let mut req = ProbeRequest::kretprobe("t/recurse", symbol("hv_recurse"), Some(maxactive));
+    req.fetch = Some(
+        probe_spec::parse_probe("r:t/recurse hv_recurse depth=%di:s32 ret=$retval:s64").unwrap(),
+    );
+    let id = s.engine.register(req).unwrap();
+    (id, s.engine.subscribe(100_000, None, None))
 }
 
 /// Every return event's retval equals d(d+1)/2 for the depth d fetched at entry.
@@ -377,12 +382,7 @@ fn kretprobe_on_recursion_with_two_vcpus() {
         return;
     }
     let mut s = setup(2, "hvtest.iters=30");
-    let mut req = ProbeRequest::kretprobe("t/recurse", symbol("hv_recurse"), Some(6));
-    req.fetch = Some(
-        probe_spec::parse_probe("r:t/recurse hv_recurse depth=%di:s32 ret=$retval:s64").unwrap(),
-    );
-    let id = s.engine.register(req).unwrap();
-    let sub = s.engine.subscribe(100_000, None, None);
+    let (id, sub) = recurse_kretprobe(&s, 6);
     let o = s.run_to_end();
     assert_ok(&o, &s);
     let calls = guest_counter(s.control.memory(), "hv_recurse");
