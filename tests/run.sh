@@ -20,4 +20,14 @@ fi
 
 # Release build: the DWARF tests read a 600 MB vmlinux and the KVM tests time
 # guest runs; both are much faster optimised.
-cargo test --workspace --release
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --release 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# cargo prints one result line per test binary (the last is usually an empty
+# doc-test run); close with the totals.
+awk '/^test result:/ { p += $4; f += $6; i += $8 }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+exit "$status"
