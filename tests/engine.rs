@@ -314,17 +314,22 @@ fn text_is_restored_byte_for_byte_after_random_operations() {
 }
 
 #[test]
-fn kretprobe_maxactive_below_recursion_depth_one_vcpu() {
+fn kretprobe_maxactive_below_recursion_depth() {
     if !kvm_available() {
         return;
     }
-    let mut s = setup(1, "hvtest.iters=30");
+    // Two vCPUs run the workload; only vCPU 0 recurses, so nmissed is exact.
+    let mut s = setup(
+        2,
+        &format!("hvtest.iters=30 {}0", test_guest::RECURSE_ON_PARAM),
+    );
     let depth = test_guest::RECURSE_DEPTH as u64;
     let maxactive = 5u32;
     let (id, sub) = recurse_kretprobe(&s, maxactive);
     let o = s.run_to_end();
     assert_ok(&o, &s);
     let calls = guest_counter(s.control.memory(), "hv_recurse");
+    assert_eq!(calls, 30 * depth, "only vCPU 0 recursed");
     let top = calls / depth;
     let p = s.engine.list().into_iter().find(|p| p.id == id).unwrap();
     assert_eq!(p.hits, calls);

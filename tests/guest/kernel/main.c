@@ -86,6 +86,8 @@ static u32 hv_ncpus = 1;
 static u64 hv_iters = HV_DEFAULT_ITERS;
 static int hv_forever;
 static u64 hv_bench;
+/* hvtest.recurse_on=N: only CPU N calls hv_recurse (-1: every CPU). */
+static long hv_recurse_on = -1;
 static u32 hv_ap_started;
 static u32 hv_workers_done;
 static u32 hv_console_lock;
@@ -362,6 +364,9 @@ static void parse_cmdline(const char *c, u32 *cpus_override)
 				*cpus_override = (u32)v;
 			else
 				bad_option(w, len);
+		} else if (starts_with(w, len, "hvtest.recurse_on=", &rest)) {
+			if (parse_u64(w + rest, len - rest, &v))
+				hv_recurse_on = (long)v;
 		} else if (starts_with(w, len, "hvtest.bench=", &rest)) {
 			if (parse_u64(w + rest, len - rest, &v))
 				hv_bench = v;
@@ -633,7 +638,8 @@ static void worker(u32 cpu)
 		      (hv_open_path_hash[pi] ^ (u32)flags ^ (mode << 8) ^ (u32)HV_AT_FDCWD) &
 			      0x7fffffff);
 		CHECK(hv_fib, hv_fib((int)n), hv_fib_values[n]);
-		CHECK(hv_recurse, hv_recurse(HV_RECURSE_DEPTH), HV_RECURSE_RESULT);
+		if (hv_recurse_on < 0 || hv_recurse_on == (long)cpu)
+			CHECK(hv_recurse, hv_recurse(HV_RECURSE_DEPTH), HV_RECURSE_RESULT);
 		CHECK(hv_add, CHECKED_CALL(hv_add, a, b), a + b);
 		CHECK(hv_many_args, hv_many_args(a, b, a + 1, b + 1, a + 2, b + 2, a + 3, b + 3),
 		      a + 2 * b + 3 * (a + 1) + 4 * (b + 1) + 5 * (a + 2) + 6 * (b + 2) +
@@ -650,7 +656,8 @@ static void worker(u32 cpu)
 
 		exp[HV_FN_hv_open_file]++;
 		exp[HV_FN_hv_fib] += hv_fib_calls[n];
-		exp[HV_FN_hv_recurse] += HV_RECURSE_DEPTH;
+		if (hv_recurse_on < 0 || hv_recurse_on == (long)cpu)
+			exp[HV_FN_hv_recurse] += HV_RECURSE_DEPTH;
 		exp[HV_FN_hv_add] += 3;	/* direct, hv_sub_tail, hv_tail_jmp */
 		exp[HV_FN_hv_many_args]++;
 		exp[HV_FN_hv_work_item]++;

@@ -98,6 +98,10 @@ pub const COUNTED_FUNCTIONS: &[&str] = &[
 /// Functions compiled with `-fcf-protection=branch`: they start `endbr64; nop5`.
 pub const ENDBR_FUNCTIONS: &[&str] = &["hv_ibt_func"];
 
+/// `hvtest.recurse_on=N`: only CPU N calls `hv_recurse` (the others keep
+/// running everything else), so nested return probes have one caller.
+pub const RECURSE_ON_PARAM: &str = "hvtest.recurse_on=";
+
 /// Default worker loop iterations per CPU (`hvtest.iters=` overrides).
 pub const DEFAULT_ITERS: u64 = 20;
 /// Highest number of CPUs the guest brings up (more in the MADT are ignored).
