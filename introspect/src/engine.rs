@@ -50,6 +50,21 @@ pub trait KernelSymbols: Send + Sync {
     fn scratch_ranges(&self) -> Vec<(u64, u64)> {
         Vec::new()
     }
+    /// Where Linux keeps the current task and its name (for `$comm`).
+    fn task_layout(&self) -> Option<TaskLayout> {
+        None
+    }
+}
+
+/// How to find the current task of a Linux guest: a per-CPU pointer
+/// (`current_task`, or `pcpu_hot.current_task` since 6.2) read through the
+/// kernel's GS base, and offsets in `struct task_struct` (from DWARF).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskLayout {
+    /// Offset of the current-task pointer in the per-CPU area.
+    pub current_task_percpu: u64,
+    /// `offsetof(struct task_struct, comm)` (a 16-byte name).
+    pub comm_offset: u64,
 }
 
 /// No symbols known: no boundary, entry or blacklist checks are possible.
@@ -389,6 +404,37 @@ struct HitContext<'a> {
     symbols: &'a dyn KernelSymbols,
 }
 
+impl HitContext<'_> {
+    /// The current task's name: per-CPU base (GS at CPL0) + current-task
+    /// pointer, then `task->comm`. None outside kernel mode or without a layout.
+    fn current_comm(&self) -> Option<String> {
+        let layout = self.symbols.task_layout()?;
+        let s = &self.virt.sregs;
+        if s.cpl != 0 || s.gs_base == 0 {
+            return None;
+        }
+        let mut p = [0u8; 8];
+        self.virt
+            .read(
+                s.gs_base.wrapping_add(layout.current_task_percpu),
+                &mut p,
+                Access::Inspect,
+            )
+            .ok()?;
+        let task = u64::from_le_bytes(p);
+        let mut comm = [0u8; 16];
+        self.virt
+            .read(
+                task.wrapping_add(layout.comm_offset),
+                &mut comm,
+                Access::Inspect,
+            )
+            .ok()?;
+        let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+        Some(String::from_utf8_lossy(&comm[..end]).into_owned())
+    }
+}
+
 impl FetchContext for HitContext<'_> {
     fn reg(&self, r: Reg) -> u64 {
         let g = &self.regs;
@@ -424,6 +470,10 @@ impl FetchContext for HitContext<'_> {
 
     fn symbolize(&self, addr: u64) -> Option<String> {
         self.symbols.describe(addr)
+    }
+
+    fn comm(&self) -> Option<String> {
+        self.current_comm()
     }
 }
 
@@ -1700,5 +1750,56 @@ fn rank(h: Handling) -> u8 {
         Handling::Emulated => 0,
         Handling::OutOfLine => 1,
         Handling::SingleStep => 2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paging::tests::FakeRam;
+    use guest_access::GuestMemory;
+
+    struct Layout;
+    impl KernelSymbols for Layout {
+        fn function_at(&self, _: u64) -> Option<(String, u64, u64)> {
+            None
+        }
+        fn task_layout(&self) -> Option<TaskLayout> {
+            Some(TaskLayout {
+                current_task_percpu: 0x40,
+                comm_offset: 0x100,
+            })
+        }
+    }
+
+    #[test]
+    fn comm_of_the_current_task() {
+        let ram = FakeRam::new(1 << 16);
+        // per-CPU area at 0x1000; current_task -> task at 0x4000; comm "kworker/0:1".
+        ram.put(0x1040, 0x4000);
+        ram.write_phys(0x4100, b"kworker/0:1\0").unwrap();
+        let sregs = SystemRegs {
+            gs_base: 0x1000,
+            ..Default::default()
+        };
+        let ctx = HitContext {
+            regs: Regs::default(),
+            virt: GuestVirt::new(&ram, sregs, 0),
+            symbols: &Layout,
+        };
+        assert_eq!(ctx.comm().as_deref(), Some("kworker/0:1"));
+        // Without a GS base (user GS before swapgs) there is no answer.
+        let ctx = HitContext {
+            virt: GuestVirt::new(&ram, SystemRegs::default(), 0),
+            ..ctx
+        };
+        assert_eq!(ctx.comm(), None);
+        // And none without a layout (e.g. System.map only).
+        let ctx = HitContext {
+            virt: GuestVirt::new(&ram, sregs, 0),
+            symbols: &NoSymbols,
+            ..ctx
+        };
+        assert_eq!(ctx.comm(), None);
     }
 }

@@ -16,7 +16,7 @@ mod xol;
 
 pub use engine::{
     BatchError, Engine, EngineConfig, EngineStats, Handling, KernelSymbols, NoSymbols, ProbeError,
-    ProbeInfo, ProbeRequest, ProbeType, KERNEL_TEXT_MAP, MAXACTIVE_MAX,
+    ProbeInfo, ProbeRequest, ProbeType, TaskLayout, KERNEL_TEXT_MAP, MAXACTIVE_MAX,
 };
 pub use events::{Event, EventFilter, EventKind, ProbeId, Subscription, Waker};
 pub use symbols::SymbolIndex;

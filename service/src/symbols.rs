@@ -25,6 +25,8 @@ pub struct Symbols {
     index: introspect::SymbolIndex,
     image: Option<KernelImage>,
     dwarf: Option<guest_symbols::DebugInfo>,
+    /// Where the current task and its name are (needs DWARF).
+    task: Option<introspect::TaskLayout>,
     source: SymbolSource,
     detail: String,
 }
@@ -36,6 +38,7 @@ impl Symbols {
             index: introspect::SymbolIndex::new(SymbolTable::default(), None),
             image: None,
             dwarf: None,
+            task: None,
             source: SymbolSource::None,
             detail: String::new(),
         }
@@ -64,10 +67,12 @@ impl Symbols {
         } else {
             SymbolSource::Vmlinux
         };
+        let task = dwarf.as_ref().and_then(|d| task_layout(&table, d));
         Ok(Symbols {
             index: introspect::SymbolIndex::new(table, blacklist),
             image: Some(image),
             dwarf,
+            task,
             source,
             detail: path.display().to_string(),
         })
@@ -84,6 +89,7 @@ impl Symbols {
             index: introspect::SymbolIndex::new(table, blacklist),
             image: None,
             dwarf: None,
+            task: None,
             source: SymbolSource::SystemMap,
             detail: path.display().to_string(),
         })
@@ -164,6 +170,29 @@ impl introspect::KernelSymbols for Symbols {
     fn scratch_ranges(&self) -> Vec<(u64, u64)> {
         self.index.scratch_ranges()
     }
+
+    fn task_layout(&self) -> Option<introspect::TaskLayout> {
+        self.task
+    }
+}
+
+/// Linux's current-task pointer and `task_struct.comm`: the per-CPU
+/// `current_task` (up to 6.1) or `pcpu_hot.current_task` (6.2+).
+fn task_layout(
+    table: &SymbolTable,
+    dwarf: &guest_symbols::DebugInfo,
+) -> Option<introspect::TaskLayout> {
+    let comm_offset = dwarf.member_offset("task_struct.comm").ok()?;
+    let current_task_percpu = match table.lookup("current_task") {
+        Ok(a) => a,
+        Err(_) => {
+            table.lookup("pcpu_hot").ok()? + dwarf.member_offset("pcpu_hot.current_task").ok()?
+        }
+    };
+    Some(introspect::TaskLayout {
+        current_task_percpu,
+        comm_offset,
+    })
 }
 
 /// guest-symbols' DWARF seen through probe-spec's [`probe_spec::DebugInfo`].

@@ -1,0 +1,41 @@
+//! On the real Debian 6.1 vmlinux: the current-task layout `$comm` uses.
+//! Skipped with a visible message when the artifacts are absent, unless
+//! HVPROBE_REQUIRE_DEBIAN=1 (CI), where that is a failure.
+
+use std::path::PathBuf;
+
+use introspect::KernelSymbols;
+
+fn vmlinux() -> Option<PathBuf> {
+    let dir = std::env::var_os("HVPROBE_DEBIAN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../artifacts/debian"));
+    let p = dir.join("vmlinux");
+    if p.exists() {
+        return Some(p);
+    }
+    let required = std::env::var("HVPROBE_REQUIRE_DEBIAN").is_ok_and(|v| v == "1");
+    assert!(!required, "HVPROBE_REQUIRE_DEBIAN=1 but {} is missing", p.display());
+    eprintln!("SKIPPED: {} is missing (run tests/debian/fetch-kernel.sh --dbg)", p.display());
+    None
+}
+
+#[test]
+fn current_task_layout_from_dwarf() {
+    let Some(path) = vmlinux() else { return };
+    let syms = service::Symbols::from_vmlinux(&path).unwrap();
+    let layout = syms.task_layout().expect("DWARF gives the task layout");
+    // 6.1 keeps `current_task` as a per-CPU variable; the offset is its
+    // System.map value (per-CPU symbols are zero-based).
+    let map = std::fs::read_to_string(path.with_file_name("System.map")).unwrap();
+    let want = map
+        .lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            let (a, _, n) = (w.next()?, w.next()?, w.next()?);
+            (n == "current_task").then(|| u64::from_str_radix(a, 16).unwrap())
+        })
+        .unwrap();
+    assert_eq!(layout.current_task_percpu, want);
+    assert_eq!(layout.comm_offset, 2976, "task_struct.comm in 6.1.0-56 (gdb agrees)");
+}
