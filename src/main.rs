@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
@@ -221,6 +220,3 @@ impl GuestArgs {
         c
     }
 }
-
-#[allow(dead_code)]
-fn _assert_send_sync(_: Arc<dyn guest_access::BreakpointHandler>) {}

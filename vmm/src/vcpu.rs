@@ -329,16 +329,9 @@ impl VcpuRunner {
     /// Read up to 16 instruction bytes at the current RIP through the guest's
     /// page tables (KVM_TRANSLATE), without crossing into an unmapped page.
     fn code_at(&mut self, rip: u64) -> Vec<u8> {
-        let sregs = self.fd.sync_regs().sregs;
-        let gpa = if sregs.cr0 & SystemRegs::CR0_PG == 0 {
-            Some(rip)
-        } else {
-            match self.fd.translate_gva(rip) {
-                Ok(t) if t.valid != 0 => Some(t.physical_address),
-                _ => None,
-            }
+        let Ok(gpa) = self.gva_to_gpa(rip) else {
+            return Vec::new();
         };
-        let Some(gpa) = gpa else { return Vec::new() };
         let len = (16u64).min(0x1000 - (gpa & 0xfff)) as usize;
         let mut buf = vec![0u8; len];
         match self.shared.ram.read_phys(gpa, &mut buf) {
