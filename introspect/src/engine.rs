@@ -285,6 +285,9 @@ struct XolSlot {
     code: Vec<u8>,
     /// The padding bytes the slot replaced.
     saved: Vec<u8>,
+    /// Guest-physical address of each slot byte, translated once when the
+    /// slot was written (so freeing it touches the same bytes).
+    gpas: Vec<u64>,
     /// Where execution continues after the slot.
     resume: u64,
     /// vCPUs between entering the slot and its trailing int3.
@@ -1005,11 +1008,14 @@ impl Engine {
             let mut code = xol::relocate(d.bytes(), d.ip(), at)?;
             code.push(INT3);
             let len = code.len() as u64;
+            let Ok(gpas) = self.text_gpas(at, code.len(), sregs) else {
+                continue;
+            };
             let mut saved = vec![0u8; code.len()];
-            if self.read_text(at, &mut saved, sregs).is_err() || !scratch.take(at, len) {
+            if self.read_gpas(&gpas, &mut saved).is_err() || !scratch.take(at, len) {
                 continue;
             }
-            if self.write_text(at, &code, sregs).is_err() {
+            if self.write_gpas(&gpas, &code).is_err() {
                 scratch.give_back(at, len);
                 continue;
             }
@@ -1017,6 +1023,7 @@ impl Engine {
                 addr: at,
                 code,
                 saved,
+                gpas,
                 resume: d.next_ip(),
                 in_flight: AtomicU32::new(0),
             }));
@@ -1039,38 +1046,39 @@ impl Engine {
         table.slot_ends.remove(&sl.end());
         let mut now = vec![0u8; sl.code.len()];
         // Restore only what is still ours.
-        if self.read_text(sl.addr, &mut now, None).is_ok() && now == sl.code {
-            let _ = self.write_text(sl.addr, &sl.saved, None);
+        if self.read_gpas(&sl.gpas, &mut now).is_ok() && now == sl.code {
+            let _ = self.write_gpas(&sl.gpas, &sl.saved);
         }
         if let Some(sc) = self.scratch.lock().unwrap().as_mut() {
             sc.give_back(sl.addr, sl.code.len() as u64);
         }
     }
 
-    fn read_text(
+    /// Guest-physical address of each byte of kernel text `[addr, addr+len)`.
+    fn text_gpas(
         &self,
         addr: u64,
-        buf: &mut [u8],
+        len: usize,
         sregs: Option<&SystemRegs>,
-    ) -> Result<(), ProbeError> {
-        for (i, b) in buf.iter_mut().enumerate() {
-            let gpa = self.text_gpa(addr + i as u64, sregs)?;
+    ) -> Result<Vec<u64>, ProbeError> {
+        (0..len as u64)
+            .map(|i| self.text_gpa(addr + i, sregs))
+            .collect()
+    }
+
+    fn read_gpas(&self, gpas: &[u64], buf: &mut [u8]) -> Result<(), ProbeError> {
+        for (gpa, b) in gpas.iter().zip(buf.iter_mut()) {
             let mut x = [0u8; 1];
-            self.vm.memory().read_phys(gpa, &mut x).map_err(guest_err)?;
+            self.vm
+                .memory()
+                .read_phys(*gpa, &mut x)
+                .map_err(guest_err)?;
             *b = x[0];
         }
         Ok(())
     }
 
-    fn write_text(
-        &self,
-        addr: u64,
-        data: &[u8],
-        sregs: Option<&SystemRegs>,
-    ) -> Result<(), ProbeError> {
-        let gpas: Vec<u64> = (0..data.len())
-            .map(|i| self.text_gpa(addr + i as u64, sregs))
-            .collect::<Result<_, _>>()?;
+    fn write_gpas(&self, gpas: &[u64], data: &[u8]) -> Result<(), ProbeError> {
         for (gpa, b) in gpas.iter().zip(data) {
             self.vm
                 .memory()
@@ -1296,13 +1304,7 @@ impl Engine {
             }
         }
         for sl in table.slot_ends.values() {
-            {
-                for (i, b) in sl.saved.iter().enumerate() {
-                    if let Ok(gpa) = self.text_gpa(sl.addr + i as u64, None) {
-                        v.push((gpa, *b));
-                    }
-                }
-            }
+            v.extend(sl.gpas.iter().copied().zip(sl.saved.iter().copied()));
         }
         v
     }
