@@ -62,37 +62,21 @@ pub fn read_u64(mem: &dyn guest_access::GuestMemory, gpa: u64) -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// Slot `func` of the guest's u64 counter array `array`.
+fn counter_slot(mem: &dyn guest_access::GuestMemory, array: &str, func: &str) -> u64 {
+    let idx = test_guest::counter_index(func)
+        .unwrap_or_else(|| panic!("{func} is not a counted function"));
+    read_u64(mem, phys(symbol(array)) + 8 * idx as u64)
+}
+
 /// The guest's own call counter of `func`.
 pub fn guest_counter(mem: &dyn guest_access::GuestMemory, func: &str) -> u64 {
-    let idx = test_guest::COUNTED_FUNCTIONS
-        .iter()
-        .position(|f| *f == func)
-        .unwrap_or_else(|| panic!("{func} is not a counted function"));
-    let base = phys(symbol(test_guest::COUNTER_SYMBOL));
-    read_u64(mem, base + 8 * idx as u64)
+    counter_slot(mem, test_guest::COUNTER_SYMBOL, func)
 }
 
 /// What the guest's callers counted for `func` (equals the counter after a clean run).
 pub fn guest_expected(mem: &dyn guest_access::GuestMemory, func: &str) -> u64 {
-    let idx = test_guest::COUNTED_FUNCTIONS
-        .iter()
-        .position(|f| *f == func)
-        .unwrap_or_else(|| panic!("{func} is not a counted function"));
-    let base = phys(symbol(test_guest::EXPECTED_COUNTER_SYMBOL));
-    read_u64(mem, base + 8 * idx as u64)
-}
-
-/// Function symbols of the test guest (name, start, size), sorted by address.
-pub fn functions() -> Vec<(String, u64, u64)> {
-    let data = std::fs::read(test_guest::kernel_path()).expect("read test guest");
-    let file = object::File::parse(&*data).expect("parse test guest ELF");
-    let mut v: Vec<(String, u64, u64)> = file
-        .symbols()
-        .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 0)
-        .map(|s| (s.name().unwrap_or("").to_string(), s.address(), s.size()))
-        .collect();
-    v.sort_by_key(|f| f.1);
-    v
+    counter_slot(mem, test_guest::EXPECTED_COUNTER_SYMBOL, func)
 }
 
 /// The engine's view of test-guest symbols (guest-symbols over the ELF),
