@@ -161,3 +161,11 @@ fn planted_int3_hits_equal_the_guest_call_counter() {
         eprintln!("{func}: {hits} hits = guest counter; exits {stats:?}");
     }
 }
+
+#[test]
+fn vmm_ports_match_the_test_guest_contract() {
+    // The VMM defines its devices without knowing the test guest; the two
+    // must still agree on the wire.
+    assert_eq!(vmm::EXIT_PORT, test_guest::EXIT_PORT);
+    assert_eq!(vmm::MARKER_PORT, test_guest::BENCH_MARKER_PORT);
+}
