@@ -39,6 +39,10 @@ pub struct EventsArgs {
     /// Engine-side queue of the subscription, in events.
     #[arg(long, default_value_t = 65536)]
     pub queue: u32,
+    /// Stream encoding: `packed` (columns, for pipelines) or `full` (one
+    /// Event message each, with trace text).
+    #[arg(long, default_value = "packed", value_parser = ["packed", "full"])]
+    pub encoding: String,
     /// Where the servers listen: `tcp` (127.0.0.1, any port) or `unix`.
     #[arg(long, default_value = "tcp", value_parser = ["tcp", "unix"])]
     pub transport: String,
@@ -280,6 +284,11 @@ async fn subscribe(
             probe_ids: vec![probe],
             max_batch_events: args.batch,
             queue_capacity: args.queue,
+            encoding: if args.encoding == "full" {
+                v1::EventEncoding::Full
+            } else {
+                v1::EventEncoding::Packed
+            } as i32,
             ..Default::default()
         })
         .await
@@ -293,27 +302,74 @@ async fn subscribe(
     }
 }
 
-/// Counts a stream's events and lost records; `check` validates events.
+/// What a client checks of the first event of each batch: the value of
+/// arguments (by name) in the kernel's trace format.
+type Check = Vec<(&'static str, String)>;
+
+fn check_full(e: &v1::Event, check: &Check) -> bool {
+    check
+        .iter()
+        .all(|(name, want)| e.args.iter().any(|a| a.name == *name && a.text == *want))
+}
+
+fn check_packed(e: &proto::packed::PackedEvent<'_>, check: &Check) -> bool {
+    use proto::packed::SlotValue;
+    check.iter().all(|(name, want)| {
+        let Some(v) = e.field_index(name).and_then(|f| e.value(f, 0)) else {
+            return false;
+        };
+        let text = match v {
+            SlotValue::Unsigned(n) => n.to_string(),
+            SlotValue::Signed(n) => n.to_string(),
+            SlotValue::Hex(n) => format!("0x{n:x}"),
+            SlotValue::Str { bytes, .. } => format!("\"{}\"", String::from_utf8_lossy(bytes)),
+            _ => return false,
+        };
+        text == *want
+    })
+}
+
+/// Counts a stream's events and lost records, checking the first event of
+/// every batch (all of them would make the client the bottleneck; one per
+/// batch still catches garbage).
 async fn count(
     mut stream: tonic::Streaming<v1::SubscribeResponse>,
     counts: Arc<Counts>,
-    check: impl Fn(&v1::Event) -> bool + Send,
+    check: Check,
 ) {
+    let mut reader = proto::packed::PackedReader::new();
     loop {
         match stream.message().await {
             Ok(Some(m)) => {
                 counts.messages.fetch_add(1, Ordering::Relaxed);
                 match m.payload {
                     Some(Payload::Events(b)) => {
-                        // Checking one event per batch keeps the client's own
-                        // cost out of the way while still catching garbage.
-                        if b.events.first().is_some_and(|e| !check(e)) {
+                        if b.events.first().is_some_and(|e| !check_full(e, &check)) {
                             counts.bad.fetch_add(1, Ordering::Relaxed);
                         }
                         counts
                             .events
                             .fetch_add(b.events.len() as u64, Ordering::Relaxed);
                     }
+                    Some(Payload::Schema(s)) => reader.add_schema(s),
+                    Some(Payload::Packed(b)) => match reader.open(&b) {
+                        Ok(batch) => {
+                            if batch
+                                .events()
+                                .next()
+                                .is_some_and(|e| !check_packed(&e, &check))
+                            {
+                                counts.bad.fetch_add(1, Ordering::Relaxed);
+                            }
+                            counts
+                                .events
+                                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            eprintln!("hvprobe bench: {e}");
+                            counts.bad.fetch_add(1, Ordering::Relaxed);
+                        }
+                    },
                     Some(Payload::Lost(l)) => {
                         counts.lost.fetch_add(l.count, Ordering::Relaxed);
                     }
@@ -329,14 +385,6 @@ async fn count(
         }
     }
     counts.ended.store(true, Ordering::SeqCst);
-}
-
-/// The kernel-style text of argument `name` of `e`.
-fn arg_text<'a>(e: &'a v1::Event, name: &str) -> Option<&'a str> {
-    e.args
-        .iter()
-        .find(|a| a.name == name)
-        .map(|a| a.text.as_str())
 }
 
 /// The producers' loop: hit the probe until told to stop.
@@ -535,17 +583,18 @@ pub fn run(args: EventsArgs) -> Result<u8> {
     let guest_probe = rt.block_on(async {
         let stream = subscribe(&mut client, synth_probe, &args).await?;
         let want_path = format!("\"{}\"", String::from_utf8_lossy(PATH));
-        tokio::spawn(count(stream, synth_counts.clone(), move |e| {
-            arg_text(e, "path") == Some(want_path.as_str()) && arg_text(e, "dfd") == Some("3")
-        }));
+        tokio::spawn(count(
+            stream,
+            synth_counts.clone(),
+            vec![("path", want_path), ("dfd", "3".into())],
+        ));
         let mut guest_probe = None;
         if let Some((_, server)) = &guest {
             let mut g = connect(&server.listen).await?;
             let gid = create_probe(&mut g, "p:bench/add hv_add a=%di b=%si").await?;
             let gstream = subscribe(&mut g, gid, &args).await?;
-            tokio::spawn(count(gstream, guest_counts.clone(), move |e| {
-                e.probe_id == gid && e.args.len() == 2
-            }));
+            // hv_add(a, b) is called with a in 0..7 in the workload.
+            tokio::spawn(count(gstream, guest_counts.clone(), Vec::new()));
             guest_probe = Some(gid);
         }
         anyhow::Ok(guest_probe)
@@ -604,10 +653,11 @@ pub fn run(args: EventsArgs) -> Result<u8> {
     let synth_rate = rate(s1.0 - s0.0, window);
     let guest_rate = rate(g1.0 - g0.0, window);
     println!(
-        "hvprobe bench events: {} producer thread(s), batch {}, queue {}, {} transport, {:.1} s window",
+        "hvprobe bench events: {} producer thread(s), batch {}, queue {}, {} encoding, {} transport, {:.1} s window",
         args.producers,
         args.batch,
         args.queue,
+        args.encoding,
         args.transport,
         window.as_secs_f64()
     );

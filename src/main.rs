@@ -9,6 +9,12 @@ mod bench;
 mod cli;
 mod runner;
 
+// Events are allocated on vCPU threads and freed on the stream's thread;
+// glibc's per-arena locks made that handoff a futex round trip under load
+// (`hvprobe bench events`), mimalloc frees across threads without one.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "hvprobe",

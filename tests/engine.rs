@@ -363,7 +363,7 @@ fn check_return_values(events: &[introspect::Event]) {
         else {
             panic!("expected a return event: {e:?}");
         };
-        let d = match &entry_args[0].value {
+        let d = match &entry_args[0] {
             probe_spec::Value::Signed { value, .. } => *value,
             v => panic!("depth: {v:?}"),
         };
@@ -372,7 +372,7 @@ fn check_return_values(events: &[introspect::Event]) {
             d * (d + 1) / 2,
             "hv_recurse({d}) returned {retval}"
         );
-        let ret_arg = match &e.args[0].value {
+        let ret_arg = match &e.args[0] {
             probe_spec::Value::Signed { value, .. } => *value,
             v => panic!("ret: {v:?}"),
         };
@@ -444,13 +444,13 @@ fn kprobe_fetches_string_and_integer_arguments() {
     );
     for e in &events {
         assert_eq!(
-            e.args[0].value,
+            e.args[0],
             probe_spec::Value::Signed {
                 bits: 32,
                 value: i64::from(test_guest::AT_FDCWD)
             }
         );
-        let probe_spec::Value::Str { bytes, truncated } = &e.args[1].value else {
+        let probe_spec::Value::Str { bytes, truncated } = &e.args[1] else {
             panic!("path: {:?}", e.args[1]);
         };
         let text = String::from_utf8_lossy(bytes);

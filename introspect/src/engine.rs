@@ -7,6 +7,7 @@
 //! otherwise the world is stopped, the byte restored, the vCPU single-stepped
 //! and the `int3` planted again.
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -16,11 +17,11 @@ use guest_access::{
     AccessError, BreakpointAction, BreakpointHandler, Regs, SystemRegs, TrapKind, Vcpu, VmControl,
 };
 use insn_emu::Displaced;
-use probe_spec::{ArgValue, EntryArgs, EvalOptions, Fault, FetchContext, ProbeDef, Reg};
+use probe_spec::{EntryArgs, EvalOptions, Fault, FetchContext, ProbeDef, Reg, Value};
 
 use crate::events::{
-    Event, EventBus, EventFilter, EventKind, Interest, ProbeId, SubscribeOptions, Subscription,
-    Waker,
+    Event, EventBus, EventFilter, EventKind, GuestTask, Interest, ProbeId, SubscribeOptions,
+    Subscription, Waker,
 };
 use crate::paging::{Access, GuestVirt};
 use crate::xol::{self, Scratch};
@@ -65,6 +66,8 @@ pub struct TaskLayout {
     pub current_task_percpu: u64,
     /// `offsetof(struct task_struct, comm)` (a 16-byte name).
     pub comm_offset: u64,
+    /// `offsetof(struct task_struct, pid)` (an `int`).
+    pub pid_offset: u64,
 }
 
 /// No symbols known: no boundary, entry or blacklist checks are possible.
@@ -263,6 +266,36 @@ struct Probe {
     active: AtomicU32,
 }
 
+/// The probes at one address. A hit takes a snapshot (one reference count,
+/// no copy); registration replaces the list (copy on write).
+#[derive(Default)]
+struct SiteProbes(RwLock<Arc<Vec<Arc<Probe>>>>);
+
+impl SiteProbes {
+    fn new(probes: Vec<Arc<Probe>>) -> Self {
+        SiteProbes(RwLock::new(Arc::new(probes)))
+    }
+
+    fn snapshot(&self) -> Arc<Vec<Arc<Probe>>> {
+        self.0.read().unwrap().clone()
+    }
+
+    fn push(&self, p: Arc<Probe>) {
+        Arc::make_mut(&mut self.0.write().unwrap()).push(p);
+    }
+
+    /// Removes probe `id`; true if none is left.
+    fn remove(&self, id: ProbeId) -> bool {
+        let mut w = self.0.write().unwrap();
+        Arc::make_mut(&mut w).retain(|q| q.id != id);
+        w.is_empty()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.read().unwrap().is_empty()
+    }
+}
+
 struct Site {
     addr: u64,
     gpa: u64,
@@ -273,7 +306,7 @@ struct Site {
     planted: AtomicBool,
     /// The guest overwrote the int3 (its code changed or went away).
     gone: AtomicBool,
-    probes: RwLock<Vec<Arc<Probe>>>,
+    probes: SiteProbes,
     /// The out-of-line slot, for [`Handling::OutOfLine`].
     slot: Option<Arc<XolSlot>>,
 }
@@ -309,7 +342,7 @@ struct Instance {
     return_to: u64,
     func: u64,
     entered: Instant,
-    entry_args: Vec<ArgValue>,
+    entry_args: Vec<Value>,
     saved: EntryArgs,
 }
 
@@ -405,36 +438,45 @@ struct HitContext<'a> {
     regs: Regs,
     virt: GuestVirt<'a>,
     symbols: &'a dyn KernelSymbols,
+    /// The current task, read at most once per hit (event and `$comm`).
+    task: OnceCell<Option<GuestTask>>,
 }
 
-impl HitContext<'_> {
-    /// The current task's name: per-CPU base (GS at CPL0) + current-task
-    /// pointer, then `task->comm`. None outside kernel mode or without a layout.
-    fn current_comm(&self) -> Option<String> {
+impl<'a> HitContext<'a> {
+    fn new(regs: Regs, virt: GuestVirt<'a>, symbols: &'a dyn KernelSymbols) -> Self {
+        HitContext {
+            regs,
+            virt,
+            symbols,
+            task: OnceCell::new(),
+        }
+    }
+
+    /// The current task: per-CPU base (GS at CPL0) + current-task pointer,
+    /// then `task->pid` and `task->comm`. None outside kernel mode, without
+    /// a layout, or when a read faults.
+    fn current_task(&self) -> Option<GuestTask> {
+        *self.task.get_or_init(|| self.read_current_task())
+    }
+
+    fn read_current_task(&self) -> Option<GuestTask> {
         let layout = self.symbols.task_layout()?;
         let s = &self.virt.sregs;
         if s.cpl != 0 || s.gs_base == 0 {
             return None;
         }
+        let read = |addr: u64, buf: &mut [u8]| self.virt.read(addr, buf, Access::Inspect).ok();
         let mut p = [0u8; 8];
-        self.virt
-            .read(
-                s.gs_base.wrapping_add(layout.current_task_percpu),
-                &mut p,
-                Access::Inspect,
-            )
-            .ok()?;
+        read(s.gs_base.wrapping_add(layout.current_task_percpu), &mut p)?;
         let task = u64::from_le_bytes(p);
+        let mut pid = [0u8; 4];
+        read(task.wrapping_add(layout.pid_offset), &mut pid)?;
         let mut comm = [0u8; 16];
-        self.virt
-            .read(
-                task.wrapping_add(layout.comm_offset),
-                &mut comm,
-                Access::Inspect,
-            )
-            .ok()?;
-        let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
-        Some(String::from_utf8_lossy(&comm[..end]).into_owned())
+        read(task.wrapping_add(layout.comm_offset), &mut comm)?;
+        Some(GuestTask {
+            pid: i32::from_le_bytes(pid),
+            comm,
+        })
     }
 }
 
@@ -476,7 +518,8 @@ impl FetchContext for HitContext<'_> {
     }
 
     fn comm(&self) -> Option<String> {
-        self.current_comm()
+        self.current_task()
+            .map(|t| String::from_utf8_lossy(t.comm()).into_owned())
     }
 }
 
@@ -869,13 +912,13 @@ impl Engine {
                 new_sites.push(probe.address);
             }
             let site = table.sites[&probe.address].clone();
-            site.probes.write().unwrap().push(probe.clone());
+            site.probes.push(probe.clone());
             let want = self.wanted_handling(&site.displaced, &probe);
             if rank(want) > rank(site.handling) {
                 // A stricter probe joined: rebuild the site (no handler runs
                 // on it while we hold the world).
                 self.release_slot(&site, &mut table);
-                let probes = site.probes.read().unwrap().clone();
+                let probes = site.probes.snapshot().to_vec();
                 let s2 = self.build_site(
                     site.addr,
                     site.gpa,
@@ -914,17 +957,13 @@ impl Engine {
                 if let Some(p) = table.probes.remove(id) {
                     p.registered.store(false, Ordering::SeqCst);
                     if let Some(s) = table.sites.get(&p.address).cloned() {
-                        s.probes.write().unwrap().retain(|q| q.id != *id);
+                        s.probes.remove(*id);
                     }
                 }
             }
             for a in &addrs {
                 let _ = self.sync_site(&table, *a);
-                if table
-                    .sites
-                    .get(a)
-                    .is_some_and(|s| s.probes.read().unwrap().is_empty())
-                {
+                if table.sites.get(a).is_some_and(|s| s.probes.is_empty()) {
                     if let Some(site) = table.sites.remove(a) {
                         self.release_slot(&site, &mut table);
                     }
@@ -979,7 +1018,7 @@ impl Engine {
             handling,
             planted: AtomicBool::new(false),
             gone: AtomicBool::new(false),
-            probes: RwLock::new(probes),
+            probes: SiteProbes::new(probes),
             slot,
         }
     }
@@ -1100,8 +1139,7 @@ impl Engine {
         let want = self.armed()
             && site
                 .probes
-                .read()
-                .unwrap()
+                .snapshot()
                 .iter()
                 .any(|p| p.enabled.load(Ordering::SeqCst));
         let have = site.planted.load(Ordering::SeqCst);
@@ -1202,10 +1240,7 @@ impl Engine {
             p.registered.store(false, Ordering::SeqCst);
             let addr = p.address;
             let empty = match table.sites.get(&addr) {
-                Some(s) => {
-                    s.probes.write().unwrap().retain(|q| q.id != *id);
-                    s.probes.read().unwrap().is_empty()
-                }
+                Some(s) => s.probes.remove(*id),
                 None => false,
             };
             if let Err(e) = self.sync_site(&table, addr) {
@@ -1349,7 +1384,7 @@ impl Engine {
             return;
         }
         let args = match &probe.fetch {
-            Some(def) => probe_spec::evaluate(def, ctx, &self.eval_opts()),
+            Some(def) => self.fetch(def, ctx, |_| true),
             None => Vec::new(),
         };
         let ev = Event {
@@ -1359,18 +1394,27 @@ impl Engine {
             time_ns: now_ns(),
             ip: probe.address,
             kind: EventKind::Entry,
-            regs: ctx.regs,
+            task: ctx.current_task(),
             args,
         };
         self.publish(probe, ev);
     }
 
-    /// Arguments of `def` that can be fetched at entry (all but `$retval` ones).
-    fn entry_fetch(&self, def: &ProbeDef, ctx: &HitContext<'_>) -> Vec<ArgValue> {
+    /// Values of the arguments of `def` that `pick` accepts, in order. Only
+    /// values: names and types are the definition's, and sharing them per
+    /// event (reference counts touched by vCPU and consumer threads alike)
+    /// cost more than the fetch itself.
+    fn fetch<C: FetchContext + ?Sized>(
+        &self,
+        def: &ProbeDef,
+        ctx: &C,
+        pick: impl Fn(&probe_spec::FetchArg) -> bool,
+    ) -> Vec<Value> {
+        let opts = self.eval_opts();
         def.args
             .iter()
-            .filter(|a| !uses_retval(a))
-            .map(|a| probe_spec::evaluate_arg(a, ctx, &self.eval_opts()))
+            .filter(|a| pick(a))
+            .map(|a| probe_spec::evaluate_value(a, ctx, &opts))
             .collect()
     }
 
@@ -1406,7 +1450,10 @@ impl Engine {
             }
             p.active.fetch_add(1, Ordering::SeqCst);
             let (entry_args, saved) = match &p.fetch {
-                Some(def) => (self.entry_fetch(def, ctx), EntryArgs::capture(def, ctx)),
+                Some(def) => (
+                    self.fetch(def, ctx, |a| !a.uses_retval()),
+                    EntryArgs::capture(def, ctx),
+                ),
                 None => (Vec::new(), EntryArgs::default()),
             };
             taken.push(Instance {
@@ -1493,11 +1540,11 @@ impl Engine {
         let return_to = instances[0].return_to;
         if self.bus.has_subscribers() {
             let sregs = vcpu.system_regs().unwrap_or_default();
-            let ctx = HitContext {
+            let ctx = HitContext::new(
                 regs,
-                virt: GuestVirt::new(vm.memory(), sregs, regs.rflags),
-                symbols: &*self.symbols,
-            };
+                GuestVirt::new(vm.memory(), sregs, regs.rflags),
+                &*self.symbols,
+            );
             for i in &instances {
                 if !i.probe.registered.load(Ordering::SeqCst) || !self.wants_event(&i.probe) {
                     continue;
@@ -1508,11 +1555,7 @@ impl Engine {
                             inner: &ctx,
                             entry: &i.saved,
                         };
-                        def.args
-                            .iter()
-                            .filter(|a| uses_retval(a))
-                            .map(|a| probe_spec::evaluate_arg(a, &at, &self.eval_opts()))
-                            .collect()
+                        self.fetch(def, &at, probe_spec::FetchArg::uses_retval)
                     }
                     None => Vec::new(),
                 };
@@ -1529,7 +1572,7 @@ impl Engine {
                         duration_ns: i.entered.elapsed().as_nanos() as u64,
                         entry_args: i.entry_args.clone(),
                     },
-                    regs,
+                    task: ctx.current_task(),
                     args,
                 };
                 self.publish(&i.probe, ev);
@@ -1629,15 +1672,6 @@ impl Engine {
     }
 }
 
-fn uses_retval(a: &probe_spec::FetchArg) -> bool {
-    let mut r = false;
-    a.expr.visit(&mut |e| {
-        r |= matches!(e, probe_spec::FetchExpr::Retval)
-            || matches!(e, probe_spec::FetchExpr::Named(n) if matches!(n.base, probe_spec::NamedBase::Retval));
-    });
-    r
-}
-
 impl BreakpointHandler for Engine {
     fn owns_address(&self, rip: u64) -> bool {
         let trap = self.trap_addr.load(Ordering::Relaxed);
@@ -1682,15 +1716,15 @@ impl BreakpointHandler for Engine {
         }
         self.counters.hits.fetch_add(1, Ordering::Relaxed);
         let sregs = vcpu.system_regs().unwrap_or_default();
-        let ctx = HitContext {
+        let ctx = HitContext::new(
             regs,
-            virt: GuestVirt::new(vm.memory(), sregs, regs.rflags),
-            symbols: &*self.symbols,
-        };
-        let probes = site.probes.read().unwrap().clone();
+            GuestVirt::new(vm.memory(), sregs, regs.rflags),
+            &*self.symbols,
+        );
+        let probes = site.probes.snapshot();
         let armed = self.armed();
         let mut returns = Vec::new();
-        for p in &probes {
+        for p in probes.iter() {
             if !armed || !p.enabled.load(Ordering::Relaxed) {
                 continue;
             }
@@ -1770,38 +1804,44 @@ mod tests {
             Some(TaskLayout {
                 current_task_percpu: 0x40,
                 comm_offset: 0x100,
+                pid_offset: 0x80,
             })
         }
     }
 
     #[test]
-    fn comm_of_the_current_task() {
+    fn pid_and_comm_of_the_current_task() {
         let ram = FakeRam::new(1 << 16);
-        // per-CPU area at 0x1000; current_task -> task at 0x4000; comm "kworker/0:1".
+        // per-CPU area at 0x1000; current_task -> task at 0x4000; pid 4242;
+        // comm "kworker/0:1".
         ram.put(0x1040, 0x4000);
+        ram.write_phys(0x4080, &4242i32.to_le_bytes()).unwrap();
         ram.write_phys(0x4100, b"kworker/0:1\0").unwrap();
         let sregs = SystemRegs {
             gs_base: 0x1000,
             ..Default::default()
         };
-        let ctx = HitContext {
-            regs: Regs::default(),
-            virt: GuestVirt::new(&ram, sregs, 0),
-            symbols: &Layout,
-        };
+        let ctx = HitContext::new(Regs::default(), GuestVirt::new(&ram, sregs, 0), &Layout);
         assert_eq!(ctx.comm().as_deref(), Some("kworker/0:1"));
+        let task = ctx.current_task().unwrap();
+        assert_eq!((task.pid, task.comm()), (4242, &b"kworker/0:1"[..]));
+        // Read once per hit: a later change in guest memory is not seen.
+        ram.write_phys(0x4080, &7i32.to_le_bytes()).unwrap();
+        assert_eq!(ctx.current_task().unwrap().pid, 4242);
         // Without a GS base (user GS before swapgs) there is no answer.
-        let ctx = HitContext {
-            virt: GuestVirt::new(&ram, SystemRegs::default(), 0),
-            ..ctx
-        };
+        let ctx = HitContext::new(
+            Regs::default(),
+            GuestVirt::new(&ram, SystemRegs::default(), 0),
+            &Layout,
+        );
         assert_eq!(ctx.comm(), None);
+        assert_eq!(ctx.current_task(), None);
         // And none without a layout (e.g. System.map only).
-        let ctx = HitContext {
-            virt: GuestVirt::new(&ram, sregs, 0),
-            symbols: &NoSymbols,
-            ..ctx
-        };
+        let ctx = HitContext::new(Regs::default(), GuestVirt::new(&ram, sregs, 0), &NoSymbols);
         assert_eq!(ctx.comm(), None);
+        // Nor when the task pointer leads nowhere.
+        ram.put(0x1040, 0xdead_0000_0000);
+        let ctx = HitContext::new(Regs::default(), GuestVirt::new(&ram, sregs, 0), &Layout);
+        assert_eq!(ctx.current_task(), None);
     }
 }

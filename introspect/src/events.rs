@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crossbeam_queue::ArrayQueue;
-use guest_access::Regs;
-use probe_spec::ArgValue;
+use probe_spec::Value;
 
 /// Identifies a registered probe.
 pub type ProbeId = u64;
@@ -26,9 +25,27 @@ pub enum EventKind {
         retval: u64,
         /// Time from entry to return.
         duration_ns: u64,
-        /// Arguments fetched at entry.
-        entry_args: Vec<ArgValue>,
+        /// Values of the arguments fetched at entry (those not reading
+        /// `$retval`), in definition order.
+        entry_args: Vec<Value>,
     },
+}
+
+/// The guest task a hit happened in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestTask {
+    /// `task->pid` (the kernel's thread id; 0 for the idle task).
+    pub pid: i32,
+    /// `task->comm`, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+impl GuestTask {
+    /// The name without its NUL padding.
+    pub fn comm(&self) -> &[u8] {
+        let end = self.comm.iter().position(|b| *b == 0).unwrap_or(16);
+        &self.comm[..end]
+    }
 }
 
 /// One probe hit.
@@ -43,10 +60,12 @@ pub struct Event {
     /// Probed address (for returns: the function entry).
     pub ip: u64,
     pub kind: EventKind,
-    /// Registers at the hit (entry) or at the return.
-    pub regs: Regs,
-    /// Fetched arguments (for returns: those fetched at return, e.g. `$retval`).
-    pub args: Vec<ArgValue>,
+    /// The guest task, when the guest's symbols say where to find it.
+    pub task: Option<GuestTask>,
+    /// Values of the fetched arguments, in definition order (for returns:
+    /// those fetched at return, the ones reading `$retval`). Names and
+    /// types are the probe definition's.
+    pub args: Vec<Value>,
 }
 
 /// Selects events for a subscriber by their content; runs on the vCPU
@@ -306,7 +325,7 @@ mod tests {
             time_ns: 0,
             ip: 0,
             kind: EventKind::Entry,
-            regs: Regs::default(),
+            task: None,
             args: vec![],
         }
     }
@@ -355,16 +374,12 @@ mod tests {
             ..opts(4)
         });
         let mut e = ev(1);
-        e.args.push(ArgValue {
-            name: "n".into(),
-            ty: "u8".into(),
-            value: probe_spec::Value::Unsigned { bits: 8, value: 5 },
-        });
+        e.args.push(Value::Unsigned { bits: 8, value: 5 });
         assert_eq!(bus.publish(e), 0);
         for s in [&a, &b] {
             let got = s.drain(4);
             assert_eq!(got.len(), 1);
-            assert_eq!(got[0].args[0].name, "n");
+            assert_eq!(got[0].args[0], Value::Unsigned { bits: 8, value: 5 });
         }
         assert!(c.is_empty());
     }

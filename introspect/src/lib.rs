@@ -18,5 +18,5 @@ pub use engine::{
     BatchError, Engine, EngineConfig, EngineStats, Handling, KernelSymbols, NoSymbols, ProbeError,
     ProbeInfo, ProbeRequest, ProbeType, TaskLayout, KERNEL_TEXT_MAP, MAXACTIVE_MAX,
 };
-pub use events::{Event, EventFilter, EventKind, ProbeId, Subscription, Waker};
+pub use events::{Event, EventFilter, EventKind, GuestTask, ProbeId, Subscription, Waker};
 pub use symbols::SymbolIndex;

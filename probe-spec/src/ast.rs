@@ -174,6 +174,19 @@ pub struct FetchArg {
     pub ty: FetchType,
 }
 
+impl FetchArg {
+    /// Reads the return value (`$retval`, `$retval->x`): a return probe
+    /// fetches it at return; every other argument is fetched at entry.
+    pub fn uses_retval(&self) -> bool {
+        let mut r = false;
+        self.expr.visit(&mut |e| {
+            r |= matches!(e, FetchExpr::Retval)
+                || matches!(e, FetchExpr::Named(n) if matches!(n.base, NamedBase::Retval));
+        });
+        r
+    }
+}
+
 impl fmt::Display for FetchArg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // A generated name is generated again from the same text and index.

@@ -311,8 +311,18 @@ pub fn evaluate_arg<C: FetchContext + ?Sized>(
     ArgValue {
         name: arg.name.clone(),
         ty: arg.ty.to_string(),
-        value: eval_value(&arg.expr, &arg.ty, ctx, opts),
+        value: evaluate_value(arg, ctx, opts),
     }
+}
+
+/// Evaluates one argument's value alone: what a probe hit needs (names and
+/// types are the definition's, the same for every hit).
+pub fn evaluate_value<C: FetchContext + ?Sized>(
+    arg: &FetchArg,
+    ctx: &C,
+    opts: &EvalOptions,
+) -> Value {
+    eval_value(&arg.expr, &arg.ty, ctx, opts)
 }
 
 /// Memory address a memory-reading expression reads from, and whether it is
@@ -536,13 +546,18 @@ fn read_string<C: FetchContext + ?Sized>(
     max: usize,
 ) -> Result<Value, FetchError> {
     const PAGE: u64 = 4096;
+    // Most strings are short: a small first read, larger ones after. Reads
+    // never cross a page, so a string ending just before an unmapped page
+    // does not fault.
+    let mut buf = [0u8; 256];
+    let mut chunk = 64;
     let mut out = Vec::new();
     let mut a = addr;
     while out.len() < max {
         let to_page_end = (PAGE - (a % PAGE)) as usize;
-        let n = to_page_end.min(max - out.len()).min(256);
-        let mut buf = vec![0u8; n];
-        read(ctx, user, a, &mut buf)?;
+        let n = to_page_end.min(max - out.len()).min(chunk);
+        let buf = &mut buf[..n];
+        read(ctx, user, a, buf)?;
         if let Some(z) = buf.iter().position(|b| *b == 0) {
             out.extend_from_slice(&buf[..z]);
             return Ok(Value::Str {
@@ -550,8 +565,9 @@ fn read_string<C: FetchContext + ?Sized>(
                 truncated: false,
             });
         }
-        out.extend_from_slice(&buf);
+        out.extend_from_slice(buf);
         a = a.wrapping_add(n as u64);
+        chunk = 256;
     }
     Ok(Value::Str {
         bytes: out,

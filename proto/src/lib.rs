@@ -11,6 +11,7 @@ pub mod v1 {
 }
 
 mod convert;
+pub mod packed;
 pub use convert::{
     definition_error, definition_error_from_status, invalid_definition, spec_to_line,
     DEFINITION_ERROR_TYPE_URL,

@@ -1,7 +1,7 @@
 //! Engine rows and events as API messages.
 
 use introspect::{Event, EventKind, Handling, ProbeType};
-use probe_spec::{BaseType, FetchType, FieldKind, FieldValue, Fields};
+use probe_spec::{BaseType, FetchType, FieldKind, FieldValue, Fields, Value};
 use proto::v1;
 
 use crate::server::ProbeMeta;
@@ -54,22 +54,79 @@ pub(crate) fn arg_field_kind(t: &FetchType) -> Option<FieldKind> {
     })
 }
 
+/// An event's values in field order: a return probe's entry-time values
+/// first, then those fetched at return (the order of `ProbeMeta::fields`).
+fn values(ev: &Event) -> impl Iterator<Item = &Value> {
+    let entry: &[Value] = match &ev.kind {
+        EventKind::Return { entry_args, .. } => entry_args,
+        EventKind::Entry => &[],
+    };
+    entry.iter().chain(&ev.args)
+}
+
+/// Fields for an event of a probe the service never knew (created on the
+/// engine directly): `argN`, typed by the values.
+pub(crate) fn guess_fields(ev: &Event) -> Vec<v1::FieldSchema> {
+    let entry = match &ev.kind {
+        EventKind::Return { entry_args, .. } => entry_args.len(),
+        EventKind::Entry => 0,
+    };
+    values(ev)
+        .enumerate()
+        .map(|(i, v)| {
+            let (kind, bits, count) = match v {
+                Value::Array { elements } => {
+                    let (k, b) = packed_kind_of_value(elements.first());
+                    (k, b, elements.len() as u32)
+                }
+                v => {
+                    let (k, b) = packed_kind_of_value(Some(v));
+                    (k, b, 1)
+                }
+            };
+            v1::FieldSchema {
+                name: format!("arg{}", i + 1),
+                r#type: String::new(),
+                kind: kind as i32,
+                count,
+                bits,
+                at_entry: i < entry,
+            }
+        })
+        .collect()
+}
+
+fn packed_kind_of_value(v: Option<&Value>) -> (v1::PackedKind, u32) {
+    use v1::PackedKind as K;
+    match v {
+        Some(Value::Signed { bits, .. }) => (K::Signed, u32::from(*bits)),
+        Some(Value::Hex { bits, .. }) => (K::Hex, u32::from(*bits)),
+        Some(Value::Unsigned { bits, .. }) => (K::Unsigned, u32::from(*bits)),
+        Some(Value::Char { .. }) => (K::Char, 8),
+        Some(Value::Str { .. }) => (K::String, 0),
+        Some(Value::Symbol { .. }) => (K::Symbol, 64),
+        _ => (K::Unsigned, 64),
+    }
+}
+
 /// An event's fields for filters: fetched args (entry args of return
-/// probes too), `cpu`, and `retval` for returns.
-pub(crate) struct EventFieldsView<'a>(pub &'a Event);
+/// probes too) named by `fields` (the probe's), `cpu`, `common_pid` and
+/// `comm` when the task is known, and `retval` for returns.
+pub(crate) struct EventFieldsView<'a> {
+    pub ev: &'a Event,
+    pub fields: &'a [v1::FieldSchema],
+}
 
 impl Fields for EventFieldsView<'_> {
     fn field(&self, name: &str) -> Option<FieldValue<'_>> {
-        let ev = self.0;
-        let entry: &[probe_spec::ArgValue] = match &ev.kind {
-            EventKind::Return { entry_args, .. } => entry_args,
-            EventKind::Entry => &[],
-        };
-        if let Some(a) = ev.args.iter().chain(entry).find(|a| a.name == name) {
-            return FieldValue::from_value(&a.value);
+        let ev = self.ev;
+        if let Some(i) = self.fields.iter().position(|f| f.name == name) {
+            return values(ev).nth(i).and_then(FieldValue::from_value);
         }
         match (name, &ev.kind) {
             ("cpu", _) => Some(FieldValue::Unsigned(u64::from(ev.vcpu))),
+            ("common_pid", _) => ev.task.map(|t| FieldValue::Signed(i64::from(t.pid))),
+            ("comm", _) => ev.task.as_ref().map(|t| FieldValue::Str(t.comm())),
             ("retval", EventKind::Return { retval, .. }) => Some(FieldValue::Unsigned(*retval)),
             _ => None,
         }
@@ -78,20 +135,26 @@ impl Fields for EventFieldsView<'_> {
 
 /// One engine event as an API event. `meta` is `None` only for events of a
 /// probe the service never knew (not created through it).
-pub(crate) fn event(ev: &Event, meta: Option<&ProbeMeta>, symbols: &Symbols) -> v1::Event {
-    let (group, event_name, kind) = match meta {
-        Some(m) => (m.group.clone(), m.event.clone(), m.kind),
-        None => (
-            String::new(),
-            format!("probe{}", ev.probe_id),
-            v1::ProbeKind::Unspecified,
-        ),
+pub(crate) fn event(ev: Event, meta: Option<&ProbeMeta>, symbols: &Symbols) -> v1::Event {
+    let guessed;
+    let (group, event_name, kind, fields) = match meta {
+        Some(m) => (m.group.clone(), m.event.clone(), m.kind, &m.fields[..]),
+        None => {
+            guessed = guess_fields(&ev);
+            (
+                String::new(),
+                format!("probe{}", ev.probe_id),
+                v1::ProbeKind::Unspecified,
+                &guessed[..],
+            )
+        }
     };
-    let args: Vec<v1::FetchedArg> = ev.args.iter().map(v1::FetchedArg::from).collect();
-    let (ret, ip_text) = match &ev.kind {
+    let (ret, ip_text, entry_args, args) = match ev.kind {
         EventKind::Entry => (
             None,
             meta.map_or_else(|| format!("0x{:x}", ev.ip), |m| m.ip_text.clone()),
+            Vec::new(),
+            ev.args,
         ),
         EventKind::Return {
             func,
@@ -101,33 +164,52 @@ pub(crate) fn event(ev: &Event, meta: Option<&ProbeMeta>, symbols: &Symbols) -> 
             entry_args,
         } => {
             let caller = symbols
-                .sym_off(*return_to)
+                .sym_off(return_to)
                 .map_or_else(|| format!("0x{return_to:x}"), |s| s.to_string());
             let callee = meta
                 .filter(|m| !m.symbol.is_empty())
                 .map_or_else(|| format!("0x{func:x}"), |m| m.symbol.clone());
+            let info = v1::ReturnInfo {
+                retval,
+                return_address: return_to,
+                entry_timestamp_ns: ev.time_ns.saturating_sub(duration_ns),
+                duration_ns,
+                entry_args: Vec::new(),
+            };
             (
-                Some(v1::ReturnInfo {
-                    retval: *retval,
-                    return_address: *return_to,
-                    entry_timestamp_ns: ev.time_ns.saturating_sub(*duration_ns),
-                    duration_ns: *duration_ns,
-                    entry_args: entry_args.iter().map(v1::FetchedArg::from).collect(),
-                }),
+                Some(info),
                 format!("{caller} <- {callee}"),
+                entry_args,
+                ev.args,
             )
         }
     };
-    // Return probes print entry args then return-time args, in the kernel's
-    // order of definition as far as the engine keeps it.
-    let text = match &ev.kind {
-        EventKind::Return { entry_args, .. } if !entry_args.is_empty() => {
-            let all: Vec<probe_spec::ArgValue> =
-                entry_args.iter().chain(&ev.args).cloned().collect();
-            probe_spec::format_event_line(&event_name, &ip_text, &all)
-        }
-        _ => probe_spec::format_event_line(&event_name, &ip_text, &ev.args),
-    };
+    // Name the values: entry-time fields first, as `values` orders them.
+    let n_entry = entry_args.len();
+    let named: Vec<probe_spec::ArgValue> = entry_args
+        .into_iter()
+        .chain(args)
+        .enumerate()
+        .map(|(i, value)| match fields.get(i) {
+            Some(f) => probe_spec::ArgValue {
+                name: f.name.clone(),
+                ty: f.r#type.clone(),
+                value,
+            },
+            None => probe_spec::ArgValue {
+                name: format!("arg{}", i + 1),
+                ty: String::new(),
+                value,
+            },
+        })
+        .collect();
+    // Trace text lists entry args then return-time args, as defined.
+    let text = probe_spec::format_event_line(&event_name, &ip_text, &named);
+    let (entry, at_return) = named.split_at(n_entry);
+    let ret = ret.map(|mut r| {
+        r.entry_args = entry.iter().map(v1::FetchedArg::from).collect();
+        r
+    });
     v1::Event {
         probe_id: ev.probe_id,
         group,
@@ -137,9 +219,11 @@ pub(crate) fn event(ev: &Event, meta: Option<&ProbeMeta>, symbols: &Symbols) -> 
         vcpu: ev.vcpu,
         timestamp_ns: ev.time_ns,
         ip: ev.ip,
-        pid: None,
-        comm: None,
-        args,
+        pid: ev.task.map(|t| t.pid),
+        comm: ev
+            .task
+            .map(|t| String::from_utf8_lossy(t.comm()).into_owned()),
+        args: at_return.iter().map(v1::FetchedArg::from).collect(),
         ret,
         text,
     }
@@ -148,19 +232,10 @@ pub(crate) fn event(ev: &Event, meta: Option<&ProbeMeta>, symbols: &Symbols) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use guest_access::Regs;
+    use introspect::GuestTask;
 
-    fn arg(name: &str, v: probe_spec::Value) -> probe_spec::ArgValue {
-        probe_spec::ArgValue {
-            name: name.into(),
-            ty: "x".into(),
-            value: v,
-        }
-    }
-
-    #[test]
-    fn fields_cover_args_entry_args_cpu_and_retval() {
-        let ev = Event {
+    fn return_event() -> Event {
+        Event {
             probe_id: 1,
             seq: 0,
             vcpu: 3,
@@ -171,34 +246,54 @@ mod tests {
                 return_to: 0,
                 retval: 7,
                 duration_ns: 4,
-                entry_args: vec![arg(
-                    "path",
-                    probe_spec::Value::Str {
-                        bytes: b"/etc".to_vec(),
-                        truncated: false,
-                    },
-                )],
+                entry_args: vec![Value::Str {
+                    bytes: b"/etc".to_vec(),
+                    truncated: false,
+                }],
             },
-            regs: Regs::default(),
-            args: vec![arg(
-                "n",
-                probe_spec::Value::Signed {
-                    bits: 32,
-                    value: -1,
-                },
-            )],
+            task: Some(GuestTask {
+                pid: 77,
+                comm: *b"cat\0\0\0\0\0\0\0\0\0\0\0\0\0",
+            }),
+            args: vec![Value::Signed {
+                bits: 32,
+                value: -1,
+            }],
+        }
+    }
+
+    #[test]
+    fn fields_cover_args_entry_args_task_cpu_and_retval() {
+        let ev = return_event();
+        let def = probe_spec::parse_probe("r:g/e f n=$retval:s32 path=+0(%di):string").unwrap();
+        let fields = crate::packed::fields_of(&def);
+        let f = EventFieldsView {
+            ev: &ev,
+            fields: &fields,
         };
-        let f = EventFieldsView(&ev);
         assert_eq!(f.field("n"), Some(FieldValue::Signed(-1)));
         assert_eq!(f.field("path"), Some(FieldValue::Str(b"/etc")));
         assert_eq!(f.field("cpu"), Some(FieldValue::Unsigned(3)));
         assert_eq!(f.field("retval"), Some(FieldValue::Unsigned(7)));
-        assert_eq!(f.field("comm"), None);
-        let filt = probe_spec::Filter::parse("path ~ \"/e*\" && retval == 7 && cpu < 4").unwrap();
+        assert_eq!(f.field("common_pid"), Some(FieldValue::Signed(77)));
+        assert_eq!(f.field("comm"), Some(FieldValue::Str(b"cat")));
+        assert_eq!(f.field("nope"), None);
+        let filt = probe_spec::Filter::parse(
+            "path ~ \"/e*\" && retval == 7 && cpu < 4 && comm == \"cat\" && common_pid == 77",
+        )
+        .unwrap();
         assert!(filt.matches(&f));
-        let e = event(&ev, None, &Symbols::none());
-        assert_eq!(e.ret.as_ref().unwrap().entry_timestamp_ns, 6);
-        assert_eq!(e.text, "probe1: (0x0 <- 0x0) path=\"/etc\" n=-1");
+    }
+
+    #[test]
+    fn events_of_unknown_probes_get_generated_names() {
+        let e = event(return_event(), None, &Symbols::none());
+        let r = e.ret.as_ref().unwrap();
+        assert_eq!(r.entry_timestamp_ns, 6);
+        assert_eq!(r.entry_args[0].name, "arg1");
+        assert_eq!(e.args[0].name, "arg2");
+        assert_eq!((e.pid, e.comm.as_deref()), (Some(77), Some("cat")));
+        assert_eq!(e.text, "probe1: (0x0 <- 0x0) arg1=\"/etc\" arg2=-1");
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod client;
 mod convert;
 mod errors;
 pub mod listen;
+mod packed;
 mod server;
 mod subscribe;
 mod symbols;

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use guest_access::VmControl;
@@ -92,6 +92,8 @@ pub(crate) struct ProbeMeta {
     pub arg_names: Vec<String>,
     /// `sym+0x0/0x40` of the probed address, for trace lines.
     pub ip_text: String,
+    /// The fields of its events as packed streams send them.
+    pub fields: Vec<v1::FieldSchema>,
 }
 
 /// Live probes plus recently deleted ones (their queued events still need
@@ -100,6 +102,9 @@ pub(crate) struct ProbeMeta {
 pub(crate) struct ProbeTable {
     pub live: BTreeMap<ProbeId, Arc<ProbeMeta>>,
     pub retired: HashMap<ProbeId, Arc<ProbeMeta>>,
+    /// Live probes with a filter of their own; read without the table's
+    /// lock by subscriptions, which skip per-event lookups while it is 0.
+    pub filtered: Arc<AtomicUsize>,
 }
 
 impl ProbeTable {
@@ -107,8 +112,18 @@ impl ProbeTable {
         self.live.get(&id).or_else(|| self.retired.get(&id))
     }
 
+    fn insert(&mut self, m: ProbeMeta) {
+        if m.filter.is_some() {
+            self.filtered.fetch_add(1, Ordering::SeqCst);
+        }
+        self.live.insert(m.id, Arc::new(m));
+    }
+
     fn retire(&mut self, id: ProbeId) {
         if let Some(m) = self.live.remove(&id) {
+            if m.filter.is_some() {
+                self.filtered.fetch_sub(1, Ordering::SeqCst);
+            }
             // Bounded: the oldest retired names go first.
             if self.retired.len() >= 4096 {
                 if let Some(&old) = self.retired.keys().min() {
@@ -267,6 +282,7 @@ impl Inner {
             filter,
             arg_names: pd.args.iter().map(|a| a.name.clone()).collect(),
             ip_text,
+            fields: crate::packed::fields_of(&pd),
         };
         let request = ProbeRequest {
             name: pd.full_name(),
@@ -363,7 +379,7 @@ impl Inner {
             let mut t = self.probes.write().unwrap_or_else(|e| e.into_inner());
             for (id, mut m) in ids.iter().zip(metas) {
                 m.id = *id;
-                t.live.insert(*id, Arc::new(m));
+                t.insert(m);
             }
         }
         self.infos(Some(&ids))
@@ -531,9 +547,9 @@ fn probe_field_kind(pd: &ProbeDef, is_return: bool, name: &str) -> Option<FieldK
     common_field_kind(name, is_return)
 }
 
-/// Fields every event has: the vCPU, and the return value of return probes.
-/// `common_pid`/`comm` are accepted but have no value (the guest's current
-/// task is not known), so predicates on them are false.
+/// Fields every event has: the vCPU, the guest task (`common_pid`, `comm`:
+/// known when the guest's DWARF gives `task_struct`'s layout; without it
+/// predicates on them are false), and the return value of return probes.
 pub(crate) fn common_field_kind(name: &str, is_return: bool) -> Option<FieldKind> {
     match name {
         "cpu" => Some(FieldKind::Unsigned),

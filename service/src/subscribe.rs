@@ -4,10 +4,11 @@
 //! does not fit the queue, and the task notices the loss on its next drain.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use introspect::events::SubscribeOptions;
 use introspect::{Event, ProbeId, Subscription};
 use probe_spec::{FieldKind, Filter};
 use proto::v1::{self, subscribe_response::Payload};
@@ -17,6 +18,7 @@ use tonic::Status;
 
 use crate::convert::{self, EventFieldsView};
 use crate::errors::parse_error;
+use crate::packed::PackedEncoder;
 use crate::server::{common_field_kind, Inner, ProbeMeta};
 
 /// Effective parameters of one subscription.
@@ -25,6 +27,40 @@ struct Params {
     batch: usize,
     delay: Duration,
     capacity: usize,
+    packed: bool,
+}
+
+/// The batch being built, in the subscription's encoding.
+enum Batch {
+    Full(Vec<v1::Event>),
+    Packed(Box<PackedEncoder>),
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        match self {
+            Batch::Full(v) => v.len(),
+            Batch::Packed(p) => p.len(),
+        }
+    }
+
+    fn push(&mut self, ev: Event, meta: Option<&ProbeMeta>, symbols: &crate::Symbols) {
+        match self {
+            Batch::Full(v) => v.push(convert::event(ev, meta, symbols)),
+            Batch::Packed(p) => p.push(ev, meta),
+        }
+    }
+
+    /// The messages that send the batch, leaving it empty.
+    fn take(&mut self, capacity: usize) -> Vec<Payload> {
+        match self {
+            Batch::Full(v) if v.is_empty() => Vec::new(),
+            Batch::Full(v) => vec![Payload::Events(v1::EventBatch {
+                events: std::mem::replace(v, Vec::with_capacity(capacity)),
+            })],
+            Batch::Packed(p) => p.take(),
+        }
+    }
 }
 
 fn pick(asked: u32, default: u32, max: u32, what: &str) -> Result<u32, Status> {
@@ -75,40 +111,78 @@ pub(crate) fn start(
         )));
     }
     let filter = parse_filter(&inner, &req)?;
-    let ids: HashSet<ProbeId> = req.probe_ids.iter().copied().collect();
+    // Sorted: a handful of ids is searched faster than hashed.
+    let mut ids: Vec<ProbeId> = req.probe_ids.clone();
+    ids.sort_unstable();
+    ids.dedup();
     let groups: HashSet<String> = req.groups.iter().cloned().collect();
+    // Both run on vCPU threads: they only read, and never wait on anything
+    // the API side holds while stopping the world.
+    // By probe, before anything is fetched: hits of other probes cost this
+    // subscriber nothing, and a full queue drops without fetching.
     let probes = inner.probes.clone();
-    // Runs on vCPU threads: only reads, never waits on anything the API
-    // side holds while stopping the world.
-    let select = move |ev: &Event| -> bool {
-        if !ids.is_empty() && !ids.contains(&ev.probe_id) {
+    let select = move |id: ProbeId| -> bool {
+        if !ids.is_empty() && ids.binary_search(&id).is_err() {
             return false;
+        }
+        groups.is_empty() || {
+            let t = probes.read().unwrap_or_else(|e| e.into_inner());
+            t.get(id).is_some_and(|m| groups.contains(&m.group))
+        }
+    };
+    // By content: the probe's own filter, then the subscriber's.
+    let probes = inner.probes.clone();
+    let filtered = inner
+        .probes
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .filtered
+        .clone();
+    let filter = move |ev: &Event| -> bool {
+        if filter.is_none() && filtered.load(Ordering::Relaxed) == 0 {
+            return true;
         }
         let t = probes.read().unwrap_or_else(|e| e.into_inner());
         let meta = t.get(ev.probe_id);
-        if !groups.is_empty() && !meta.is_some_and(|m| groups.contains(&m.group)) {
-            return false;
+        let own = meta.and_then(|m| m.filter.as_ref());
+        if own.is_none() && filter.is_none() {
+            return true;
         }
-        let fields = EventFieldsView(ev);
-        if let Some(pf) = meta.and_then(|m| m.filter.as_ref()) {
-            if !pf.matches(&fields) {
-                return false;
+        let guessed;
+        let fields = match meta {
+            Some(m) => &m.fields[..],
+            None => {
+                guessed = convert::guess_fields(ev);
+                &guessed[..]
             }
-        }
-        filter.as_ref().is_none_or(|f| f.matches(&fields))
+        };
+        let view = EventFieldsView { ev, fields };
+        own.is_none_or(|pf| pf.matches(&view)) && filter.as_ref().is_none_or(|f| f.matches(&view))
     };
-    let notify = Arc::new(Notify::new());
-    let n = notify.clone();
-    let sub = inner.engine.subscribe(
-        capacity as usize,
-        Some(Box::new(select)),
-        Some(Box::new(move || n.notify_one())),
-    );
+    let bell = Arc::new(Doorbell::default());
+    let b = bell.clone();
+    let sub = inner.engine.subscribe_with(SubscribeOptions {
+        capacity: capacity as usize,
+        select: Some(Box::new(select)),
+        filter: Some(Box::new(filter)),
+        waker: Some(Box::new(move || b.ring())),
+    });
     let id = inner.next_subscription.fetch_add(1, Ordering::Relaxed);
+    let packed = match v1::EventEncoding::try_from(req.encoding) {
+        Ok(v1::EventEncoding::Unspecified | v1::EventEncoding::Full) => false,
+        Ok(v1::EventEncoding::Packed) => true,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "encoding: unknown value {}",
+                req.encoding
+            )))
+        }
+    };
     let params = Params {
         batch: batch as usize,
         delay: Duration::from_millis(u64::from(delay)),
         capacity: capacity as usize,
+        packed,
     };
     // Two messages in flight: a client that stops reading stops the task
     // soon, and the engine's queue (not memory here) absorbs the backlog.
@@ -123,7 +197,7 @@ pub(crate) fn start(
     };
     tx.try_send(Ok(started))
         .map_err(|_| Status::internal("cannot queue the started message"))?;
-    tokio::spawn(pump(inner, sub, notify, tx, params));
+    tokio::spawn(pump(inner, sub, bell, tx, params));
     Ok(ReceiverStream::new(rx))
 }
 
@@ -177,13 +251,52 @@ fn field_kinds(inner: &Inner, m: &ProbeMeta) -> Vec<(String, FieldKind)> {
 
 type Tx = mpsc::Sender<Result<v1::SubscribeResponse, Status>>;
 
+/// How often the pump looks at the queue while a batch is filling: it takes
+/// no wake-up per event then (vCPUs only pay for a wake-up when the pump
+/// sleeps with nothing batched). A queue must hold this long's events.
+const FILL_POLL: Duration = Duration::from_millis(1);
+
+/// Wakes the pump when it sleeps with an empty batch.
+#[derive(Default)]
+struct Doorbell {
+    asleep: AtomicBool,
+    notify: Notify,
+}
+
+impl Doorbell {
+    /// Called by vCPUs after queuing (or dropping) an event.
+    fn ring(&self) {
+        // Pairs with the fence in `sleep_if_empty`: either the pump sees the
+        // event, or this sees `asleep`.
+        fence(Ordering::SeqCst);
+        if self.asleep.load(Ordering::Relaxed) && self.asleep.swap(false, Ordering::AcqRel) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Announces sleep unless `sub` has something; false means go on.
+    fn sleep_if_empty(&self, sub: &Subscription) -> bool {
+        self.asleep.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if sub.is_empty() {
+            return true;
+        }
+        self.asleep.store(false, Ordering::Relaxed);
+        false
+    }
+}
+
 /// Drains the subscription into the stream until the client goes away.
 /// Dropping `sub` at the end frees the engine-side queue.
-async fn pump(inner: Arc<Inner>, mut sub: Subscription, notify: Arc<Notify>, tx: Tx, p: Params) {
-    let mut pending: Vec<v1::Event> = Vec::with_capacity(p.batch);
+async fn pump(inner: Arc<Inner>, mut sub: Subscription, bell: Arc<Doorbell>, tx: Tx, p: Params) {
+    let mut pending = if p.packed {
+        Batch::Packed(Box::default())
+    } else {
+        Batch::Full(Vec::with_capacity(p.batch))
+    };
     let mut batch_started: Option<tokio::time::Instant> = None;
     let mut last_ts = now_ns();
-    loop {
+    'serve: loop {
         // Drops counted before this drain happened after the events still
         // queued were pushed (a full queue takes nothing new until drained),
         // so those events go out first, then the lost record.
@@ -192,22 +305,23 @@ async fn pump(inner: Arc<Inner>, mut sub: Subscription, notify: Arc<Notify>, tx:
         let evs = sub.drain(room);
         if !evs.is_empty() {
             batch_started.get_or_insert_with(tokio::time::Instant::now);
-            let t = inner.probes.read().unwrap_or_else(|e| e.into_inner());
-            for ev in &evs {
-                let meta = t.get(ev.probe_id).map(|m| &**m);
-                pending.push(convert::event(ev, meta, &inner.symbols));
-            }
             last_ts = evs.last().map_or(last_ts, |e| e.time_ns);
+            let t = inner.probes.read().unwrap_or_else(|e| e.into_inner());
+            for ev in evs {
+                let meta = t.get(ev.probe_id).map(|m| &**m);
+                pending.push(ev, meta, &inner.symbols);
+            }
         }
         let due = batch_started.is_some_and(|t| t.elapsed() >= p.delay);
-        if !pending.is_empty() && (lost > 0 || pending.len() >= p.batch || due) {
-            let events = std::mem::replace(&mut pending, Vec::with_capacity(p.batch));
+        if pending.len() > 0 && (lost > 0 || pending.len() >= p.batch || due) {
             batch_started = None;
-            let msg = v1::SubscribeResponse {
-                payload: Some(Payload::Events(v1::EventBatch { events })),
-            };
-            if tx.send(Ok(msg)).await.is_err() {
-                break;
+            for payload in pending.take(p.batch) {
+                let msg = v1::SubscribeResponse {
+                    payload: Some(payload),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    break 'serve;
+                }
             }
         }
         if lost > 0 {
@@ -221,7 +335,7 @@ async fn pump(inner: Arc<Inner>, mut sub: Subscription, notify: Arc<Notify>, tx:
                 })),
             };
             if tx.send(Ok(msg)).await.is_err() {
-                break;
+                break 'serve;
             }
             continue;
         }
@@ -229,14 +343,16 @@ async fn pump(inner: Arc<Inner>, mut sub: Subscription, notify: Arc<Notify>, tx:
             continue;
         }
         let wait = match batch_started {
-            Some(t) => p.delay.saturating_sub(t.elapsed()),
-            None => Duration::from_secs(3600),
+            Some(t) => p.delay.saturating_sub(t.elapsed()).min(FILL_POLL),
+            None if bell.sleep_if_empty(&sub) => Duration::from_secs(3600),
+            None => continue,
         };
         tokio::select! {
-            _ = notify.notified() => {}
+            _ = bell.notify.notified() => {}
             _ = tokio::time::sleep(wait) => {}
-            _ = tx.closed() => break,
+            _ = tx.closed() => break 'serve,
         }
+        bell.asleep.store(false, Ordering::Relaxed);
     }
     tracing::debug!(
         "subscriber gone: {} events queued, {} dropped",

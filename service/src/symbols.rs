@@ -176,13 +176,14 @@ impl introspect::KernelSymbols for Symbols {
     }
 }
 
-/// Linux's current-task pointer and `task_struct.comm`: the per-CPU
+/// Linux's current-task pointer and `task_struct.comm`/`.pid`: the per-CPU
 /// `current_task` (up to 6.1) or `pcpu_hot.current_task` (6.2+).
 fn task_layout(
     table: &SymbolTable,
     dwarf: &guest_symbols::DebugInfo,
 ) -> Option<introspect::TaskLayout> {
     let comm_offset = dwarf.member_offset("task_struct.comm").ok()?;
+    let pid_offset = dwarf.member_offset("task_struct.pid").ok()?;
     let current_task_percpu = match table.lookup("current_task") {
         Ok(a) => a,
         Err(_) => {
@@ -192,6 +193,7 @@ fn task_layout(
     Some(introspect::TaskLayout {
         current_task_percpu,
         comm_offset,
+        pid_offset,
     })
 }
 

@@ -50,4 +50,8 @@ fn current_task_layout_from_dwarf() {
         layout.comm_offset,
         dwarf.member_offset("task_struct.comm").unwrap()
     );
+    assert_eq!(
+        layout.pid_offset,
+        dwarf.member_offset("task_struct.pid").unwrap()
+    );
 }

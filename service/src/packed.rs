@@ -1,0 +1,417 @@
+//! `EVENT_ENCODING_PACKED`: events laid out in columns
+//! (`PackedEventBatch`), with each probe's field names and types sent once
+//! per stream (`ProbeSchema`). The proto file documents the layout; the
+//! decoder in `proto::packed` reads it back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use introspect::{Event, EventKind, ProbeId};
+use probe_spec::{BaseType, FetchType, ProbeDef, Value};
+use prost::bytes::Bytes;
+use proto::v1::{self, PackedKind};
+
+use crate::server::ProbeMeta;
+
+/// The packed fields of a definition: entry-time ones first for return
+/// probes, the order the engine reports them in.
+pub(crate) fn fields_of(def: &ProbeDef) -> Vec<v1::FieldSchema> {
+    let is_return = def.kind.is_return();
+    let field = |a: &probe_spec::FetchArg| {
+        let (kind, bits) = kind_of(&a.ty);
+        v1::FieldSchema {
+            name: a.name.clone(),
+            r#type: a.ty.to_string(),
+            kind: kind as i32,
+            count: a.ty.array.unwrap_or(1),
+            bits,
+            at_entry: is_return && !a.uses_retval(),
+        }
+    };
+    if !is_return {
+        return def.args.iter().map(field).collect();
+    }
+    let entry = def.args.iter().filter(|a| !a.uses_retval()).map(field);
+    let at_return = def.args.iter().filter(|a| a.uses_retval()).map(field);
+    entry.chain(at_return).collect()
+}
+
+/// Column and width of a fetch type.
+fn kind_of(t: &FetchType) -> (PackedKind, u32) {
+    let bits = 8 * t.base.size() as u32;
+    match t.base {
+        BaseType::U8 | BaseType::U16 | BaseType::U32 | BaseType::U64 => {
+            (PackedKind::Unsigned, bits)
+        }
+        BaseType::S8 | BaseType::S16 | BaseType::S32 | BaseType::S64 => (PackedKind::Signed, bits),
+        BaseType::X8 | BaseType::X16 | BaseType::X32 | BaseType::X64 => (PackedKind::Hex, bits),
+        BaseType::Char => (PackedKind::Char, 8),
+        BaseType::String | BaseType::UString | BaseType::SymStr => (PackedKind::String, 0),
+        BaseType::Symbol => (PackedKind::Symbol, 64),
+    }
+}
+
+/// The schema of `ev`'s probe.
+fn schema(ev: &Event, meta: Option<&ProbeMeta>) -> v1::ProbeSchema {
+    match meta {
+        Some(m) => v1::ProbeSchema {
+            probe_id: ev.probe_id,
+            group: m.group.clone(),
+            event: m.event.clone(),
+            kind: m.kind as i32,
+            ip: ev.ip,
+            ip_text: m.ip_text.clone(),
+            fields: m.fields.clone(),
+        },
+        None => v1::ProbeSchema {
+            probe_id: ev.probe_id,
+            event: format!("probe{}", ev.probe_id),
+            kind: match ev.kind {
+                EventKind::Entry => v1::ProbeKind::Kprobe,
+                EventKind::Return { .. } => v1::ProbeKind::Kretprobe,
+            } as i32,
+            ip: ev.ip,
+            ip_text: format!("0x{:x}", ev.ip),
+            fields: crate::convert::guess_fields(ev),
+            ..Default::default()
+        },
+    }
+}
+
+/// Column and slot count of each field of a probe.
+type Layout = Arc<[(PackedKind, u32)]>;
+
+/// Builds one stream's packed batches; remembers which schemas the stream
+/// has been sent.
+#[derive(Default)]
+pub(crate) struct PackedEncoder {
+    batch: v1::PackedEventBatch,
+    events: usize,
+    /// Schemas due before `batch`.
+    schemas: Vec<v1::ProbeSchema>,
+    /// Fields of every probe whose schema this stream has (or will have).
+    known: HashMap<ProbeId, Layout>,
+    /// The probe of the previous event and its fields (events come in runs).
+    last: Option<(ProbeId, Layout)>,
+    comms: HashMap<[u8; 16], u32>,
+    slot: u32,
+}
+
+impl PackedEncoder {
+    pub fn len(&self) -> usize {
+        self.events
+    }
+
+    /// Adds `ev` (consumed: its strings move into the batch).
+    pub fn push(&mut self, ev: Event, meta: Option<&ProbeMeta>) {
+        if self.last.as_ref().is_none_or(|(id, _)| *id != ev.probe_id) {
+            self.switch_probe(&ev, meta);
+        }
+        let b = &mut self.batch;
+        if self.events == 0 {
+            b.comms.push(String::new());
+        }
+        self.events += 1;
+        b.probe_id.push(ev.probe_id);
+        b.seq.push(ev.seq);
+        b.vcpu.push(ev.vcpu);
+        b.timestamp_ns.push(ev.time_ns);
+        match &ev.task {
+            Some(t) => {
+                b.pid.push(t.pid);
+                let next = b.comms.len() as u32;
+                let i = *self.comms.entry(t.comm).or_insert_with(|| {
+                    b.comms.push(String::from_utf8_lossy(t.comm()).into_owned());
+                    next
+                });
+                b.comm.push(i);
+            }
+            None => {
+                b.pid.push(-1);
+                b.comm.push(0);
+            }
+        }
+        let (entry, args) = match ev.kind {
+            EventKind::Entry => (Vec::new(), ev.args),
+            EventKind::Return {
+                return_to,
+                retval,
+                duration_ns,
+                entry_args,
+                ..
+            } => {
+                b.retval.push(retval);
+                b.return_address.push(return_to);
+                b.duration_ns.push(duration_ns);
+                (entry_args, ev.args)
+            }
+        };
+        let layout = match &self.last {
+            Some((_, l)) => l.clone(),
+            None => Layout::from([]),
+        };
+        let mut values = entry.into_iter().chain(args);
+        for &(kind, count) in layout.iter() {
+            match values.next() {
+                Some(Value::Array { elements }) => {
+                    let mut el = elements.into_iter();
+                    for _ in 0..count {
+                        let v = el.next().unwrap_or(Value::Unavailable {
+                            reason: String::new(),
+                        });
+                        put(b, &mut self.slot, kind, v);
+                    }
+                }
+                Some(v @ (Value::Fault { .. } | Value::Unavailable { .. })) => {
+                    for _ in 0..count {
+                        put(b, &mut self.slot, kind, v.clone());
+                    }
+                }
+                Some(v) if count == 1 => put(b, &mut self.slot, kind, v),
+                // A value that does not fit its field: no content.
+                _ => {
+                    for _ in 0..count {
+                        let v = Value::Unavailable {
+                            reason: String::new(),
+                        };
+                        put(b, &mut self.slot, kind, v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes `ev`'s probe the current one, queuing its schema if this
+    /// stream has not had it.
+    fn switch_probe(&mut self, ev: &Event, meta: Option<&ProbeMeta>) {
+        let layout = match self.known.get(&ev.probe_id) {
+            Some(l) => l.clone(),
+            None => {
+                let s = schema(ev, meta);
+                let l: Layout = s
+                    .fields
+                    .iter()
+                    .map(|f| {
+                        let k = PackedKind::try_from(f.kind).unwrap_or(PackedKind::Unsigned);
+                        (k, f.count)
+                    })
+                    .collect();
+                self.known.insert(ev.probe_id, l.clone());
+                self.schemas.push(s);
+                l
+            }
+        };
+        self.last = Some((ev.probe_id, layout));
+    }
+
+    /// The messages that send what was pushed (schemas first, then the
+    /// batch), leaving the encoder empty; none if nothing was pushed.
+    pub fn take(&mut self) -> Vec<v1::subscribe_response::Payload> {
+        use v1::subscribe_response::Payload;
+        if self.events == 0 {
+            return Vec::new();
+        }
+        let mut out: Vec<Payload> = self.schemas.drain(..).map(Payload::Schema).collect();
+        let next = with_capacity_of(&self.batch);
+        out.push(Payload::Packed(std::mem::replace(&mut self.batch, next)));
+        self.events = 0;
+        self.slot = 0;
+        self.comms.clear();
+        out
+    }
+
+    /// Probes whose schema this stream was given.
+    #[cfg(test)]
+    fn known(&self) -> std::collections::HashSet<ProbeId> {
+        self.known.keys().copied().collect()
+    }
+}
+
+/// An empty batch with room for as much as `b` holds: batches of a stream
+/// tend to be alike, and growing a dozen columns from zero each time is
+/// most of a batch's copying.
+fn with_capacity_of(b: &v1::PackedEventBatch) -> v1::PackedEventBatch {
+    let n = b.probe_id.len();
+    let r = b.retval.len();
+    v1::PackedEventBatch {
+        probe_id: Vec::with_capacity(n),
+        seq: Vec::with_capacity(n),
+        vcpu: Vec::with_capacity(n),
+        timestamp_ns: Vec::with_capacity(n),
+        pid: Vec::with_capacity(n),
+        comm: Vec::with_capacity(n),
+        retval: Vec::with_capacity(r),
+        return_address: Vec::with_capacity(r),
+        duration_ns: Vec::with_capacity(r),
+        values: Vec::with_capacity(b.values.len()),
+        strings: Vec::with_capacity(b.strings.len()),
+        ..Default::default()
+    }
+}
+
+/// Writes one slot of `kind` holding `v`.
+fn put(b: &mut v1::PackedEventBatch, slot: &mut u32, kind: PackedKind, v: Value) {
+    let n = *slot;
+    *slot += 1;
+    let takes_value = kind != PackedKind::String;
+    let takes_string = matches!(kind, PackedKind::String | PackedKind::Symbol);
+    let empty = |b: &mut v1::PackedEventBatch| {
+        if takes_value {
+            b.values.push(0);
+        }
+        if takes_string {
+            b.strings.push(Bytes::new());
+        }
+    };
+    match (kind, v) {
+        (_, Value::Fault { addr }) => {
+            b.faulted.push(n);
+            b.fault_address.push(addr);
+            empty(b);
+        }
+        (PackedKind::String, Value::Str { bytes, truncated }) => {
+            if truncated {
+                b.truncated.push(n);
+            }
+            b.strings.push(Bytes::from(bytes));
+        }
+        (PackedKind::Symbol, Value::Symbol { addr, name }) => {
+            b.values.push(addr);
+            b.strings.push(name.map(Bytes::from).unwrap_or_default());
+        }
+        (PackedKind::Unsigned | PackedKind::Hex, Value::Unsigned { value, .. })
+        | (PackedKind::Unsigned | PackedKind::Hex, Value::Hex { value, .. }) => {
+            b.values.push(value)
+        }
+        (PackedKind::Signed, Value::Signed { value, .. }) => b.values.push(value as u64),
+        (PackedKind::Char, Value::Char { value }) => b.values.push(u64::from(value)),
+        _ => {
+            b.unavailable.push(n);
+            empty(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use introspect::GuestTask;
+    use std::collections::HashSet;
+
+    fn entry(probe_id: u64, seq: u64, args: Vec<Value>) -> Event {
+        Event {
+            probe_id,
+            seq,
+            vcpu: 1,
+            time_ns: 100 + seq,
+            ip: 0xffff_ffff_8100_0000,
+            kind: EventKind::Entry,
+            task: None,
+            args,
+        }
+    }
+
+    fn string(s: &str) -> Value {
+        Value::Str {
+            bytes: s.as_bytes().to_vec(),
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn fields_of_a_return_probe_put_entry_args_first() {
+        let def = probe_spec::parse_probe(
+            "r:g/e f ret=$retval:s32 path=+0($arg2):string c=+0(%di):char[2] s=%si:symbol",
+        )
+        .unwrap();
+        let f = fields_of(&def);
+        let names: Vec<_> = f.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["path", "c", "s", "ret"]);
+        assert!(f[0].at_entry && !f[3].at_entry);
+        assert_eq!(f[1].kind, PackedKind::Char as i32);
+        assert_eq!((f[1].count, f[1].bits), (2, 8));
+        assert_eq!(f[2].kind, PackedKind::Symbol as i32);
+        assert_eq!((f[3].kind, f[3].bits), (PackedKind::Signed as i32, 32));
+    }
+
+    #[test]
+    fn slots_columns_and_markers() {
+        let mut enc = PackedEncoder::default();
+        enc.push(
+            entry(
+                7,
+                0,
+                vec![
+                    Value::Signed {
+                        bits: 32,
+                        value: -2,
+                    },
+                    string("/etc"),
+                    Value::Array {
+                        elements: vec![
+                            Value::Hex { bits: 8, value: 1 },
+                            Value::Fault { addr: 0x99 },
+                        ],
+                    },
+                ],
+            ),
+            None,
+        );
+        let mut second = entry(
+            7,
+            1,
+            vec![
+                Value::Signed { bits: 32, value: 5 },
+                Value::Str {
+                    bytes: b"/very/long".to_vec(),
+                    truncated: true,
+                },
+                Value::Fault { addr: 0x42 },
+            ],
+        );
+        second.task = Some(GuestTask {
+            pid: 12,
+            comm: *b"sh\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+        });
+        enc.push(second, None);
+        assert_eq!(enc.len(), 2);
+        assert_eq!(enc.known(), HashSet::from([7]));
+        let out = enc.take();
+        assert_eq!(out.len(), 2, "one schema, one batch");
+        let v1::subscribe_response::Payload::Schema(s) = &out[0] else {
+            panic!("schema first: {out:?}")
+        };
+        assert_eq!(s.fields.len(), 3);
+        assert_eq!(s.fields[2].count, 2);
+        let v1::subscribe_response::Payload::Packed(b) = &out[1] else {
+            panic!("then the batch")
+        };
+        assert_eq!(b.seq, [0, 1]);
+        assert_eq!(b.pid, [-1, 12]);
+        assert_eq!(b.comms, ["", "sh"]);
+        assert_eq!(b.comm, [0, 1]);
+        // Slots: ev0 n=0 p=1 xs=2,3; ev1 n=4 p=5 xs=6,7.
+        assert_eq!(b.values, [(-2i64) as u64, 1, 0, 5, 0, 0]);
+        assert_eq!(b.strings, [Bytes::from("/etc"), Bytes::from("/very/long")]);
+        assert_eq!(b.faulted, [3, 6, 7]);
+        assert_eq!(b.fault_address, [0x99, 0x42, 0x42]);
+        assert_eq!(b.truncated, [5]);
+        assert!(b.unavailable.is_empty());
+        assert!(b.retval.is_empty());
+        // Empty after take; the schema is not sent again.
+        assert!(enc.take().is_empty());
+        enc.push(
+            entry(7, 2, vec![Value::Signed { bits: 32, value: 1 }]),
+            None,
+        );
+        let out = enc.take();
+        assert_eq!(out.len(), 1);
+        let v1::subscribe_response::Payload::Packed(b) = &out[0] else {
+            panic!()
+        };
+        // Missing args of a known layout are unavailable, not shifted.
+        assert_eq!(b.unavailable, [1, 2, 3]);
+        assert_eq!(b.strings.len(), 1);
+        assert_eq!(b.values, [1, 0, 0]);
+    }
+}
