@@ -110,6 +110,8 @@ pub struct FunctionInfo {
     pub name: String,
     pub entry: u64,
     pub params: Vec<Param>,
+    /// C type name and size of the return value; None for `void`.
+    pub return_type: Option<(String, Option<u64>)>,
 }
 
 /// A resolved struct/union member path.
@@ -738,7 +740,12 @@ impl<'d, 'a> Cx<'d, 'a> {
             raw.push((pname, ty, loc));
         }
         // The ABI view, for parameters without an entry location.
-        let ret_in_memory = match self.reference(named, gimli::DW_AT_type)? {
+        let ret = self.reference(named, gimli::DW_AT_type)?;
+        let return_type = match ret {
+            Some(t) => Some((self.type_name(t, 0)?, self.size_of(t, 0)?)),
+            None => None,
+        };
+        let ret_in_memory = match ret {
             Some(t) => {
                 let st = self.strip(t)?;
                 matches!(
@@ -779,6 +786,7 @@ impl<'d, 'a> Cx<'d, 'a> {
             name,
             entry,
             params,
+            return_type,
         })
     }
 

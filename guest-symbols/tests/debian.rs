@@ -91,6 +91,8 @@ fn do_sys_openat2_params() {
     say(&format!("do_sys_openat2 params: {got:?}"));
     let names: Vec<&str> = got.iter().map(|g| g.0).collect();
     assert_eq!(names, ["dfd", "filename", "how"]);
+    // `static long do_sys_openat2(...)`.
+    assert_eq!(f.return_type, Some(("long int".to_string(), Some(8))));
     let regs: Vec<&str> = f
         .params
         .iter()

@@ -273,10 +273,9 @@ impl probe_spec::DebugInfo for DwarfNames<'_> {
         self.param_info(func, |i, _| i as u64 == u64::from(index))
     }
 
-    fn return_type(&self, _func: &str) -> Option<TypeInfo> {
-        // guest-symbols does not report return types; named `$retval`
-        // forms are refused (NO_RETVAL), plain `$retval` works.
-        None
+    fn return_type(&self, func: &str) -> Option<TypeInfo> {
+        let (name, size) = self.0.function_params(func).ok()?.return_type?;
+        Some(self.type_info(&name, size))
     }
 
     fn member(&self, ty: &TypeInfo, name: &str) -> Option<MemberInfo> {
@@ -395,6 +394,12 @@ mod tests {
         assert_eq!(id.ty.size, 4);
         assert!(d.member(st, "nope").is_none());
         assert!(d.param("hv_open_file", "nope").is_none());
+        let fib = d.return_type("hv_fib").expect("long");
+        assert_eq!((fib.kind, fib.size), (TypeKind::Int { signed: true }, 8));
+        let open = d.return_type("hv_open_file").expect("int");
+        assert_eq!((open.kind, open.size), (TypeKind::Int { signed: true }, 4));
+        let memset = d.return_type("memset").expect("void *");
+        assert!(matches!(memset.kind, TypeKind::Pointer { .. }));
     }
 
     #[test]

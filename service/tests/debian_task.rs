@@ -55,3 +55,38 @@ fn current_task_layout_from_dwarf() {
         dwarf.member_offset("task_struct.pid").unwrap()
     );
 }
+
+#[test]
+fn named_retval_members_resolve_through_return_types() {
+    let Some(path) = vmlinux() else { return };
+    let syms = service::Symbols::from_vmlinux(&path).unwrap();
+    let dbg = syms.debug_info().expect("DWARF");
+    let dwarf = guest_symbols::DebugInfo::open(&path).unwrap();
+    // getname() returns `struct filename *`; `uptr` is its user pointer.
+    let uptr = dwarf.member_offset("filename.uptr").unwrap();
+    let line = "r:t/g getname up=$retval->uptr:x64 name=$retval->name:string";
+    let mut def = probe_spec::parse_probe(line).unwrap();
+    probe_spec::resolve_names(&mut def, line, &dbg).unwrap();
+    let probe_spec::FetchExpr::Deref { offset, inner, .. } = &def.args[0].expr else {
+        panic!("{:?}", def.args[0].expr)
+    };
+    assert_eq!((*offset, &**inner), (uptr as i64, &probe_spec::FetchExpr::Retval));
+    // `name` is a `const char *` member: loaded, then read as a string.
+    let name = dwarf.member_offset("filename.name").unwrap();
+    let probe_spec::FetchExpr::Deref { inner, .. } = &def.args[1].expr else {
+        panic!("{:?}", def.args[1].expr)
+    };
+    assert_eq!(
+        **inner,
+        probe_spec::FetchExpr::Deref {
+            offset: name as i64,
+            user: false,
+            inner: Box::new(probe_spec::FetchExpr::Retval)
+        }
+    );
+    // A void function has no return value to name.
+    let line = "r:t/v kfree p=$retval->x";
+    let mut def = probe_spec::parse_probe(line).unwrap();
+    let e = probe_spec::resolve_names(&mut def, line, &dbg).unwrap_err();
+    assert_eq!(e.code, probe_spec::ErrorCode::NO_RETVAL);
+}
