@@ -105,6 +105,10 @@ pub(crate) struct ProbeTable {
     /// Live probes with a filter of their own; read without the table's
     /// lock by subscriptions, which skip per-event lookups while it is 0.
     pub filtered: Arc<AtomicUsize>,
+    /// Highest probe id whose metadata is in the table (engine ids only
+    /// grow). A probe hit between its registration and this mark reaches
+    /// no stream: a stream must never name its fields by guesswork.
+    pub named_upto: Arc<AtomicU64>,
 }
 
 impl ProbeTable {
@@ -116,7 +120,9 @@ impl ProbeTable {
         if m.filter.is_some() {
             self.filtered.fetch_add(1, Ordering::SeqCst);
         }
-        self.live.insert(m.id, Arc::new(m));
+        let id = m.id;
+        self.live.insert(id, Arc::new(m));
+        self.named_upto.fetch_max(id, Ordering::Release);
     }
 
     fn retire(&mut self, id: ProbeId) {

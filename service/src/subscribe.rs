@@ -121,7 +121,16 @@ pub(crate) fn start(
     // By probe, before anything is fetched: hits of other probes cost this
     // subscriber nothing, and a full queue drops without fetching.
     let probes = inner.probes.clone();
+    let named_upto = inner
+        .probes
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .named_upto
+        .clone();
     let select = move |id: ProbeId| -> bool {
+        if id > named_upto.load(Ordering::Acquire) {
+            return false;
+        }
         if !ids.is_empty() && ids.binary_search(&id).is_err() {
             return false;
         }
@@ -274,11 +283,11 @@ impl Doorbell {
         }
     }
 
-    /// Announces sleep unless `sub` has something; false means go on.
-    fn sleep_if_empty(&self, sub: &Subscription) -> bool {
+    /// Announces sleep unless the queue has something; false means go on.
+    fn sleep_if_empty(&self, queue_is_empty: impl Fn() -> bool) -> bool {
         self.asleep.store(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        if sub.is_empty() {
+        if queue_is_empty() {
             return true;
         }
         self.asleep.store(false, Ordering::Relaxed);
@@ -344,7 +353,7 @@ async fn pump(inner: Arc<Inner>, mut sub: Subscription, bell: Arc<Doorbell>, tx:
         }
         let wait = match batch_started {
             Some(t) => p.delay.saturating_sub(t.elapsed()).min(FILL_POLL),
-            None if bell.sleep_if_empty(&sub) => Duration::from_secs(3600),
+            None if bell.sleep_if_empty(|| sub.is_empty()) => Duration::from_secs(3600),
             None => continue,
         };
         tokio::select! {
@@ -359,4 +368,34 @@ async fn pump(inner: Arc<Inner>, mut sub: Subscription, bell: Arc<Doorbell>, tx:
         sub.delivered_total(),
         sub.dropped_total()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn woken(bell: &Doorbell) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), bell.notify.notified())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn doorbell_wakes_only_a_sleeping_pump() {
+        let bell = Doorbell::default();
+        // Busy pump: rings cost nothing and leave no wake-up behind.
+        bell.ring();
+        bell.ring();
+        assert!(!woken(&bell).await);
+        // Something queued: the pump does not sleep.
+        assert!(!bell.sleep_if_empty(|| false));
+        bell.ring();
+        assert!(!woken(&bell).await);
+        // Asleep on an empty queue: the next ring wakes it, once.
+        assert!(bell.sleep_if_empty(|| true));
+        bell.ring();
+        bell.ring();
+        assert!(woken(&bell).await);
+        assert!(!woken(&bell).await);
+    }
 }

@@ -70,7 +70,10 @@ fn named_retval_members_resolve_through_return_types() {
     let probe_spec::FetchExpr::Deref { offset, inner, .. } = &def.args[0].expr else {
         panic!("{:?}", def.args[0].expr)
     };
-    assert_eq!((*offset, &**inner), (uptr as i64, &probe_spec::FetchExpr::Retval));
+    assert_eq!(
+        (*offset, &**inner),
+        (uptr as i64, &probe_spec::FetchExpr::Retval)
+    );
     // `name` is a `const char *` member: loaded, then read as a string.
     let name = dwarf.member_offset("filename.name").unwrap();
     let probe_spec::FetchExpr::Deref { inner, .. } = &def.args[1].expr else {
