@@ -120,13 +120,11 @@ pub(crate) fn start(
     // the API side holds while stopping the world.
     // By probe, before anything is fetched: hits of other probes cost this
     // subscriber nothing, and a full queue drops without fetching.
+    let (named_upto, filtered) = {
+        let t = inner.probes.read().unwrap_or_else(|e| e.into_inner());
+        (t.named_upto.clone(), t.filtered.clone())
+    };
     let probes = inner.probes.clone();
-    let named_upto = inner
-        .probes
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .named_upto
-        .clone();
     let select = move |id: ProbeId| -> bool {
         if id > named_upto.load(Ordering::Acquire) {
             return false;
@@ -141,12 +139,6 @@ pub(crate) fn start(
     };
     // By content: the probe's own filter, then the subscriber's.
     let probes = inner.probes.clone();
-    let filtered = inner
-        .probes
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .filtered
-        .clone();
     let filter = move |ev: &Event| -> bool {
         if filter.is_none() && filtered.load(Ordering::Relaxed) == 0 {
             return true;
