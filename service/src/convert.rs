@@ -38,7 +38,7 @@ pub(crate) fn probe_info(r: &introspect::ProbeInfo, m: &ProbeMeta) -> v1::ProbeI
             .as_ref()
             .map(|f| f.text.clone())
             .unwrap_or_default(),
-        arg_names: m.arg_names.clone(),
+        arg_names: m.args.iter().map(|(name, _)| name.clone()).collect(),
     }
 }
 

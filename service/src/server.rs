@@ -89,7 +89,9 @@ pub(crate) struct ProbeMeta {
     pub location: String,
     pub definition: String,
     pub filter: Option<Filter>,
-    pub arg_names: Vec<String>,
+    /// Argument names in definition order, with their filter field types
+    /// (`None`: not filterable, e.g. arrays), resolved once at creation.
+    pub args: Vec<(String, Option<FieldKind>)>,
     /// `sym+0x0/0x40` of the probed address, for trace lines.
     pub ip_text: String,
     /// The fields of its events as packed streams send them.
@@ -251,12 +253,17 @@ impl Inner {
         }
         probe_spec::resolve_symbols(&mut pd, &line, &|s: &str| self.symbols.lookup(s).ok())
             .map_err(|e| parse_error(&e, index))?;
+        let args: Vec<(String, Option<FieldKind>)> = pd
+            .args
+            .iter()
+            .map(|a| (a.name.clone(), convert::arg_field_kind(&a.ty)))
+            .collect();
         let filter = if def.filter.trim().is_empty() {
             None
         } else {
             let f = Filter::parse(&def.filter).map_err(|e| parse_error(&e, index))?;
             let is_return = pd.kind.is_return();
-            f.check(&|name: &str| probe_field_kind(&pd, is_return, name))
+            f.check(&|name: &str| probe_field_kind(&args, is_return, name))
                 .map_err(|e| parse_error(&e, index))?;
             Some(f)
         };
@@ -286,7 +293,7 @@ impl Inner {
             location,
             definition: line.clone(),
             filter,
-            arg_names: pd.args.iter().map(|a| a.name.clone()).collect(),
+            args,
             ip_text,
             fields: crate::packed::fields_of(&pd),
         };
@@ -546,11 +553,15 @@ impl Inner {
 }
 
 /// Type of a field a probe's own filter may name.
-fn probe_field_kind(pd: &ProbeDef, is_return: bool, name: &str) -> Option<FieldKind> {
-    if let Some(a) = pd.args.iter().find(|a| a.name == name) {
-        return convert::arg_field_kind(&a.ty);
+fn probe_field_kind(
+    args: &[(String, Option<FieldKind>)],
+    is_return: bool,
+    name: &str,
+) -> Option<FieldKind> {
+    match args.iter().find(|(n, _)| n == name) {
+        Some((_, kind)) => *kind,
+        None => common_field_kind(name, is_return),
     }
-    common_field_kind(name, is_return)
 }
 
 /// Fields every event has: the vCPU, the guest task (`common_pid`, `comm`:

@@ -220,9 +220,10 @@ fn parse_filter(inner: &Inner, req: &v1::SubscribeRequest) -> Result<Option<Filt
         return Ok(Some(f));
     }
     // A field is known if any selected probe has it.
-    let kinds: HashMap<String, FieldKind> = selected
+    let kinds: HashMap<&str, FieldKind> = selected
         .iter()
-        .flat_map(|m| field_kinds(inner, m))
+        .flat_map(|m| &m.args)
+        .filter_map(|(name, kind)| Some((name.as_str(), (*kind)?)))
         .collect();
     let any_return = selected.iter().any(|m| m.kind == v1::ProbeKind::Kretprobe);
     f.check(&|name: &str| {
@@ -233,21 +234,6 @@ fn parse_filter(inner: &Inner, req: &v1::SubscribeRequest) -> Result<Option<Filt
     })
     .map_err(|e| parse_error(&e, None))?;
     Ok(Some(f))
-}
-
-fn field_kinds(inner: &Inner, m: &ProbeMeta) -> Vec<(String, FieldKind)> {
-    let Ok(probe_spec::Command::Add(def)) = probe_spec::parse_command(&m.definition) else {
-        return Vec::new();
-    };
-    let mut def = def;
-    if let Some(dbg) = inner.symbols.debug_info() {
-        // Named args get their DWARF types here as at creation.
-        let _ = probe_spec::resolve_names(&mut def, &m.definition, &dbg);
-    }
-    def.args
-        .iter()
-        .filter_map(|a| convert::arg_field_kind(&a.ty).map(|k| (a.name.clone(), k)))
-        .collect()
 }
 
 type Tx = mpsc::Sender<Result<v1::SubscribeResponse, Status>>;
