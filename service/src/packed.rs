@@ -86,7 +86,6 @@ type Layout = Arc<[(PackedKind, u32)]>;
 #[derive(Default)]
 pub(crate) struct PackedEncoder {
     batch: v1::PackedEventBatch,
-    events: usize,
     /// Schemas due before `batch`.
     schemas: Vec<v1::ProbeSchema>,
     /// Fields of every probe whose schema this stream has (or will have).
@@ -99,7 +98,7 @@ pub(crate) struct PackedEncoder {
 
 impl PackedEncoder {
     pub fn len(&self) -> usize {
-        self.events
+        self.batch.probe_id.len()
     }
 
     /// Adds `ev` (consumed: its strings move into the batch).
@@ -108,10 +107,9 @@ impl PackedEncoder {
             self.switch_probe(&ev, meta);
         }
         let b = &mut self.batch;
-        if self.events == 0 {
+        if b.probe_id.is_empty() {
             b.comms.push(String::new());
         }
-        self.events += 1;
         b.probe_id.push(ev.probe_id);
         b.seq.push(ev.seq);
         b.vcpu.push(ev.vcpu);
@@ -208,13 +206,12 @@ impl PackedEncoder {
     /// batch), leaving the encoder empty; none if nothing was pushed.
     pub fn take(&mut self) -> Vec<v1::subscribe_response::Payload> {
         use v1::subscribe_response::Payload;
-        if self.events == 0 {
+        if self.len() == 0 {
             return Vec::new();
         }
         let mut out: Vec<Payload> = self.schemas.drain(..).map(Payload::Schema).collect();
         let next = with_capacity_of(&self.batch);
         out.push(Payload::Packed(std::mem::replace(&mut self.batch, next)));
-        self.events = 0;
         self.slot = 0;
         self.comms.clear();
         out
