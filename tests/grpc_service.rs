@@ -178,6 +178,18 @@ fn errors_map_to_codes_with_positions() {
             "FIELD_NOT_FOUND"
         );
 
+        // An encoding this server does not know: refused, no queue left.
+        let s = c
+            .subscribe(v1::SubscribeRequest {
+                encoding: 7,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("encoding: unknown value 7"), "{s:?}");
+        assert_eq!(h.engine.subscriber_count(), 0);
+
         let first = c.subscribe(v1::SubscribeRequest::default()).await.unwrap();
         let s = c
             .subscribe(v1::SubscribeRequest::default())

@@ -104,6 +104,16 @@ pub(crate) fn start(
         c.max_queue_capacity,
         "queue_capacity",
     )?;
+    let packed = match v1::EventEncoding::try_from(req.encoding) {
+        Ok(v1::EventEncoding::Unspecified | v1::EventEncoding::Full) => false,
+        Ok(v1::EventEncoding::Packed) => true,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "encoding: unknown value {}",
+                req.encoding
+            )))
+        }
+    };
     if inner.engine.subscriber_count() >= c.max_subscribers {
         return Err(Status::resource_exhausted(format!(
             "too many subscribers (limit {})",
@@ -169,16 +179,6 @@ pub(crate) fn start(
         waker: Some(Box::new(move || b.ring())),
     });
     let id = inner.next_subscription.fetch_add(1, Ordering::Relaxed);
-    let packed = match v1::EventEncoding::try_from(req.encoding) {
-        Ok(v1::EventEncoding::Unspecified | v1::EventEncoding::Full) => false,
-        Ok(v1::EventEncoding::Packed) => true,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "encoding: unknown value {}",
-                req.encoding
-            )))
-        }
-    };
     let params = Params {
         batch: batch as usize,
         delay: Duration::from_millis(u64::from(delay)),
