@@ -2,10 +2,12 @@
 //! `tests/debian/fetch-kernel.sh --dbg`. Skipped with a visible message when
 //! the files are absent, unless HVPROBE_REQUIRE_DEBIAN=1 (CI).
 
+mod common;
+
+use common::Slid;
 use guest_symbols::{
     find_kallsyms, find_kaslr_slide, load_system_map, read_guest_kallsyms, AddressEncoding,
-    Blacklist, DebugInfo, GuestMemory, KernelImage, LocationSource, ParamLocation, SymbolTable,
-    Unmapped,
+    Blacklist, DebugInfo, KernelImage, LocationSource, ParamLocation, SymbolTable,
 };
 use std::io::Write;
 use std::path::PathBuf;
@@ -208,15 +210,6 @@ fn kallsyms_from_raw_image_equal_system_map() {
         decoded.len()
     ));
     assert!(matched > 30_000);
-}
-
-/// The image as a guest would see it after KASLR moved it by `slide`.
-struct Slid<'a>(&'a KernelImage, u64);
-impl GuestMemory for Slid<'_> {
-    type Error = Unmapped;
-    fn read_virt(&self, addr: u64, buf: &mut [u8]) -> Result<(), Unmapped> {
-        self.0.read_virt(addr.wrapping_sub(self.1), buf)
-    }
 }
 
 #[test]

@@ -1,8 +1,11 @@
 //! The test guest (gcc-built, Linux flags, DWARF) and its `nm` map.
 
+mod common;
+
+use common::Slid;
 use guest_symbols::{
-    find_kaslr_slide, load_system_map, parse_location, DebugInfo, GuestMemory, KernelImage,
-    LocationSource, ParamLocation, Unmapped,
+    find_kaslr_slide, load_system_map, parse_location, DebugInfo, KernelImage, LocationSource,
+    ParamLocation,
 };
 
 fn image() -> KernelImage {
@@ -95,14 +98,6 @@ fn hv_work_members_match_contract() {
     assert!(dbg.member("hv_work.nope").is_err());
     assert!(dbg.member("no_such_struct.x").is_err());
     assert!(dbg.member("hv_work.id.deeper").is_err());
-}
-
-struct Slid<'a>(&'a KernelImage, u64);
-impl GuestMemory for Slid<'_> {
-    type Error = Unmapped;
-    fn read_virt(&self, addr: u64, buf: &mut [u8]) -> Result<(), Unmapped> {
-        self.0.read_virt(addr.wrapping_sub(self.1), buf)
-    }
 }
 
 #[test]
