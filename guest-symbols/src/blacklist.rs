@@ -149,13 +149,7 @@ mod tests {
     use crate::table::Symbol;
 
     fn s(name: &str, addr: u64, kind: char, size: Option<u64>) -> Symbol {
-        Symbol {
-            name: name.into(),
-            addr,
-            kind,
-            size,
-            module: None,
-        }
+        Symbol::new(name, addr, kind, size)
     }
 
     #[test]

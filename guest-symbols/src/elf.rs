@@ -126,13 +126,12 @@ impl KernelImage {
             } else {
                 kind
             };
-            syms.push(Symbol {
-                name: name.to_string(),
-                addr: s.address(),
+            syms.push(Symbol::new(
+                name,
+                s.address(),
                 kind,
-                size: (s.size() > 0).then_some(s.size()),
-                module: None,
-            });
+                (s.size() > 0).then_some(s.size()),
+            ));
         }
         Ok(SymbolTable::new(syms))
     }

@@ -460,13 +460,12 @@ pub fn decode_kallsyms<M: GuestMemory>(
         if rest.is_empty() || !kind.is_ascii_graphic() {
             return Err(corrupt());
         }
-        syms.push(Symbol {
-            name: String::from_utf8_lossy(rest).into_owned(),
+        syms.push(Symbol::new(
+            String::from_utf8_lossy(rest),
             addr,
-            kind: char::from(kind),
-            size: None,
-            module: None,
-        });
+            char::from(kind),
+            None,
+        ));
     }
     Ok(SymbolTable::new(syms))
 }

@@ -140,13 +140,7 @@ mod tests {
     use crate::table::Symbol;
 
     fn link() -> SymbolTable {
-        let s = |name: &str, addr| Symbol {
-            name: name.into(),
-            addr,
-            kind: 'T',
-            size: None,
-            module: None,
-        };
+        let s = |name: &str, addr| Symbol::new(name, addr, 'T', None);
         SymbolTable::new(vec![
             s("_text", 0xffff_ffff_8100_0000),
             s("entry_SYSCALL_64", 0xffff_ffff_8100_0100),

@@ -19,6 +19,17 @@ pub struct Symbol {
 }
 
 impl Symbol {
+    /// A symbol of the kernel proper (no module).
+    pub fn new(name: impl Into<String>, addr: u64, kind: char, size: Option<u64>) -> Self {
+        Symbol {
+            name: name.into(),
+            addr,
+            kind,
+            size,
+            module: None,
+        }
+    }
+
     /// Text (code) symbol: `T`/`t`, or weak `W`/`w` as nm prints functions.
     pub fn is_text(&self) -> bool {
         matches!(self.kind, 'T' | 't' | 'W' | 'w')
@@ -336,27 +347,17 @@ fn is_clone_suffix(rest: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn sym(name: &str, addr: u64, kind: char, size: Option<u64>) -> Symbol {
-        Symbol {
-            name: name.into(),
-            addr,
-            kind,
-            size,
-            module: None,
-        }
-    }
-
     fn table() -> SymbolTable {
         SymbolTable::new(vec![
-            sym("b", 0x1010, 't', None),
-            sym("a", 0x1000, 'T', None),
-            sym("c", 0x1100, 'T', None),
-            sym("dup", 0x2000, 't', None),
-            sym("dup", 0x2100, 't', None),
-            sym("f.isra.0", 0x3000, 't', None),
-            sym("g.constprop.0", 0x3100, 't', None),
-            sym("g.isra.1", 0x3200, 't', None),
-            sym("end", 0x4000, 'T', None),
+            Symbol::new("b", 0x1010, 't', None),
+            Symbol::new("a", 0x1000, 'T', None),
+            Symbol::new("c", 0x1100, 'T', None),
+            Symbol::new("dup", 0x2000, 't', None),
+            Symbol::new("dup", 0x2100, 't', None),
+            Symbol::new("f.isra.0", 0x3000, 't', None),
+            Symbol::new("g.constprop.0", 0x3100, 't', None),
+            Symbol::new("g.isra.1", 0x3200, 't', None),
+            Symbol::new("end", 0x4000, 'T', None),
         ])
     }
 
@@ -390,8 +391,8 @@ mod tests {
     #[test]
     fn describe_respects_elf_size() {
         let t = SymbolTable::new(vec![
-            sym("f", 0x100, 'T', Some(0x10)),
-            sym("g", 0x200, 'T', Some(0x10)),
+            Symbol::new("f", 0x100, 'T', Some(0x10)),
+            Symbol::new("g", 0x200, 'T', Some(0x10)),
         ]);
         assert_eq!(t.describe(0x10f).unwrap().name, "f");
         assert_eq!(t.describe(0x110), None);
@@ -400,7 +401,10 @@ mod tests {
 
     #[test]
     fn hidden_addresses_are_reported() {
-        let t = SymbolTable::new(vec![sym("a", 0, 'T', None), sym("b", 0, 'T', None)]);
+        let t = SymbolTable::new(vec![
+            Symbol::new("a", 0, 'T', None),
+            Symbol::new("b", 0, 'T', None),
+        ]);
         assert!(t.addresses_hidden());
         assert_eq!(t.lookup("a"), Err(LookupError::AddressesHidden));
         assert_eq!(t.describe(0), None);
