@@ -55,6 +55,13 @@ pub trait KernelSymbols: Send + Sync {
     fn task_layout(&self) -> Option<TaskLayout> {
         None
     }
+    /// Whether `addr` is inside kernel text the guest runs (a sized text
+    /// symbol), like Linux's `kernel_text_address()`; None when there is no
+    /// symbol information to say (raw addresses are then taken on trust,
+    /// with the page-table checks only).
+    fn is_kernel_text(&self, _addr: u64) -> Option<bool> {
+        None
+    }
 }
 
 /// How to find the current task of a Linux guest: a per-CPU pointer
@@ -156,6 +163,14 @@ pub enum ProbeError {
     },
     #[error("{addr:#x} cannot be probed: {why}")]
     Unmapped { addr: u64, why: String },
+    /// Like Linux's `kernel_text_address()` check: data, user addresses, the
+    /// direct map, padding and host-owned bytes are never patched.
+    #[error("{addr:#x} ({location}) is not kernel text: {why}")]
+    NotKernelText {
+        addr: u64,
+        location: String,
+        why: String,
+    },
     #[error("a return probe must be at a function entry; {addr:#x} is {location}")]
     RetprobeNotAtEntry { addr: u64, location: String },
     #[error("a probe named {name} already exists (id {id})")]
@@ -420,6 +435,8 @@ pub struct Engine {
     scratch: Mutex<Option<Scratch>>,
     /// Per vCPU: RFLAGS.IF to restore when it leaves an out-of-line slot.
     xol_if: Vec<AtomicBool>,
+    /// The symbols' padding ranges, asked for once (refusing probes there).
+    scratch_ranges: std::sync::OnceLock<Vec<(u64, u64)>>,
 }
 
 fn now_ns() -> u64 {
@@ -556,7 +573,13 @@ impl Engine {
             api: Mutex::new(()),
             scratch: Mutex::new(None),
             xol_if: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            scratch_ranges: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The host-owned return trap's address, once set.
+    pub fn return_trap_address(&self) -> Option<u64> {
+        Some(self.trap_addr.load(Ordering::SeqCst)).filter(|a| *a != 0)
     }
 
     /// Set the host-owned return trap: a kernel-text byte the guest never
@@ -728,6 +751,29 @@ impl Engine {
         Ok(out)
     }
 
+    /// Why `addr` belongs to the host (an out-of-line slot or the free
+    /// padding they are taken from), if it does.
+    fn host_owned(&self, addr: u64, table: &Table) -> Option<String> {
+        if let Some(sl) = table
+            .slot_ends
+            .values()
+            .chain(table.retired.iter())
+            .find(|sl| addr >= sl.addr && addr <= sl.end())
+        {
+            return Some(format!(
+                "it is inside hvprobe's out-of-line slot at {:#x}",
+                sl.addr
+            ));
+        }
+        self.scratch_ranges
+            .get_or_init(|| self.symbols.scratch_ranges())
+            .iter()
+            .any(|(s, e)| addr >= *s && addr < *e)
+            .then(|| {
+                "it is padding between functions, which hvprobe owns for out-of-line slots".into()
+            })
+    }
+
     /// Check a request and build its site data (without planting).
     fn prepare(
         &self,
@@ -765,6 +811,13 @@ impl Engine {
                 addr,
                 location: self.location(addr),
                 why: "it is hvprobe's own return trap".into(),
+            });
+        }
+        if let Some(why) = self.host_owned(addr, table) {
+            return Err(ProbeError::NotKernelText {
+                addr,
+                location: self.location(addr),
+                why,
             });
         }
         let maxactive = match req.kind {
@@ -831,6 +884,16 @@ impl Engine {
             })?;
             Some((gpa, bytes[0], d))
         };
+        // After the page walk, so an unmapped address says so first.
+        if self.symbols.is_kernel_text(addr) == Some(false) {
+            return Err(ProbeError::NotKernelText {
+                addr,
+                location: self.location(addr),
+                why: "it is not inside any function of the kernel's symbol table \
+                      (data, padding, user or direct-map addresses are never patched)"
+                    .into(),
+            });
+        }
         let probe = Probe {
             id: 0,
             name: req.name.clone(),
@@ -1002,7 +1065,7 @@ impl Engine {
         let mut handling = want;
         let mut slot = None;
         if want == Handling::OutOfLine {
-            slot = self.alloc_slot(&displaced, sregs);
+            slot = self.alloc_slot(&displaced, sregs, table);
             if slot.is_none() {
                 handling = Handling::SingleStep;
             }
@@ -1025,7 +1088,12 @@ impl Engine {
 
     /// Relocate the instruction into free padding and write the slot.
     /// Caller holds the world stopped.
-    fn alloc_slot(&self, d: &Displaced, sregs: Option<&SystemRegs>) -> Option<Arc<XolSlot>> {
+    fn alloc_slot(
+        &self,
+        d: &Displaced,
+        sregs: Option<&SystemRegs>,
+        table: &Table,
+    ) -> Option<Arc<XolSlot>> {
         let mut guard = self.scratch.lock().unwrap();
         let scratch = guard.get_or_insert_with(|| {
             let trap = self.trap_addr.load(Ordering::SeqCst);
@@ -1047,6 +1115,11 @@ impl Engine {
             let mut code = xol::relocate(d.bytes(), d.ip(), at)?;
             code.push(INT3);
             let len = code.len() as u64;
+            // Never over a probe site (one registered before the padding
+            // rule, or by raw address without symbols).
+            if table.sites.keys().any(|a| *a >= at && *a < at + len) {
+                continue;
+            }
             let Ok(gpas) = self.text_gpas(at, code.len(), sregs) else {
                 continue;
             };
@@ -1656,6 +1729,18 @@ impl Engine {
     fn step_over(&self, site: &Site, vcpu: &mut dyn Vcpu, vm: &dyn VmControl) -> BreakpointAction {
         self.counters.single_stepped.fetch_add(1, Ordering::Relaxed);
         let _world = vm.stop_others(Some(vcpu.index()));
+        // While this vCPU waited to stop the world (it counts as parked
+        // then), an API call may have removed the site or rebuilt it as a
+        // new object. Act on what the table holds now, never on the stale
+        // copy: re-planting from a removed site would leave an int3 nobody
+        // owns, which the guest would then receive as its own #BP and
+        // resume one byte into the instruction.
+        let current = self.table.read().unwrap().sites.get(&site.addr).cloned();
+        let Some(current) = current else {
+            // Gone: the original byte is back; run it natively.
+            return BreakpointAction::Resume;
+        };
+        let site = &*current;
         let planted = site.planted.load(Ordering::SeqCst);
         let mem = vm.memory();
         if planted && mem.write_phys(site.gpa, &[site.original]).is_err() {

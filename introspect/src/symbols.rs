@@ -51,6 +51,13 @@ impl KernelSymbols for SymbolIndex {
         self.table.describe(addr).map(|s| s.to_string())
     }
 
+    fn is_kernel_text(&self, addr: u64) -> Option<bool> {
+        if self.table.symbols().is_empty() {
+            return None;
+        }
+        Some(self.table.function_bounds(addr).is_some())
+    }
+
     fn scratch_ranges(&self) -> Vec<(u64, u64)> {
         // Padding between a sized function and the next symbol is never run.
         self.table

@@ -62,6 +62,7 @@ fn classify(e: &ProbeError) -> (Code, &'static str) {
         ProbeError::NotInstructionBoundary { .. } => (Code::FailedPrecondition, "BAD_INSN_BNDRY"),
         ProbeError::Blacklisted { .. } => (Code::FailedPrecondition, "BLACKLISTED"),
         ProbeError::Unmapped { .. } => (Code::FailedPrecondition, "BAD_PROBE_ADDR"),
+        ProbeError::NotKernelText { .. } => (Code::FailedPrecondition, "BAD_PROBE_ADDR"),
         ProbeError::RetprobeNotAtEntry { .. } => (Code::FailedPrecondition, "BAD_RETPROBE"),
         ProbeError::Undecodable { .. } => (Code::FailedPrecondition, "BAD_INSN_BNDRY"),
         ProbeError::NoReturnTrap => (Code::FailedPrecondition, "NO_RETURN_TRAP"),

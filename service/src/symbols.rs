@@ -171,6 +171,10 @@ impl introspect::KernelSymbols for Symbols {
         self.index.scratch_ranges()
     }
 
+    fn is_kernel_text(&self, addr: u64) -> Option<bool> {
+        self.index.is_kernel_text(addr)
+    }
+
     fn task_layout(&self) -> Option<introspect::TaskLayout> {
         self.task
     }
