@@ -24,6 +24,37 @@ pub struct RunOptions {
     pub print_events: bool,
 }
 
+/// Refuse anything but a regular file before it is opened: open(2) on a
+/// FIFO blocks until a writer appears, and a device can hang or mislead.
+fn require_regular_file(what: &str, path: &Path) -> Result<()> {
+    // A missing file is reported by whoever opens it, with its own words.
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    if !meta.is_file() {
+        let kind = match meta.file_type() {
+            t if t.is_dir() => "a directory",
+            t => {
+                use std::os::unix::fs::FileTypeExt;
+                if t.is_fifo() {
+                    "a FIFO"
+                } else if t.is_char_device() || t.is_block_device() {
+                    "a device"
+                } else if t.is_socket() {
+                    "a socket"
+                } else {
+                    "not a regular file"
+                }
+            }
+        };
+        anyhow::bail!(
+            "cannot use {} as {what}: it is {kind}, not a regular file",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 fn load_symbols(kernel: &Path, system_map: Option<&Path>) -> Result<Symbols> {
     if let Some(map) = system_map {
         return Ok(Symbols::from_system_map(map)?);
@@ -42,6 +73,22 @@ fn load_symbols(kernel: &Path, system_map: Option<&Path>) -> Result<Symbols> {
 /// return the process exit code that reflects the guest's fate.
 pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
     let started = Instant::now();
+    require_regular_file("the kernel", &config.kernel)?;
+    if let Some(p) = &config.initrd {
+        require_regular_file("the initrd", p)?;
+    }
+    if let Some(p) = &opts.system_map {
+        require_regular_file("the System.map", p)?;
+    }
+    for (what, p) in [
+        ("the TLS certificate", &opts.tls.cert),
+        ("the TLS key", &opts.tls.key),
+        ("the TLS client CA", &opts.tls.client_ca),
+    ] {
+        if let Some(p) = p {
+            require_regular_file(what, p)?;
+        }
+    }
     // Create the VM first: a bad kernel, memory size or KVM device is the
     // one error the user sees, not a symbol warning before it.
     let vm = vmm::Vm::create(&config)?;

@@ -154,3 +154,80 @@ fn zero_vcpus() {
     assert_ne!(code, 0);
     assert_one_line_error(&err, "vCPU count must be between 1 and");
 }
+
+/// Like [`hvprobe`], but fails the test instead of hanging when the process
+/// does not exit within `secs` (open(2) on a FIFO blocks forever).
+fn hvprobe_within(args: &[&str], secs: u64) -> (i32, String) {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hvprobe"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run hvprobe");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("hvprobe {args:?} did not exit within {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!stderr.contains("panicked"), "hvprobe panicked: {stderr}");
+    (status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn kernel_that_is_a_fifo_is_refused_without_opening_it() {
+    let dir = std::env::temp_dir().join(format!("hvprobe-cli-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("kernel.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: c is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let (code, err) = hvprobe_within(&["run", "--kernel", fifo.to_str().unwrap()], 20);
+    assert_ne!(code, 0);
+    assert_one_line_error(&err, "it is a FIFO, not a regular file");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn devices_as_initrd_or_tls_files_are_refused() {
+    let k = test_guest::kernel_path().to_str().unwrap().to_string();
+    let (code, err) = hvprobe_within(&["run", "--kernel", &k, "--initrd", "/dev/null"], 20);
+    assert_ne!(code, 0);
+    assert_one_line_error(&err, "cannot use /dev/null as the initrd: it is a device");
+    let (code, err) = hvprobe_within(
+        &[
+            "run",
+            "--kernel",
+            &k,
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--tls-cert",
+            "/dev/null",
+            "--tls-key",
+            "/dev/null",
+            "--tls-client-ca",
+            "/dev/null",
+        ],
+        20,
+    );
+    assert_ne!(code, 0);
+    assert_one_line_error(
+        &err,
+        "cannot use /dev/null as the TLS certificate: it is a device",
+    );
+}

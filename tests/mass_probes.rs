@@ -212,6 +212,14 @@ fn probes_outside_kernel_text_are_refused() {
             other => panic!("{what} ({addr:#x}) was not refused as outside text: {other:?}"),
         }
     }
+    // Mapped by the guest's page tables, but past the end of its RAM: a bad
+    // address (FAILED_PRECONDITION at the API), not a stopped guest
+    // (issue 14 item 8: it was ProbeError::Guest, i.e. UNAVAILABLE).
+    let past_ram = 0xffff_ffff_8000_0000u64 + 0x1000_0000;
+    match engine.register(ProbeRequest::kprobe("past-ram", past_ram)) {
+        Err(ProbeError::Unmapped { why, .. }) => assert!(why.contains("not guest RAM"), "{why}"),
+        other => panic!("{past_ram:#x}: {other:?}"),
+    }
     // An out-of-line slot is host-owned too.
     let mut req = ProbeRequest::kprobe("xol", symbol("hv_add"));
     req.force_out_of_line = true;

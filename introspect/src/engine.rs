@@ -692,6 +692,14 @@ impl Engine {
                         why: "the page is not executable (NX)".into(),
                     });
                 }
+                // Mapped by the guest but not to RAM (a hole, MMIO): a bad
+                // address, not a guest that went away.
+                if let Err(e) = self.vm.memory().read_phys(t.gpa, &mut [0u8; 1]) {
+                    return Err(ProbeError::Unmapped {
+                        addr,
+                        why: format!("it maps to {:#x}, which is not guest RAM ({e})", t.gpa),
+                    });
+                }
                 Ok(t.gpa)
             }
             None if addr >= KERNEL_TEXT_MAP => {
@@ -847,6 +855,17 @@ impl Engine {
                 }
             }
         }
+        if self.symbols.is_kernel_text(addr) == Some(false) {
+            // An unmapped address says so first.
+            self.text_gpa(addr, sregs)?;
+            return Err(ProbeError::NotKernelText {
+                addr,
+                location: self.location(addr),
+                why: "it is not inside any function of the kernel's symbol table \
+                      (data, padding, user or direct-map addresses are never patched)"
+                    .into(),
+            });
+        }
         // Instruction boundary: decode from the function start.
         if let Some((_, start, _)) = &func {
             if *start < addr {
@@ -884,16 +903,6 @@ impl Engine {
             })?;
             Some((gpa, bytes[0], d))
         };
-        // After the page walk, so an unmapped address says so first.
-        if self.symbols.is_kernel_text(addr) == Some(false) {
-            return Err(ProbeError::NotKernelText {
-                addr,
-                location: self.location(addr),
-                why: "it is not inside any function of the kernel's symbol table \
-                      (data, padding, user or direct-map addresses are never patched)"
-                    .into(),
-            });
-        }
         let probe = Probe {
             id: 0,
             name: req.name.clone(),
