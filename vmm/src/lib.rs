@@ -15,6 +15,7 @@ mod gaps;
 pub mod layout;
 mod loader;
 mod memory;
+pub mod snapshot;
 mod vcpu;
 
 use std::collections::VecDeque;
