@@ -249,6 +249,30 @@ impl Shared {
     }
 
     /// Guest RAM.
+    /// Type into the guest console (16550 receive path, IRQ 4). Returns how
+    /// many bytes the 64-byte FIFO took; retry the rest later.
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        self.bus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .console_input(bytes)
+    }
+
+    /// Type all of `bytes` into the guest console, waiting (up to `timeout`)
+    /// for the guest to drain the FIFO. Returns how many bytes were accepted.
+    pub fn console_input_all(&self, bytes: &[u8], timeout: Duration) -> usize {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut done = 0;
+        while done < bytes.len() && std::time::Instant::now() < deadline {
+            let n = self.console_input(&bytes[done..]);
+            done += n;
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        done
+    }
+
     pub fn ram(&self) -> &GuestRam {
         &self.ram
     }

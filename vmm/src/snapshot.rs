@@ -212,14 +212,16 @@ impl Manifest {
                         what: "missing on this host".into(),
                     })
                 }
-                Some(h) if h != want => return Err(SnapshotError::CpuFeatures {
-                    function: want.function,
-                    index: want.index,
-                    what: format!(
+                Some(h) if h != want => {
+                    return Err(SnapshotError::CpuFeatures {
+                        function: want.function,
+                        index: want.index,
+                        what: format!(
                         "snapshot {:08x} {:08x} {:08x} {:08x}, host {:08x} {:08x} {:08x} {:08x}",
                         want.eax, want.ebx, want.ecx, want.edx, h.eax, h.ebx, h.ecx, h.edx
                     ),
-                }),
+                    })
+                }
                 Some(_) => {}
             }
         }
