@@ -16,6 +16,7 @@ pub mod layout;
 mod loader;
 mod memory;
 pub mod snapshot;
+pub mod snapshot_state;
 mod vcpu;
 
 use std::collections::VecDeque;
@@ -256,6 +257,15 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .console_input(bytes)
+    }
+
+    /// The 16550's registers and receive FIFO, for a snapshot manifest.
+    pub fn serial_state(&self) -> snapshot::SerialSnapshot {
+        self.bus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .serial_state()
+            .into()
     }
 
     /// Type all of `bytes` into the guest console, waiting (up to `timeout`)
