@@ -541,6 +541,35 @@ impl RunningVm {
         self.shared.clone()
     }
 
+    /// Capture every vCPU's KVM state and the VM's (irqchip, PIT, clock)
+    /// with all vCPUs parked at a checkpoint (outside breakpoint handling:
+    /// the stop waits for any in-flight hit to finish). The guest resumes after.
+    pub fn capture_state(
+        &self,
+    ) -> Result<(Vec<snapshot_state::VcpuState>, snapshot_state::VmState), String> {
+        let idx = snapshot_state::msr_indices(&self._kvm)?;
+        let _guard = self.shared.stop_others(None);
+        let mut out = Vec::with_capacity(self.shared.slots.len());
+        for i in 0..self.shared.slots.len() {
+            let (tx, rx) = mpsc::channel();
+            let idx = idx.clone();
+            self.shared
+                .with_vcpu(
+                    i,
+                    Box::new(move |v| {
+                        let _ = tx.send(snapshot_state::capture_current(v, &idx));
+                    }),
+                )
+                .map_err(|e| e.to_string())?;
+            out.push(
+                rx.recv()
+                    .map_err(|_| format!("vCPU {i} exited during capture"))??,
+            );
+        }
+        let vm = snapshot_state::capture_vm(&self._vm_fd)?;
+        Ok((out, vm))
+    }
+
     /// Ask the guest to stop (it is killed, not shut down).
     pub fn stop(&self) {
         self.shared.finish(RunOutcome::Stopped);

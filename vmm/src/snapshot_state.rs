@@ -103,6 +103,13 @@ pub struct VcpuState {
     pub msrs: Vec<(u32, u64)>,
 }
 
+impl VcpuState {
+    /// The saved instruction pointer.
+    pub fn rip(&self) -> Result<u64, String> {
+        Ok(self.regs.get::<kvm_regs>("regs")?.rip)
+    }
+}
+
 /// VM-wide KVM state: PIC master/slave, IOAPIC, PIT, KVM clock.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmState {
@@ -203,6 +210,59 @@ pub fn apply_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), String> {
     fd.set_mp_state(s.mp_state.get("mp_state")?)
         .map_err(|x| e("KVM_SET_MP_STATE", x))?;
     Ok(())
+}
+
+thread_local! {
+    static THREAD_VCPU_FD: std::cell::Cell<*const VcpuFd> = const { std::cell::Cell::new(std::ptr::null()) };
+}
+
+/// Called by a vCPU thread on entry: its fd, for snapshot requests it serves.
+pub(crate) fn set_thread_vcpu_fd(fd: &VcpuFd) {
+    THREAD_VCPU_FD.with(|c| c.set(fd as *const _));
+}
+
+pub(crate) fn clear_thread_vcpu_fd() {
+    THREAD_VCPU_FD.with(|c| c.set(std::ptr::null()));
+}
+
+/// Capture the state of the vCPU whose thread runs this (a request served at
+/// a checkpoint). Registers come from the runner (`Vcpu::regs`), which may
+/// hold changes not yet flushed to KVM.
+pub(crate) fn capture_current(
+    v: &mut dyn guest_access::Vcpu,
+    msr_indices: &[u32],
+) -> Result<VcpuState, String> {
+    let p = THREAD_VCPU_FD.with(|c| c.get());
+    if p.is_null() {
+        return Err("snapshot capture not on a vCPU thread".into());
+    }
+    // SAFETY: set by the running vCPU thread for the life of its loop, and we
+    // are on that thread inside the loop.
+    let fd = unsafe { &*p };
+    let mut s = capture_vcpu(fd, msr_indices)?;
+    let r = v.regs().map_err(|e| e.to_string())?;
+    let k = kvm_regs {
+        rax: r.rax,
+        rbx: r.rbx,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        rsp: r.rsp,
+        rbp: r.rbp,
+        r8: r.r8,
+        r9: r.r9,
+        r10: r.r10,
+        r11: r.r11,
+        r12: r.r12,
+        r13: r.r13,
+        r14: r.r14,
+        r15: r.r15,
+        rip: r.rip,
+        rflags: r.rflags,
+    };
+    s.regs = Raw::of(&k);
+    Ok(s)
 }
 
 fn chip(vm: &VmFd, id: u32) -> Result<Raw, String> {
