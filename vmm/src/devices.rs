@@ -106,6 +106,26 @@ impl PortBus {
         }
     }
 
+    /// Host-to-guest console input: queue `bytes` in the 16550 receive FIFO
+    /// (64 bytes), set LSR data-ready and raise IRQ 4 when the guest enabled
+    /// the received-data interrupt. Returns how many bytes fit; the caller
+    /// retries the rest once the guest has drained the FIFO.
+    pub fn console_input(&mut self, bytes: &[u8]) -> usize {
+        match self.serial.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(vm_superio::serial::Error::FullFifo) => 0,
+            Err(e) => {
+                tracing::warn!("serial input failed: {e:?}");
+                0
+            }
+        }
+    }
+
+    /// The 16550's registers and receive FIFO (for snapshots).
+    pub fn serial_state(&self) -> vm_superio::serial::SerialState {
+        self.serial.state()
+    }
+
     pub fn read(&mut self, port: u16, data: &mut [u8]) {
         match port {
             SERIAL_BASE..=0x3ff if data.len() == 1 => {
@@ -170,6 +190,39 @@ mod tests {
             assert_eq!(b.write(SERIAL_BASE, &[*c]), PortAction::None);
         }
         assert_eq!(&*buf.lock().unwrap(), b"hi\n");
+    }
+
+    #[test]
+    fn console_input_reaches_the_guest_with_its_interrupt() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let w = ConsoleWriter::new(&SerialOutput::Discard).unwrap();
+        let mut b = PortBus::new(irq.try_clone().unwrap(), w);
+        let mut d = [0u8; 1];
+        // LSR: nothing received yet.
+        b.read(SERIAL_BASE + 5, &mut d);
+        assert_eq!(d[0] & 1, 0);
+        // Guest enables the received-data-available interrupt (IER bit 0).
+        b.write(SERIAL_BASE + 1, &[1]);
+        let _ = irq.read();
+        assert_eq!(b.console_input(b"ls\n"), 3);
+        assert_eq!(irq.read().unwrap(), 1, "IRQ raised");
+        // IIR: received data available (0b0100).
+        b.read(SERIAL_BASE + 2, &mut d);
+        assert_eq!(d[0] & 0x0f, 0x04);
+        let mut got = Vec::new();
+        loop {
+            b.read(SERIAL_BASE + 5, &mut d);
+            if d[0] & 1 == 0 {
+                break;
+            }
+            b.read(SERIAL_BASE, &mut d);
+            got.push(d[0]);
+        }
+        assert_eq!(got, b"ls\n");
+        // The FIFO holds 64 bytes; the rest is for the caller to retry.
+        assert_eq!(b.console_input(&[b'x'; 100]), 64);
+        assert_eq!(b.console_input(b"y"), 0);
+        assert_eq!(b.serial_state().in_buffer.len(), 64);
     }
 
     #[test]

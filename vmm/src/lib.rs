@@ -15,6 +15,8 @@ mod gaps;
 pub mod layout;
 mod loader;
 mod memory;
+pub mod snapshot;
+pub mod snapshot_state;
 mod vcpu;
 
 use std::collections::VecDeque;
@@ -248,6 +250,39 @@ impl Shared {
     }
 
     /// Guest RAM.
+    /// Type into the guest console (16550 receive path, IRQ 4). Returns how
+    /// many bytes the 64-byte FIFO took; retry the rest later.
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        self.bus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .console_input(bytes)
+    }
+
+    /// The 16550's registers and receive FIFO, for a snapshot manifest.
+    pub fn serial_state(&self) -> snapshot::SerialSnapshot {
+        self.bus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .serial_state()
+            .into()
+    }
+
+    /// Type all of `bytes` into the guest console, waiting (up to `timeout`)
+    /// for the guest to drain the FIFO. Returns how many bytes were accepted.
+    pub fn console_input_all(&self, bytes: &[u8], timeout: Duration) -> usize {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut done = 0;
+        while done < bytes.len() && std::time::Instant::now() < deadline {
+            let n = self.console_input(&bytes[done..]);
+            done += n;
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        done
+    }
+
     pub fn ram(&self) -> &GuestRam {
         &self.ram
     }
@@ -504,6 +539,35 @@ pub struct RunningVm {
 impl RunningVm {
     pub fn control(&self) -> Arc<Shared> {
         self.shared.clone()
+    }
+
+    /// Capture every vCPU's KVM state and the VM's (irqchip, PIT, clock)
+    /// with all vCPUs parked at a checkpoint (outside breakpoint handling:
+    /// the stop waits for any in-flight hit to finish). The guest resumes after.
+    pub fn capture_state(
+        &self,
+    ) -> Result<(Vec<snapshot_state::VcpuState>, snapshot_state::VmState), String> {
+        let idx = snapshot_state::msr_indices(&self._kvm)?;
+        let _guard = self.shared.stop_others(None);
+        let mut out = Vec::with_capacity(self.shared.slots.len());
+        for i in 0..self.shared.slots.len() {
+            let (tx, rx) = mpsc::channel();
+            let idx = idx.clone();
+            self.shared
+                .with_vcpu(
+                    i,
+                    Box::new(move |v| {
+                        let _ = tx.send(snapshot_state::capture_current(v, &idx));
+                    }),
+                )
+                .map_err(|e| e.to_string())?;
+            out.push(
+                rx.recv()
+                    .map_err(|_| format!("vCPU {i} exited during capture"))??,
+            );
+        }
+        let vm = snapshot_state::capture_vm(&self._vm_fd)?;
+        Ok((out, vm))
     }
 
     /// Ask the guest to stop (it is killed, not shut down).

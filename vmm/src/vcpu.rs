@@ -129,6 +129,7 @@ impl VcpuRunner {
         let slot = &shared.slots[self.index];
         slot.tid.store(tid, Ordering::SeqCst);
         control::set_thread_kvm_run(self.fd.get_kvm_run() as *mut _);
+        crate::snapshot_state::set_thread_vcpu_fd(&self.fd);
         self.fd.set_sync_valid_reg(SyncReg::Register);
         self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
 
@@ -155,6 +156,7 @@ impl VcpuRunner {
             self.shared.finish(o);
         }
         control::set_thread_kvm_run(std::ptr::null_mut());
+        crate::snapshot_state::clear_thread_vcpu_fd();
         slot.tid.store(0, Ordering::SeqCst);
         // Drop queued requests: their senders learn the vCPU is gone.
         slot.requests.lock().unwrap().clear();
