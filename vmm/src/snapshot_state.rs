@@ -241,26 +241,7 @@ pub(crate) fn capture_current(
     let fd = unsafe { &*p };
     let mut s = capture_vcpu(fd, msr_indices)?;
     let r = v.regs().map_err(|e| e.to_string())?;
-    let k = kvm_regs {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
-    };
+    let k = crate::vcpu::to_kvm_regs(&r);
     s.regs = Raw::of(&k);
     Ok(s)
 }

@@ -61,7 +61,7 @@ fn to_regs(r: &kvm_regs) -> Regs {
     }
 }
 
-fn to_kvm_regs(r: &Regs) -> kvm_regs {
+pub(crate) fn to_kvm_regs(r: &Regs) -> kvm_regs {
     kvm_regs {
         rax: r.rax,
         rbx: r.rbx,
