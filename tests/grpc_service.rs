@@ -379,3 +379,108 @@ fn slow_subscriber_loses_counted_events_and_guest_keeps_pace() {
         "disconnected subscriber kept its queue"
     );
 }
+
+/// Issue 14 item 4: the subscriber limit is checked and taken in one step
+/// (concurrent subscribes could pass it together), and the queues together
+/// have a budget.
+#[test]
+fn subscriber_limits_hold_under_concurrent_subscribes() {
+    if !kvm_available() {
+        return;
+    }
+    let h = Harness::start(service::ServiceConfig {
+        max_subscribers: 4,
+        max_queued_events_total: 1 << 21,
+        ..Default::default()
+    });
+    h.rt.block_on(async {
+        let target = h.listen();
+        for round in 0..10 {
+            let mut tasks = Vec::new();
+            for _ in 0..24 {
+                let target = target.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut c = service::client::connect(&target).await.unwrap();
+                    let r = c
+                        .subscribe(v1::SubscribeRequest {
+                            queue_capacity: 1024,
+                            ..Default::default()
+                        })
+                        .await;
+                    // Keep the stream open until the round is counted.
+                    r.map(|s| (c, s.into_inner()))
+                }));
+            }
+            let mut open = Vec::new();
+            for t in tasks {
+                match t.await.unwrap() {
+                    Ok(s) => open.push(s),
+                    Err(s) => assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}"),
+                }
+            }
+            // Never above the limit; all of it when nothing else is open
+            // (later rounds may still see a stream of the last one closing).
+            assert!(
+                open.len() <= 4,
+                "round {round}: {} streams admitted at once",
+                open.len()
+            );
+            if round == 0 {
+                assert_eq!(open.len(), 4, "round 0: streams admitted");
+            }
+            drop(open);
+            // The server gives the admissions back when the streams end.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let mut c = service::client::connect(&target).await.unwrap();
+                let probes: Vec<_> = futures_probe(&mut c, 4).await;
+                if probes.len() == 4 || Instant::now() > deadline {
+                    assert_eq!(probes.len(), 4, "round {round}: admissions not given back");
+                    break;
+                }
+                drop(probes);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // The queue budget: two queues of 1 Mi events fill 2 Mi.
+        let mut c = service::client::connect(&target).await.unwrap();
+        let big = |c: &mut proto::v1::hv_probe_client::HvProbeClient<tonic::transport::Channel>| {
+            let mut c = c.clone();
+            async move {
+                c.subscribe(v1::SubscribeRequest {
+                    queue_capacity: 1 << 20,
+                    ..Default::default()
+                })
+                .await
+            }
+        };
+        let a = big(&mut c).await.unwrap();
+        let b = big(&mut c).await.unwrap();
+        let s = big(&mut c).await.unwrap_err();
+        assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+        assert!(s.message().contains("queues together"), "{}", s.message());
+        drop((a, b));
+    });
+}
+
+/// Opens up to `n` small subscriptions one after another; returns the open ones.
+async fn futures_probe(
+    c: &mut proto::v1::hv_probe_client::HvProbeClient<tonic::transport::Channel>,
+    n: usize,
+) -> Vec<tonic::Streaming<v1::SubscribeResponse>> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        match c
+            .subscribe(v1::SubscribeRequest {
+                queue_capacity: 1024,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(s) => v.push(s.into_inner()),
+            Err(_) => break,
+        }
+    }
+    v
+}

@@ -28,6 +28,10 @@ pub struct ServiceConfig {
     pub default_queue_capacity: u32,
     /// Largest subscriber queue a client may ask for.
     pub max_queue_capacity: u32,
+    /// Sum of all subscribers' queue capacities (events). A full queue of
+    /// events with strings costs ~150 bytes an event, so the default
+    /// (4 Mi events) bounds the queues together near 600 MiB.
+    pub max_queued_events_total: u64,
     /// Events per batch when the request leaves it 0.
     pub default_batch_events: u32,
     /// Largest batch a client may ask for.
@@ -45,6 +49,7 @@ impl Default for ServiceConfig {
             max_subscribers: 64,
             default_queue_capacity: 16384,
             max_queue_capacity: 1 << 20,
+            max_queued_events_total: 1 << 22,
             default_batch_events: 512,
             max_batch_events: 16384,
             default_batch_delay_ms: 20,
@@ -154,6 +159,9 @@ pub(crate) struct Inner {
     /// Serialises create/delete so the limit check and the table agree.
     ops: Mutex<()>,
     pub next_subscription: AtomicU64,
+    /// Streams admitted and their queue capacities, counted under one lock
+    /// so that concurrent subscribes cannot pass the limits together.
+    pub admitted: Arc<Mutex<crate::subscribe::Admitted>>,
 }
 
 /// The gRPC service. Cheap to clone.
@@ -184,6 +192,7 @@ impl HvProbeService {
                 probes: Arc::new(RwLock::new(ProbeTable::default())),
                 ops: Mutex::new(()),
                 next_subscription: AtomicU64::new(1),
+                admitted: Arc::default(),
             }),
         }
     }

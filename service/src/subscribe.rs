@@ -114,12 +114,7 @@ pub(crate) fn start(
             )))
         }
     };
-    if inner.engine.subscriber_count() >= c.max_subscribers {
-        return Err(Status::resource_exhausted(format!(
-            "too many subscribers (limit {})",
-            c.max_subscribers
-        )));
-    }
+    let admission = Admission::take(&inner, capacity)?;
     let filter = parse_filter(&inner, &req)?;
     // Sorted: a handful of ids is searched faster than hashed.
     let mut ids: Vec<ProbeId> = req.probe_ids.clone();
@@ -198,8 +193,62 @@ pub(crate) fn start(
     };
     tx.try_send(Ok(started))
         .map_err(|_| Status::internal("cannot queue the started message"))?;
-    tokio::spawn(pump(inner, sub, bell, tx, params));
+    tokio::spawn(async move {
+        // The admission is given back when the stream's task ends.
+        let _admission = admission;
+        pump(inner, sub, bell, tx, params).await
+    });
     Ok(ReceiverStream::new(rx))
+}
+
+/// Streams admitted and the sum of their queue capacities.
+#[derive(Debug, Default)]
+pub struct Admitted {
+    streams: usize,
+    queued_events: u64,
+}
+
+/// One admitted stream; dropping it gives its share back.
+struct Admission {
+    admitted: Arc<std::sync::Mutex<Admitted>>,
+    capacity: u64,
+}
+
+impl Admission {
+    /// Check both limits and count this stream in one step (a check and a
+    /// later subscribe let 65 of 64 streams in when they raced).
+    fn take(inner: &Inner, capacity: u32) -> Result<Self, Status> {
+        let c = &inner.config;
+        let mut a = inner.admitted.lock().unwrap_or_else(|e| e.into_inner());
+        if a.streams >= c.max_subscribers {
+            return Err(Status::resource_exhausted(format!(
+                "too many subscribers (limit {})",
+                c.max_subscribers
+            )));
+        }
+        let capacity = u64::from(capacity);
+        if a.queued_events + capacity > c.max_queued_events_total {
+            return Err(Status::resource_exhausted(format!(
+                "queue_capacity {capacity}: the subscribers' queues together may hold at most \
+                 {} events and {} are taken; ask for a smaller queue",
+                c.max_queued_events_total, a.queued_events
+            )));
+        }
+        a.streams += 1;
+        a.queued_events += capacity;
+        Ok(Admission {
+            admitted: inner.admitted.clone(),
+            capacity,
+        })
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut a = self.admitted.lock().unwrap_or_else(|e| e.into_inner());
+        a.streams -= 1;
+        a.queued_events -= self.capacity;
+    }
 }
 
 /// Parses the subscriber's filter and checks its fields against the
