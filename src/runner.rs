@@ -158,10 +158,19 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
+        // SIGTERM (systemd, kill, Kubernetes) is handled like SIGINT: stop
+        // the guest, end the streams, remove the socket, exit normally.
+        let mut term = rt
+            .block_on(async {
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            })
+            .context("installing the SIGTERM handler")?;
         rt.spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                flag.store(true, Ordering::SeqCst);
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => if r.is_err() { return },
+                _ = term.recv() => {}
             }
+            flag.store(true, Ordering::SeqCst);
         });
     }
     let running = vm.start(engine.clone())?;
@@ -203,6 +212,10 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
             Ok(Err(e)) => eprintln!("hvprobe: server task failed: {e}"),
             Err(_) => eprintln!("hvprobe: server did not stop within 5 s"),
         }
+    }
+    // The server removes its socket when it ends; it may have been cut short.
+    if let Some(service::Listen::Unix(path)) = &opts.listen {
+        let _ = std::fs::remove_file(path);
     }
     rt.shutdown_timeout(Duration::from_secs(1));
     eprintln!(

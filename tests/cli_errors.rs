@@ -231,3 +231,62 @@ fn devices_as_initrd_or_tls_files_are_refused() {
         "cannot use /dev/null as the TLS certificate: it is a device",
     );
 }
+
+/// Issue 14 item 6: SIGTERM stops the guest and the server cleanly (no death
+/// by the signal, socket file removed), as SIGINT does.
+#[test]
+fn sigterm_stops_cleanly_and_removes_the_socket() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        assert_ne!(
+            std::env::var("HVPROBE_REQUIRE_KVM").as_deref(),
+            Ok("1"),
+            "HVPROBE_REQUIRE_KVM=1 but /dev/kvm is missing"
+        );
+        eprintln!("SKIPPED: /dev/kvm is not available");
+        return;
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let dir = std::env::temp_dir().join(format!("hvprobe-cli-term-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    let serial = dir.join("serial.txt");
+    let k = test_guest::kernel_path().to_str().unwrap().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hvprobe"))
+        .args([
+            "run",
+            "--kernel",
+            &k,
+            "--cmdline",
+            &test_guest::cmdline(None, None, true),
+            "--serial",
+            serial.to_str().unwrap(),
+            "--listen",
+            &format!("unix:{}", sock.display()),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "no socket appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("hvprobe did not exit within 20 s of SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.signal(), None, "killed by the signal: {status:?}");
+    assert!(!sock.exists(), "socket file left behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
