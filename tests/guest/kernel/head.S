@@ -120,19 +120,9 @@ hv_ap_entry:
 	jmp 2b
 	.size hv_ap_entry, . - hv_ap_entry
 
-/*
- * MSR_LSTAR points here, as on Linux; the symbol tooling checks the KASLR
- * slide against it. The test guest never executes syscall.
- */
-	.globl entry_SYSCALL_64
-	.type entry_SYSCALL_64, @function
-	.balign 16
-entry_SYSCALL_64:
-	ud2
-	.size entry_SYSCALL_64, . - entry_SYSCALL_64
-
 /* ---------------------------------------------------------------------- */
-/* Exceptions. #BP counts and returns; everything else is fatal.          */
+/* Exceptions. #BP counts and returns; hv_exception() returns only for a  */
+/* fault it handled (user demand paging), else it reports and stops.      */
 	.globl asm_exc_int3
 	.type asm_exc_int3, @function
 	.balign 16
@@ -176,11 +166,27 @@ hv_exc_common:
 	pushq %r14
 	pushq %r15
 	movq %rsp, %rdi
+	movq %rsp, %rbx
 	andq $-16, %rsp
 	call hv_exception
-1:	cli
-	hlt
-	jmp 1b
+	movq %rbx, %rsp
+	popq %r15
+	popq %r14
+	popq %r13
+	popq %r12
+	popq %r11
+	popq %r10
+	popq %r9
+	popq %r8
+	popq %rbp
+	popq %rdi
+	popq %rsi
+	popq %rdx
+	popq %rcx
+	popq %rbx
+	popq %rax
+	addq $16, %rsp		/* vector, error code */
+	iretq
 
 /* ---------------------------------------------------------------------- */
 /*
