@@ -209,6 +209,13 @@ fn contract_header() -> String {
     def("HV_USER_SS", format!("{USER_SS:#x}"));
     def("HV_SYS_OPENAT", SYS_OPENAT.to_string());
     def("HV_SYS_EXIT", SYS_EXIT.to_string());
+    def("HV_SYS_GETPID", SYS_GETPID.to_string());
+    def("HV_SYS_BENCH_MARK", format!("{SYS_BENCH_MARK:#x}"));
+    def("HV_BENCH_PHASE_SYSCALLS", BENCH_PHASE_SYSCALLS.to_string());
+    def(
+        "HV_BENCH_PHASE_SYSCALLS_END",
+        BENCH_PHASE_SYSCALLS_END.to_string(),
+    );
     def("HV_USER_DEMAND_PAGES", USER_DEMAND_PAGES.to_string());
     def("HV_USER_POOL_PADDR", format!("{USER_POOL_PADDR:#x}"));
     def("HV_USER_BASE", format!("{USER_BASE:#x}"));

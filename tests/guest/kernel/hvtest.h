@@ -68,7 +68,7 @@ extern u64 hv_expected_counts[HV_NR_COUNTED];
 
 /* User mode (user.c). */
 void hv_user_setup_shared(void);
-void hv_user_run(u32 cpu, u64 n);
+void hv_user_run(u32 cpu, u64 n, int bench);
 int hv_user_fault(u64 vec, u64 err, u64 rip, u64 cs, u64 cr2, u32 cpu);
 void hv_user_report(u32 ncpus);
 

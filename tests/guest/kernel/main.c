@@ -718,7 +718,7 @@ static void cpu_work(u32 cpu)
 {
 	worker(cpu);
 	if (hv_user)
-		hv_user_run(cpu, hv_user);
+		hv_user_run(cpu, hv_user, 0);
 	__atomic_fetch_add(&hv_workers_done, 1, __ATOMIC_RELEASE);
 }
 
@@ -742,6 +742,8 @@ static void bench(u64 n)
 			hv_fail(0, HV_FN_hv_add, (u64)r, (u64)i + 1);
 	}
 	outl(HV_BENCH_MARKER_PORT, HV_BENCH_PHASE_END);
+	if (hv_user)
+		hv_user_run(0, n, 1);
 }
 
 /* ---------------------------------------------------------- entry points */

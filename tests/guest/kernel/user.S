@@ -244,6 +244,29 @@ hv_user_main:
 	incq	UD_MADE_SYSCALLS(%rbx)
 	syscall
 	ud2
+
+/* hvtest.bench=N hvtest.user=1: N minimal system calls between two markers. */
+	.globl hv_user_bench
+hv_user_bench:
+	movq	%rdi, %rbx
+	movl	$HV_BENCH_PHASE_SYSCALLS, %edi
+	movl	$HV_SYS_BENCH_MARK, %eax
+	syscall
+	movq	UD_N(%rbx), %r12
+	testq	%r12, %r12
+	jz	2f
+1:	movl	$HV_SYS_GETPID, %eax
+	syscall
+	decq	%r12
+	jnz	1b
+2:	movl	$HV_BENCH_PHASE_SYSCALLS_END, %edi
+	movl	$HV_SYS_BENCH_MARK, %eax
+	syscall
+	xorl	%edi, %edi
+	movl	$HV_SYS_EXIT, %eax
+	syscall
+	ud2
+
 	.balign 4096
 	.globl hv_user_text_end
 hv_user_text_end:

@@ -20,6 +20,11 @@ pub const BENCH_PHASE_EXITS: u32 = 1;
 pub const BENCH_PHASE_LOOP: u32 = 2;
 pub const BENCH_PHASE_CALLS: u32 = 3;
 pub const BENCH_PHASE_END: u32 = 4;
+/// With `hvtest.user=` set too, after [`BENCH_PHASE_END`] the boot CPU drops
+/// to user mode and makes N minimal system calls ([`SYS_GETPID`]); the
+/// kernel writes these two phase numbers around them (from [`SYS_BENCH_MARK`]).
+pub const BENCH_PHASE_SYSCALLS: u32 = 5;
+pub const BENCH_PHASE_SYSCALLS_END: u32 = 6;
 /// The function the benchmark calls N times: `hv_add(i, 1)`.
 pub const BENCH_FUNCTION: &str = "hv_add";
 
@@ -127,6 +132,10 @@ pub const USER_SS: u16 = 0x2b;
 /// System call numbers of the test kernel (Linux's numbers for the same idea).
 pub const SYS_OPENAT: u64 = 257;
 pub const SYS_EXIT: u64 = 60;
+/// Returns 1000 + the CPU number; used by the benchmark loop.
+pub const SYS_GETPID: u64 = 39;
+/// Test-kernel private: `outl` of the argument to [`BENCH_MARKER_PORT`].
+pub const SYS_BENCH_MARK: u64 = 0x1000;
 /// Demand-zero pages each CPU's user loop touches (at most, one per iteration).
 pub const USER_DEMAND_PAGES: u64 = 16;
 /// Physical base of the pages user mode uses (page tables, user data,
