@@ -194,10 +194,10 @@ fn idt_without_page_fault_gate_does_not_crash_the_vmm() {
     );
     let b = r.stats.bridge;
     if host_needs_bridge() {
-        // Armed, disarmed while the gate was missing, armed again; then
-        // every system call still went through.
+        // Seen without a #PF gate (DR0 left out), then armed on the restored
+        // gate; every system call still went through.
         assert!(b.no_pf_handler >= 1, "{b:?}");
-        assert!(b.rearms >= 3, "{b:?}");
+        assert!(b.rearms >= 2, "{b:?}");
         assert_eq!(b.syscalls, 31, "{b:?}");
     }
 }

@@ -71,6 +71,7 @@ void hv_user_setup_shared(void);
 void hv_user_run(u32 cpu, u64 n, int bench);
 int hv_user_fault(u64 vec, u64 err, u64 rip, u64 cs, u64 cr2, u32 cpu);
 void hv_user_report(u32 ncpus);
+void hv_idt_gap_if_asked(u32 cpu);
 
 void *memset(void *s, int c, size_t n);
 void *memcpy(void *d, const void *s, size_t n);

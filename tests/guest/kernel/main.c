@@ -82,8 +82,9 @@ static const u64 hv_fib_calls[HV_FIB_MODULUS] = HV_FIB_CALLS;
 static const u32 hv_checksum_prefix[HV_CHECKSUM_DATA_LEN + 1] = HV_CHECKSUM_PREFIX;
 static const char *const hv_work_names[3] = { "kworker/0:1", "ksoftirqd/0", "rcu_sched" };
 
-static struct idt_entry hv_idt[256];
-static struct idt_entry hv_idt_gap[32];
+/* In .data: loaded with the image, not zeroed at boot like .bss. */
+static struct idt_entry hv_idt[INT80_VECTOR + 1] __attribute__((section(".data")));
+static struct idt_entry hv_idt_gap[32] __attribute__((section(".data")));
 static u32 hv_ncpus = 1;
 static u64 hv_iters = HV_DEFAULT_ITERS;
 static int hv_forever;
@@ -263,9 +264,14 @@ static void idt_init(void)
 	idt_set_type(INT80_VECTOR, (u64)entry_INT80, 0xee);
 }
 
-/* hvtest.idt_gap: a while with an IDT whose #PF gate is not present. */
-static void idt_gap(void)
+/*
+ * hvtest.idt_gap: a while with an IDT whose #PF gate is not present (boot
+ * CPU, in its user-mode setup, once syscall is enabled).
+ */
+void hv_idt_gap_if_asked(u32 cpu)
 {
+	if (!hv_idt_gap_on || cpu != 0)
+		return;
 	memcpy(hv_idt_gap, hv_idt, sizeof(hv_idt_gap));
 	hv_idt_gap[14].type = 0;
 	lidt(hv_idt_gap, sizeof(hv_idt_gap));
@@ -815,8 +821,6 @@ void hv_start_kernel(void)
 	l_emit(&l);
 
 	hv_int3_selftest();
-	if (hv_idt_gap_on)
-		idt_gap();
 	if (hv_user)
 		hv_user_setup_shared();
 

@@ -76,9 +76,11 @@ void entry_SYSCALL_64(void);
 
 u64 hv_user_made, hv_user_syscalls, hv_user_int80, hv_user_faults;
 static u64 hv_user_made_int80, hv_user_pages_wanted;
-static struct hv_ucpu hv_ucpu[HV_MAX_CPUS];
-static struct hv_tss hv_tss[HV_MAX_CPUS] __attribute__((aligned(16)));
-static u64 hv_gdt[HV_MAX_CPUS][10] __attribute__((aligned(16)));
+/* Not in .bss (zeroed at every boot): never loaded, each CPU fills its own. */
+#define __noload __attribute__((section(".hv_noload")))
+static struct hv_ucpu hv_ucpu[HV_MAX_CPUS] __noload;
+static struct hv_tss hv_tss[HV_MAX_CPUS] __attribute__((aligned(16))) __noload;
+static u64 hv_gdt[HV_MAX_CPUS][10] __attribute__((aligned(16))) __noload;
 static const char *const user_paths[HV_NR_OPEN_PATHS] = { HV_OPEN_PATHS };
 static const u32 user_path_hash[HV_NR_OPEN_PATHS] = HV_OPEN_PATH_HASHES;
 
@@ -190,12 +192,14 @@ void hv_user_run(u32 cpu, u64 n, int bench)
 		__atomic_fetch_add(&hv_user_pages_wanted, pages, __ATOMIC_RELAXED);
 
 	load_gdt_tss(cpu);
+	memset(u, 0, sizeof(*u));
 	u->tss_rsp0 = (u64 *)((char *)&hv_tss[cpu] + 4);	/* rsp0, 4-byte aligned */
 	wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SCE | EFER_NXE);	/* as Linux: #PF reports fetches */
 	wrmsr(MSR_STAR, ((u64)(HV_USER_SS - 8) << 48) | (0x10ULL << 32));
 	wrmsr(MSR_SFMASK, SFMASK_LINUX);
 	wrmsr(MSR_GS_BASE, 0);
 	wrmsr(MSR_KERNEL_GS_BASE, (u64)u);
+	hv_idt_gap_if_asked(cpu);
 
 	l_start(&l);
 	l_str(&l, "user cpu=");
