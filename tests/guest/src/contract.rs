@@ -121,7 +121,8 @@ pub const RECURSE_ON_PARAM: &str = "hvtest.recurse_on=";
 /// `hv_open_file`; the user checks the value), one `int $0x80` (the kernel
 /// calls `hv_add`; checked), and for the first [`USER_DEMAND_PAGES`]
 /// iterations a store to a not-present demand-zero page the kernel maps on
-/// the fault. Then [`SYS_EXIT`]. Needs RAM up to [`USER_POOL_PADDR`] + 8 MiB.
+/// the fault. Then [`SYS_EXIT`]. Needs RAM up to [`USER_POOL_PADDR`] + 12 KiB
+/// + 256 KiB per CPU.
 pub const USER_PARAM: &str = "hvtest.user=";
 /// `hvtest.idt_gap`: before the workers the boot CPU loads an IDT whose #PF
 /// gate is not present, writes a line (VM exits), then loads its real IDT.
