@@ -284,3 +284,36 @@ fn probes_on_functions_reached_from_system_calls() {
     }
     eprintln!("probes from syscalls: {:?}", stats.bridge);
 }
+
+#[test]
+fn page_fault_entry_the_emulator_refuses_is_single_stepped() {
+    if !kvm_available() {
+        return;
+    }
+    let n = 40;
+    let r = boot(
+        2,
+        &format!("hvtest.iters=1 hvtest.pf_entry_cld hvtest.user={n}"),
+        BridgeMode::Auto,
+    );
+    assert_eq!(
+        r.outcome,
+        RunOutcome::GuestExit { status: 0 },
+        "serial:\n{}",
+        r.serial
+    );
+    let faults = sym_u64(r.control.memory(), test_guest::USER_FAULTS_SYMBOL);
+    assert_eq!(faults, 2 * test_guest::USER_DEMAND_PAGES);
+    let b = r.stats.bridge;
+    if host_needs_bridge() {
+        // Every genuine fault stepped over `cld`; syscalls still converted.
+        assert_eq!(b.faults_passed, faults, "{b:?}");
+        assert_eq!(b.step_fallbacks, faults, "{b:?}");
+        assert_eq!(b.syscalls, 2 * (n + 1), "{b:?}");
+        assert_eq!(
+            r.stats.single_steps, 0,
+            "the engine did not step: {:?}",
+            r.stats
+        );
+    }
+}

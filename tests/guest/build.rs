@@ -205,6 +205,7 @@ fn contract_header() -> String {
     def("HV_EXIT_USER_SYSCALL", EXIT_USER_SYSCALL.to_string());
     def("HV_USER_PARAM", c_string(USER_PARAM));
     def("HV_IDT_GAP_PARAM", c_string(IDT_GAP_PARAM));
+    def("HV_PF_ENTRY_CLD_PARAM", c_string(PF_ENTRY_CLD_PARAM));
     def("HV_USER_CS", format!("{USER_CS:#x}"));
     def("HV_USER_SS", format!("{USER_SS:#x}"));
     def("HV_SYS_OPENAT", SYS_OPENAT.to_string());

@@ -148,6 +148,18 @@ hv_exc_stubs:
 	.Lvec = .Lvec + 1
 	.endr
 
+/*
+ * hvtest.pf_entry_cld: a #PF entry that starts with `cld` (like Linux's
+ * `nop; nop; nop; cld` without the nops), an instruction the VMM's
+ * emulator does not take: the system-call bridge must single-step it.
+ */
+	.globl hv_pf_entry_cld
+	.type hv_pf_entry_cld, @function
+hv_pf_entry_cld:
+	cld
+	jmp hv_exc_stubs + 16 * 14
+	.size hv_pf_entry_cld, . - hv_pf_entry_cld
+
 hv_exc_common:
 	/* Frame for C: r15..rax, vector, error code, then the CPU's iret frame. */
 	pushq %rax

@@ -65,6 +65,7 @@ extern const char hv_exc_stubs[];
 void asm_exc_int3(void);
 void entry_SYSCALL_64(void);
 void entry_INT80(void);
+void hv_pf_entry_cld(void);
 
 /* Read by the AP trampoline path (hv_ap_entry). */
 u64 hv_ap_boot_stack;
@@ -91,6 +92,7 @@ static int hv_forever;
 static u64 hv_bench;
 static u64 hv_user;
 static int hv_idt_gap_on;
+static int hv_pf_entry_cld_on;
 /* hvtest.recurse_on=N: only CPU N calls hv_recurse (-1: every CPU). */
 static long hv_recurse_on = -1;
 static u32 hv_ap_started;
@@ -416,6 +418,8 @@ static void parse_cmdline(const char *c, u32 *cpus_override)
 				bad_option(w, len);
 		} else if (starts_with(w, len, HV_IDT_GAP_PARAM, &rest) && rest == len) {
 			hv_idt_gap_on = 1;
+		} else if (starts_with(w, len, HV_PF_ENTRY_CLD_PARAM, &rest) && rest == len) {
+			hv_pf_entry_cld_on = 1;
 		} else if (starts_with(w, len, "hvtest.forever", &rest) && rest == len) {
 			hv_forever = 1;
 		}
@@ -821,6 +825,8 @@ void hv_start_kernel(void)
 	l_emit(&l);
 
 	hv_int3_selftest();
+	if (hv_pf_entry_cld_on)
+		idt_set(14, (u64)hv_pf_entry_cld);
 	if (hv_user)
 		hv_user_setup_shared();
 

@@ -127,6 +127,10 @@ pub const USER_PARAM: &str = "hvtest.user=";
 /// `hvtest.idt_gap`: before the workers the boot CPU loads an IDT whose #PF
 /// gate is not present, writes a line (VM exits), then loads its real IDT.
 pub const IDT_GAP_PARAM: &str = "hvtest.idt_gap";
+/// `hvtest.pf_entry_cld`: IDT[14] points at `hv_pf_entry_cld`, which starts
+/// with `cld` (not emulated by the VMM's emulator) and then jumps to the
+/// usual #PF stub: genuine page faults make the bridge single-step.
+pub const PF_ENTRY_CLD_PARAM: &str = "hvtest.pf_entry_cld";
 /// Linux's user selectors (`__USER_CS`, `__USER_DS`).
 pub const USER_CS: u16 = 0x33;
 pub const USER_SS: u16 = 0x2b;
