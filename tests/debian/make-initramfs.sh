@@ -9,9 +9,9 @@
 # Output: artifacts/debian/initramfs.cpio.gz (nothing is committed).
 #
 # Also initramfs-int80.cpio.gz, whose /init is a few instructions of
-# assembly that do the same through `int $0x80` only: on the project's nested
-# KVM, user-mode code runs natively and its SYSCALL instruction does not
-# enter the guest kernel properly (see README), while interrupt gates do.
+# assembly that write, mount /proc and power off through `int $0x80` only
+# (on the project's nested KVM that needs the VMM's system-call bridge too:
+# see README).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
