@@ -37,6 +37,9 @@ pub struct BenchArgs {
     /// How many never-hit probes to arm for the exit-count check.
     #[arg(long, default_value_t = 100)]
     pub unhit: usize,
+    /// The VMM's system-call bridge in every run (as for `hvprobe run`).
+    #[arg(long, default_value = "auto", value_name = "auto|on|off")]
+    pub syscall_bridge: vmm::BridgeMode,
 }
 
 #[derive(clap::Subcommand, Debug, Clone)]
@@ -55,6 +58,8 @@ enum Setup {
     KprobeOutOfLine,
     Kretprobe,
     Unhit,
+    /// No probe; the guest also runs N minimal user system calls.
+    Syscalls,
 }
 
 /// One guest run.
@@ -66,6 +71,11 @@ struct Sample {
     vm_exits: u64,
     probes_armed: usize,
     hits: u64,
+    /// Seconds per user system call round trip (only [`Setup::Syscalls`]).
+    syscall_s: Option<f64>,
+    /// System calls the VMM's bridge completed in this run.
+    bridged: u64,
+    bridge_active: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -109,7 +119,11 @@ fn run_once(args: &BenchArgs, setup: Setup) -> Result<Sample> {
     config.vcpus = args.vcpus;
     config.memory_mib = 64;
     config.cmdline = format!("hvtest.bench={}", args.iters);
+    if setup == Setup::Syscalls {
+        config.cmdline.push_str(" hvtest.user=1");
+    }
     config.serial = vmm::SerialOutput::Discard;
+    config.syscall_bridge = args.syscall_bridge;
     let vm = Vm::create(&config)?;
     let control = vm.control();
     let image = guest_symbols::KernelImage::open(kernel)?;
@@ -126,7 +140,7 @@ fn run_once(args: &BenchArgs, setup: Setup) -> Result<Sample> {
     let target = symbols.table.lookup(test_guest::BENCH_FUNCTION)?;
     let mut probes_armed = 0;
     match setup {
-        Setup::NoProbe => {}
+        Setup::NoProbe | Setup::Syscalls => {}
         Setup::Kprobe => {
             engine.register(ProbeRequest::kprobe("bench/k", target))?;
             probes_armed = 1;
@@ -182,6 +196,16 @@ fn run_once(args: &BenchArgs, setup: Setup) -> Result<Sample> {
         vm_exits: control.exit_stats().exits,
         probes_armed,
         hits,
+        syscall_s: if setup == Setup::Syscalls {
+            Some(per(
+                test_guest::BENCH_PHASE_SYSCALLS,
+                test_guest::BENCH_PHASE_SYSCALLS_END,
+            )?)
+        } else {
+            None
+        },
+        bridged: control.exit_stats().bridge.syscalls,
+        bridge_active: control.bridge_status().active,
     })
 }
 
@@ -193,7 +217,7 @@ pub fn run(args: BenchArgs) -> Result<u8> {
     if args.iters == 0 || args.rounds == 0 {
         bail!("--iters and --rounds must be at least 1");
     }
-    let setups = [
+    let mut setups = vec![
         Setup::NoProbe,
         Setup::Kprobe,
         Setup::KprobeSingleStep,
@@ -201,6 +225,10 @@ pub fn run(args: BenchArgs) -> Result<u8> {
         Setup::Unhit,
         Setup::KprobeOutOfLine,
     ];
+    // With the bridge off, user system calls fail on hosts that need it.
+    if args.syscall_bridge != vmm::BridgeMode::Off {
+        setups.push(Setup::Syscalls);
+    }
     // Interleave the configurations round by round, so drift on a noisy
     // machine hits all of them alike.
     let mut samples: Vec<Vec<Sample>> = setups.iter().map(|_| Vec::new()).collect();
@@ -251,6 +279,26 @@ pub fn run(args: BenchArgs) -> Result<u8> {
     report("kprobe hit, single-step fallback:", 2, 2.5);
     report("kprobe hit, out of line (2 exits, no stop):", 5, 2.5);
     report("kretprobe entry + return:", 3, 2.4);
+    if let Some(sys) = samples.get(6) {
+        let rt = median(sys.iter().filter_map(|s| s.syscall_s).collect());
+        let active = sys[0].bridge_active;
+        // N timed calls, two markers, the exit.
+        let counted = sys.iter().all(|s| !active || s.bridged == args.iters + 3);
+        let label = format!(
+            "user syscall round trip ({}):",
+            if active { "bridged" } else { "native" }
+        );
+        println!(
+            "  {label:<44} {:8.2} us  = {:5.2} bare exits{}",
+            us(rt),
+            rt / bare,
+            if counted {
+                ""
+            } else {
+                "  (bridged count != calls!)"
+            }
+        );
+    }
     let unhit = &samples[4];
     let base_exits: Vec<u64> = samples[0].iter().map(|s| s.vm_exits).collect();
     let unhit_exits: Vec<u64> = unhit.iter().map(|s| s.vm_exits).collect();

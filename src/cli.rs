@@ -299,6 +299,13 @@ pub fn info(server: &ServerArg) -> Result<u8> {
             i.symbol_count, i.symbol_source_detail
         );
         println!("probes:   {} (armed: {})", i.probe_count, i.armed);
+        if let Some(b) = &i.syscall_bridge {
+            // `detail` starts with "on" or "off" and says why.
+            println!(
+                "bridge:   syscall bridge {}: {} syscalls, {} int80, {} faults passed on, {} step fallbacks",
+                b.detail, b.syscalls, b.int80, b.faults_passed, b.step_fallbacks
+            );
+        }
         Ok(0)
     })
 }

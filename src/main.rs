@@ -40,6 +40,10 @@ struct GuestArgs {
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm", hide = true)]
     kvm_device: PathBuf,
+    /// Complete guest user system calls in the VMM on hosts whose KVM leaves
+    /// them half done: `auto` (detect), `on` (refused where not needed), `off`.
+    #[arg(long, default_value = "auto", value_name = "auto|on|off")]
+    syscall_bridge: vmm::BridgeMode,
 }
 
 #[derive(clap::Args, Clone)]
@@ -218,6 +222,7 @@ impl GuestArgs {
         c.vcpus = self.vcpus;
         c.memory_mib = self.memory;
         c.kvm_device = self.kvm_device.clone();
+        c.syscall_bridge = self.syscall_bridge;
         c.serial = if self.serial == "stdout" {
             vmm::SerialOutput::Stdout
         } else {

@@ -106,6 +106,26 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
         None => tracing::warn!("no padding byte for a return trap: kretprobes are unavailable"),
     }
     let guest = Guest::new(control.clone());
+    {
+        let vm = control.clone();
+        guest.set_bridge_info(Box::new(move || {
+            let st = vm.bridge_status();
+            let b = vm.exit_stats().bridge;
+            v1::SyscallBridgeInfo {
+                mode: st.requested.to_string(),
+                active: st.active,
+                detail: st.detail.clone(),
+                syscalls: b.syscalls,
+                int80: b.int80,
+                faults_passed: b.faults_passed,
+                step_fallbacks: b.step_fallbacks,
+            }
+        }));
+    }
+    let bridge = control.bridge_status();
+    if bridge.active || bridge.requested != vmm::BridgeMode::Auto {
+        eprintln!("hvprobe: system-call bridge {}", bridge.detail);
+    }
     let svc = HvProbeService::new(
         engine.clone(),
         symbols,
@@ -218,6 +238,13 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
         let _ = std::fs::remove_file(path);
     }
     rt.shutdown_timeout(Duration::from_secs(1));
+    let b = control.exit_stats().bridge;
+    if control.bridge_status().active {
+        eprintln!(
+            "hvprobe: system-call bridge: {} syscalls, {} int80, {} faults passed on, {} step fallbacks",
+            b.syscalls, b.int80, b.faults_passed, b.step_fallbacks
+        );
+    }
     eprintln!(
         "hvprobe: {outcome} after {:.2}s",
         started.elapsed().as_secs_f64()

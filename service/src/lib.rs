@@ -22,5 +22,5 @@ mod subscribe;
 mod symbols;
 
 pub use listen::{Listen, ListenError, TlsFiles};
-pub use server::{Guest, HvProbeService, ServiceConfig};
+pub use server::{BridgeInfoFn, Guest, HvProbeService, ServiceConfig};
 pub use symbols::{DwarfNames, SymbolError, Symbols};

@@ -62,14 +62,28 @@ impl Default for ServiceConfig {
 pub struct Guest {
     state: AtomicI32,
     vm: Arc<dyn VmControl>,
+    bridge: std::sync::OnceLock<BridgeInfoFn>,
 }
+
+/// Reports the VMM's system-call bridge (the service does not know the VMM).
+pub type BridgeInfoFn = Box<dyn Fn() -> v1::SyscallBridgeInfo + Send + Sync>;
 
 impl Guest {
     pub fn new(vm: Arc<dyn VmControl>) -> Arc<Self> {
         Arc::new(Guest {
             state: AtomicI32::new(v1::GuestState::Created as i32),
             vm,
+            bridge: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Where GetGuestInfo gets the system-call bridge's state (set once).
+    pub fn set_bridge_info(&self, f: BridgeInfoFn) {
+        let _ = self.bridge.set(f);
+    }
+
+    fn bridge_info(&self) -> Option<v1::SyscallBridgeInfo> {
+        self.bridge.get().map(|f| f())
     }
 
     pub fn set_state(&self, s: v1::GuestState) {
@@ -557,6 +571,7 @@ impl Inner {
             memory_bytes: vm.memory().ram_end(),
             armed: self.engine.armed(),
             probe_count: u32::try_from(self.engine.list().len()).unwrap_or(u32::MAX),
+            syscall_bridge: self.guest.bridge_info(),
         }
     }
 }

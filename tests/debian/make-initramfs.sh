@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Build a tiny initramfs from Debian's busybox-static: /init prints a marker,
-# mounts /proc, prints the kernel version and powers the VM off.
+# Build a tiny initramfs from Debian's busybox-static: /init mounts /proc,
+# /sys and tracefs, prints HVPROBE-INIT-REACHED and HVPROBE-WORKLOAD-START,
+# runs a workload (cat /etc/hostname, ls /proc/self/, sleep 1, and hvopen: a
+# static C program that opens /etc/hostname N times and prints N and its
+# pid), prints HVPROBE-WORKLOAD-DONE and powers the VM off. Its output goes
+# to /dev/kmsg: the VMM's ACPI describes no COM1 IRQ, so writes to the tty
+# fail with EIO (DESIGN.md), while kernel messages reach the console.
 # Output: artifacts/debian/initramfs.cpio.gz (nothing is committed).
 #
 # Also initramfs-int80.cpio.gz, whose /init is a few instructions of
-# assembly that do the same through `int $0x80` only: on the project's nested
-# KVM, user-mode code runs natively and its SYSCALL instruction does not
-# enter the guest kernel properly (see README), while interrupt gates do.
+# assembly that write, mount /proc and power off through `int $0x80` only
+# (on the project's nested KVM that needs the VMM's system-call bridge too:
+# see README).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -19,6 +24,28 @@ if [ ! -s busybox ]; then
   rm -rf bb && mkdir bb && dpkg-deb -x busybox-static_*.deb bb
   cp bb/bin/busybox busybox && rm -rf bb busybox-static_*.deb
 fi
+# The workload's own program (static, glibc).
+cat > hvopen.c <<'C'
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char **argv)
+{
+	int n = argc > 1 ? atoi(argv[1]) : 10, ok = 0;
+	const char *path = argc > 2 ? argv[2] : "/etc/hostname";
+	for (int i = 0; i < n; i++) {
+		int fd = open(path, O_RDONLY);
+		if (fd >= 0) {
+			ok++;
+			close(fd);
+		}
+	}
+	printf("HVPROBE-HVOPEN n=%d opened=%d pid=%d path=%s\n", n, ok, (int)getpid(), path);
+	return ok == n ? 0 : 1;
+}
+C
+gcc -static -O2 -o hvopen hvopen.c
 # /init that uses only int $0x80 (the i386 system call gate, IA32 emulation).
 cat > init80.S <<'ASM'
 	.globl _start
@@ -64,11 +91,17 @@ python3 - "$out/initramfs$([ $variant = int80 ] && echo -int80).cpio.gz" busybox
 import gzip, os, sys, time
 dst, busybox, variant = sys.argv[1], sys.argv[2], sys.argv[3]
 init = b"""#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys /dev
 /bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t tracefs tracefs /sys/kernel/tracing
+exec >/dev/kmsg 2>&1
 /bin/busybox echo "HVPROBE-INIT-REACHED"
-/bin/busybox echo "uptime: $(/bin/busybox cat /proc/uptime)"
-/bin/busybox uname -a
+/bin/busybox echo "HVPROBE-WORKLOAD-START pid=$$"
+/bin/busybox cat /etc/hostname
+/bin/busybox ls /proc/self/
+/bin/busybox sleep 1
+/bin/hvopen 20 /etc/hostname
+/bin/busybox echo "HVPROBE-WORKLOAD-DONE rc=$?"
 /bin/busybox poweroff -f
 """
 if variant == "int80":
@@ -77,7 +110,11 @@ if variant == "int80":
 entries = [("bin", 0o040755, b"", (0, 0)), ("proc", 0o040755, b"", (0, 0)),
            ("dev", 0o040755, b"", (0, 0)), ("dev/console", 0o020600, b"", (5, 1)),
            ("bin/busybox", 0o100755, open(busybox, "rb").read(), (0, 0)),
-           ("bin/sh", 0o120777, b"busybox", (0, 0)), ("init", 0o100755, init, (0, 0))]
+           ("bin/sh", 0o120777, b"busybox", (0, 0)), ("init", 0o100755, init, (0, 0)),
+           ("dev/kmsg", 0o020644, b"", (1, 11)), ("sys", 0o040755, b"", (0, 0)),
+           ("etc", 0o040755, b"", (0, 0)), ("etc/hostname", 0o100644, b"hvprobe-guest\n", (0, 0))]
+if variant == "busybox":
+    entries.append(("bin/hvopen", 0o100755, open("hvopen", "rb").read(), (0, 0)))
 out = bytearray()
 def add(name, mode, data, ino, rdev=(0, 0)):
     nb = name.encode() + b"\0"

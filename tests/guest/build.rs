@@ -45,6 +45,8 @@ const SOURCES: &[(&str, bool)] = &[
     ("funcs_asm.S", false),
     ("main.c", false),
     ("funcs.c", false),
+    ("user.S", false),
+    ("user.c", false),
     ("ibt.c", true),
 ];
 
@@ -199,6 +201,25 @@ fn contract_header() -> String {
         EXIT_COUNTER_MISMATCH.to_string(),
     );
     def("HV_EXIT_REGS_CLOBBERED", EXIT_REGS_CLOBBERED.to_string());
+    def("HV_EXIT_USER_CHECK", EXIT_USER_CHECK.to_string());
+    def("HV_EXIT_USER_SYSCALL", EXIT_USER_SYSCALL.to_string());
+    def("HV_USER_PARAM", c_string(USER_PARAM));
+    def("HV_IDT_GAP_PARAM", c_string(IDT_GAP_PARAM));
+    def("HV_PF_ENTRY_CLD_PARAM", c_string(PF_ENTRY_CLD_PARAM));
+    def("HV_USER_CS", format!("{USER_CS:#x}"));
+    def("HV_USER_SS", format!("{USER_SS:#x}"));
+    def("HV_SYS_OPENAT", SYS_OPENAT.to_string());
+    def("HV_SYS_EXIT", SYS_EXIT.to_string());
+    def("HV_SYS_GETPID", SYS_GETPID.to_string());
+    def("HV_SYS_BENCH_MARK", format!("{SYS_BENCH_MARK:#x}"));
+    def("HV_BENCH_PHASE_SYSCALLS", BENCH_PHASE_SYSCALLS.to_string());
+    def(
+        "HV_BENCH_PHASE_SYSCALLS_END",
+        BENCH_PHASE_SYSCALLS_END.to_string(),
+    );
+    def("HV_USER_DEMAND_PAGES", USER_DEMAND_PAGES.to_string());
+    def("HV_USER_POOL_PADDR", format!("{USER_POOL_PADDR:#x}"));
+    def("HV_USER_BASE", format!("{USER_BASE:#x}"));
     def("HV_LINE_PREFIX", c_string(LINE_PREFIX));
     def("HV_LINUX_BANNER", c_string(LINUX_BANNER));
     def("HV_DEFAULT_ITERS", format!("{DEFAULT_ITERS}ULL"));

@@ -8,8 +8,11 @@
 //! The VMM knows nothing about probes.
 
 mod acpi;
+mod bridge;
 mod control;
 mod cpu;
+mod debug;
+pub mod detect;
 mod devices;
 mod gaps;
 pub mod layout;
@@ -31,6 +34,7 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
+pub use bridge::{BridgeMode, BridgeStatus};
 pub use devices::{SerialOutput, EXIT_PORT, MARKER_PORT};
 pub use loader::{BootEntry, KernelFormat, LoadError, LoadedKernel};
 pub use memory::GuestRam;
@@ -48,6 +52,8 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     /// The KVM device (normally /dev/kvm).
     pub kvm_device: PathBuf,
+    /// The system-call bridge for hosts that need it (see `bridge.rs`).
+    pub syscall_bridge: BridgeMode,
 }
 
 impl VmConfig {
@@ -60,6 +66,7 @@ impl VmConfig {
             memory_mib: 256,
             serial: SerialOutput::Stdout,
             kvm_device: PathBuf::from("/dev/kvm"),
+            syscall_bridge: BridgeMode::Auto,
         }
     }
 }
@@ -162,6 +169,29 @@ pub(crate) struct VcpuStats {
     pub single_steps: AtomicU64,
     pub kicks: AtomicU64,
     pub gaps: AtomicU64,
+    pub bridge_syscalls: AtomicU64,
+    pub bridge_int80: AtomicU64,
+    pub bridge_faults_passed: AtomicU64,
+    pub bridge_step_fallbacks: AtomicU64,
+    pub bridge_rearms: AtomicU64,
+    pub bridge_no_pf_handler: AtomicU64,
+}
+
+/// What the system-call bridge did, summed over vCPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BridgeStats {
+    /// User `syscall`s completed by the VMM.
+    pub syscalls: u64,
+    /// User `int $0x80`s routed from #UD to the IDT[0x80] handler.
+    pub int80: u64,
+    /// Genuine #PF/#UD passed on to the guest's handler.
+    pub faults_passed: u64,
+    /// Of those, handler entries single-stepped because the emulator refused.
+    pub step_fallbacks: u64,
+    /// Times a vCPU re-armed its breakpoints after the guest IDT changed.
+    pub rearms: u64,
+    /// Times a vCPU found its IDT without a usable #PF gate and disarmed.
+    pub no_pf_handler: u64,
 }
 
 /// Exit counters summed over all vCPUs.
@@ -178,6 +208,8 @@ pub struct ExitStats {
     pub kicks: u64,
     /// Instructions KVM could not emulate that the VMM completed.
     pub gap_instructions: u64,
+    /// The system-call bridge (all zero when it is off).
+    pub bridge: BridgeStats,
 }
 
 /// State shared by the vCPU threads and the VM handle.
@@ -193,6 +225,7 @@ pub struct Shared {
     handler: OnceLock<Arc<dyn BreakpointHandler>>,
     blockirq_flag: u32,
     markers: Mutex<Vec<(u32, std::time::Instant)>>,
+    bridge: BridgeStatus,
 }
 
 impl Shared {
@@ -233,8 +266,20 @@ impl Shared {
             s.single_steps += v.single_steps.load(Ordering::Relaxed);
             s.kicks += v.kicks.load(Ordering::Relaxed);
             s.gap_instructions += v.gaps.load(Ordering::Relaxed);
+            let b = &mut s.bridge;
+            b.syscalls += v.bridge_syscalls.load(Ordering::Relaxed);
+            b.int80 += v.bridge_int80.load(Ordering::Relaxed);
+            b.faults_passed += v.bridge_faults_passed.load(Ordering::Relaxed);
+            b.step_fallbacks += v.bridge_step_fallbacks.load(Ordering::Relaxed);
+            b.rearms += v.bridge_rearms.load(Ordering::Relaxed);
+            b.no_pf_handler += v.bridge_no_pf_handler.load(Ordering::Relaxed);
         }
         s
+    }
+
+    /// Whether the system-call bridge runs in this VM, and why.
+    pub fn bridge_status(&self) -> &BridgeStatus {
+        &self.bridge
     }
 
     fn record_marker(&self, tag: u32) {
@@ -393,6 +438,10 @@ impl Vm {
                 cause: e.to_string(),
             }
         };
+        let bridge = bridge::resolve(config.syscall_bridge, || {
+            detect::host_needs_bridge(&config.kvm_device)
+        })
+        .map_err(VmError::Setup)?;
         let vm_fd = kvm.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
         vm_fd
             .set_tss_address(layout::TSS_ADDR)
@@ -482,6 +531,7 @@ impl Vm {
             handler: OnceLock::new(),
             blockirq_flag,
             markers: Mutex::new(Vec::new()),
+            bridge,
         });
         Ok(Vm {
             shared,

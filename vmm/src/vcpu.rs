@@ -6,13 +6,14 @@ use std::sync::Arc;
 
 use guest_access::{AccessError, BreakpointAction, GuestMemory, Regs, SystemRegs, TrapKind, Vcpu};
 use kvm_bindings::{
-    kvm_guest_debug, kvm_regs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
-    KVM_GUESTDBG_USE_SW_BP, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_regs, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 
+use crate::bridge::BridgeState;
 use crate::control::{self, Request};
+use crate::debug::GuestDebug;
 use crate::devices::PortAction;
 use crate::gaps;
 use crate::{RunOutcome, Shared};
@@ -36,6 +37,10 @@ pub(crate) struct VcpuRunner {
     /// to tell a stale trap (retry once) from a stuck instruction.
     last_unexplained: Option<(u64, u64)>,
     exits: u64,
+    /// The one owner of this vCPU's KVM_SET_GUEST_DEBUG state.
+    pub(crate) debug: GuestDebug,
+    /// The system-call bridge's view of the guest IDT (unused when inactive).
+    pub(crate) bridge: BridgeState,
 }
 
 fn to_regs(r: &kvm_regs) -> Regs {
@@ -93,9 +98,15 @@ impl VcpuRunner {
         Self {
             index,
             fd,
-            shared,
             last_unexplained: None,
             exits: 0,
+            debug: GuestDebug {
+                sw_bp: true,
+                blockirq_flag: shared.blockirq_flag,
+                ..Default::default()
+            },
+            bridge: BridgeState::default(),
+            shared,
         }
     }
 
@@ -107,18 +118,27 @@ impl VcpuRunner {
         }
     }
 
-    fn set_debug(&self, step: bool) -> Result<(), AccessError> {
-        let mut control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
-        if step {
-            control |= KVM_GUESTDBG_SINGLESTEP | self.shared.blockirq_flag;
-        }
-        let dbg = kvm_guest_debug {
-            control,
-            ..Default::default()
-        };
+    /// Push the composed guest-debug state to KVM.
+    pub(crate) fn apply_debug(&self) -> Result<(), AccessError> {
         self.fd
-            .set_guest_debug(&dbg)
+            .set_guest_debug(&self.debug.control())
             .map_err(|e| self.kvm_err("KVM_SET_GUEST_DEBUG", e))
+    }
+
+    /// Single-step on (or off), keeping every other part of the debug state.
+    fn set_step(&mut self, step: bool) -> Result<(), AccessError> {
+        self.debug.step = step;
+        self.apply_debug()
+    }
+
+    /// Single-step the instruction at `pc` with the hardware breakpoints
+    /// left out (one of them sits on it), then put them back.
+    pub(crate) fn step_without_hw_breakpoints(&mut self, pc: u64) -> Result<(), AccessError> {
+        self.debug.hw_suppressed = true;
+        let result = self.set_step(true).and_then(|()| self.step_until_db(pc));
+        self.debug.hw_suppressed = false;
+        let restore = self.set_step(false);
+        result.and(restore)
     }
 
     /// The thread body.
@@ -133,7 +153,7 @@ impl VcpuRunner {
         self.fd.set_sync_valid_reg(SyncReg::Register);
         self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
 
-        let outcome = match self.set_debug(false) {
+        let outcome = match self.apply_debug() {
             Err(e) => Some(RunOutcome::Crashed {
                 vcpu: self.index,
                 reason: e.to_string(),
@@ -218,6 +238,9 @@ impl VcpuRunner {
 
     fn run_once(&mut self) -> Next {
         let shared = self.shared.clone();
+        if shared.bridge.active && self.sync_valid() {
+            self.bridge_refresh();
+        }
         let exit = self.fd.run();
         self.exits += 1;
         let stats = &shared.stats[self.index];
@@ -254,6 +277,8 @@ impl VcpuRunner {
             Ok(VcpuExit::Debug(arch)) => {
                 if arch.exception == u32::from(BP_VECTOR) {
                     ExitKind::Breakpoint(TrapKind::DebugExit)
+                } else if let Some(slot) = self.debug.slot_at(arch.pc) {
+                    ExitKind::Bridge(slot, arch.pc)
                 } else {
                     // A stray single-step trap (e.g. after a step was cut short).
                     return Next::Continue;
@@ -325,6 +350,13 @@ impl VcpuRunner {
         match kind {
             ExitKind::Breakpoint(k) => self.breakpoint(k),
             ExitKind::EmulationFailure => self.emulation_failure(),
+            ExitKind::Bridge(slot, pc) => match self.bridge_exit(slot, pc) {
+                Ok(()) => Next::Continue,
+                Err(reason) => Next::Stop(RunOutcome::Crashed {
+                    vcpu: self.index,
+                    reason: format!("system-call bridge: {reason}"),
+                }),
+            },
         }
     }
 
@@ -453,7 +485,7 @@ impl VcpuRunner {
         }
     }
 
-    fn gva_to_gpa(&mut self, gva: u64) -> Result<u64, String> {
+    pub(crate) fn gva_to_gpa(&mut self, gva: u64) -> Result<u64, String> {
         let sregs = self.fd.sync_regs().sregs;
         if sregs.cr0 & SystemRegs::CR0_PG == 0 {
             return Ok(gva);
@@ -473,6 +505,8 @@ impl VcpuRunner {
 enum ExitKind {
     Breakpoint(TrapKind),
     EmulationFailure,
+    /// A hardware breakpoint of the system-call bridge (slot, address).
+    Bridge(usize, u64),
 }
 
 impl Vcpu for VcpuRunner {
@@ -526,9 +560,9 @@ impl Vcpu for VcpuRunner {
 
     fn single_step(&mut self) -> Result<(), AccessError> {
         let start_rip = self.regs()?.rip;
-        self.set_debug(true)?;
+        self.set_step(true)?;
         let result = self.step_until_db(start_rip);
-        let restore = self.set_debug(false);
+        let restore = self.set_step(false);
         self.shared.stats[self.index]
             .single_steps
             .fetch_add(1, Ordering::Relaxed);
@@ -537,7 +571,7 @@ impl Vcpu for VcpuRunner {
 }
 
 impl VcpuRunner {
-    fn step_until_db(&mut self, start_rip: u64) -> Result<(), AccessError> {
+    pub(crate) fn step_until_db(&mut self, start_rip: u64) -> Result<(), AccessError> {
         let index = self.index;
         let fail = |why: String| AccessError::StepFailed {
             vcpu: index,

@@ -120,19 +120,9 @@ hv_ap_entry:
 	jmp 2b
 	.size hv_ap_entry, . - hv_ap_entry
 
-/*
- * MSR_LSTAR points here, as on Linux; the symbol tooling checks the KASLR
- * slide against it. The test guest never executes syscall.
- */
-	.globl entry_SYSCALL_64
-	.type entry_SYSCALL_64, @function
-	.balign 16
-entry_SYSCALL_64:
-	ud2
-	.size entry_SYSCALL_64, . - entry_SYSCALL_64
-
 /* ---------------------------------------------------------------------- */
-/* Exceptions. #BP counts and returns; everything else is fatal.          */
+/* Exceptions. #BP counts and returns; hv_exception() returns only for a  */
+/* fault it handled (user demand paging), else it reports and stops.      */
 	.globl asm_exc_int3
 	.type asm_exc_int3, @function
 	.balign 16
@@ -158,6 +148,18 @@ hv_exc_stubs:
 	.Lvec = .Lvec + 1
 	.endr
 
+/*
+ * hvtest.pf_entry_cld: a #PF entry that starts with `cld` (like Linux's
+ * `nop; nop; nop; cld` without the nops), an instruction the VMM's
+ * emulator does not take: the system-call bridge must single-step it.
+ */
+	.globl hv_pf_entry_cld
+	.type hv_pf_entry_cld, @function
+hv_pf_entry_cld:
+	cld
+	jmp hv_exc_stubs + 16 * 14
+	.size hv_pf_entry_cld, . - hv_pf_entry_cld
+
 hv_exc_common:
 	/* Frame for C: r15..rax, vector, error code, then the CPU's iret frame. */
 	pushq %rax
@@ -176,11 +178,27 @@ hv_exc_common:
 	pushq %r14
 	pushq %r15
 	movq %rsp, %rdi
+	movq %rsp, %rbx
 	andq $-16, %rsp
 	call hv_exception
-1:	cli
-	hlt
-	jmp 1b
+	movq %rbx, %rsp
+	popq %r15
+	popq %r14
+	popq %r13
+	popq %r12
+	popq %r11
+	popq %r10
+	popq %r9
+	popq %r8
+	popq %rbp
+	popq %rdi
+	popq %rsi
+	popq %rdx
+	popq %rcx
+	popq %rbx
+	popq %rax
+	addq $16, %rsp		/* vector, error code */
+	iretq
 
 /* ---------------------------------------------------------------------- */
 /*

@@ -52,6 +52,27 @@ extern long (*hv_ibt_ops)(long x);
 long hv_call_checked(long (*fn)(long, long), long a, long b, u64 *clobbered);
 long hv_ibt_func(long x);		/* 7 * x + 3, called indirectly */
 
+/* Console lines (main.c): built in a buffer, written under a lock. */
+struct line {
+	char buf[160];
+	u32 n;
+};
+void l_start(struct line *l);
+void l_str(struct line *l, const char *s);
+void l_dec(struct line *l, u64 v);
+void l_hex(struct line *l, u64 v);
+void l_emit(struct line *l);
+__attribute__((noreturn)) void hv_exit(u32 status);
+extern char hv_stacks[];
+extern u64 hv_expected_counts[HV_NR_COUNTED];
+
+/* User mode (user.c). */
+void hv_user_setup_shared(void);
+void hv_user_run(u32 cpu, u64 n, int bench);
+int hv_user_fault(u64 vec, u64 err, u64 rip, u64 cs, u64 cr2, u32 cpu);
+void hv_user_report(u32 ncpus);
+void hv_idt_gap_if_asked(u32 cpu);
+
 void *memset(void *s, int c, size_t n);
 void *memcpy(void *d, const void *s, size_t n);
 size_t hv_strlen(const char *s);

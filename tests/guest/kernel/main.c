@@ -9,6 +9,7 @@
 #define DIRECT_MAP_SIZE		0x100000000UL	/* what the boot page tables map */
 #define SERIAL_THR		0x3f8
 #define MSR_LSTAR		0xc0000082
+#define INT80_VECTOR		0x80
 #define LAPIC_PADDR		0xfee00000UL
 #define LAPIC_ID		0x020
 #define LAPIC_SVR		0x0f0
@@ -59,11 +60,12 @@ _Static_assert(sizeof(struct hv_work) == HV_WORK_SIZE, "hv_work size");
 
 /* From head.S */
 extern u64 hv_start_info_pa;
-extern char hv_stacks[];
 extern const char hv_trampoline_start[], hv_trampoline_end[];
 extern const char hv_exc_stubs[];
 void asm_exc_int3(void);
 void entry_SYSCALL_64(void);
+void entry_INT80(void);
+void hv_pf_entry_cld(void);
 
 /* Read by the AP trampoline path (hv_ap_entry). */
 u64 hv_ap_boot_stack;
@@ -81,11 +83,16 @@ static const u64 hv_fib_calls[HV_FIB_MODULUS] = HV_FIB_CALLS;
 static const u32 hv_checksum_prefix[HV_CHECKSUM_DATA_LEN + 1] = HV_CHECKSUM_PREFIX;
 static const char *const hv_work_names[3] = { "kworker/0:1", "ksoftirqd/0", "rcu_sched" };
 
-static struct idt_entry hv_idt[32];
+/* In .data: loaded with the image, not zeroed at boot like .bss. */
+static struct idt_entry hv_idt[INT80_VECTOR + 1] __attribute__((section(".data")));
+static struct idt_entry hv_idt_gap[32] __attribute__((section(".data")));
 static u32 hv_ncpus = 1;
 static u64 hv_iters = HV_DEFAULT_ITERS;
 static int hv_forever;
 static u64 hv_bench;
+static u64 hv_user;
+static int hv_idt_gap_on;
+static int hv_pf_entry_cld_on;
 /* hvtest.recurse_on=N: only CPU N calls hv_recurse (-1: every CPU). */
 static long hv_recurse_on = -1;
 static u32 hv_ap_started;
@@ -128,7 +135,7 @@ static __noreturn void halt_forever(void)
 		asm volatile("cli; hlt");
 }
 
-static __noreturn void hv_exit(u32 status)
+__noreturn void hv_exit(u32 status)
 {
 	outl(HV_EXIT_PORT, status);
 	halt_forever();
@@ -161,18 +168,13 @@ static u64 rd64(const void *p)
 /* ------------------------------------------------------------ console */
 /* One line is assembled in a buffer and written under a lock: lines from
  * different CPUs never interleave. Each byte is one port write (one exit). */
-struct line {
-	char buf[160];
-	u32 n;
-};
-
-static void l_str(struct line *l, const char *s)
+void l_str(struct line *l, const char *s)
 {
 	while (*s && l->n < sizeof(l->buf) - 1)
 		l->buf[l->n++] = *s++;
 }
 
-static void l_dec(struct line *l, u64 v)
+void l_dec(struct line *l, u64 v)
 {
 	char tmp[20];
 	int i = 0;
@@ -185,7 +187,7 @@ static void l_dec(struct line *l, u64 v)
 		l->buf[l->n++] = tmp[--i];
 }
 
-static void l_hex(struct line *l, u64 v)
+void l_hex(struct line *l, u64 v)
 {
 	int shift = 60;
 
@@ -196,13 +198,13 @@ static void l_hex(struct line *l, u64 v)
 		l->buf[l->n++] = "0123456789abcdef"[(v >> shift) & 0xf];
 }
 
-static void l_start(struct line *l)
+void l_start(struct line *l)
 {
 	l->n = 0;
 	l_str(l, HV_LINE_PREFIX);
 }
 
-static void l_emit(struct line *l)
+void l_emit(struct line *l)
 {
 	l->buf[l->n++] = '\n';
 	while (__atomic_exchange_n(&hv_console_lock, 1, __ATOMIC_ACQUIRE))
@@ -222,27 +224,37 @@ static void say(const char *s)
 }
 
 /* --------------------------------------------------------- exceptions */
-static void idt_set(int vec, u64 addr)
+static void idt_set_type(int vec, u64 addr, u8 type)
 {
 	struct idt_entry *e = &hv_idt[vec];
 
 	e->off0 = (u16)addr;
 	e->sel = 0x10;
 	e->ist = 0;
-	e->type = 0x8e;		/* present, DPL0, 64-bit interrupt gate */
+	e->type = type;
 	e->off1 = (u16)(addr >> 16);
 	e->off2 = (u32)(addr >> 32);
 	e->reserved = 0;
 }
 
-static void idt_load(void)
+static void idt_set(int vec, u64 addr)
+{
+	idt_set_type(vec, addr, 0x8e);	/* present, DPL0, 64-bit interrupt gate */
+}
+
+static void lidt(const struct idt_entry *idt, u64 size)
 {
 	struct {
 		u16 limit;
 		u64 base;
-	} __attribute__((packed)) desc = { sizeof(hv_idt) - 1, (u64)hv_idt };
+	} __attribute__((packed)) desc = { (u16)(size - 1), (u64)idt };
 
 	asm volatile("lidt %0" : : "m"(desc));
+}
+
+static void idt_load(void)
+{
+	lidt(hv_idt, sizeof(hv_idt));
 }
 
 static void idt_init(void)
@@ -250,6 +262,24 @@ static void idt_init(void)
 	for (int v = 0; v < 32; v++)
 		idt_set(v, (u64)hv_exc_stubs + 16 * v);
 	idt_set(3, (u64)asm_exc_int3);
+	/* int $0x80 from user mode: present, DPL3, 64-bit interrupt gate. */
+	idt_set_type(INT80_VECTOR, (u64)entry_INT80, 0xee);
+}
+
+/*
+ * hvtest.idt_gap: a while with an IDT whose #PF gate is not present (boot
+ * CPU, in its user-mode setup, once syscall is enabled).
+ */
+void hv_idt_gap_if_asked(u32 cpu)
+{
+	if (!hv_idt_gap_on || cpu != 0)
+		return;
+	memcpy(hv_idt_gap, hv_idt, sizeof(hv_idt_gap));
+	hv_idt_gap[14].type = 0;
+	lidt(hv_idt_gap, sizeof(hv_idt_gap));
+	say("idt without #PF gate");
+	idt_load();
+	say("idt restored");
 }
 
 static u64 current_cpu_from(u64 rsp)
@@ -257,9 +287,20 @@ static u64 current_cpu_from(u64 rsp)
 	return (rsp - (u64)hv_stacks) / HV_STACK_SIZE;
 }
 
-__noreturn void hv_exception(struct exc_frame *f)
+/* Returns only when a user-mode fault was handled (demand paging). */
+void hv_exception(struct exc_frame *f)
 {
 	struct line l;
+
+	if (f->vec == 14 || f->vec == 6) {
+		u64 cr2 = 0;
+
+		if (f->vec == 14)
+			asm volatile("mov %%cr2, %0" : "=r"(cr2));
+		if (hv_user_fault(f->vec, f->err, f->rip, f->cs, cr2,
+				  (u32)current_cpu_from((u64)f)))
+			return;
+	}
 
 	l_start(&l);
 	l_str(&l, "EXCEPTION vec=");
@@ -370,6 +411,15 @@ static void parse_cmdline(const char *c, u32 *cpus_override)
 		} else if (starts_with(w, len, "hvtest.bench=", &rest)) {
 			if (parse_u64(w + rest, len - rest, &v))
 				hv_bench = v;
+		} else if (starts_with(w, len, HV_USER_PARAM, &rest)) {
+			if (parse_u64(w + rest, len - rest, &v))
+				hv_user = v;
+			else
+				bad_option(w, len);
+		} else if (starts_with(w, len, HV_IDT_GAP_PARAM, &rest) && rest == len) {
+			hv_idt_gap_on = 1;
+		} else if (starts_with(w, len, HV_PF_ENTRY_CLD_PARAM, &rest) && rest == len) {
+			hv_pf_entry_cld_on = 1;
 		} else if (starts_with(w, len, "hvtest.forever", &rest) && rest == len) {
 			hv_forever = 1;
 		}
@@ -671,6 +721,14 @@ static void worker(u32 cpu)
 	}
 	for (int i = 0; i < HV_NR_COUNTED; i++)
 		__atomic_fetch_add(&hv_expected_counts[i], exp[i], __ATOMIC_RELAXED);
+}
+
+/* A CPU's whole job: the kernel-mode loop, then (hvtest.user=N) user mode. */
+static void cpu_work(u32 cpu)
+{
+	worker(cpu);
+	if (hv_user)
+		hv_user_run(cpu, hv_user, 0);
 	__atomic_fetch_add(&hv_workers_done, 1, __ATOMIC_RELEASE);
 }
 
@@ -694,6 +752,8 @@ static void bench(u64 n)
 			hv_fail(0, HV_FN_hv_add, (u64)r, (u64)i + 1);
 	}
 	outl(HV_BENCH_MARKER_PORT, HV_BENCH_PHASE_END);
+	if (hv_user)
+		hv_user_run(0, n, 1);
 }
 
 /* ---------------------------------------------------------- entry points */
@@ -703,7 +763,7 @@ void hv_ap_main(u32 cpu)
 	__atomic_store_n(&hv_ap_started, cpu, __ATOMIC_RELEASE);
 	if (hv_bench)
 		halt_forever();
-	worker(cpu);
+	cpu_work(cpu);
 	halt_forever();
 }
 
@@ -765,6 +825,10 @@ void hv_start_kernel(void)
 	l_emit(&l);
 
 	hv_int3_selftest();
+	if (hv_pf_entry_cld_on)
+		idt_set(14, (u64)hv_pf_entry_cld);
+	if (hv_user)
+		hv_user_setup_shared();
 
 	if (hv_ncpus > 1) {
 		/* Software-enable our LAPIC: KVM delivers no IPI from a disabled one. */
@@ -777,10 +841,12 @@ void hv_start_kernel(void)
 		bench(hv_bench);
 		hv_exit(HV_EXIT_OK);
 	}
-	worker(0);
+	cpu_work(0);
 	while (__atomic_load_n(&hv_workers_done, __ATOMIC_ACQUIRE) != hv_ncpus)
 		cpu_relax();
 	check_counters();
+	if (hv_user)
+		hv_user_report(hv_ncpus);
 
 	l_start(&l);
 	l_str(&l, "done ok cpus=");

@@ -20,6 +20,11 @@ pub const BENCH_PHASE_EXITS: u32 = 1;
 pub const BENCH_PHASE_LOOP: u32 = 2;
 pub const BENCH_PHASE_CALLS: u32 = 3;
 pub const BENCH_PHASE_END: u32 = 4;
+/// With `hvtest.user=` set too, after [`BENCH_PHASE_END`] the boot CPU drops
+/// to user mode and makes N minimal system calls ([`SYS_GETPID`]); the
+/// kernel writes these two phase numbers around them (from [`SYS_BENCH_MARK`]).
+pub const BENCH_PHASE_SYSCALLS: u32 = 5;
+pub const BENCH_PHASE_SYSCALLS_END: u32 = 6;
 /// The function the benchmark calls N times: `hv_add(i, 1)`.
 pub const BENCH_FUNCTION: &str = "hv_add";
 
@@ -41,6 +46,13 @@ pub const EXIT_COUNTER_MISMATCH: u32 = 6;
 /// callee-saved register, `%rsp`, or `DF` changed
 /// (`hvtest: FAIL cpu=.. fn=.. clobbered=0x..`, bits per [`CLOBBER_BITS`]).
 pub const EXIT_REGS_CLOBBERED: u32 = 7;
+
+/// User mode (`hvtest.user=N`): a user-mode check failed (`hvtest: FAIL user cpu=.. what=..`).
+pub const EXIT_USER_CHECK: u32 = 8;
+/// User mode: a user `syscall` or `int $0x80` never reached the kernel's
+/// entry (it arrived as #PF at `entry_SYSCALL_64` or as #UD; `hvtest: FAIL
+/// user cpu=.. syscall did not reach the kernel ...`).
+pub const EXIT_USER_SYSCALL: u32 = 9;
 
 /// Bit `i` of the `clobbered=` mask names `CLOBBER_BITS[i]`.
 pub const CLOBBER_BITS: &[&str] = &["rbx", "r12", "r13", "r14", "r15", "rsp/rbp", "DF"];
@@ -101,6 +113,51 @@ pub const ENDBR_FUNCTIONS: &[&str] = &["hv_ibt_func"];
 /// `hvtest.recurse_on=N`: only CPU N calls `hv_recurse` (the others keep
 /// running everything else), so nested return probes have one caller.
 pub const RECURSE_ON_PARAM: &str = "hvtest.recurse_on=";
+
+/// `hvtest.user=N`: after its kernel-mode loop each CPU loads its own
+/// GDT/TSS (user CS [`USER_CS`], SS [`USER_SS`]), STAR/LSTAR/SFMASK, and runs
+/// a user-mode (CPL3) loop of N iterations, each: one `syscall`
+/// ([`SYS_OPENAT`], path copied in from user memory, the kernel calls
+/// `hv_open_file`; the user checks the value), one `int $0x80` (the kernel
+/// calls `hv_add`; checked), and for the first [`USER_DEMAND_PAGES`]
+/// iterations a store to a not-present demand-zero page the kernel maps on
+/// the fault. Then [`SYS_EXIT`]. Needs RAM up to [`USER_POOL_PADDR`] + 12 KiB
+/// + 256 KiB per CPU.
+pub const USER_PARAM: &str = "hvtest.user=";
+/// `hvtest.idt_gap`: before the workers the boot CPU loads an IDT whose #PF
+/// gate is not present, writes a line (VM exits), then loads its real IDT.
+pub const IDT_GAP_PARAM: &str = "hvtest.idt_gap";
+/// `hvtest.pf_entry_cld`: IDT[14] points at `hv_pf_entry_cld`, which starts
+/// with `cld` (not emulated by the VMM's emulator) and then jumps to the
+/// usual #PF stub: genuine page faults make the bridge single-step.
+pub const PF_ENTRY_CLD_PARAM: &str = "hvtest.pf_entry_cld";
+/// Linux's user selectors (`__USER_CS`, `__USER_DS`).
+pub const USER_CS: u16 = 0x33;
+pub const USER_SS: u16 = 0x2b;
+/// System call numbers of the test kernel (Linux's numbers for the same idea).
+pub const SYS_OPENAT: u64 = 257;
+pub const SYS_EXIT: u64 = 60;
+/// Returns 1000 + the CPU number; used by the benchmark loop.
+pub const SYS_GETPID: u64 = 39;
+/// Test-kernel private: `outl` of the argument to [`BENCH_MARKER_PORT`].
+pub const SYS_BENCH_MARK: u64 = 0x1000;
+/// Demand-zero pages each CPU's user loop touches (at most, one per iteration).
+pub const USER_DEMAND_PAGES: u64 = 16;
+/// Physical base of the pages user mode uses (page tables, user data,
+/// stacks, demand-zero pages): 256 KiB per CPU after 3 shared pages.
+pub const USER_POOL_PADDR: u64 = 0x200_0000;
+/// User virtual base: the user text; CPU `c` has its data page at
+/// `USER_BASE + (c + 1) * 2 MiB`, its stack above it, demand pages at +64 KiB.
+pub const USER_BASE: u64 = 0x0000_0080_0000_0000;
+/// `u64` counters, summed over CPUs: system calls the user loops made
+/// (counted by user code before each `syscall`, the exit included) ...
+pub const USER_MADE_SYMBOL: &str = "hv_user_made";
+/// ... system calls the kernel's `entry_SYSCALL_64` handled ...
+pub const USER_SYSCALLS_SYMBOL: &str = "hv_user_syscalls";
+/// ... `int $0x80`s the kernel's IDT[0x80] handler handled ...
+pub const USER_INT80_SYMBOL: &str = "hv_user_int80";
+/// ... and demand-zero pages the #PF handler mapped for user code.
+pub const USER_FAULTS_SYMBOL: &str = "hv_user_faults";
 
 /// Default worker loop iterations per CPU (`hvtest.iters=` overrides).
 pub const DEFAULT_ITERS: u64 = 20;

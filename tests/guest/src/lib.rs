@@ -71,10 +71,14 @@ pub enum GuestExit {
     CounterMismatch,
     /// A callee-saved register, `%rsp` or `DF` did not survive a call.
     RegsClobbered,
+    /// User mode: a user-side check failed.
+    UserCheck,
+    /// User mode: a user system call never reached the kernel's entry.
+    UserSyscall,
 }
 
 impl GuestExit {
-    const ALL: [GuestExit; 8] = [
+    const ALL: [GuestExit; 10] = [
         GuestExit::Ok,
         GuestExit::RetvalMismatch,
         GuestExit::Exception,
@@ -83,6 +87,8 @@ impl GuestExit {
         GuestExit::ApTimeout,
         GuestExit::CounterMismatch,
         GuestExit::RegsClobbered,
+        GuestExit::UserCheck,
+        GuestExit::UserSyscall,
     ];
 
     /// The value written to [`EXIT_PORT`].
@@ -96,6 +102,8 @@ impl GuestExit {
             GuestExit::ApTimeout => EXIT_AP_TIMEOUT,
             GuestExit::CounterMismatch => EXIT_COUNTER_MISMATCH,
             GuestExit::RegsClobbered => EXIT_REGS_CLOBBERED,
+            GuestExit::UserCheck => EXIT_USER_CHECK,
+            GuestExit::UserSyscall => EXIT_USER_SYSCALL,
         }
     }
 

@@ -1,0 +1,271 @@
+//! Does this host's KVM complete a guest user-mode `syscall`?
+//!
+//! A throw-away VM (one vCPU, 2 MiB, identity-mapped with 4 KiB pages)
+//! starts at CPL3 on a `syscall`. LSTAR points at supervisor code that writes
+//! port [`PORT_LSTAR`]; every IDT vector points at code that writes its
+//! vector to port [`PORT_EXCEPTION`]. Hardware KVM reaches LSTAR at CPL0; a
+//! host that leaves the system call half done delivers #PF (error 0x15,
+//! CR2 = LSTAR) to the guest instead. Run once per process and cached.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, kvm_userspace_memory_region, Msrs};
+use kvm_ioctls::{Kvm, VcpuExit};
+
+const MEM: usize = 2 << 20;
+const GDT: usize = 0x1000;
+const PML4: usize = 0x2000;
+const PDPT: usize = 0x3000;
+const PD: usize = 0x4000;
+const PT: usize = 0x5000;
+const IDT: usize = 0x6000;
+const TSS: usize = 0x7000;
+const KCODE: usize = 0x10000;
+const K_PF: usize = KCODE + 0x100;
+const K_OTHER: usize = KCODE + 0x200;
+const UCODE: usize = 0x20000;
+const USTACK_TOP: u64 = 0x22000;
+const KSTACK_TOP: u64 = 0x30000;
+const PORT_LSTAR: u16 = 0xe0;
+const PORT_EXCEPTION: u16 = 0xe1;
+
+/// What the probe VM showed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyscallProbe {
+    /// The `syscall` reached LSTAR at CPL0: nothing to do.
+    Completes,
+    /// The guest got a #PF at LSTAR instead (this host needs the bridge).
+    LeavesHalfDone { error_code: u64 },
+}
+
+/// The cached result for this process (the first call runs the probe VM on
+/// `kvm_device`).
+pub fn host_needs_bridge(kvm_device: &Path) -> Result<bool, String> {
+    static RESULT: OnceLock<Result<bool, String>> = OnceLock::new();
+    RESULT
+        .get_or_init(|| {
+            let r =
+                probe_syscall(kvm_device).map(|p| matches!(p, SyscallProbe::LeavesHalfDone { .. }));
+            tracing::debug!("system-call probe VM: {r:?}");
+            r
+        })
+        .clone()
+}
+
+fn put(mem: &mut [u8], at: usize, bytes: &[u8]) {
+    mem[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+fn put64(mem: &mut [u8], at: usize, v: u64) {
+    put(mem, at, &v.to_le_bytes());
+}
+
+fn seg(selector: u16, code: bool, dpl: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 11 } else { 3 },
+        present: 1,
+        dpl,
+        db: u8::from(!code),
+        s: 1,
+        l: u8::from(code),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Run the probe VM (uncached).
+pub fn probe_syscall(kvm_device: &Path) -> Result<SyscallProbe, String> {
+    let path = std::ffi::CString::new(kvm_device.as_os_str().as_encoded_bytes())
+        .map_err(|_| "KVM device path contains a NUL byte".to_string())?;
+    let kvm = Kvm::new_with_path(path.as_c_str()).map_err(|e| format!("opening KVM: {e}"))?;
+    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+    // SAFETY: a fresh anonymous private mapping, unmapped below after the VM
+    // (and its vCPU) is gone.
+    let host = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            MEM,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if host == libc::MAP_FAILED {
+        return Err("mmap of the probe VM's memory failed".into());
+    }
+    struct Unmap(*mut libc::c_void);
+    impl Drop for Unmap {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made above, MEM bytes long.
+            unsafe { libc::munmap(self.0, MEM) };
+        }
+    }
+    let _unmap = Unmap(host);
+    // SAFETY: MEM bytes, readable and writable, exclusively ours.
+    let mem = unsafe { std::slice::from_raw_parts_mut(host as *mut u8, MEM) };
+    build_guest(mem);
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        guest_phys_addr: 0,
+        memory_size: MEM as u64,
+        userspace_addr: host as u64,
+        flags: 0,
+    };
+    // SAFETY: the mapping outlives the VM: `vm` (and the vCPU) drop before `_unmap`.
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
+    let mut vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+    let mut s = vcpu
+        .get_sregs()
+        .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+    s.cs = seg(0x33, true, 3);
+    s.ss = seg(0x2b, false, 3);
+    s.ds = s.ss;
+    s.es = s.ss;
+    s.fs = s.ss;
+    s.gs = s.ss;
+    s.gdt.base = GDT as u64;
+    s.gdt.limit = 10 * 8 - 1;
+    s.idt.base = IDT as u64;
+    s.idt.limit = 256 * 16 - 1;
+    s.tr = kvm_segment {
+        base: TSS as u64,
+        limit: 0x67,
+        selector: 0x40,
+        type_: 11,
+        present: 1,
+        ..Default::default()
+    };
+    s.ldt = kvm_segment {
+        type_: 2,
+        unusable: 1,
+        ..Default::default()
+    };
+    s.cr3 = PML4 as u64;
+    s.cr4 = 0x20 | 0x200 | 0x400; // PAE OSFXSR OSXMMEXCPT
+    s.cr0 = 0x8005_0033;
+    s.efer = 0xd01; // SCE LME LMA NXE
+    vcpu.set_sregs(&s)
+        .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+    let msr = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    let msrs = Msrs::from_entries(&[
+        msr(0xc000_0081, (0x23u64 << 48) | (0x10u64 << 32)), // STAR
+        msr(0xc000_0082, KCODE as u64),                      // LSTAR
+        msr(0xc000_0084, 0x0025_7fd5),                       // SFMASK (Linux's)
+    ])
+    .map_err(|e| format!("MSR list: {e:?}"))?;
+    let n = vcpu
+        .set_msrs(&msrs)
+        .map_err(|e| format!("KVM_SET_MSRS: {e}"))?;
+    if n != 3 {
+        return Err(format!("KVM_SET_MSRS set {n} of 3"));
+    }
+    vcpu.set_regs(&kvm_regs {
+        rip: UCODE as u64,
+        rsp: USTACK_TOP - 0x100,
+        rflags: 2,
+        ..Default::default()
+    })
+    .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+    for _ in 0..32 {
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(PORT_LSTAR, _)) => {
+                let s = vcpu
+                    .get_sregs()
+                    .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+                return if s.cs.dpl == 0 {
+                    Ok(SyscallProbe::Completes)
+                } else {
+                    Err(format!(
+                        "LSTAR code ran with CS {:#x} DPL {}",
+                        s.cs.selector, s.cs.dpl
+                    ))
+                };
+            }
+            Ok(VcpuExit::IoOut(PORT_EXCEPTION, data)) => {
+                let vector = data.first().copied().unwrap_or(0xff);
+                if vector != 14 {
+                    return Err(format!("the probe's syscall raised vector {vector}"));
+                }
+                let r = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+                let s = vcpu
+                    .get_sregs()
+                    .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+                if s.cr2 != KCODE as u64 {
+                    return Err(format!("#PF at CR2 {:#x}, not LSTAR", s.cr2));
+                }
+                let gpa = r.rsp as usize;
+                let err = mem
+                    .get(gpa..gpa + 8)
+                    .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+                    .unwrap_or(0);
+                return Ok(SyscallProbe::LeavesHalfDone { error_code: err });
+            }
+            Ok(VcpuExit::Intr) => continue,
+            Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => continue,
+            Ok(other) => return Err(format!("unexpected exit {other:?}")),
+            Err(e) => return Err(format!("KVM_RUN: {e}")),
+        }
+    }
+    Err("no answer after 32 exits".into())
+}
+
+fn build_guest(mem: &mut [u8]) {
+    // Page tables: PML4/PDPT/PD user-accessible, the leaf PTEs decide.
+    put64(mem, PML4, PDPT as u64 | 7);
+    put64(mem, PDPT, PD as u64 | 7);
+    put64(mem, PD, PT as u64 | 7);
+    for i in 1..512u64 {
+        let a = i << 12;
+        let user = (UCODE as u64..USTACK_TOP).contains(&a);
+        put64(mem, PT + 8 * i as usize, a | 3 | if user { 4 } else { 0 });
+    }
+    // GDT, Linux layout; TSS at 0x40.
+    let gdt = [
+        0u64,
+        0x00cf_9b00_0000_ffff, // 0x08 kernel32 cs
+        0x00af_9b00_0000_ffff, // 0x10 kernel cs
+        0x00cf_9300_0000_ffff, // 0x18 kernel ds
+        0x00cf_fb00_0000_ffff, // 0x23 user32 cs
+        0x00cf_f300_0000_ffff, // 0x2b user ds
+        0x00af_fb00_0000_ffff, // 0x33 user cs
+        0,
+        0x67 | ((TSS as u64 & 0xff_ffff) << 16) | (0x89u64 << 40),
+        0,
+    ];
+    for (i, d) in gdt.iter().enumerate() {
+        put64(mem, GDT + 8 * i, *d);
+    }
+    put64(mem, TSS + 4, KSTACK_TOP); // RSP0
+    put(mem, TSS + 0x66, &0x68u16.to_le_bytes());
+    // LSTAR: mov al, 1; out 0xe0, al; hlt
+    put(mem, KCODE, &[0xb0, 0x01, 0xe6, PORT_LSTAR as u8, 0xf4]);
+    // #PF: mov al, 14; out 0xe1, al; hlt.  Others: mov al, 0xff; out 0xe1, al; hlt
+    put(mem, K_PF, &[0xb0, 14, 0xe6, PORT_EXCEPTION as u8, 0xf4]);
+    put(
+        mem,
+        K_OTHER,
+        &[0xb0, 0xff, 0xe6, PORT_EXCEPTION as u8, 0xf4],
+    );
+    for v in 0..256usize {
+        let h = if v == 14 { K_PF } else { K_OTHER } as u64;
+        let lo = (h & 0xffff) | (0x10 << 16) | (0x8eu64 << 40) | (((h >> 16) & 0xffff) << 48);
+        put64(mem, IDT + 16 * v, lo);
+        put64(mem, IDT + 16 * v + 8, h >> 32);
+    }
+    // User: syscall; ud2
+    put(mem, UCODE, &[0x0f, 0x05, 0x0f, 0x0b]);
+}
