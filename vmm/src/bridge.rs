@@ -28,11 +28,12 @@
 
 use std::sync::atomic::Ordering;
 
-use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, Msrs};
+use kvm_bindings::{kvm_msr_entry, kvm_regs, Msrs};
 use kvm_ioctls::SyncReg;
 
 use guest_access::GuestMemory;
 
+use crate::cpu::flat_long_mode_segment;
 use crate::gaps::GapCpu;
 use crate::vcpu::VcpuRunner;
 
@@ -219,24 +220,6 @@ pub(crate) struct BridgeState {
     pub no_pf_handler: bool,
 }
 
-fn segment(selector: u16, code: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_: if code { 11 } else { 3 },
-        present: 1,
-        dpl: 0,
-        db: u8::from(!code),
-        s: 1,
-        l: u8::from(code),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
 fn u64_at(b: &[u8], i: usize) -> u64 {
     u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().unwrap())
 }
@@ -412,8 +395,8 @@ impl VcpuRunner {
                     regs.rsp = rsp;
                     regs.rflags = (rflags & !(sfmask | RFLAGS_RF)) | 2;
                     regs.r11 = (regs.r11 & USER_RFLAGS) | 2;
-                    sregs.cs = segment(kcs, true);
-                    sregs.ss = segment(kcs.wrapping_add(8), false);
+                    sregs.cs = flat_long_mode_segment(kcs, true, 0);
+                    sregs.ss = flat_long_mode_segment(kcs.wrapping_add(8), false, 0);
                     self.fd.sync_regs_mut().regs = regs;
                     self.fd.sync_regs_mut().sregs = sregs;
                     self.fd.set_sync_dirty_reg(SyncReg::Register);
@@ -425,10 +408,7 @@ impl VcpuRunner {
                 }
             }
         }
-        self.shared.stats[self.index]
-            .bridge_faults_passed
-            .fetch_add(1, Ordering::Relaxed);
-        self.pass_on(pc)
+        self.pass_on_counted(pc)
     }
 
     fn bridge_invalid_opcode(&mut self, pc: u64) -> Result<(), String> {
@@ -470,6 +450,11 @@ impl VcpuRunner {
                 }
             }
         }
+        self.pass_on_counted(pc)
+    }
+
+    /// Not a system call: count it and let the guest's handler have it.
+    fn pass_on_counted(&mut self, pc: u64) -> Result<(), String> {
         self.shared.stats[self.index]
             .bridge_faults_passed
             .fetch_add(1, Ordering::Relaxed);

@@ -83,6 +83,15 @@ fn set_lvt_mode(regs: &mut [std::os::raw::c_char; 1024], off: usize, mode: u32) 
     }
 }
 
+/// A flat long-mode segment: 64-bit code (type 11) or data (type 3) at `dpl`,
+/// as Linux's GDT has them (the system-call bridge and the detection VM).
+pub(crate) fn flat_long_mode_segment(selector: u16, code: bool, dpl: u8) -> kvm_segment {
+    kvm_segment {
+        dpl,
+        ..segment(selector, if code { 11 } else { 3 }, code, 1)
+    }
+}
+
 fn segment(selector: u16, type_: u8, long: bool, s: u8) -> kvm_segment {
     kvm_segment {
         base: 0,

@@ -13,6 +13,8 @@ use std::sync::OnceLock;
 use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, kvm_userspace_memory_region, Msrs};
 use kvm_ioctls::{Kvm, VcpuExit};
 
+use crate::cpu::flat_long_mode_segment;
+
 const MEM: usize = 2 << 20;
 const GDT: usize = 0x1000;
 const PML4: usize = 0x2000;
@@ -59,24 +61,6 @@ fn put(mem: &mut [u8], at: usize, bytes: &[u8]) {
 
 fn put64(mem: &mut [u8], at: usize, v: u64) {
     put(mem, at, &v.to_le_bytes());
-}
-
-fn seg(selector: u16, code: bool, dpl: u8) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_: if code { 11 } else { 3 },
-        present: 1,
-        dpl,
-        db: u8::from(!code),
-        s: 1,
-        l: u8::from(code),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
 }
 
 /// Run the probe VM (uncached).
@@ -127,8 +111,8 @@ pub fn probe_syscall(kvm_device: &Path) -> Result<SyscallProbe, String> {
     let mut s = vcpu
         .get_sregs()
         .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
-    s.cs = seg(0x33, true, 3);
-    s.ss = seg(0x2b, false, 3);
+    s.cs = flat_long_mode_segment(0x33, true, 3);
+    s.ss = flat_long_mode_segment(0x2b, false, 3);
     s.ds = s.ss;
     s.es = s.ss;
     s.fs = s.ss;
