@@ -31,28 +31,26 @@ fn require_regular_file(what: &str, path: &Path) -> Result<()> {
     let Ok(meta) = std::fs::metadata(path) else {
         return Ok(());
     };
-    if !meta.is_file() {
-        let kind = match meta.file_type() {
-            t if t.is_dir() => "a directory",
-            t => {
-                use std::os::unix::fs::FileTypeExt;
-                if t.is_fifo() {
-                    "a FIFO"
-                } else if t.is_char_device() || t.is_block_device() {
-                    "a device"
-                } else if t.is_socket() {
-                    "a socket"
-                } else {
-                    "not a regular file"
-                }
-            }
-        };
-        anyhow::bail!(
-            "cannot use {} as {what}: it is {kind}, not a regular file",
-            path.display()
-        );
+    if meta.is_file() {
+        return Ok(());
     }
-    Ok(())
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    let kind = if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "something else"
+    };
+    anyhow::bail!(
+        "cannot use {} as {what}: it is {kind}, not a regular file",
+        path.display()
+    )
 }
 
 fn load_symbols(kernel: &Path, system_map: Option<&Path>) -> Result<Symbols> {

@@ -165,18 +165,7 @@ fn hvprobe_within(args: &[&str], secs: u64) -> (i32, String) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run hvprobe");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("hvprobe {args:?} did not exit within {secs} s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let status = wait_within(&mut child, secs, &format!("hvprobe {args:?}"));
     let mut stderr = String::new();
     child
         .stderr
@@ -186,6 +175,23 @@ fn hvprobe_within(args: &[&str], secs: u64) -> (i32, String) {
         .unwrap();
     assert!(!stderr.contains("panicked"), "hvprobe panicked: {stderr}");
     (status.code().unwrap_or(-1), stderr)
+}
+
+/// The child's exit status; kills it and fails the test when `what` has not
+/// exited within `secs`.
+fn wait_within(child: &mut std::process::Child, secs: u64, what: &str) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -275,17 +281,7 @@ fn sigterm_stops_cleanly_and_removes_the_socket() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("hvprobe did not exit within 20 s of SIGTERM");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let status = wait_within(&mut child, 20, "hvprobe after SIGTERM");
     assert_eq!(status.signal(), None, "killed by the signal: {status:?}");
     assert!(!sock.exists(), "socket file left behind");
     let _ = std::fs::remove_dir_all(&dir);

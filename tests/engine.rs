@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use guest_access::VmControl;
-use introspect::{Engine, EngineConfig, EventKind, Handling, ProbeError, ProbeRequest};
+use introspect::{Engine, EventKind, Handling, ProbeError, ProbeRequest};
 use vmm::{RunOutcome, Vm};
 
 struct Setup {
@@ -21,14 +21,7 @@ fn setup(vcpus: u8, cmdline: &str) -> Setup {
     let (config, serial) = test_guest_config(vcpus, cmdline);
     let vm = Vm::create(&config).expect("create VM");
     let control = vm.control();
-    let symbols = Arc::new(guest_symbols());
-    let trap = symbols.return_trap_candidate().unwrap();
-    let engine = Engine::new(
-        control.clone(),
-        symbols,
-        EngineConfig::for_vcpus(vcpus as usize),
-    );
-    engine.set_return_trap(trap).unwrap();
+    let engine = test_engine(control.clone(), vcpus as usize);
     Setup {
         vm: Some(vm),
         control,

@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use guest_access::VmControl;
-use introspect::{Engine, EngineConfig, ProbeError, ProbeRequest};
+use introspect::{Engine, ProbeError, ProbeRequest};
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 
 /// Every instruction boundary of every function in the test guest's `.text`.
@@ -63,14 +62,6 @@ fn boundaries(padding: bool) -> Vec<u64> {
     out
 }
 
-fn engine_for(control: Arc<vmm::Shared>, vcpus: usize) -> Arc<Engine> {
-    let symbols = Arc::new(guest_symbols());
-    let trap = symbols.return_trap_candidate().unwrap();
-    let engine = Engine::new(control, symbols, EngineConfig::for_vcpus(vcpus));
-    engine.set_return_trap(trap).unwrap();
-    engine
-}
-
 /// Register a probe at each point (refusals such as the blacklist are
 /// skipped); returns the ids.
 fn plant_everywhere(engine: &Engine, points: &[u64], round: usize) -> Vec<introspect::ProbeId> {
@@ -108,7 +99,7 @@ fn mass_delete_of_probes_at_every_boundary_keeps_the_guest_correct() {
     let (config, serial) = test_guest_config(2, &test_guest::cmdline(None, None, true));
     let vm = vmm::Vm::create(&config).expect("create VM");
     let control = vm.control();
-    let engine = engine_for(control.clone(), 2);
+    let engine = test_engine(control.clone(), 2);
     let range = text_range();
     let pristine = hash_range(control.memory(), range);
     let running = vm.start(engine.clone()).unwrap();
@@ -189,7 +180,7 @@ fn probes_outside_kernel_text_are_refused() {
     let (config, serial) = test_guest_config(2, &test_guest::cmdline(None, None, true));
     let vm = vmm::Vm::create(&config).expect("create VM");
     let control = vm.control();
-    let engine = engine_for(control.clone(), 2);
+    let engine = test_engine(control.clone(), 2);
     let running = vm.start(engine.clone()).unwrap();
     // Wait until the guest has paging on (registration then walks its tables).
     std::thread::sleep(Duration::from_millis(300));

@@ -207,21 +207,14 @@ fn probes_on_functions_reached_from_system_calls() {
     if !kvm_available() {
         return;
     }
-    use introspect::{Engine, EngineConfig, Handling, ProbeRequest};
+    use introspect::{Handling, ProbeRequest};
     let (vcpus, n) = (2u8, 60u64);
     // No kernel-mode loop: hv_open_file runs only from openat, hv_add only
     // from int $0x80.
     let (config, serial) = test_guest_config(vcpus, &format!("hvtest.iters=0 hvtest.user={n}"));
     let vm = Vm::create(&config).unwrap();
     let control = vm.control();
-    let symbols = Arc::new(guest_symbols());
-    let trap = symbols.return_trap_candidate().unwrap();
-    let engine = Engine::new(
-        control.clone(),
-        symbols,
-        EngineConfig::for_vcpus(vcpus.into()),
-    );
-    engine.set_return_trap(trap).unwrap();
+    let engine = test_engine(control.clone(), vcpus.into());
     let mut open = ProbeRequest::kprobe("u/open", symbol("hv_open_file"));
     open.fetch = Some(
         probe_spec::parse_probe("p:u/open hv_open_file dfd=%di:s32 path=+0(%si):string").unwrap(),

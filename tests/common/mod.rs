@@ -89,6 +89,17 @@ pub fn guest_symbols() -> introspect::SymbolIndex {
     introspect::SymbolIndex::new(table, Some(blacklist))
 }
 
+/// The probe engine over `control` with the test guest's symbols and its
+/// kretprobe return trap in place.
+pub fn test_engine(control: Arc<vmm::Shared>, vcpus: usize) -> Arc<introspect::Engine> {
+    let symbols = Arc::new(guest_symbols());
+    let trap = symbols.return_trap_candidate().unwrap();
+    let engine =
+        introspect::Engine::new(control, symbols, introspect::EngineConfig::for_vcpus(vcpus));
+    engine.set_return_trap(trap).unwrap();
+    engine
+}
+
 /// Offset of the first `lock`-prefixed instruction in `func` (the counter
 /// increment): an instruction the emulator refuses.
 pub fn first_locked_insn(mem: &dyn guest_access::GuestMemory, func: &str) -> u64 {
