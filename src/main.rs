@@ -28,12 +28,12 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct GuestArgs {
-    /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 256)]
-    memory: u64,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 2)]
-    vcpus: u8,
+    /// Guest RAM in MiB [default: 256; with --restore, the snapshot's].
+    #[arg(long)]
+    memory: Option<u64>,
+    /// Number of vCPUs [default: 2; with --restore, the snapshot's].
+    #[arg(long)]
+    vcpus: Option<u8>,
     /// Where the serial console goes: `stdout` or a file path.
     #[arg(long, default_value = "stdout")]
     serial: String,
@@ -82,15 +82,24 @@ enum Command {
     /// Boot a guest kernel (ELF vmlinux with a PVH note, or bzImage) and
     /// serve the hvprobe.v1 API while it runs.
     Run {
-        /// Kernel image.
-        #[arg(long)]
-        kernel: PathBuf,
+        /// Kernel image (with --restore: for symbols only; default: the
+        /// kernel the snapshot recorded).
+        #[arg(long, required_unless_present = "restore")]
+        kernel: Option<PathBuf>,
+        /// Continue a snapshot (`hvprobe snapshot DIR`) instead of booting:
+        /// memory is mapped copy-on-write from it, the snapshot is never
+        /// modified, and its probes are planted again before the guest runs.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["initrd", "cmdline"])]
+        restore: Option<PathBuf>,
+        /// With --restore: leave the snapshot's probes out.
+        #[arg(long, requires = "restore")]
+        no_probes: bool,
         /// Initial ramdisk.
         #[arg(long)]
         initrd: Option<PathBuf>,
-        /// Kernel command line.
-        #[arg(long, default_value = "console=ttyS0")]
-        cmdline: String,
+        /// Kernel command line [default: console=ttyS0].
+        #[arg(long)]
+        cmdline: Option<String>,
         /// Symbols from this System.map (e.g. for a bzImage).
         #[arg(long)]
         system_map: Option<PathBuf>,
@@ -135,6 +144,18 @@ enum Command {
     },
     /// Follow the event stream as JSON lines (lost events as `{"lost":...}`).
     Events(cli::EventsArgs),
+    /// Snapshot the running guest into DIR (on the server's host): vCPUs,
+    /// devices, memory with the guest's own bytes at every probe site, and
+    /// the probe table. `hvprobe run --restore DIR` continues from it.
+    Snapshot {
+        /// Directory to write (created if missing; a snapshot there is replaced).
+        dir: PathBuf,
+        /// Stop the guest after the snapshot instead of resuming it.
+        #[arg(long)]
+        stop: bool,
+        #[command(flatten)]
+        server: cli::ServerArg,
+    },
     /// Describe the guest (state, vCPUs, banner, symbols).
     Info {
         #[command(flatten)]
@@ -161,21 +182,31 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run {
             kernel,
+            restore,
+            no_probes,
             initrd,
             cmdline,
             system_map,
             serve,
             guest,
-        } => runner::boot(
-            guest.config(kernel, initrd, cmdline),
-            runner::RunOptions {
+        } => {
+            let opts = runner::RunOptions {
                 tls: serve.tls(),
                 probes: serve.probes,
                 listen: Some(serve.listen.unwrap_or_else(service::Listen::default_unix)),
                 system_map,
                 print_events: false,
-            },
-        ),
+                restore: restore.map(|dir| runner::RestoreOptions {
+                    dir,
+                    no_probes,
+                    vcpus: guest.vcpus,
+                    memory_mib: guest.memory,
+                }),
+            };
+            let kernel = kernel.unwrap_or_default();
+            let cmdline = cmdline.unwrap_or_else(|| "console=ttyS0".into());
+            runner::boot(guest.config(kernel, initrd, cmdline), opts)
+        }
         Command::Bench(args) => bench::run(args),
         Command::Demo {
             cmdline,
@@ -196,6 +227,7 @@ fn main() -> ExitCode {
                     tls: service::TlsFiles::default(),
                     system_map: None,
                     print_events: true,
+                    restore: None,
                 },
             )
         }
@@ -203,6 +235,7 @@ fn main() -> ExitCode {
         Command::Arm { server } => cli::arm(&server, true),
         Command::Disarm { server } => cli::arm(&server, false),
         Command::Events(args) => cli::events(args),
+        Command::Snapshot { dir, stop, server } => cli::snapshot(&server, &dir, stop),
         Command::Info { server } => cli::info(&server),
     };
     match result {
@@ -219,8 +252,8 @@ impl GuestArgs {
         let mut c = vmm::VmConfig::new(kernel);
         c.initrd = initrd;
         c.cmdline = cmdline;
-        c.vcpus = self.vcpus;
-        c.memory_mib = self.memory;
+        c.vcpus = self.vcpus.unwrap_or(2);
+        c.memory_mib = self.memory.unwrap_or(256);
         c.kvm_device = self.kvm_device.clone();
         c.syscall_bridge = self.syscall_bridge;
         c.serial = if self.serial == "stdout" {

@@ -22,6 +22,65 @@ pub struct RunOptions {
     pub system_map: Option<PathBuf>,
     /// Print events to stdout as trace lines (the demo).
     pub print_events: bool,
+    /// Continue a snapshot instead of booting.
+    pub restore: Option<RestoreOptions>,
+}
+
+/// `run --restore DIR`.
+pub struct RestoreOptions {
+    pub dir: PathBuf,
+    /// Leave the snapshot's probes out.
+    pub no_probes: bool,
+    /// What the user asked for; the snapshot's own when None.
+    pub vcpus: Option<u8>,
+    pub memory_mib: Option<u64>,
+}
+
+/// Create the VM: boot `config`, or restore a snapshot with `config`'s
+/// devices. Returns the VM, the kernel whose symbols apply, and the
+/// snapshot's probe table.
+fn create_vm(
+    mut config: vmm::VmConfig,
+    restore: Option<&RestoreOptions>,
+) -> Result<(vmm::Vm, PathBuf, Option<Vec<u8>>)> {
+    let Some(r) = restore else {
+        let kernel = config.kernel.clone();
+        return Ok((vmm::Vm::create(&config)?, kernel, None));
+    };
+    let manifest = vmm::snapshot::Manifest::load(&r.dir)?;
+    config.vcpus = r.vcpus.unwrap_or(manifest.vcpus);
+    let memory_mib = r.memory_mib.unwrap_or(manifest.memory_bytes >> 20);
+    if memory_mib << 20 != manifest.memory_bytes {
+        anyhow::bail!(
+            "snapshot {} has {} MiB of guest memory, this run asks for {memory_mib} MiB",
+            r.dir.display(),
+            manifest.memory_bytes >> 20
+        );
+    }
+    config.memory_mib = memory_mib;
+    // Symbols: the kernel given, else the one the snapshot booted.
+    let kernel = if config.kernel.as_os_str().is_empty() {
+        let k = PathBuf::from(&manifest.kernel);
+        match std::fs::metadata(&k) {
+            Ok(m) if m.len() == manifest.kernel_len => k,
+            Ok(m) => anyhow::bail!(
+                "the snapshot's kernel {} changed since ({} bytes, {} then): pass --kernel with the one it booted",
+                k.display(),
+                m.len(),
+                manifest.kernel_len
+            ),
+            Err(e) => anyhow::bail!(
+                "the snapshot's kernel {}: {e}: pass --kernel with the one it booted",
+                k.display()
+            ),
+        }
+    } else {
+        config.kernel.clone()
+    };
+    require_regular_file("the kernel", &kernel)?;
+    let (vm, restored) = vmm::Vm::restore(&config, &r.dir)?;
+    let probes = if r.no_probes { None } else { restored.probes };
+    Ok((vm, kernel, probes))
 }
 
 /// Refuse anything but a regular file before it is opened: open(2) on a
@@ -71,7 +130,9 @@ fn load_symbols(kernel: &Path, system_map: Option<&Path>) -> Result<Symbols> {
 /// return the process exit code that reflects the guest's fate.
 pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
     let started = Instant::now();
-    require_regular_file("the kernel", &config.kernel)?;
+    if opts.restore.is_none() {
+        require_regular_file("the kernel", &config.kernel)?;
+    }
     if let Some(p) = &config.initrd {
         require_regular_file("the initrd", p)?;
     }
@@ -89,13 +150,19 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
     }
     // Create the VM first: a bad kernel, memory size or KVM device is the
     // one error the user sees, not a symbol warning before it.
-    let vm = vmm::Vm::create(&config)?;
-    let symbols = Arc::new(load_symbols(&config.kernel, opts.system_map.as_deref())?);
+    let vcpus = config.vcpus;
+    let (vm, kernel, saved_probes) = create_vm(config, opts.restore.as_ref())?;
+    let vcpus = if opts.restore.is_some() {
+        guest_access::VmControl::vcpu_count(&*vm.control()) as u8
+    } else {
+        vcpus
+    };
+    let symbols = Arc::new(load_symbols(&kernel, opts.system_map.as_deref())?);
     let control = vm.control();
     let engine = Engine::new(
         control.clone(),
         symbols.clone(),
-        EngineConfig::for_vcpus(usize::from(config.vcpus)),
+        EngineConfig::for_vcpus(usize::from(vcpus)),
     );
     match symbols.return_trap_candidate() {
         Some(t) => engine
@@ -130,6 +197,16 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
         guest.clone(),
         ServiceConfig::default(),
     );
+    guest.set_snapshot_writer(hvprobe::snapshots::writer_for(&vm));
+    if let Some(json) = &saved_probes {
+        let restored = svc
+            .restore_probes(json)
+            .map_err(|s| anyhow::anyhow!("restoring the snapshot's probes: {}", s.message()))?;
+        eprintln!(
+            "hvprobe: restored {} probes from the snapshot",
+            restored.len()
+        );
+    }
     if !opts.probes.is_empty() {
         let created = svc.create_lines(&opts.probes).map_err(|s| {
             let detail = proto::definition_error_from_status(&s)

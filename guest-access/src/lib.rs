@@ -170,6 +170,14 @@ pub trait VmControl: Send + Sync {
     /// Run `f` on vCPU `index`'s own thread (waits for it). Used to read
     /// registers of a parked vCPU.
     fn with_vcpu(&self, index: usize, f: VcpuTask) -> Result<(), AccessError>;
+
+    /// System registers of vCPU 0 while no vCPU thread runs yet, when the
+    /// VM starts from saved state (a restored snapshot: paging is already
+    /// on, so guest virtual addresses need the saved CR3). None for a VM
+    /// that boots from its first instruction.
+    fn saved_system_regs(&self) -> Option<SystemRegs> {
+        None
+    }
 }
 
 /// What the VMM does after a breakpoint handler returns.

@@ -26,6 +26,9 @@ use crate::events::{
 use crate::paging::{Access, GuestVirt};
 use crate::xol::{self, Scratch};
 
+mod snapshot;
+pub use snapshot::{EngineState, Frozen, SavedCounters, SavedInstance, SavedProbe};
+
 const INT3: u8 = 0xcc;
 /// Linux's (and the test guest's) kernel-text mapping: virtual
 /// `0xffffffff80000000 + x` is physical `x` when the kernel is not relocated.
@@ -669,7 +672,8 @@ impl Engine {
             }),
         );
         if r.is_err() {
-            return None;
+            // No vCPU thread yet: a restored VM still knows its paging.
+            return self.vm.saved_system_regs().filter(|s| s.paging());
         }
         let s = *out.lock().unwrap();
         s.filter(|s| s.paging())
@@ -932,6 +936,16 @@ impl Engine {
 
     /// Register all probes or none.
     pub fn register_batch(&self, reqs: Vec<ProbeRequest>) -> Result<Vec<ProbeId>, BatchError> {
+        self.register_batch_as(reqs, None)
+    }
+
+    /// [`Self::register_batch`] with the probes' ids given (a restored
+    /// table keeps its ids) or taken from the counter.
+    fn register_batch_as(
+        &self,
+        reqs: Vec<ProbeRequest>,
+        given_ids: Option<&[ProbeId]>,
+    ) -> Result<Vec<ProbeId>, BatchError> {
         let _api = self.api.lock().unwrap();
         let sregs = self.current_paging();
         let _world = self.vm.stop_others(None);
@@ -964,9 +978,26 @@ impl Engine {
         }
         let mut ids = Vec::new();
         let mut new_sites = Vec::new();
-        for (mut probe, site) in staged {
-            probe.id = table.next_id;
-            table.next_id += 1;
+        if let Some(given) = given_ids {
+            let taken = given.iter().position(|id| table.probes.contains_key(id));
+            if given.len() != staged.len() || taken.is_some() {
+                return Err(BatchError {
+                    index: taken.unwrap_or(0),
+                    error: ProbeError::Guest("restored probe ids collide or miscount".into()),
+                });
+            }
+        }
+        for (n, (mut probe, site)) in staged.into_iter().enumerate() {
+            match given_ids {
+                Some(given) => {
+                    probe.id = given[n];
+                    table.next_id = table.next_id.max(given[n] + 1);
+                }
+                None => {
+                    probe.id = table.next_id;
+                    table.next_id += 1;
+                }
+            }
             let probe = Arc::new(probe);
             if let Some((gpa, original, displaced)) = site {
                 let want = self.wanted_handling(&displaced, &probe);
@@ -1620,8 +1651,14 @@ impl Engine {
             return BreakpointAction::DeliverToGuest;
         };
         let return_to = instances[0].return_to;
+        let sregs = vcpu.system_regs().unwrap_or_default();
+        // The popped slot keeps the trap address in the guest's dead stack;
+        // put the real return address there, as a native call would have
+        // left it (nothing of hvprobe's stays in guest memory, snapshots
+        // included). Best effort: the slot is below RSP, free stack.
+        let _ =
+            GuestVirt::new(vm.memory(), sregs, regs.rflags).write(slot, &return_to.to_le_bytes());
         if self.bus.has_subscribers() {
-            let sregs = vcpu.system_regs().unwrap_or_default();
             let ctx = HitContext::new(
                 regs,
                 GuestVirt::new(vm.memory(), sregs, regs.rflags),

@@ -15,8 +15,9 @@ mod symbols;
 mod xol;
 
 pub use engine::{
-    BatchError, Engine, EngineConfig, EngineStats, Handling, KernelSymbols, NoSymbols, ProbeError,
-    ProbeInfo, ProbeRequest, ProbeType, TaskLayout, KERNEL_TEXT_MAP, MAXACTIVE_MAX,
+    BatchError, Engine, EngineConfig, EngineState, EngineStats, Frozen, Handling, KernelSymbols,
+    NoSymbols, ProbeError, ProbeInfo, ProbeRequest, ProbeType, SavedCounters, SavedInstance,
+    SavedProbe, TaskLayout, KERNEL_TEXT_MAP, MAXACTIVE_MAX,
 };
 pub use events::{Event, EventFilter, EventKind, GuestTask, ProbeId, Subscription, Waker};
 pub use symbols::SymbolIndex;

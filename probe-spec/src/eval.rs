@@ -11,6 +11,7 @@ use crate::reg::Reg;
 
 /// A guest memory read that faulted (page not present, no translation...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Fault {
     /// Guest virtual address that could not be read.
     pub addr: u64,
@@ -18,6 +19,7 @@ pub struct Fault {
 
 /// Why a value could not be fetched.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum FetchError {
     /// Guest memory fault.
     Fault(Fault),
@@ -118,7 +120,7 @@ impl Default for EvalOptions {
 
 /// A fetched, typed value.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(tag = "kind", rename_all = "snake_case"))]
 pub enum Value {
     /// `u8`..`u64` and bitfields.
@@ -150,7 +152,7 @@ pub enum Value {
     /// `string`, `ustring`, `symstr`, `$comm`, immediate strings.
     Str {
         /// Bytes read, without the NUL.
-        #[cfg_attr(feature = "serde", serde(serialize_with = "ser_lossy"))]
+        #[cfg_attr(feature = "serde", serde(with = "str_bytes"))]
         bytes: Vec<u8>,
         /// Stopped at the length limit before a NUL.
         truncated: bool,
@@ -179,9 +181,33 @@ pub enum Value {
     },
 }
 
+/// String bytes as a JSON string when they are UTF-8 (readable), else as
+/// an array of bytes, so that a value read back is the value written (kept
+/// kretprobe instances in snapshots carry their entry values).
 #[cfg(feature = "serde")]
-fn ser_lossy<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&String::from_utf8_lossy(b))
+mod str_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(b) {
+            Ok(text) => s.serialize_str(text),
+            Err(_) => s.collect_seq(b),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Text(String),
+        Bytes(Vec<u8>),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        Ok(match Either::deserialize(d)? {
+            Either::Text(t) => t.into_bytes(),
+            Either::Bytes(b) => b,
+        })
+    }
 }
 
 impl Value {
@@ -577,6 +603,7 @@ fn read_string<C: FetchContext + ?Sized>(
 
 /// Function arguments saved at function entry for a return probe.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct EntryArgs {
     values: Vec<(u32, Result<u64, FetchError>)>,
 }

@@ -335,4 +335,15 @@ fn event_line_and_json() {
     assert_eq!(json[1]["value"]["truncated"], false);
     let fault = serde_json::to_value(Value::Fault { addr: 16 }).unwrap();
     assert_eq!(fault, serde_json::json!({"kind": "fault", "addr": 16}));
+    // Values read back are the values written, non-UTF-8 strings included
+    // (snapshots keep kretprobe entry values this way).
+    let values: Vec<Value> = v.iter().map(|a| a.value.clone()).collect();
+    let back: Vec<Value> = serde_json::from_str(&serde_json::to_string(&values).unwrap()).unwrap();
+    assert_eq!(back, values);
+    let text = serde_json::to_value(Value::Str {
+        bytes: b"/etc/hostname".to_vec(),
+        truncated: false,
+    })
+    .unwrap();
+    assert_eq!(text["bytes"], "/etc/hostname");
 }

@@ -18,9 +18,11 @@ mod errors;
 pub mod listen;
 mod packed;
 mod server;
+mod snapshot;
 mod subscribe;
 mod symbols;
 
 pub use listen::{Listen, ListenError, TlsFiles};
 pub use server::{BridgeInfoFn, Guest, HvProbeService, ServiceConfig};
+pub use snapshot::{SnapshotWriter, WrittenSnapshot};
 pub use symbols::{DwarfNames, SymbolError, Symbols};

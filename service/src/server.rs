@@ -63,6 +63,7 @@ pub struct Guest {
     state: AtomicI32,
     vm: Arc<dyn VmControl>,
     bridge: std::sync::OnceLock<BridgeInfoFn>,
+    snapshot: std::sync::OnceLock<Arc<dyn crate::snapshot::SnapshotWriter>>,
 }
 
 /// Reports the VMM's system-call bridge (the service does not know the VMM).
@@ -74,7 +75,18 @@ impl Guest {
             state: AtomicI32::new(v1::GuestState::Created as i32),
             vm,
             bridge: std::sync::OnceLock::new(),
+            snapshot: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Who writes the VMM's part of a snapshot (set once; without it
+    /// `CreateSnapshot` is refused).
+    pub fn set_snapshot_writer(&self, w: Arc<dyn crate::snapshot::SnapshotWriter>) {
+        let _ = self.snapshot.set(w);
+    }
+
+    pub(crate) fn snapshot_writer(&self) -> Option<Arc<dyn crate::snapshot::SnapshotWriter>> {
+        self.snapshot.get().cloned()
     }
 
     /// Where GetGuestInfo gets the system-call bridge's state (set once).
@@ -108,6 +120,8 @@ pub(crate) struct ProbeMeta {
     pub location: String,
     pub definition: String,
     pub filter: Option<Filter>,
+    /// The filter as written (empty: none), saved with snapshots.
+    pub filter_text: String,
     /// Argument names in definition order, with their filter field types
     /// (`None`: not filterable, e.g. arrays), resolved once at creation.
     pub args: Vec<(String, Option<FieldKind>)>,
@@ -316,6 +330,7 @@ impl Inner {
             location,
             definition: line.clone(),
             filter,
+            filter_text: def.filter.trim().to_string(),
             args,
             ip_text,
             fields: crate::packed::fields_of(&pd),
@@ -375,6 +390,55 @@ impl Inner {
                 Ok((*a, symbol, offset, module))
             }
         }
+    }
+
+    pub(crate) fn lock_ops(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.ops.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts a saved probe table back (see `HvProbeService::restore_probes`).
+    pub(crate) fn restore(
+        &self,
+        state: &introspect::EngineState,
+        filters: &std::collections::BTreeMap<ProbeId, String>,
+    ) -> Result<Vec<v1::ProbeInfo>, Status> {
+        let mut prepared = Vec::with_capacity(state.probes.len());
+        for (i, p) in state.probes.iter().enumerate() {
+            let def = v1::ProbeDefinition {
+                definition: Some(v1::probe_definition::Definition::KprobeEvents(
+                    p.definition.clone(),
+                )),
+                filter: filters.get(&p.id).cloned().unwrap_or_default(),
+                create_disabled: !p.enabled,
+            };
+            let mut pr = self
+                .prepare(&def, Some(u32::try_from(i).unwrap_or(u32::MAX)))
+                .map_err(|s| {
+                    Status::new(
+                        s.code(),
+                        format!("saved probe {} ({}): {}", p.id, p.name, s.message()),
+                    )
+                })?;
+            pr.request.kind = p.kind();
+            pr.request.force_single_step = p.force_single_step;
+            pr.request.force_out_of_line = p.force_out_of_line;
+            prepared.push(pr);
+        }
+        let _ops = self.lock_ops();
+        let (requests, metas): (Vec<_>, Vec<_>) =
+            prepared.into_iter().map(|p| (p.request, p.meta)).unzip();
+        let ids = self.engine.restore(state, requests).map_err(|e| {
+            let p = &state.probes[e.index.min(state.probes.len().saturating_sub(1))];
+            engine_error(&e.error, &p.definition, u32::try_from(e.index).ok())
+        })?;
+        {
+            let mut t = self.probes.write().unwrap_or_else(|e| e.into_inner());
+            for (id, mut m) in ids.iter().zip(metas) {
+                m.id = *id;
+                t.insert(m);
+            }
+        }
+        self.infos(Some(&ids))
     }
 
     /// Creates every definition or none.
@@ -541,7 +605,7 @@ impl Inner {
         })
     }
 
-    fn guest_info(&self) -> v1::GetGuestInfoResponse {
+    pub(crate) fn guest_info(&self) -> v1::GetGuestInfoResponse {
         let (source, detail) = self.symbols.source();
         let vm = &self.guest.vm;
         // The banner in guest memory at the link-time address (the test
@@ -615,6 +679,27 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<v1::SubscribeResponse, Statu
 
 #[tonic::async_trait]
 impl HvProbe for HvProbeService {
+    async fn create_snapshot(
+        &self,
+        req: Request<v1::CreateSnapshotRequest>,
+    ) -> Result<Response<v1::CreateSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        if r.directory.trim().is_empty() {
+            return Err(Status::invalid_argument("directory: empty"));
+        }
+        if r.directory.len() > 4096 {
+            return Err(Status::invalid_argument(format!(
+                "directory: {} bytes, longer than PATH_MAX (4096)",
+                r.directory.len()
+            )));
+        }
+        let inner = self.inner.clone();
+        let resp =
+            blocking(move || inner.create_snapshot(std::path::Path::new(&r.directory), r.stop))
+                .await?;
+        Ok(Response::new(resp))
+    }
+
     async fn create_probe(
         &self,
         req: Request<v1::CreateProbeRequest>,

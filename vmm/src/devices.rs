@@ -110,6 +110,17 @@ impl PortBus {
     /// (64 bytes), set LSR data-ready and raise IRQ 4 when the guest enabled
     /// the received-data interrupt. Returns how many bytes fit; the caller
     /// retries the rest once the guest has drained the FIFO.
+    /// The bus with the 16550 as a snapshot left it (registers and FIFO).
+    pub fn from_state(
+        irq: EventFd,
+        console: ConsoleWriter,
+        state: &vm_superio::serial::SerialState,
+    ) -> Result<Self, String> {
+        let serial = Serial::from_state(state, IrqLine(irq), vm_superio::serial::NoEvents, console)
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(Self { serial })
+    }
+
     pub fn console_input(&mut self, bytes: &[u8]) -> usize {
         match self.serial.enqueue_raw_bytes(bytes) {
             Ok(n) => n,

@@ -226,6 +226,8 @@ pub struct Shared {
     blockirq_flag: u32,
     markers: Mutex<Vec<(u32, std::time::Instant)>>,
     bridge: BridgeStatus,
+    /// vCPU 0's system registers from a snapshot, until its thread runs.
+    saved_sregs: Option<guest_access::SystemRegs>,
 }
 
 impl Shared {
@@ -253,6 +255,11 @@ impl Shared {
             self.world.cv.notify_all();
         }
         control::kick_all(&self.slots, None);
+    }
+
+    /// Stop the guest from any thread (as [`RunningVm::stop`]).
+    pub fn stop(&self) {
+        self.finish(RunOutcome::Stopped);
     }
 
     /// Exit counters summed over vCPUs.
@@ -378,15 +385,27 @@ impl VmControl for Shared {
         rx.recv_timeout(Duration::from_secs(10))
             .map_err(|_| AccessError::VcpuGone(index))
     }
+
+    fn saved_system_regs(&self) -> Option<guest_access::SystemRegs> {
+        self.saved_sregs
+    }
+}
+
+/// The KVM handles of a VM and what a snapshot manifest records about it.
+/// Shared by the VM handle and its snapshot writer; the VM fd outlives
+/// every vCPU thread.
+pub(crate) struct KvmFds {
+    pub vm: VmFd,
+    pub kvm: Kvm,
+    pub info: snapshot::VmInfo,
 }
 
 /// A created VM, not yet running.
 pub struct Vm {
     shared: Arc<Shared>,
     vcpu_fds: Vec<VcpuFd>,
-    loaded: LoadedKernel,
-    _vm_fd: VmFd,
-    _kvm: Kvm,
+    loaded: Option<LoadedKernel>,
+    fds: Arc<KvmFds>,
 }
 
 /// Upper bound on vCPUs (MADT ids are one byte; keep well below).
@@ -396,82 +415,164 @@ pub const MIN_MEMORY_MIB: u64 = 4;
 /// Largest guest the VMM accepts.
 pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
 
+fn kerr(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |e: kvm_ioctls::Error| VmError::Kvm {
+        op,
+        cause: e.to_string(),
+    }
+}
+
+/// Open the KVM device and check that it is one.
+fn open_kvm(config: &VmConfig) -> Result<Kvm, VmError> {
+    let kvm_path = std::ffi::CString::new(config.kvm_device.as_os_str().as_encoded_bytes())
+        .map_err(|_| VmError::Setup("KVM device path contains a NUL byte".into()))?;
+    let kvm = Kvm::new_with_path(kvm_path.as_c_str())
+        .map_err(|e| kvm_open_error(&config.kvm_device, &e))?;
+    // Opening succeeds on any file; the API version says whether it is KVM.
+    if kvm.get_api_version() != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(kvm_open_error(
+            &config.kvm_device,
+            &kvm_ioctls::Error::new(libc::ENOTTY),
+        ));
+    }
+    Ok(kvm)
+}
+
+/// A VM with its TSS, identity map, in-kernel irqchip and PIT.
+fn create_vm_fd(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let vm_fd = kvm.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
+    vm_fd
+        .set_tss_address(layout::TSS_ADDR)
+        .map_err(kerr("KVM_SET_TSS_ADDR"))?;
+    vm_fd
+        .set_identity_map_address(layout::IDENTITY_MAP_ADDR)
+        .map_err(kerr("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(kerr("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd.create_pit2(pit).map_err(kerr("KVM_CREATE_PIT2"))?;
+    Ok(vm_fd)
+}
+
+/// Give KVM every RAM region as a memory slot.
+fn map_ram(vm_fd: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
+    for (slot, (gpa, size, host)) in ram.regions().into_iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `ram`, which lives in
+        // `Shared` as long as the VM fd and the vCPU threads.
+        unsafe { vm_fd.set_user_memory_region(region) }
+            .map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+/// The console's interrupt line and output.
+fn console_parts(
+    vm_fd: &VmFd,
+    config: &VmConfig,
+) -> Result<(EventFd, devices::ConsoleWriter), VmError> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Setup(e.to_string()))?;
+    vm_fd
+        .register_irqfd(&irq, devices::SERIAL_IRQ)
+        .map_err(kerr("KVM_IRQFD"))?;
+    let console = devices::ConsoleWriter::new(&config.serial)
+        .map_err(|e| VmError::Setup(format!("cannot open the serial output: {e}")))?;
+    Ok((irq, console))
+}
+
+fn check_sizes(config: &VmConfig) -> Result<(), VmError> {
+    if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+        return Err(VmError::BadVcpuCount {
+            got: config.vcpus,
+            max: MAX_VCPUS,
+        });
+    }
+    if config.memory_mib < MIN_MEMORY_MIB || config.memory_mib > MAX_MEMORY_MIB {
+        return Err(VmError::BadMemory {
+            got: config.memory_mib,
+            min: MIN_MEMORY_MIB,
+            max: MAX_MEMORY_MIB,
+        });
+    }
+    Ok(())
+}
+
+struct SharedParts {
+    ram: GuestRam,
+    bus: devices::PortBus,
+    vcpus: usize,
+    blockirq_flag: u32,
+    bridge: BridgeStatus,
+    saved_sregs: Option<guest_access::SystemRegs>,
+}
+
+fn blockirq_flag(vm_fd: &VmFd) -> u32 {
+    let caps = vm_fd.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG2) as _);
+    if caps > 0 && (caps as u32) & kvm_bindings::KVM_GUESTDBG_BLOCKIRQ != 0 {
+        kvm_bindings::KVM_GUESTDBG_BLOCKIRQ
+    } else {
+        0
+    }
+}
+
+fn new_shared(p: SharedParts) -> Arc<Shared> {
+    let n = p.vcpus;
+    Arc::new(Shared {
+        ram: p.ram,
+        bus: Mutex::new(p.bus),
+        world: World::new(),
+        slots: (0..n)
+            .map(|_| VcpuSlot {
+                tid: AtomicU64::new(0),
+                requests: Mutex::new(VecDeque::new()),
+            })
+            .collect(),
+        stats: (0..n).map(|_| VcpuStats::default()).collect(),
+        stopping: AtomicBool::new(false),
+        outcome: Mutex::new(None),
+        outcome_cv: Condvar::new(),
+        handler: OnceLock::new(),
+        blockirq_flag: p.blockirq_flag,
+        markers: Mutex::new(Vec::new()),
+        bridge: p.bridge,
+        saved_sregs: p.saved_sregs,
+    })
+}
+
 impl Vm {
     /// Open KVM, allocate RAM, load the kernel and set up every vCPU.
     pub fn create(config: &VmConfig) -> Result<Vm, VmError> {
-        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-            return Err(VmError::BadVcpuCount {
-                got: config.vcpus,
-                max: MAX_VCPUS,
-            });
-        }
-        if config.memory_mib < MIN_MEMORY_MIB || config.memory_mib > MAX_MEMORY_MIB {
-            return Err(VmError::BadMemory {
-                got: config.memory_mib,
-                min: MIN_MEMORY_MIB,
-                max: MAX_MEMORY_MIB,
-            });
-        }
+        check_sizes(config)?;
         // Check the kernel file before touching KVM, so a typo is reported as such.
-        if let Err(cause) = std::fs::metadata(&config.kernel) {
-            return Err(LoadError::Open {
-                what: "kernel",
-                path: config.kernel.clone(),
-                cause,
-            }
-            .into());
-        }
-        let kvm_path = std::ffi::CString::new(config.kvm_device.as_os_str().as_encoded_bytes())
-            .map_err(|_| VmError::Setup("KVM device path contains a NUL byte".into()))?;
-        let kvm = Kvm::new_with_path(kvm_path.as_c_str())
-            .map_err(|e| kvm_open_error(&config.kvm_device, &e))?;
-        // Opening succeeds on any file; the API version says whether it is KVM.
-        if kvm.get_api_version() != kvm_bindings::KVM_API_VERSION as i32 {
-            return Err(kvm_open_error(
-                &config.kvm_device,
-                &kvm_ioctls::Error::new(libc::ENOTTY),
-            ));
-        }
-        let kerr = |op: &'static str| {
-            move |e: kvm_ioctls::Error| VmError::Kvm {
-                op,
-                cause: e.to_string(),
+        let kernel_len = match std::fs::metadata(&config.kernel) {
+            Ok(m) => m.len(),
+            Err(cause) => {
+                return Err(LoadError::Open {
+                    what: "kernel",
+                    path: config.kernel.clone(),
+                    cause,
+                }
+                .into())
             }
         };
+        let kvm = open_kvm(config)?;
         let bridge = bridge::resolve(config.syscall_bridge, || {
             detect::host_needs_bridge(&config.kvm_device)
         })
         .map_err(VmError::Setup)?;
-        let vm_fd = kvm.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
-        vm_fd
-            .set_tss_address(layout::TSS_ADDR)
-            .map_err(kerr("KVM_SET_TSS_ADDR"))?;
-        vm_fd
-            .set_identity_map_address(layout::IDENTITY_MAP_ADDR)
-            .map_err(kerr("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(kerr("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(kerr("KVM_CREATE_PIT2"))?;
-
+        let vm_fd = create_vm_fd(&kvm)?;
         let ram = GuestRam::new(config.memory_mib << 20).map_err(VmError::Setup)?;
-        for (slot, (gpa, size, host)) in ram.regions().into_iter().enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: gpa,
-                memory_size: size,
-                userspace_addr: host,
-                flags: 0,
-            };
-            // SAFETY: the region is a live mapping owned by `ram`, which the
-            // mapping stays alive as long as the VM: both live until RunningVm drops.
-            unsafe { vm_fd.set_user_memory_region(region) }
-                .map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
-        }
+        map_ram(&vm_fd, &ram)?;
 
         let (tables, rsdp) = acpi::build_tables(config.vcpus);
         ram.write_phys(layout::ACPI_START, &tables)
@@ -483,13 +584,7 @@ impl Vm {
             &config.cmdline,
             rsdp,
         )?;
-
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Setup(e.to_string()))?;
-        vm_fd
-            .register_irqfd(&irq, devices::SERIAL_IRQ)
-            .map_err(kerr("KVM_IRQFD"))?;
-        let console = devices::ConsoleWriter::new(&config.serial)
-            .map_err(|e| VmError::Setup(format!("cannot open the serial output: {e}")))?;
+        let (irq, console) = console_parts(&vm_fd, config)?;
 
         let base_cpuid = cpu::supported_cpuid(&kvm).map_err(VmError::Setup)?;
         let mut vcpu_fds = Vec::new();
@@ -503,48 +598,136 @@ impl Vm {
             }
             vcpu_fds.push(fd);
         }
-
-        let caps =
-            vm_fd.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG2) as _);
-        let blockirq_flag = if caps > 0 && (caps as u32) & kvm_bindings::KVM_GUESTDBG_BLOCKIRQ != 0
-        {
-            kvm_bindings::KVM_GUESTDBG_BLOCKIRQ
-        } else {
-            0
-        };
         control::install_kick_handler().map_err(VmError::Setup)?;
-        let n = vcpu_fds.len();
-        let shared = Arc::new(Shared {
+        let info = snapshot::VmInfo {
+            cpuid: snapshot::leaves(&cpu::cpuid_for(&base_cpuid, 0)),
+            memory_bytes: config.memory_mib << 20,
+            vcpus: config.vcpus,
+            kernel: config.kernel.clone(),
+            kernel_len,
+            cmdline: config.cmdline.clone(),
+            bridge_active: bridge.active,
+        };
+        let shared = new_shared(SharedParts {
             ram,
-            bus: Mutex::new(devices::PortBus::new(irq, console)),
-            world: World::new(),
-            slots: (0..n)
-                .map(|_| VcpuSlot {
-                    tid: AtomicU64::new(0),
-                    requests: Mutex::new(VecDeque::new()),
-                })
-                .collect(),
-            stats: (0..n).map(|_| VcpuStats::default()).collect(),
-            stopping: AtomicBool::new(false),
-            outcome: Mutex::new(None),
-            outcome_cv: Condvar::new(),
-            handler: OnceLock::new(),
-            blockirq_flag,
-            markers: Mutex::new(Vec::new()),
+            bus: devices::PortBus::new(irq, console),
+            vcpus: vcpu_fds.len(),
+            blockirq_flag: blockirq_flag(&vm_fd),
             bridge,
+            saved_sregs: None,
         });
         Ok(Vm {
             shared,
             vcpu_fds,
-            loaded,
-            _vm_fd: vm_fd,
-            _kvm: kvm,
+            loaded: Some(loaded),
+            fds: Arc::new(KvmFds {
+                vm: vm_fd,
+                kvm,
+                info,
+            }),
         })
     }
 
-    /// What was loaded and where the boot CPU starts.
-    pub fn loaded_kernel(&self) -> &LoadedKernel {
-        &self.loaded
+    /// A VM that continues from the snapshot in `dir`: memory mapped
+    /// copy-on-write from its file, every vCPU and the irqchip, PIT, clock
+    /// and console as they were. `config` gives the KVM device, the serial
+    /// output and the bridge mode; its vCPU count and memory size must match
+    /// the snapshot's (the restore refuses a mismatch, and other CPU
+    /// features, rather than start a guest that would crash later).
+    pub fn restore(config: &VmConfig, dir: &Path) -> Result<(Vm, snapshot::Restored), VmError> {
+        let snap = |e: snapshot::SnapshotError| VmError::Setup(e.to_string());
+        let manifest = snapshot::Manifest::load(dir).map_err(snap)?;
+        let saved = snapshot::SavedState::load(dir).map_err(snap)?;
+        if saved.vcpus.len() != usize::from(manifest.vcpus) {
+            return Err(VmError::Setup(format!(
+                "{}: {} vCPU states for {} vCPUs",
+                dir.display(),
+                saved.vcpus.len(),
+                manifest.vcpus
+            )));
+        }
+        let kvm = open_kvm(config)?;
+        let base_cpuid = cpu::supported_cpuid(&kvm).map_err(VmError::Setup)?;
+        let cpuid0 = cpu::cpuid_for(&base_cpuid, 0);
+        manifest
+            .check_host(config.vcpus, &snapshot::leaves(&cpuid0))
+            .map_err(snap)?;
+        let bridge = bridge::resolve(config.syscall_bridge, || {
+            detect::host_needs_bridge(&config.kvm_device)
+        })
+        .map_err(VmError::Setup)?;
+        if manifest.needs(snapshot::CAP_SYSCALL_BRIDGE) && !bridge.active {
+            return Err(VmError::Setup(format!(
+                "{}: the guest ran with the system-call bridge, which is off here ({})",
+                dir.display(),
+                bridge.detail
+            )));
+        }
+        let vm_fd = create_vm_fd(&kvm)?;
+        let ram = GuestRam::from_snapshot(&dir.join(snapshot::MEMORY_NAME), &manifest.regions)
+            .map_err(VmError::Setup)?;
+        map_ram(&vm_fd, &ram)?;
+        let (irq, console) = console_parts(&vm_fd, config)?;
+        let bus = devices::PortBus::from_state(irq, console, &(&saved.serial).into())
+            .map_err(VmError::Setup)?;
+        snapshot_state::apply_vm(&vm_fd, &saved.vm).map_err(VmError::Setup)?;
+        let mut vcpu_fds = Vec::new();
+        for (id, state) in saved.vcpus.iter().enumerate() {
+            let fd = vm_fd
+                .create_vcpu(id as u64)
+                .map_err(kerr("KVM_CREATE_VCPU"))?;
+            cpu::setup_common(&fd, &cpu::cpuid_for(&base_cpuid, id as u8))
+                .map_err(VmError::Setup)?;
+            snapshot_state::apply_vcpu(&fd, state)
+                .map_err(|e| VmError::Setup(format!("vCPU {id}: {e}")))?;
+            vcpu_fds.push(fd);
+        }
+        control::install_kick_handler().map_err(VmError::Setup)?;
+        let saved_sregs = saved.vcpus[0].system_regs().map_err(VmError::Setup)?;
+        let info = snapshot::VmInfo {
+            cpuid: manifest.cpuid.clone(),
+            memory_bytes: manifest.memory_bytes,
+            vcpus: manifest.vcpus,
+            kernel: PathBuf::from(&manifest.kernel),
+            kernel_len: manifest.kernel_len,
+            cmdline: manifest.cmdline.clone(),
+            bridge_active: bridge.active,
+        };
+        let shared = new_shared(SharedParts {
+            ram,
+            bus,
+            vcpus: vcpu_fds.len(),
+            blockirq_flag: blockirq_flag(&vm_fd),
+            bridge,
+            saved_sregs: Some(saved_sregs),
+        });
+        let restored = snapshot::Restored::read(dir, manifest).map_err(snap)?;
+        Ok((
+            Vm {
+                shared,
+                vcpu_fds,
+                loaded: None,
+                fds: Arc::new(KvmFds {
+                    vm: vm_fd,
+                    kvm,
+                    info,
+                }),
+            },
+            restored,
+        ))
+    }
+
+    /// What was loaded and where the boot CPU starts (None for a restored VM).
+    pub fn loaded_kernel(&self) -> Option<&LoadedKernel> {
+        self.loaded.as_ref()
+    }
+
+    /// A handle that writes snapshots of this VM once it runs.
+    pub fn snapshotter(&self) -> snapshot::Snapshotter {
+        snapshot::Snapshotter {
+            shared: self.shared.clone(),
+            fds: self.fds.clone(),
+        }
     }
 
     /// VM control (memory, stop/resume) — usable before start for early probes.
@@ -571,8 +754,7 @@ impl Vm {
         Ok(RunningVm {
             shared: self.shared,
             threads,
-            _vm_fd: self._vm_fd,
-            _kvm: self._kvm,
+            fds: self.fds,
         })
     }
 }
@@ -582,8 +764,7 @@ pub struct RunningVm {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     // Declared after `threads`/`shared`: the VM fd must outlive the vCPU threads.
-    _vm_fd: VmFd,
-    _kvm: Kvm,
+    fds: Arc<KvmFds>,
 }
 
 impl RunningVm {
@@ -597,27 +778,17 @@ impl RunningVm {
     pub fn capture_state(
         &self,
     ) -> Result<(Vec<snapshot_state::VcpuState>, snapshot_state::VmState), String> {
-        let idx = snapshot_state::msr_indices(&self._kvm)?;
         let _guard = self.shared.stop_others(None);
-        let mut out = Vec::with_capacity(self.shared.slots.len());
-        for i in 0..self.shared.slots.len() {
-            let (tx, rx) = mpsc::channel();
-            let idx = idx.clone();
-            self.shared
-                .with_vcpu(
-                    i,
-                    Box::new(move |v| {
-                        let _ = tx.send(snapshot_state::capture_current(v, &idx));
-                    }),
-                )
-                .map_err(|e| e.to_string())?;
-            out.push(
-                rx.recv()
-                    .map_err(|_| format!("vCPU {i} exited during capture"))??,
-            );
+        let s = self.snapshotter().capture_stopped()?;
+        Ok((s.vcpus, s.vm))
+    }
+
+    /// A handle that writes snapshots of this VM (see [`snapshot::Snapshotter`]).
+    pub fn snapshotter(&self) -> snapshot::Snapshotter {
+        snapshot::Snapshotter {
+            shared: self.shared.clone(),
+            fds: self.fds.clone(),
         }
-        let vm = snapshot_state::capture_vm(&self._vm_fd)?;
-        Ok((out, vm))
     }
 
     /// Ask the guest to stop (it is killed, not shut down).

@@ -26,6 +26,37 @@ impl GuestRam {
         Ok(Self { mem, end })
     }
 
+    /// Guest RAM mapped copy-on-write from a snapshot's memory file
+    /// (`MAP_PRIVATE`): pages are read on first touch, guest writes stay in
+    /// this process, and the file is never modified.
+    pub fn from_snapshot(
+        path: &std::path::Path,
+        regions: &[crate::snapshot::Region],
+    ) -> Result<Self, String> {
+        use vm_memory::GuestRegionMmap;
+        use vm_memory::{FileOffset, MmapRegion};
+        let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut mapped = Vec::with_capacity(regions.len());
+        for r in regions {
+            let len = usize::try_from(r.len).map_err(|e| e.to_string())?;
+            let f = file.try_clone().map_err(|e| e.to_string())?;
+            let region = MmapRegion::build(
+                Some(FileOffset::new(f, r.file_offset)),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            )
+            .map_err(|e| format!("mapping {}: {e}", path.display()))?;
+            mapped.push(
+                GuestRegionMmap::new(region, GuestAddress(r.gpa))
+                    .ok_or_else(|| format!("region at {:#x} overflows", r.gpa))?,
+            );
+        }
+        let end = regions.iter().map(|r| r.gpa + r.len).max().unwrap_or(0);
+        let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| e.to_string())?;
+        Ok(Self { mem, end })
+    }
+
     /// The vm-memory object (for loaders).
     pub fn mmap(&self) -> &GuestMemoryMmap {
         &self.mem

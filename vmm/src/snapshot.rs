@@ -14,16 +14,28 @@
 //! read up front, guest writes stay in the restoring process, the file is never
 //! modified, and any number of guests can restore one snapshot at once.
 //!
-//! Status: the manifest, its checks, the image writer and the private mapping
-//! are done and unit-tested; capturing/setting vCPU and irqchip state and the
-//! `snapshot`/`run --restore` commands are not wired yet.
+//! * `state.json`: [`SavedState`]: every vCPU's KVM state, the irqchip, PIT
+//!   and clock, and the 16550 with its FIFO.
+//! * `probes.json` (optional): the probe table, written and read by the
+//!   caller (the probe engine and the API); the VMM does not look inside.
+//!
+//! The manifest is written last and removed first, so a directory with a
+//! manifest always holds a complete snapshot; the memory file is written
+//! under a temporary name and renamed, so a guest still running from an
+//! older snapshot in the same directory keeps its (unlinked) file.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use guest_access::{GuestMemory, VmControl};
 use serde::{Deserialize, Serialize};
+
+use crate::snapshot_state::{VcpuState, VmState};
+use crate::{KvmFds, Shared};
 
 /// Identifies a manifest as an hvprobe snapshot.
 pub const MAGIC: &str = "hvprobe-snapshot";
@@ -31,6 +43,11 @@ pub const MAGIC: &str = "hvprobe-snapshot";
 pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST_NAME: &str = "manifest.json";
 pub const MEMORY_NAME: &str = "memory.raw";
+pub const STATE_NAME: &str = "state.json";
+pub const PROBES_NAME: &str = "probes.json";
+/// Capability: the guest ran with the system-call bridge (its user space
+/// needs it to make system calls on this kind of host).
+pub const CAP_SYSCALL_BRIDGE: &str = "syscall-bridge";
 
 /// One CPUID leaf as given to the guest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +86,252 @@ pub struct Manifest {
     /// Host capabilities the guest depends on (e.g. a system-call bridge).
     #[serde(default)]
     pub capabilities: Vec<String>,
+    /// The kernel file the guest booted (its symbols serve the restore).
+    pub kernel: String,
+    /// Its size then, to tell a rebuilt kernel at the same path.
+    pub kernel_len: u64,
+    /// The command line it booted with (for the record).
+    pub cmdline: String,
+    /// Seconds since the Unix epoch when the snapshot was taken.
+    pub created_unix: u64,
+}
+
+/// What the VMM knows of a VM for its manifest.
+#[derive(Clone, Debug)]
+pub struct VmInfo {
+    pub cpuid: Vec<CpuidLeaf>,
+    pub memory_bytes: u64,
+    pub vcpus: u8,
+    pub kernel: PathBuf,
+    pub kernel_len: u64,
+    pub cmdline: String,
+    pub bridge_active: bool,
+}
+
+/// The CPUID leaves of a KVM CPUID set.
+pub fn leaves(c: &kvm_bindings::CpuId) -> Vec<CpuidLeaf> {
+    c.as_slice()
+        .iter()
+        .map(|e| CpuidLeaf {
+            function: e.function,
+            index: e.index,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        })
+        .collect()
+}
+
+/// The host CPU's brand string (CPUID 0x80000002..4).
+pub fn host_cpu_model() -> String {
+    let mut b = Vec::with_capacity(48);
+    for leaf in 0x8000_0002u32..=0x8000_0004 {
+        let r = std::arch::x86_64::__cpuid(leaf);
+        for v in [r.eax, r.ebx, r.ecx, r.edx] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    String::from_utf8_lossy(&b)
+        .trim_matches(|c: char| c == '\0' || c.is_whitespace())
+        .to_string()
+}
+
+/// KVM and device state of every vCPU and the VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedState {
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub serial: SerialSnapshot,
+}
+
+impl SavedState {
+    pub fn load(dir: &Path) -> Result<SavedState, SnapshotError> {
+        let path = dir.join(STATE_NAME);
+        let text = std::fs::read(&path).map_err(|e| SnapshotError::BadManifest {
+            path: path.clone(),
+            cause: e.to_string(),
+        })?;
+        serde_json::from_slice(&text).map_err(|e| SnapshotError::BadManifest {
+            path,
+            cause: e.to_string(),
+        })
+    }
+}
+
+/// What a restore hands back besides the VM: the manifest and the caller's
+/// probe table, if the snapshot has one.
+#[derive(Clone, Debug)]
+pub struct Restored {
+    pub manifest: Manifest,
+    pub probes: Option<Vec<u8>>,
+}
+
+impl Restored {
+    pub(crate) fn read(dir: &Path, manifest: Manifest) -> Result<Restored, SnapshotError> {
+        let path = dir.join(PROBES_NAME);
+        let probes = match std::fs::read(&path) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(SnapshotError::BadManifest {
+                    path,
+                    cause: e.to_string(),
+                })
+            }
+        };
+        Ok(Restored { manifest, probes })
+    }
+}
+
+/// What a snapshot took.
+#[derive(Clone, Debug)]
+pub struct SnapshotReport {
+    /// Bytes of guest RAM saved (the file is sparse where RAM is zero).
+    pub memory_bytes: u64,
+    /// Bytes actually written (non-zero pages).
+    pub written_bytes: u64,
+    /// With the guest paused: capturing KVM state, writing files.
+    pub capture: Duration,
+    pub write: Duration,
+}
+
+/// Writes snapshots of a running VM. Cheap to clone.
+#[derive(Clone)]
+pub struct Snapshotter {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) fds: Arc<KvmFds>,
+}
+
+impl Snapshotter {
+    /// Every vCPU's and the VM's KVM state and the console's. The caller
+    /// holds the world stopped (`stop_others`): parked vCPUs answer.
+    pub fn capture_stopped(&self) -> Result<SavedState, String> {
+        let idx = crate::snapshot_state::msr_indices(&self.fds.kvm)?;
+        let mut vcpus = Vec::with_capacity(self.shared.slots.len());
+        for i in 0..self.shared.slots.len() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let idx = idx.clone();
+            self.shared
+                .with_vcpu(
+                    i,
+                    Box::new(move |v| {
+                        let _ = tx.send(crate::snapshot_state::capture_current(v, &idx));
+                    }),
+                )
+                .map_err(|e| e.to_string())?;
+            vcpus.push(
+                rx.recv()
+                    .map_err(|_| format!("vCPU {i} exited during capture"))??,
+            );
+        }
+        Ok(SavedState {
+            vcpus,
+            vm: crate::snapshot_state::capture_vm(&self.fds.vm)?,
+            serial: self.shared.serial_state(),
+        })
+    }
+
+    /// Write a snapshot into `dir` (created if missing). The caller holds
+    /// the world stopped at a clean point; `originals` are the guest's own
+    /// bytes wherever the host changed guest memory (they go into the file,
+    /// the live guest is untouched); `probes` is stored as `probes.json`.
+    /// A failure leaves no manifest, so `dir` is then not a snapshot.
+    pub fn write_stopped(
+        &self,
+        dir: &Path,
+        originals: &[(u64, Vec<u8>)],
+        guest_banner: &str,
+        probes: Option<&[u8]>,
+    ) -> Result<SnapshotReport, SnapshotError> {
+        let werr = |p: &Path, e: &dyn std::fmt::Display| SnapshotError::Write {
+            path: p.to_owned(),
+            cause: e.to_string(),
+        };
+        let t0 = Instant::now();
+        std::fs::create_dir_all(dir).map_err(|e| werr(dir, &e))?;
+        let manifest_path = dir.join(MANIFEST_NAME);
+        match std::fs::remove_file(&manifest_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(werr(&manifest_path, &e)),
+        }
+        let state = self
+            .capture_stopped()
+            .map_err(|e| werr(&dir.join(STATE_NAME), &e))?;
+        let capture = t0.elapsed();
+        let t1 = Instant::now();
+        let info = &self.fds.info;
+        let regions = Manifest::regions_for(info.memory_bytes);
+        let tmp = dir.join(format!("{MEMORY_NAME}.tmp"));
+        let ram = &self.shared.ram;
+        let written = write_memory_image(
+            &tmp,
+            &regions,
+            |gpa, buf| ram.read_phys(gpa, buf).map_err(|e| e.to_string()),
+            originals,
+        )
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })?;
+        let mem_path = dir.join(MEMORY_NAME);
+        std::fs::rename(&tmp, &mem_path).map_err(|e| werr(&mem_path, &e))?;
+        write_file(
+            &dir.join(STATE_NAME),
+            &serde_json::to_vec(&state).map_err(|e| werr(dir, &e))?,
+        )?;
+        let probes_path = dir.join(PROBES_NAME);
+        match probes {
+            Some(p) => write_file(&probes_path, p)?,
+            None => {
+                let _ = std::fs::remove_file(&probes_path);
+            }
+        }
+        let manifest = Manifest {
+            magic: MAGIC.into(),
+            format_version: FORMAT_VERSION,
+            hvprobe_version: env!("CARGO_PKG_VERSION").into(),
+            guest_banner: guest_banner.into(),
+            host_cpu_model: host_cpu_model(),
+            cpuid: info.cpuid.clone(),
+            memory_bytes: info.memory_bytes,
+            vcpus: info.vcpus,
+            regions,
+            capabilities: if info.bridge_active {
+                vec![CAP_SYSCALL_BRIDGE.into()]
+            } else {
+                Vec::new()
+            },
+            kernel: info.kernel.to_string_lossy().into_owned(),
+            kernel_len: info.kernel_len,
+            cmdline: info.cmdline.clone(),
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        manifest.store(dir)?;
+        Ok(SnapshotReport {
+            memory_bytes: info.memory_bytes,
+            written_bytes: written,
+            capture,
+            write: t1.elapsed(),
+        })
+    }
+}
+
+/// Write `bytes` to `path` through a temporary file and a rename.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    let werr = |p: &Path, e: &dyn std::fmt::Display| SnapshotError::Write {
+        path: p.to_owned(),
+        cause: e.to_string(),
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(|e| werr(&tmp, &e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| werr(&tmp, &e))?;
+    std::fs::rename(&tmp, path).map_err(|e| werr(path, &e))
 }
 
 /// The 16550's state (vm-superio `SerialState`, which has no serde).
@@ -152,6 +415,11 @@ pub enum SnapshotError {
 }
 
 impl Manifest {
+    /// Whether the guest depends on host capability `cap`.
+    pub fn needs(&self, cap: &str) -> bool {
+        self.capabilities.iter().any(|c| c == cap)
+    }
+
     /// Bytes the memory file must hold.
     pub fn memory_file_len(&self) -> u64 {
         self.regions
@@ -290,33 +558,58 @@ impl Manifest {
 
 /// Write guest RAM to `path` region by region (`read(gpa, buf)` supplies the
 /// live bytes), then overlay `originals` — (gpa, original bytes) for every
-/// probe site, slot and return trap — in the file. The live guest is untouched.
+/// probe site, slot and return trap — in the file. The live guest is
+/// untouched. Zero pages are left as holes (the file is sparse). Returns
+/// the bytes written.
 pub fn write_memory_image(
     path: &Path,
     regions: &[Region],
     mut read: impl FnMut(u64, &mut [u8]) -> Result<(), String>,
     originals: &[(u64, Vec<u8>)],
-) -> Result<(), SnapshotError> {
+) -> Result<u64, SnapshotError> {
     let werr = |e: &dyn std::fmt::Display| SnapshotError::Write {
         path: path.to_owned(),
         cause: e.to_string(),
     };
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(path)
         .map_err(|e| werr(&e))?;
+    let total = regions
+        .iter()
+        .map(|r| r.file_offset + r.len)
+        .max()
+        .unwrap_or(0);
+    f.set_len(total).map_err(|e| werr(&e))?;
     const CHUNK: usize = 1 << 20;
+    const PAGE: usize = 4096;
     let mut buf = vec![0u8; CHUNK];
+    let mut written = 0u64;
     for r in regions {
-        f.seek(SeekFrom::Start(r.file_offset))
-            .map_err(|e| werr(&e))?;
         let mut done = 0u64;
         while done < r.len {
             let n = ((r.len - done) as usize).min(CHUNK);
             read(r.gpa + done, &mut buf[..n]).map_err(|e| werr(&e))?;
-            f.write_all(&buf[..n]).map_err(|e| werr(&e))?;
+            // Write runs of non-zero pages; zero pages stay holes.
+            let mut p = 0;
+            while p < n {
+                let nonzero = |p: usize| buf[p..(p + PAGE).min(n)].iter().any(|b| *b != 0);
+                if !nonzero(p) {
+                    p += PAGE;
+                    continue;
+                }
+                let mut q = p;
+                while q < n && nonzero(q) {
+                    q += PAGE;
+                }
+                let q = q.min(n);
+                f.write_all_at(&buf[p..q], r.file_offset + done + p as u64)
+                    .map_err(|e| werr(&e))?;
+                written += (q - p) as u64;
+                p = q;
+            }
             done += n as u64;
         }
     }
@@ -329,66 +622,8 @@ pub fn write_memory_image(
         f.write_all_at(bytes, r.file_offset + (gpa - r.gpa))
             .map_err(|e| werr(&e))?;
     }
-    f.sync_all().map_err(|e| werr(&e))
-}
-
-/// A `MAP_PRIVATE` (copy-on-write) mapping of part of a snapshot's memory file.
-pub struct PrivateMap {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// The mapping is plain memory; users synchronise access like any guest RAM.
-unsafe impl Send for PrivateMap {}
-unsafe impl Sync for PrivateMap {}
-
-impl PrivateMap {
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr
-    }
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl Drop for PrivateMap {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len came from a successful mmap and are unmapped once.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
-/// Map `len` bytes of `path` at `offset` copy-on-write. Pages are read lazily
-/// on first touch; writes never reach the file.
-pub fn map_private(path: &Path, offset: u64, len: u64) -> Result<PrivateMap, SnapshotError> {
-    use std::os::fd::AsRawFd;
-    let merr = |cause: String| SnapshotError::Map {
-        path: path.to_owned(),
-        cause,
-    };
-    let f = File::open(path).map_err(|e| merr(e.to_string()))?;
-    let len = usize::try_from(len).map_err(|e| merr(e.to_string()))?;
-    // SAFETY: a fresh private file mapping; the fd may be closed afterwards.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-            f.as_raw_fd(),
-            offset as libc::off_t,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(merr(std::io::Error::last_os_error().to_string()));
-    }
-    Ok(PrivateMap {
-        ptr: ptr.cast(),
-        len,
-    })
+    f.sync_all().map_err(|e| werr(&e))?;
+    Ok(written)
 }
 
 #[cfg(test)]
@@ -425,6 +660,10 @@ mod tests {
             vcpus: 2,
             regions: Manifest::regions_for(mem),
             capabilities: vec![],
+            kernel: "/boot/vmlinux".into(),
+            kernel_len: 1,
+            cmdline: String::new(),
+            created_unix: 0,
         }
     }
 
@@ -533,6 +772,30 @@ mod tests {
         assert_eq!(&img[0x1000..0x1002], &[0x55, 0x48]);
         assert_eq!(img[8192 + 16], 0x90);
         assert_eq!(img.iter().filter(|&&b| b != 0xcc).count(), 3);
+        // Zero pages become holes: written bytes count only the rest.
+        let sparse = write_memory_image(
+            &path,
+            &regions,
+            |gpa, b| {
+                b.fill(0);
+                if gpa == 0 {
+                    b[5000] = 7;
+                }
+                Ok(())
+            },
+            &[],
+        )
+        .unwrap();
+        assert_eq!(sparse, 4096);
+        let img2 = std::fs::read(&path).unwrap();
+        assert_eq!(
+            (
+                img2.len(),
+                img2[5000],
+                img2.iter().filter(|&&b| b != 0).count()
+            ),
+            (12288, 7, 1)
+        );
 
         let bad = write_memory_image(&path, &regions, |_, _| Ok(()), &[(0x9000_0000, vec![1])]);
         assert!(bad.unwrap_err().to_string().contains("outside guest RAM"));
@@ -547,18 +810,16 @@ mod tests {
         )
         .unwrap();
 
-        let a = map_private(&path, 0, 12288).unwrap();
-        let b = map_private(&path, 0, 12288).unwrap();
-        // SAFETY: both mappings are 12288 bytes long.
-        unsafe {
-            assert_eq!(*a.as_ptr().add(0x1000), 0x55);
-            *a.as_ptr().add(0x1000) = 0x11;
-            assert_eq!(
-                *b.as_ptr().add(0x1000),
-                0x55,
-                "copy-on-write is per mapping"
-            );
-        }
+        let a = crate::GuestRam::from_snapshot(&path, &regions).unwrap();
+        let b = crate::GuestRam::from_snapshot(&path, &regions).unwrap();
+        let mut x = [0u8; 1];
+        a.read_phys(0x1000, &mut x).unwrap();
+        assert_eq!(x[0], 0x55);
+        a.write_phys(0x1000, &[0x11]).unwrap();
+        b.read_phys(0x1000, &mut x).unwrap();
+        assert_eq!(x[0], 0x55, "copy-on-write is per mapping");
+        b.read_phys((1 << 32) + 16, &mut x).unwrap();
+        assert_eq!(x[0], 0x90);
         drop((a, b));
         assert_eq!(std::fs::read(&path).unwrap(), img, "file unchanged");
 

@@ -108,6 +108,13 @@ impl VcpuState {
     pub fn rip(&self) -> Result<u64, String> {
         Ok(self.regs.get::<kvm_regs>("regs")?.rip)
     }
+
+    /// The saved paging state, as the probe engine reads it.
+    pub fn system_regs(&self) -> Result<guest_access::SystemRegs, String> {
+        Ok(crate::vcpu::to_system_regs(
+            &self.sregs.get::<kvm_sregs>("sregs")?,
+        ))
+    }
 }
 
 /// VM-wide KVM state: PIC master/slave, IOAPIC, PIT, KVM clock.

@@ -89,6 +89,19 @@ pub(crate) fn to_kvm_regs(r: &Regs) -> kvm_regs {
     }
 }
 
+pub(crate) fn to_system_regs(s: &kvm_bindings::kvm_sregs) -> SystemRegs {
+    SystemRegs {
+        cr0: s.cr0,
+        cr3: s.cr3,
+        cr4: s.cr4,
+        efer: s.efer,
+        cpl: s.ss.dpl,
+        long_mode: s.efer & EFER_LMA != 0 && s.cs.l != 0,
+        gs_base: s.gs.base,
+        kernel_gs_base: 0,
+    }
+}
+
 fn is_retry(e: &kvm_ioctls::Error) -> bool {
     matches!(e.errno(), libc::EINTR | libc::EAGAIN)
 }
@@ -546,16 +559,7 @@ impl Vcpu for VcpuRunner {
                 .get_sregs()
                 .map_err(|e| self.kvm_err("KVM_GET_SREGS", e))?
         };
-        Ok(SystemRegs {
-            cr0: s.cr0,
-            cr3: s.cr3,
-            cr4: s.cr4,
-            efer: s.efer,
-            cpl: s.ss.dpl,
-            long_mode: s.efer & EFER_LMA != 0 && s.cs.l != 0,
-            gs_base: s.gs.base,
-            kernel_gs_base: 0,
-        })
+        Ok(to_system_regs(&s))
     }
 
     fn single_step(&mut self) -> Result<(), AccessError> {

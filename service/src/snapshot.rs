@@ -1,0 +1,146 @@
+//! Snapshots through the API: the probe table saved beside the VMM's state
+//! and put back on restore. The service does not know the VMM; the runner
+//! gives it a [`SnapshotWriter`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use introspect::{EngineState, ProbeId};
+use proto::v1;
+use serde::{Deserialize, Serialize};
+use tonic::Status;
+
+use crate::server::{HvProbeService, Inner};
+
+/// What a written snapshot took (see `vmm::snapshot::SnapshotReport`).
+#[derive(Clone, Debug, Default)]
+pub struct WrittenSnapshot {
+    pub memory_bytes: u64,
+    pub written_bytes: u64,
+    pub capture_us: u64,
+    pub write_us: u64,
+}
+
+/// Writes the VMM's part of a snapshot; implemented by the runner over the VMM.
+pub trait SnapshotWriter: Send + Sync {
+    /// Called with every vCPU parked at a clean point: write the VM's state
+    /// and memory into `dir`, with `originals` (guest-physical address,
+    /// the guest's own bytes) overlaid in the image, and `probes` stored
+    /// beside it. Errors are one line.
+    fn write(
+        &self,
+        dir: &Path,
+        originals: &[(u64, Vec<u8>)],
+        guest_banner: &str,
+        probes: &[u8],
+    ) -> Result<WrittenSnapshot, String>;
+
+    /// Stop the guest (`CreateSnapshot` with `stop`).
+    fn stop_guest(&self);
+}
+
+/// The probe table file of a snapshot (`probes.json`).
+#[derive(Serialize, Deserialize)]
+struct ProbeTableFile {
+    /// Layout of this file; restore refuses a newer one.
+    format: u32,
+    engine: EngineState,
+    /// Each probe's own event filter, by id (probes without one are absent).
+    filters: BTreeMap<ProbeId, String>,
+}
+
+const PROBE_TABLE_FORMAT: u32 = 1;
+
+impl Inner {
+    pub(crate) fn create_snapshot(
+        &self,
+        dir: &Path,
+        stop: bool,
+    ) -> Result<v1::CreateSnapshotResponse, Status> {
+        let writer: Arc<dyn SnapshotWriter> = self
+            .guest
+            .snapshot_writer()
+            .ok_or_else(|| Status::failed_precondition("this hvprobe cannot snapshot its guest"))?;
+        if self.guest.state() != v1::GuestState::Running {
+            return Err(Status::unavailable(format!(
+                "the guest is not running ({})",
+                self.guest.state().as_str_name()
+            )));
+        }
+        // No probe is created or deleted meanwhile: the filters read here
+        // belong to the probes the engine saves.
+        let _ops = self.lock_ops();
+        let filters: BTreeMap<ProbeId, String> = {
+            let t = self.probes.read().unwrap_or_else(|e| e.into_inner());
+            t.live
+                .values()
+                .filter(|m| !m.filter_text.is_empty())
+                .map(|m| (m.id, m.filter_text.clone()))
+                .collect()
+        };
+        let banner = self.guest_info().kernel_banner;
+        let written = self
+            .engine
+            .freeze(|frozen| {
+                let file = ProbeTableFile {
+                    format: PROBE_TABLE_FORMAT,
+                    engine: frozen.state.clone(),
+                    filters: filters.clone(),
+                };
+                let json = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
+                let w = writer.write(dir, &frozen.originals, &banner, &json)?;
+                Ok::<_, String>((
+                    w,
+                    frozen.state.probes.len(),
+                    frozen.state.instances.len(),
+                    frozen.originals.iter().map(|(_, b)| b.len()).sum::<usize>(),
+                ))
+            })
+            .map_err(|e| Status::unavailable(format!("snapshot: {e}")))?
+            .map_err(Status::failed_precondition)?;
+        let (w, probes, instances, bytes) = written;
+        if stop {
+            writer.stop_guest();
+        }
+        let n = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+        Ok(v1::CreateSnapshotResponse {
+            directory: dir.display().to_string(),
+            memory_bytes: w.memory_bytes,
+            written_bytes: w.written_bytes,
+            capture_us: w.capture_us,
+            write_us: w.write_us,
+            probes: n(probes),
+            kretprobe_instances: n(instances),
+            restored_bytes: n(bytes),
+        })
+    }
+}
+
+impl HvProbeService {
+    /// Write a snapshot of the running guest into `dir` (see the
+    /// `CreateSnapshot` RPC).
+    pub fn create_snapshot(
+        &self,
+        dir: &Path,
+        stop: bool,
+    ) -> Result<v1::CreateSnapshotResponse, Status> {
+        self.inner.create_snapshot(dir, stop)
+    }
+
+    /// Put a snapshot's probe table (`probes.json`) back before the
+    /// restored guest runs: every probe is resolved again from its
+    /// definition and keeps its id, filter, enabled state and counters;
+    /// live kretprobe instances are taken back. All or nothing.
+    pub fn restore_probes(&self, json: &[u8]) -> Result<Vec<v1::ProbeInfo>, Status> {
+        let file: ProbeTableFile = serde_json::from_slice(json)
+            .map_err(|e| Status::invalid_argument(format!("probe table of the snapshot: {e}")))?;
+        if file.format > PROBE_TABLE_FORMAT {
+            return Err(Status::invalid_argument(format!(
+                "probe table of the snapshot: format {} is newer than this hvprobe reads ({PROBE_TABLE_FORMAT})",
+                file.format
+            )));
+        }
+        self.inner.restore(&file.engine, &file.filters)
+    }
+}

@@ -1,0 +1,4 @@
+//! Glue between hvprobe's crates that the binary, the benchmarks and the
+//! integration tests share.
+
+pub mod snapshots;
