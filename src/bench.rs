@@ -18,6 +18,8 @@ use vmm::{RunOutcome, Vm, VmConfig};
 
 #[path = "bench_events.rs"]
 mod events;
+#[path = "bench_snapshot.rs"]
+mod snapshot;
 
 #[derive(clap::Args, Debug, Clone)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -48,6 +50,10 @@ pub enum BenchWhat {
     /// (synthetic load on the engine's hit path) and the test guest's hit
     /// rate in the same run.
     Events(events::EventsArgs),
+    /// Snapshot pause and restore time (to the first guest instruction and
+    /// the first probe event) of the test guest, against a fresh boot; and
+    /// of another snapshot (`--restore DIR`, e.g. the cached Debian one).
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,8 +217,10 @@ fn run_once(args: &BenchArgs, setup: Setup) -> Result<Sample> {
 
 /// Run the benchmark and print the figures.
 pub fn run(args: BenchArgs) -> Result<u8> {
-    if let Some(BenchWhat::Events(a)) = args.what {
-        return events::run(a);
+    match args.what {
+        Some(BenchWhat::Events(a)) => return events::run(a),
+        Some(BenchWhat::Snapshot(a)) => return snapshot::run(a),
+        None => {}
     }
     if args.iters == 0 || args.rounds == 0 {
         bail!("--iters and --rounds must be at least 1");
