@@ -179,6 +179,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if cli.command.is_client() {
+        // `hvprobe probe ls | head`: end quietly when the reader goes away,
+        // like other command-line tools, instead of panicking in println!.
+        // (Not for run/demo/bench: a closed API socket must not kill them.)
+        // SAFETY: setting a signal disposition to the default has no
+        // preconditions; no other thread runs yet.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Run {
             kernel,
@@ -244,6 +252,16 @@ fn main() -> ExitCode {
             eprintln!("hvprobe: error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+impl Command {
+    /// Commands that only talk to a running server.
+    fn is_client(&self) -> bool {
+        !matches!(
+            self,
+            Command::Run { .. } | Command::Bench(_) | Command::Demo { .. }
+        )
     }
 }
 

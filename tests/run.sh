@@ -7,7 +7,10 @@
 #   HVPROBE_REQUIRE_KVM=1     a missing /dev/kvm fails the KVM tests (CI sets it)
 #   HVPROBE_REQUIRE_DEBIAN=1  missing Debian artifacts fail the real-kernel tests
 #   HVPROBE_REQUIRE_PYTHON=1  a missing grpcio fails the Python client test
-#   HVPROBE_SKIP_FETCH=1      do not download anything
+#   HVPROBE_SKIP_FETCH=1      do not download anything (nor build the Debian snapshot)
+#   HVPROBE_DEBIAN_SNAPSHOT   a Debian snapshot to restore; by default the one
+#                             tests/debian/snapshot.sh caches (built if missing:
+#                             one Debian boot, minutes on an emulating KVM)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +18,10 @@ if [ "${HVPROBE_SKIP_FETCH:-0}" != 1 ]; then
   bash tests/debian/fetch-kernel.sh --dbg
   if ! python3 -c 'import grpc, grpc_reflection, google.protobuf' 2>/dev/null; then
     python3 -m pip install --quiet grpcio grpcio-reflection protobuf
+  fi
+  if [ -z "${HVPROBE_DEBIAN_SNAPSHOT:-}" ]; then
+    HVPROBE_DEBIAN_SNAPSHOT="$(bash tests/debian/snapshot.sh --print-dir)"
+    export HVPROBE_DEBIAN_SNAPSHOT
   fi
 fi
 

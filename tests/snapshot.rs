@@ -302,3 +302,88 @@ fn restore_without_probes_runs_clean() {
         "no hits while disarmed"
     );
 }
+
+/// Hostile: snapshots taken back to back while another thread registers and
+/// deletes probes of every handling (emulated, out of line, single-step,
+/// kretprobe) on running vCPUs. Every image holds pristine text, the live
+/// guest finishes its own checks, and its text is pristine at the end.
+#[test]
+fn snapshots_race_with_probe_churn() {
+    if !kvm_available() {
+        return;
+    }
+    let (config, serial) = test_guest_config(2, &test_guest::cmdline(Some(40000), None, false));
+    let vm = Vm::create(&config).unwrap();
+    let mut live = Probed::new(vm, serial);
+    let text_gpas = text_range();
+    let pristine = hash_range(live.control.memory(), text_gpas);
+    let running = live.start();
+    let engine = live.engine.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut rng = 0x2545_f491_4f6c_dd1du64;
+            let mut ids = Vec::new();
+            let mut ops = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                if ids.len() < 6 || !rng.is_multiple_of(3) {
+                    let f = test_guest::COUNTED_FUNCTIONS
+                        [(rng >> 8) as usize % test_guest::COUNTED_FUNCTIONS.len()];
+                    let name = format!("churn/p{ops}");
+                    let mut req = if (rng >> 20).is_multiple_of(4) {
+                        introspect::ProbeRequest::kretprobe(name, symbol(f), None)
+                    } else {
+                        introspect::ProbeRequest::kprobe(name, symbol(f))
+                    };
+                    req.force_single_step = (rng >> 30).is_multiple_of(3);
+                    req.force_out_of_line = (rng >> 30) % 3 == 1;
+                    if let Ok(id) = engine.register(req) {
+                        ids.push(id);
+                    }
+                } else {
+                    let id = ids.swap_remove((rng >> 40) as usize % ids.len());
+                    engine.unregister(id).unwrap();
+                }
+                ops += 1;
+            }
+            engine.unregister_batch(&ids).unwrap();
+            ops
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut taken = 0;
+    let mut with_instances = 0;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(4) && running.wait_timeout(Duration::ZERO).is_none() {
+        let snap = dir.path().join(format!("s{}", taken % 2));
+        let r = live.svc.create_snapshot(&snap, false).expect("snapshot");
+        let image = std::fs::read(snap.join("memory.raw")).unwrap();
+        assert_eq!(
+            fnv(&image[text_gpas.0 as usize..text_gpas.1 as usize]),
+            pristine,
+            "snapshot {taken} ({r:?}) holds patched text"
+        );
+        taken += 1;
+        with_instances += usize::from(r.kretprobe_instances > 0);
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let ops = churn.join().unwrap();
+    let o = running.wait_timeout(Duration::from_secs(240));
+    assert_eq!(
+        o,
+        Some(RunOutcome::GuestExit { status: 0 }),
+        "{}",
+        text(&live.serial)
+    );
+    drop(running);
+    assert_eq!(hash_range(live.control.memory(), text_gpas), pristine);
+    eprintln!("{taken} snapshots ({with_instances} with live kretprobe instances) during {ops} probe operations");
+    assert!(
+        taken >= 5 && ops >= 20,
+        "{taken} snapshots, {ops} operations"
+    );
+}

@@ -440,6 +440,10 @@ pub struct Engine {
     xol_if: Vec<AtomicBool>,
     /// The symbols' padding ranges, asked for once (refusing probes there).
     scratch_ranges: std::sync::OnceLock<Vec<(u64, u64)>>,
+    /// vCPUs inside [`BreakpointHandler::on_breakpoint`]. With the world
+    /// stopped, a non-zero count means a vCPU waits inside a handler to stop
+    /// the world itself (a single-step): not a point to snapshot.
+    in_handler: AtomicU32,
 }
 
 fn now_ns() -> u64 {
@@ -577,6 +581,7 @@ impl Engine {
             scratch: Mutex::new(None),
             xol_if: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
             scratch_ranges: std::sync::OnceLock::new(),
+            in_handler: AtomicU32::new(0),
         })
     }
 
@@ -1396,23 +1401,46 @@ impl Engine {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Planted sites whose int3 is no longer in guest memory: the guest
+    /// overwrote it (its code changed or went away), so mark them gone. Only
+    /// believed with the world stopped: a single-step puts the original byte
+    /// back for the length of one step, and a site marked gone then would
+    /// keep its int3 in guest text after its last probe is deleted (the guest
+    /// would take it as its own breakpoint and resume one byte into the
+    /// instruction).
+    fn detect_gone_sites(&self) {
+        let reads_not_int3 = |table: &Table| -> Vec<u64> {
+            table
+                .sites
+                .values()
+                .filter(|s| s.planted.load(Ordering::SeqCst) && !s.gone.load(Ordering::SeqCst))
+                .filter(|s| {
+                    let mut b = [0u8; 1];
+                    self.vm.memory().read_phys(s.gpa, &mut b).is_ok() && b[0] != INT3
+                })
+                .map(|s| s.addr)
+                .collect()
+        };
+        if reads_not_int3(&self.table.read().unwrap()).is_empty() {
+            return;
+        }
+        // Lock order: world, then table (a stopper may wait for the table).
+        let _world = self.vm.stop_others(None);
+        let table = self.table.read().unwrap();
+        for a in reads_not_int3(&table) {
+            table.sites[&a].gone.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// The probe listing.
     pub fn list(&self) -> Vec<ProbeInfo> {
+        self.detect_gone_sites();
         let table = self.table.read().unwrap();
         let mut v: Vec<ProbeInfo> = table
             .probes
             .values()
             .map(|p| {
                 let site = table.sites.get(&p.address);
-                // A planted int3 the guest overwrote means the code is gone.
-                if let Some(s) = site {
-                    if s.planted.load(Ordering::SeqCst) {
-                        let mut b = [0u8; 1];
-                        if self.vm.memory().read_phys(s.gpa, &mut b).is_ok() && b[0] != INT3 {
-                            s.gone.store(true, Ordering::SeqCst);
-                        }
-                    }
-                }
                 ProbeInfo {
                     id: p.id,
                     name: p.name.clone(),
@@ -1818,6 +1846,20 @@ impl BreakpointHandler for Engine {
     }
 
     fn on_breakpoint(
+        &self,
+        vcpu: &mut dyn Vcpu,
+        vm: &dyn VmControl,
+        kind: TrapKind,
+    ) -> BreakpointAction {
+        self.in_handler.fetch_add(1, Ordering::SeqCst);
+        let action = self.handle_breakpoint(vcpu, vm, kind);
+        self.in_handler.fetch_sub(1, Ordering::SeqCst);
+        action
+    }
+}
+
+impl Engine {
+    fn handle_breakpoint(
         &self,
         vcpu: &mut dyn Vcpu,
         vm: &dyn VmControl,

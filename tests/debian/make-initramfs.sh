@@ -8,6 +8,12 @@
 # fail with EIO (DESIGN.md), while kernel messages reach the console.
 # Output: artifacts/debian/initramfs.cpio.gz (nothing is committed).
 #
+# Also initramfs-console.cpio.gz, whose /init prints HVPROBE-CONSOLE-READY
+# and then runs whatever lines arrive on the console (`read cmd; eval
+# "$cmd"`), each followed by HVPROBE-CMD-DONE rc=N: the state
+# tests/debian/snapshot.sh snapshots and caches, so later runs restore it and
+# tell it what to run next.
+#
 # Also initramfs-int80.cpio.gz, whose /init is a few instructions of
 # assembly that write, mount /proc and power off through `int $0x80` only
 # (on the project's nested KVM that needs the VMM's system-call bridge too:
@@ -86,8 +92,9 @@ as --64 -o init80.o init80.S
 ld -static -nostdlib -Ttext=0x401000 -o init80 init80.o
 
 # newc cpio written by python (no cpio binary on a fresh machine).
-for variant in busybox int80; do
-python3 - "$out/initramfs$([ $variant = int80 ] && echo -int80).cpio.gz" busybox "$variant" <<'PY'
+for variant in busybox int80 console; do
+suffix=""; [ "$variant" = busybox ] || suffix="-$variant"
+python3 - "$out/initramfs$suffix.cpio.gz" busybox "$variant" <<'PY'
 import gzip, os, sys, time
 dst, busybox, variant = sys.argv[1], sys.argv[2], sys.argv[3]
 init = b"""#!/bin/busybox sh
@@ -106,6 +113,24 @@ exec >/dev/kmsg 2>&1
 """
 if variant == "int80":
     init = open("init80", "rb").read()
+if variant == "console":
+    # Messages go to the console and to /dev/kmsg (the kernel log reaches the
+    # console even where the tty cannot: see DESIGN.md).
+    init = b"""#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t tracefs tracefs /sys/kernel/tracing
+/bin/busybox --install -s /bin
+export PATH=/bin
+say() { echo "$*"; echo "$*" > /dev/kmsg; }
+say "HVPROBE-INIT-REACHED"
+while :; do
+  say "HVPROBE-CONSOLE-READY"
+  if ! read -r cmd; then sleep 1; continue; fi
+  eval "$cmd"
+  say "HVPROBE-CMD-DONE rc=$?"
+done
+"""
 # (name, mode, data, (rdev major, minor)): /dev/console gives init its stdout.
 entries = [("bin", 0o040755, b"", (0, 0)), ("proc", 0o040755, b"", (0, 0)),
            ("dev", 0o040755, b"", (0, 0)), ("dev/console", 0o020600, b"", (5, 1)),

@@ -72,22 +72,78 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     table(b"FACP", 6, &b)
 }
 
+/// An AML PkgLength for a package whose contents are `len` bytes.
+fn pkg_length(len: usize) -> Vec<u8> {
+    // One byte up to 63; else a lead byte with the low nibble and 1-3 more.
+    let total = |n: usize| len + n;
+    if total(1) < 64 {
+        return vec![total(1) as u8];
+    }
+    let (n, t) = if total(2) < 1 << 12 {
+        (2, total(2))
+    } else if total(3) < 1 << 20 {
+        (3, total(3))
+    } else {
+        (4, total(4))
+    };
+    let mut v = vec![(((n - 1) << 6) | (t & 0xf)) as u8];
+    for i in 1..n {
+        v.push((t >> (4 + 8 * (i - 1))) as u8);
+    }
+    v
+}
+
+/// AML `Name (NAME, <data>)`.
+fn aml_name(name: &[u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x08];
+    v.extend_from_slice(name);
+    v.extend_from_slice(data);
+    v
+}
+
+/// AML for COM1, so the guest's tty gets IRQ 4: on a hardware-reduced
+/// platform Linux has no legacy ISA interrupts, and without this the 8250
+/// driver cannot request its IRQ and user writes to the console fail with
+/// EIO (DESIGN.md). `Scope (\_SB) { Device (COM1) { _HID PNP0501, _UID 0,
+/// _CRS { IO 0x3F8-0x3FF, IRQNoFlags {4} } } }`.
+fn com1_aml() -> Vec<u8> {
+    let base = crate::devices::SERIAL_BASE.to_le_bytes();
+    let irq_mask = (1u16 << crate::devices::SERIAL_IRQ).to_le_bytes();
+    let crs: Vec<u8> = [
+        &[0x47, 0x01, base[0], base[1], base[0], base[1], 0x01, 0x08][..], // IO, Decode16
+        &[0x22, irq_mask[0], irq_mask[1]],                                 // IRQNoFlags
+        &[0x79, 0x00],                                                     // End tag
+    ]
+    .concat();
+    let mut buffer = vec![0x0a, crs.len() as u8]; // BufferSize (ByteConst)
+    buffer.extend_from_slice(&crs);
+    let mut crs_data = vec![0x11]; // BufferOp
+    crs_data.extend(pkg_length(buffer.len()));
+    crs_data.extend(buffer);
+    // EisaId("PNP0501"): compressed vendor "PNP", product 0x0501.
+    let hid = [0x0c, 0x41, 0xd0, 0x05, 0x01];
+    let mut dev_body = b"COM1".to_vec();
+    dev_body.extend(aml_name(b"_HID", &hid));
+    dev_body.extend(aml_name(b"_UID", &[0x00]));
+    dev_body.extend(aml_name(b"_CRS", &crs_data));
+    let mut dev = vec![0x5b, 0x82]; // DeviceOp
+    dev.extend(pkg_length(dev_body.len()));
+    dev.extend(dev_body);
+    let mut scope_body = b"\\_SB_".to_vec();
+    scope_body.extend(dev);
+    let mut scope = vec![0x10]; // ScopeOp
+    scope.extend(pkg_length(scope_body.len()));
+    scope.extend(scope_body);
+    scope
+}
+
 fn dsdt() -> Vec<u8> {
     // AML: Name (_S5_, Package (2) { S5, S5 })
-    let aml = [
-        0x08,
-        b'_',
-        b'S',
-        b'5',
-        b'_',
-        0x12,
-        0x06,
-        0x02,
-        0x0a,
-        S5_SLEEP_TYPE,
-        0x0a,
-        S5_SLEEP_TYPE,
-    ];
+    let mut aml = aml_name(
+        b"_S5_",
+        &[0x12, 0x06, 0x02, 0x0a, S5_SLEEP_TYPE, 0x0a, S5_SLEEP_TYPE],
+    );
+    aml.extend(com1_aml());
     table(b"DSDT", 2, &aml)
 }
 
@@ -199,5 +255,32 @@ mod tests {
             }
         }
         assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+    }
+
+    #[test]
+    fn dsdt_describes_com1_with_irq4() {
+        let d = dsdt();
+        assert_eq!(sum(&d), 0);
+        let aml = &d[36..];
+        // _S5_ first, then the scope.
+        assert_eq!(&aml[..5], b"\x08_S5_");
+        let scope = &aml[12..];
+        assert_eq!(scope[0], 0x10);
+        assert_eq!(scope[1] as usize, scope.len() - 1, "scope PkgLength");
+        assert_eq!(&scope[2..7], b"\\_SB_");
+        let dev = &scope[7..];
+        assert_eq!(&dev[..2], &[0x5b, 0x82]);
+        assert_eq!(dev[2] as usize, dev.len() - 2, "device PkgLength");
+        assert_eq!(&dev[3..7], b"COM1");
+        let hid = dev.windows(4).position(|w| w == b"_HID").unwrap();
+        assert_eq!(&dev[hid + 4..hid + 9], &[0x0c, 0x41, 0xd0, 0x05, 0x01]);
+        // IO 0x3f8 length 8, IRQ mask bit 4, end tag.
+        let io = dev.windows(2).position(|w| w == [0x47, 0x01]).unwrap();
+        assert_eq!(&dev[io + 2..io + 8], &[0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]);
+        assert_eq!(&dev[io + 8..io + 11], &[0x22, 0x10, 0x00]);
+        assert_eq!(&dev[io + 11..io + 13], &[0x79, 0x00]);
+        assert_eq!(io + 13, dev.len());
+        assert_eq!(pkg_length(62), vec![63]);
+        assert_eq!(pkg_length(63), vec![0x40 | (65 & 0xf), (65 >> 4) as u8]);
     }
 }

@@ -117,7 +117,25 @@ impl Engine {
         for _ in 0..CLEAN_POINT_TRIES {
             let _world = self.vm.stop_others(None);
             let table = self.table.read().unwrap();
+            // A vCPU waiting inside a handler to stop the world (to single-
+            // step) is mid-hit: let it finish first. It would not answer a
+            // request either: it is not at a checkpoint.
+            let in_handler = self.in_handler.load(Ordering::SeqCst);
+            if in_handler > 0 {
+                why = format!("{in_handler} vCPU(s) inside probe handling");
+                drop(table);
+                drop(_world);
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
             let points = self.vcpu_points();
+            if points.len() != self.vm.vcpu_count() {
+                return Err(ProbeError::Guest(format!(
+                    "only {} of {} vCPUs answered: the guest is stopping or stopped",
+                    points.len(),
+                    self.vm.vcpu_count()
+                )));
+            }
             match self.unclean(&table, &points) {
                 Some(w) => why = w,
                 None => {
