@@ -643,6 +643,36 @@ fn long_filters_and_batches_are_refused() {
         assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
         assert!(s.message().contains("limit of 4096"), "{}", s.message());
         assert!(h.engine.list().is_empty());
+        let s = c
+            .delete_probes(v1::DeleteProbesRequest {
+                probes: (0..4097)
+                    .map(|i| v1::ProbeRef {
+                        r#ref: Some(v1::probe_ref::Ref::Id(i)),
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().starts_with("probes: 4097"), "{}", s.message());
+        let s = c
+            .list_probes(v1::ListProbesRequest {
+                ids: (0..4097).collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        let s = c
+            .subscribe(v1::SubscribeRequest {
+                groups: (0..4097).map(|i| format!("g{i}")).collect(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("too many groups");
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().starts_with("groups: 4097"), "{}", s.message());
 
         h
     });

@@ -772,6 +772,14 @@ impl HvProbe for HvProbeService {
         req: Request<v1::ListProbesRequest>,
     ) -> Result<Response<v1::ListProbesResponse>, Status> {
         let r = req.into_inner();
+        let max = self.inner.config.max_probes;
+        for (what, n) in [("ids", r.ids.len()), ("groups", r.groups.len())] {
+            if n > max {
+                return Err(Status::invalid_argument(format!(
+                    "{what}: {n} entries, more than the probe limit of {max}"
+                )));
+            }
+        }
         let inner = self.inner.clone();
         let probes = blocking(move || inner.infos(None)).await?;
         let probes = probes
