@@ -148,6 +148,11 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
             require_regular_file(what, p)?;
         }
     }
+    // Unusable TLS files stop the start before there is a VM (bind checks
+    // again).
+    if let Some(l) = &opts.listen {
+        service::listen::check(l, &opts.tls)?;
+    }
     // Create the VM first: a bad kernel, memory size or KVM device is the
     // one error the user sees, not a symbol warning before it.
     let vcpus = config.vcpus;

@@ -91,7 +91,8 @@ fn errors_map_to_codes_with_positions() {
             .unwrap_err();
         assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
         let d = proto::definition_error_from_status(&s).unwrap();
-        assert_eq!(d.text, "dfd == ");
+        // Quoted as parsed: without the trailing space.
+        assert_eq!(d.text, "dfd ==");
 
         let spec = v1::ProbeDefinition {
             definition: Some(v1::probe_definition::Definition::Spec(
@@ -483,4 +484,223 @@ async fn futures_probe(
         }
     }
     v
+}
+
+// Issue 14, item 3: every input is bounded and errors quote only a window
+// around the error position, so a hostile definition gets its own error
+// (not `RESOURCE_EXHAUSTED: metadata size exceeds hard limit`) and nothing
+// stored grows with the padding a client sends.
+
+/// The error is short: a message and details far under HTTP/2's header limits.
+fn assert_short(s: &tonic::Status) {
+    assert!(
+        s.message().len() <= 300,
+        "{} bytes: {}",
+        s.message().len(),
+        s.message()
+    );
+    assert!(
+        s.details().len() <= 1000,
+        "{} bytes of details",
+        s.details().len()
+    );
+}
+
+/// Runs `f` with a client of a fresh server over the test guest.
+fn with_client<F>(
+    f: impl FnOnce(proto::v1::hv_probe_client::HvProbeClient<tonic::transport::Channel>, Harness) -> F,
+) where
+    F: std::future::Future<Output = Harness>,
+{
+    if !kvm_available() {
+        return;
+    }
+    let h = Harness::start(service::ServiceConfig::default());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let h = rt.block_on(async {
+        let c = service::client::connect(&h.listen()).await.unwrap();
+        f(c, h).await
+    });
+    assert!(h.alive());
+}
+
+#[test]
+fn a_6000_character_bad_definition_gets_its_own_short_error() {
+    with_client(|mut c, h| async move {
+        // A 6,000-character bad definition: over the kernel's line limit.
+        let args: Vec<String> = (0..700).map(|i| format!("a{i}=%di")).collect();
+        let six_k = format!("p:t/long hv_open_file x=%rsi {}", args.join(" "));
+        let six_k = &six_k[..six_k[..6000].rfind(' ').unwrap()];
+        assert!(six_k.len() > 5900);
+        let s = c.create_probe(create(six_k)).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert_short(&s);
+        assert!(s.message().contains("TOO_LONG"), "{}", s.message());
+        assert!(s.message().contains("the limit is 4095"), "{}", s.message());
+        let d = proto::definition_error_from_status(&s).expect("details");
+        assert_eq!(d.code, "TOO_LONG");
+        assert_eq!(d.text_offset + d.position, 4095);
+        assert!(d.text.chars().count() <= 2 * probe_spec::EXCERPT_RADIUS);
+
+        // Within the limit, an error deep in a long line quotes its window.
+        // (105 arguments with 32-character names: under MAX_TRACE_ARGS.)
+        let long_args: Vec<String> = (0..105).map(|i| format!("a{i:031}=%di")).collect();
+        let bad = format!("p:t/long hv_open_file {} bad=%rsi", long_args.join(" "));
+        let at_bad = bad.find("%rsi").unwrap();
+        assert!(at_bad > 3800 && bad.len() < 4095, "{}", bad.len());
+        let s = c.create_probe(create(&bad)).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert_short(&s);
+        let d = proto::definition_error_from_status(&s).expect("details");
+        assert_eq!(d.code, "BAD_REG_NAME");
+        assert_eq!((d.text_offset + d.position) as usize, at_bad);
+        assert!(d.text[d.position as usize..].starts_with("%rsi"), "{d:?}");
+        assert!(d.rendered.starts_with("  …"), "{}", d.rendered);
+
+        h
+    });
+}
+
+#[test]
+fn a_1_mb_unknown_symbol_gets_a_short_error() {
+    with_client(|mut c, h| async move {
+        // A 1 MB unknown symbol, in a definition and to ResolveSymbol.
+        let huge = "s".repeat(1 << 20);
+        let s = c
+            .create_probe(create(&format!("p:t/huge {huge}")))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert_short(&s);
+        let s = c
+            .resolve_symbol(v1::ResolveSymbolRequest {
+                query: Some(v1::resolve_symbol_request::Query::Symbol(huge.clone())),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert_short(&s);
+        assert!(s.message().contains("limit"), "{}", s.message());
+        // ... and by name to the probe calls.
+        let s = c
+            .delete_probe(v1::DeleteProbeRequest {
+                probe: Some(v1::ProbeRef {
+                    r#ref: Some(v1::probe_ref::Ref::Name(huge.clone())),
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert_short(&s);
+        // The longest symbol the kernel allows is looked up, and quoted short.
+        let s = c
+            .create_probe(create(&format!("p:t/nosym {}", &huge[..511])))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::NotFound, "{s:?}");
+        assert_short(&s);
+        let s = c
+            .create_probe(create(&format!("p:t/nosym {}", &huge[..512])))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().contains("KSYM_NAME_LEN"), "{}", s.message());
+
+        h
+    });
+}
+
+#[test]
+fn long_filters_and_batches_are_refused() {
+    with_client(|mut c, h| async move {
+        // A filter over the kernel's limit.
+        let mut f = line("p:t/f hv_open_file dfd=%di:s32");
+        f.filter = format!("dfd == 1 || {}", "dfd == 2 || ".repeat(1 << 16));
+        let s = c
+            .create_probe(v1::CreateProbeRequest {
+                definition: Some(f),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert_short(&s);
+        assert_eq!(
+            proto::definition_error_from_status(&s).unwrap().code,
+            "TOO_LONG"
+        );
+
+        // A batch larger than the probe limit is refused before parsing.
+        let many = (0..4097)
+            .map(|i| line(&format!("p:t/m{i} hv_add")))
+            .collect();
+        let s = c
+            .create_probes(v1::CreateProbesRequest { definitions: many })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().contains("limit of 4096"), "{}", s.message());
+        assert!(h.engine.list().is_empty());
+        let s = c
+            .delete_probes(v1::DeleteProbesRequest {
+                probes: (0..4097)
+                    .map(|i| v1::ProbeRef {
+                        r#ref: Some(v1::probe_ref::Ref::Id(i)),
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().starts_with("probes: 4097"), "{}", s.message());
+        let s = c
+            .list_probes(v1::ListProbesRequest {
+                ids: (0..4097).collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        let s = c
+            .subscribe(v1::SubscribeRequest {
+                groups: (0..4097).map(|i| format!("g{i}")).collect(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("too many groups");
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().starts_with("groups: 4097"), "{}", s.message());
+
+        h
+    });
+}
+
+#[test]
+fn valid_lines_with_1_mb_of_trailing_spaces_are_stored_trimmed() {
+    with_client(|mut c, h| async move {
+        // Valid lines with 1 MB of trailing spaces are stored trimmed.
+        for i in 0..8 {
+            let padded = format!("p:t/pad{i} hv_add{}", " ".repeat(1 << 20));
+            let p = c.create_probe(create(&padded)).await.unwrap().into_inner();
+            let stored = p.probe.unwrap().definition;
+            assert!(
+                stored == format!("p:t/pad{i} hv_add"),
+                "stored {} bytes: {:?}…",
+                stored.len(),
+                &stored[..stored.len().min(40)]
+            );
+        }
+        let list = c
+            .list_probes(v1::ListProbesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(list.probes.len(), 8);
+        let size = prost::Message::encoded_len(&list);
+        assert!(size < 16 * 1024, "ListProbes is {size} bytes");
+        h
+    });
 }

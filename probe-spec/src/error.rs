@@ -88,6 +88,9 @@ error_codes! {
     BAD_COMMAND => "Unknown probe command (expected 'p', 'r' or '-')",
     /// Not a kernel code: an unresolved `@SYM` in a fetch argument.
     NO_SYMBOL => "Symbol is not found",
+    /// Not a kernel code: a definition or filter longer than the kernel
+    /// takes (the kernel refuses the write with -EINVAL and a warning).
+    TOO_LONG => "Input is too long",
 
     // --- event filters (trace_events_filter.c) ---
     INVALID_OP => "Illegal operation",
@@ -171,15 +174,67 @@ impl ParseError {
         s
     }
 
-    /// The text with a caret under the position, as tracefs `error_log` shows it.
+    /// The part of the text around the position that errors quote.
+    pub fn excerpt(&self) -> Excerpt {
+        Excerpt::around(&self.text, self.pos)
+    }
+
+    /// The text (at most [`EXCERPT_RADIUS`] characters either side of the
+    /// position, "…" marking a cut) with a caret under the position, as
+    /// tracefs `error_log` shows it.
     pub fn render_caret(&self) -> String {
-        // Tabs and other control chars would misalign the caret; show them as spaces.
+        self.excerpt().render()
+    }
+}
+
+/// Most characters an error quotes on either side of its position: errors
+/// about a long (or hostile) input stay short.
+pub const EXCERPT_RADIUS: usize = 64;
+
+/// A window of a text around a position, for quoting it in an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Excerpt {
+    /// The quoted characters (the whole text when it is short enough).
+    pub text: String,
+    /// Characters of the whole text before `text` (0 unless cut at the start).
+    pub offset: usize,
+    /// The position in `text`, in characters.
+    pub pos: usize,
+    /// Characters of the whole text after `text` (0 unless cut at the end).
+    pub after: usize,
+}
+
+impl Excerpt {
+    /// At most [`EXCERPT_RADIUS`] characters of `text` either side of the
+    /// character position `pos` (clamped to the text's length).
+    pub fn around(text: &str, pos: usize) -> Excerpt {
+        let total = text.chars().count();
+        let pos = pos.min(total);
+        let offset = pos.saturating_sub(EXCERPT_RADIUS);
+        let end = pos.saturating_add(EXCERPT_RADIUS).min(total);
+        Excerpt {
+            text: text.chars().skip(offset).take(end - offset).collect(),
+            offset,
+            pos: pos - offset,
+            after: total - end,
+        }
+    }
+
+    /// `  TEXT` with a caret line under the position; "…" marks a cut end.
+    /// Tabs and other control chars would misalign the caret; they show as
+    /// spaces.
+    pub fn render(&self) -> String {
         let line: String = self
             .text
             .chars()
             .map(|c| if c.is_control() { ' ' } else { c })
             .collect();
-        format!("  {}\n  {}^", line, " ".repeat(self.pos))
+        let (pre, post) = (
+            if self.offset > 0 { "…" } else { "" },
+            if self.after > 0 { "…" } else { "" },
+        );
+        let indent = self.pos + pre.chars().count();
+        format!("  {pre}{line}{post}\n  {}^", " ".repeat(indent))
     }
 }
 
@@ -208,6 +263,37 @@ mod tests {
         );
         assert_eq!(lines[1], "  p foo %bar");
         assert_eq!(lines[2].find('^'), Some(2 + 6));
+    }
+
+    #[test]
+    fn long_texts_are_quoted_around_the_position_only() {
+        let long = format!("p {} %bar {}", "a".repeat(5000), "b".repeat(5000));
+        let e = ParseError::new(ErrorCode::BAD_REG_NAME, &long, 5003).word(2);
+        let x = e.excerpt();
+        assert_eq!((x.offset, x.pos), (5003 - EXCERPT_RADIUS, EXCERPT_RADIUS));
+        assert_eq!(x.text.chars().count(), 2 * EXCERPT_RADIUS);
+        assert_eq!(x.after, long.len() - 5003 - EXCERPT_RADIUS);
+        assert_eq!(&x.text[x.pos..x.pos + 4], "%bar");
+        let s = e.to_string();
+        assert!(s.len() < 400, "{} bytes", s.len());
+        let lines: Vec<&str> = s.lines().collect();
+        assert!(
+            lines[1].starts_with("  …a") && lines[1].ends_with("b…"),
+            "{s}"
+        );
+        // The caret stays under the '%' with the leading ellipsis.
+        let caret = lines[2].chars().position(|c| c == '^').unwrap();
+        assert_eq!(lines[1].chars().nth(caret), Some('%'));
+        // Short texts are quoted whole, without ellipses.
+        let x = Excerpt::around("p foo %bar", 6);
+        assert_eq!(
+            (x.text.as_str(), x.offset, x.pos, x.after),
+            ("p foo %bar", 0, 6, 0)
+        );
+        assert!(!x.render().contains('…'));
+        // Past the end is clamped, multi-byte chars are counted as one.
+        let x = Excerpt::around(&"é".repeat(200), 500);
+        assert_eq!((x.offset, x.pos, x.after), (136, 64, 0));
     }
 
     #[test]

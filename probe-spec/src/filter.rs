@@ -154,6 +154,7 @@ pub struct Filter {
 impl Filter {
     /// Parses a filter.
     pub fn parse(text: &str) -> Result<Filter, ParseError> {
+        crate::parse::check_length(text, crate::parse::limits::MAX_FILTER_LEN, "filter")?;
         let mut p = FParser {
             text,
             b: text.as_bytes(),

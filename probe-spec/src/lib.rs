@@ -44,7 +44,7 @@ pub use ast::{
     BaseType, Bitfield, Command, FetchArg, FetchExpr, FetchType, MemberStep, NamedBase, NamedExpr,
     ProbeDef, ProbeKind, ProbeTarget, RemoveDef,
 };
-pub use error::{ErrorCode, ParseError};
+pub use error::{ErrorCode, Excerpt, ParseError, EXCERPT_RADIUS};
 pub use eval::{
     evaluate, evaluate_arg, evaluate_value, format_event_line, ArgValue, AtReturn, EntryArgs,
     EvalOptions, Fault, FetchContext, FetchError, Value,
@@ -53,7 +53,7 @@ pub use filter::{
     glob_match, EventFields, FieldKind, FieldValue, Fields, Filter, FilterExpr, FilterOp, Operand,
     Predicate,
 };
-pub use parse::{limits, parse_command, parse_probe, parse_script, DEFAULT_GROUP};
+pub use parse::{limits, parse_command, parse_probe, parse_script, trim_line, DEFAULT_GROUP};
 pub use reg::Reg;
 pub use resolve::{
     resolve_names, resolve_symbols, DebugInfo, MemberInfo, ParamInfo, TypeInfo, TypeKind,

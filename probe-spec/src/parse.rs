@@ -26,6 +26,17 @@ pub mod limits {
     pub const PARAM_MAX_STACK: u64 = 2048;
     /// `FETCH_INSN_MAX` minus the END slot: most fetch ops per argument.
     pub const MAX_FETCH_OPS: usize = 15;
+    /// Longest definition line, in bytes, after trimming whitespace: the
+    /// kernel parses a `kprobe_events` write in a `WRITE_BUFSIZE` (4096)
+    /// buffer and refuses a longer line ("Line length is too long").
+    pub const MAX_LINE_LEN: usize = 4095;
+    /// Longest event filter, in bytes: the kernel refuses a write of
+    /// `PAGE_SIZE` or more to an event's `filter` file.
+    pub const MAX_FILTER_LEN: usize = 4095;
+    /// `KSYM_NAME_LEN`: symbol names are shorter (at most 511 bytes).
+    pub const KSYM_NAME_LEN: usize = 512;
+    /// `MODULE_NAME_LEN` on 64-bit: module names are shorter (at most 55 bytes).
+    pub const MODULE_NAME_LEN: usize = 56;
 }
 use limits::*;
 
@@ -44,9 +55,37 @@ const RESERVED_FIELDS: &[&str] = &[
     "__probe_func",
 ];
 
-/// Parses one `kprobe_events` line: `p`, `r` or `-`.
+/// Parses one `kprobe_events` line: `p`, `r` or `-`. A line longer than
+/// [`limits::MAX_LINE_LEN`] bytes (leading and trailing whitespace aside)
+/// is refused with `TOO_LONG` at the first byte past the limit.
 pub fn parse_command(line: &str) -> Result<Command, ParseError> {
+    check_length(line, MAX_LINE_LEN, "definition")?;
     Parser::new(line).command()
+}
+
+/// Leading and trailing whitespace (as the kernel's `isspace`) cut off:
+/// the canonical form of a definition line.
+pub fn trim_line(line: &str) -> &str {
+    line.trim_matches(|c: char| c.is_ascii() && is_space(c as u8))
+}
+
+/// `TOO_LONG` if `text` without its surrounding whitespace exceeds `max`
+/// bytes; the position is the first character past the limit.
+pub(crate) fn check_length(text: &str, max: usize, what: &str) -> Result<(), ParseError> {
+    let t = trim_line(text);
+    if t.len() <= max {
+        return Ok(());
+    }
+    let start = text.len()
+        - text
+            .trim_start_matches(|c: char| c.is_ascii() && is_space(c as u8))
+            .len();
+    Err(
+        ParseError::new(E::TOO_LONG, text, start + max).detail(format!(
+            "{what} is {} bytes without surrounding whitespace; the limit is {max}",
+            t.len()
+        )),
+    )
 }
 
 /// Parses a `p`/`r` line; a `-:` line is an error here.
@@ -332,6 +371,20 @@ impl<'a> Parser<'a> {
         };
         if !sym_ok(symbol) || module.is_some_and(|m| !sym_ok(m)) {
             return Err(bad());
+        }
+        if symbol.len() >= KSYM_NAME_LEN {
+            return Err(bad().detail(format!(
+                "symbol name is {} bytes; KSYM_NAME_LEN allows at most {}",
+                symbol.len(),
+                KSYM_NAME_LEN - 1
+            )));
+        }
+        if let Some(m) = module.filter(|m| m.len() >= MODULE_NAME_LEN) {
+            return Err(bad().detail(format!(
+                "module name is {} bytes; MODULE_NAME_LEN allows at most {}",
+                m.len(),
+                MODULE_NAME_LEN - 1
+            )));
         }
         Ok(ProbeTarget::Symbol {
             module: module.map(str::to_string),
@@ -815,6 +868,43 @@ fn generated_event_name(is_return: bool, target: &ProbeTarget) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_longer_than_the_kernel_takes_are_refused() {
+        // Surrounding whitespace does not count: 1 MB of trailing spaces.
+        let padded = format!("  p:g/e hv_fib{}", " ".repeat(1 << 20));
+        assert!(matches!(parse_command(&padded), Ok(Command::Add(_))));
+        assert_eq!(trim_line(&padded), "p:g/e hv_fib");
+        assert_eq!(trim_line("\t\x0bp x \r\n"), "p x");
+        // MAX_LINE_LEN bytes are parsed (and fail on their content) ...
+        let at_limit = format!("p {}", "a".repeat(MAX_LINE_LEN - 2));
+        assert_eq!(
+            parse_command(&at_limit).unwrap_err().code,
+            E::BAD_PROBE_ADDR
+        );
+        // ... one more is TOO_LONG, pointing at the first byte past the limit.
+        let over = format!(" p {}", "a".repeat(MAX_LINE_LEN - 1));
+        let e = parse_command(&over).unwrap_err();
+        assert_eq!((e.code, e.pos), (E::TOO_LONG, 1 + MAX_LINE_LEN));
+        assert!(e.summary().contains("4096 bytes"), "{}", e.summary());
+        assert!(e.summary().contains("limit is 4095"), "{}", e.summary());
+        // Filters have the kernel's bound too.
+        let f = crate::Filter::parse(&"a".repeat(MAX_FILTER_LEN + 1)).unwrap_err();
+        assert_eq!((f.code, f.pos), (E::TOO_LONG, MAX_FILTER_LEN));
+    }
+
+    #[test]
+    fn symbol_and_module_names_have_the_kernel_bounds() {
+        let sym = "s".repeat(KSYM_NAME_LEN - 1);
+        assert!(parse_probe(&format!("p {sym}")).is_ok());
+        let e = parse_probe(&format!("p {sym}s+4")).unwrap_err();
+        assert_eq!((e.code, e.pos), (E::BAD_PROBE_ADDR, 2));
+        assert!(e.summary().contains("at most 511"), "{}", e.summary());
+        let m = "m".repeat(MODULE_NAME_LEN - 1);
+        assert!(parse_probe(&format!("p {m}:f")).is_ok());
+        let e = parse_probe(&format!("p {m}m:f")).unwrap_err();
+        assert!(e.summary().contains("at most 55"), "{}", e.summary());
+    }
 
     #[test]
     fn generated_names() {

@@ -19,11 +19,22 @@ pub fn definition_error(err: &probe_spec::ParseError, batch_index: Option<u32>) 
             Some(d) => format!("{} ({d})", err.code.message()),
             None => err.code.message().to_string(),
         },
-        text: err.text.clone(),
-        position: u32::try_from(err.pos).unwrap_or(u32::MAX),
         arg_index: err.fetch_arg_index().and_then(|i| u32::try_from(i).ok()),
         batch_index,
-        rendered: err.render_caret(),
+        ..excerpt_fields(&err.excerpt())
+    }
+}
+
+/// The `text`, `position`, `text_offset` and `rendered` fields of a
+/// [`DefinitionError`] quoting `excerpt` (the rest left default).
+pub fn excerpt_fields(excerpt: &probe_spec::Excerpt) -> DefinitionError {
+    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    DefinitionError {
+        text: excerpt.text.clone(),
+        position: n(excerpt.pos),
+        text_offset: n(excerpt.offset),
+        rendered: excerpt.render(),
+        ..Default::default()
     }
 }
 
@@ -211,6 +222,38 @@ mod tests {
         assert_eq!(d.arg_index, Some(0));
         assert_eq!(d.batch_index, Some(2));
         assert!(d.rendered.contains('^'));
+    }
+
+    #[test]
+    fn long_definitions_are_quoted_around_the_error_once() {
+        // ~3,700 characters (within the line limit), the bad register ~700 in.
+        let line = format!(
+            "p:g/e hv_fib {} bad=%rsi {}",
+            (0..200).map(|i| format!("a{i}=%di")).collect::<Vec<_>>()[..100].join(" "),
+            "x".repeat(3000)
+        );
+        assert!(line.len() > 3500 && line.len() <= probe_spec::limits::MAX_LINE_LEN);
+        let err = probe_spec::parse_probe(&line).unwrap_err();
+        assert_eq!(err.code.as_str(), "BAD_REG_NAME");
+        let st = invalid_definition(&err, None);
+        assert!(st.details().len() < 600, "{} bytes", st.details().len());
+        assert!(st.message().len() < 200, "{}", st.message());
+        let d = definition_error_from_status(&st).unwrap();
+        assert_eq!(d.text.chars().count(), 128);
+        assert_eq!(d.text_offset as usize + d.position as usize, err.pos);
+        assert!(d.text[d.position as usize..].starts_with("%rsi"), "{d:?}");
+        assert!(
+            d.rendered.starts_with("  …") && d.rendered.contains("x…\n"),
+            "{}",
+            d.rendered
+        );
+        // A short definition is quoted whole.
+        let e = probe_spec::parse_probe("p hv_fib %rsi").unwrap_err();
+        let d = definition_error(&e, None);
+        assert_eq!(
+            (d.text.as_str(), d.position, d.text_offset),
+            ("p hv_fib %rsi", 9, 0)
+        );
     }
 
     #[test]

@@ -13,8 +13,8 @@ pub mod v1 {
 mod convert;
 pub mod packed;
 pub use convert::{
-    definition_error, definition_error_from_status, invalid_definition, spec_to_line,
-    DEFINITION_ERROR_TYPE_URL,
+    definition_error, definition_error_from_status, excerpt_fields, invalid_definition,
+    spec_to_line, DEFINITION_ERROR_TYPE_URL,
 };
 
 /// Encoded `google.protobuf.FileDescriptorSet` of the API, with source info

@@ -81,17 +81,41 @@ pub fn engine_error(e: &ProbeError, line: &str, batch_index: Option<u32>) -> Sta
         Some(i) => format!("definition {i}: {kcode}: {e}"),
         None => format!("{kcode}: {e}"),
     };
-    let position = word_position(line, 1);
+    let excerpt = probe_spec::Excerpt::around(line, word_position(line, 1));
     let detail = DefinitionError {
         code: kcode.to_string(),
         message: e.to_string(),
-        text: line.to_string(),
-        position: u32::try_from(position).unwrap_or(u32::MAX),
         arg_index: None,
         batch_index,
-        rendered: format!("  {line}\n  {}^", " ".repeat(position)),
+        ..proto::excerpt_fields(&excerpt)
     };
     status_with_definition(code, message, detail)
+}
+
+/// Most characters of a client's name (symbol, probe name, module) an error
+/// message repeats.
+pub const QUOTE_MAX: usize = 64;
+
+/// `text` for an error message: at most [`QUOTE_MAX`] characters, with "…"
+/// and the full length in bytes when cut.
+pub fn quote(text: &str) -> String {
+    if text.chars().count() <= QUOTE_MAX {
+        return text.to_string();
+    }
+    let head: String = text.chars().take(QUOTE_MAX).collect();
+    format!("{head}… ({} bytes)", text.len())
+}
+
+/// INVALID_ARGUMENT unless `text` (named `what` in the message) has at most
+/// `max` bytes.
+pub fn check_len(what: &str, text: &str, max: usize) -> Result<(), Status> {
+    if text.len() <= max {
+        return Ok(());
+    }
+    Err(Status::invalid_argument(format!(
+        "{what}: {} bytes, longer than the limit of {max}",
+        text.len()
+    )))
 }
 
 /// An engine error outside probe creation (enable, delete, arm).
@@ -129,6 +153,31 @@ mod tests {
         assert_eq!(
             engine_op_error(&ProbeError::NotFound(4)).code(),
             Code::NotFound
+        );
+    }
+
+    #[test]
+    fn engine_errors_quote_long_lines_around_the_probe_point() {
+        let line = format!("p:g/e  f+1 {}", "x=%di ".repeat(1000));
+        let st = engine_error(&ProbeError::NotFound(4), &line, None);
+        let d = proto::definition_error_from_status(&st).unwrap();
+        assert_eq!((d.position, d.text_offset), (7, 0));
+        assert_eq!(d.text.chars().count(), 7 + probe_spec::EXCERPT_RADIUS);
+        assert!(d.rendered.lines().next().unwrap().ends_with('…'));
+        assert!(st.details().len() < 400, "{}", st.details().len());
+    }
+
+    #[test]
+    fn quotes_and_lengths_are_bounded() {
+        assert_eq!(quote("hv_fib"), "hv_fib");
+        let q = quote(&"s".repeat(1 << 20));
+        assert_eq!(q, format!("{}… (1048576 bytes)", "s".repeat(QUOTE_MAX)));
+        assert!(check_len("x", "abc", 3).is_ok());
+        let e = check_len("probe.name", "abcd", 3).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert_eq!(
+            e.message(),
+            "probe.name: 4 bytes, longer than the limit of 3"
         );
     }
 

@@ -120,14 +120,100 @@ impl TlsFiles {
             need(&self.key, "--tls-key")?,
             need(&self.client_ca, "--tls-client-ca")?,
         );
-        let read = |what: &'static str, path: PathBuf| {
-            std::fs::read(&path).map_err(|cause| ListenError::ReadFile { what, path, cause })
+        let read = |what: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|cause| ListenError::ReadFile {
+                what,
+                path: path.to_path_buf(),
+                cause,
+            })
         };
-        let identity = Identity::from_pem(read("certificate", cert)?, read("key", key)?);
-        Ok(ServerTlsConfig::new()
-            .identity(identity)
-            .client_ca_root(Certificate::from_pem(read("client CA", ca)?)))
+        let (cert_pem, key_pem, ca_pem) = (
+            read("certificate", &cert)?,
+            read("key", &key)?,
+            read("client CA", &ca)?,
+        );
+        validate_tls(&cert_pem, &cert, &key_pem, &key, &ca_pem, &ca)?;
+        let config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(cert_pem, key_pem))
+            .client_ca_root(Certificate::from_pem(ca_pem));
+        // What serving will do with it, done now: nothing is bound with a
+        // TLS setup that cannot accept a connection.
+        Server::builder()
+            .tls_config(config.clone())
+            .map_err(|e| ListenError::Tls(tls_error_text(&e)))?;
+        Ok(config)
     }
+}
+
+/// `e` and its causes on one line.
+fn tls_error_text(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+/// Checks the PEM files as the TLS server will use them, naming the file at
+/// fault: a certificate chain, a private key that belongs to its first
+/// certificate, and client CA certificates a verifier accepts.
+fn validate_tls(
+    cert_pem: &[u8],
+    cert_path: &Path,
+    key_pem: &[u8],
+    key_path: &Path,
+    ca_pem: &[u8],
+    ca_path: &Path,
+) -> Result<(), ListenError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::Arc;
+
+    let bad = |path: &Path, what: &str| ListenError::Tls(format!("{}: {what}", path.display()));
+    let certs = |pem: &[u8], path: &Path, what: &str| {
+        let v = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(path, &format!("not a PEM {what}: {e}")))?;
+        if v.is_empty() {
+            return Err(bad(
+                path,
+                &format!("no PEM certificate in it (expected {what})"),
+            ));
+        }
+        Ok(v)
+    };
+    let chain = certs(cert_pem, cert_path, "certificate chain")?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| bad(key_path, &format!("no usable PEM private key: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(ca_pem, ca_path, "client CA certificate")? {
+        roots
+            .add(c)
+            .map_err(|e| bad(ca_path, &format!("not a usable CA certificate: {e}")))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| bad(ca_path, &format!("cannot verify clients with it: {e}")))?;
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ListenError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| {
+            ListenError::Tls(format!(
+                "{} does not go with {}: {e}",
+                key_path.display(),
+                cert_path.display()
+            ))
+        })?;
+    Ok(())
 }
 
 /// Checks an address against the TLS setup before anything is bound.
@@ -317,6 +403,116 @@ mod tests {
             check(&Listen::Unix("/x".into()), &half),
             Err(ListenError::TlsOnUnix(_))
         ));
+    }
+
+    /// PEM files made at test time: a CA, a server certificate and key
+    /// from it, and a key that is not the certificate's.
+    struct Files {
+        dir: tempfile::TempDir,
+    }
+
+    impl Files {
+        fn new() -> Files {
+            use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+            let dir = tempfile::tempdir().unwrap();
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec!["localhost".to_string()])
+                .unwrap()
+                .signed_by(&key, &ca)
+                .unwrap();
+            let w = |n: &str, t: &str| std::fs::write(dir.path().join(n), t).unwrap();
+            w("ca.pem", &ca.pem());
+            w("cert.pem", &cert.pem());
+            w("key.pem", &key.serialize_pem());
+            w("other.key", &KeyPair::generate().unwrap().serialize_pem());
+            w("empty", "");
+            w(
+                "junk",
+                "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+            );
+            Files { dir }
+        }
+
+        fn tls(&self, cert: &str, key: &str, ca: &str) -> TlsFiles {
+            let p = |n: &str| {
+                Some(if n.starts_with('/') {
+                    n.into()
+                } else {
+                    self.dir.path().join(n)
+                })
+            };
+            TlsFiles {
+                cert: p(cert),
+                key: p(key),
+                client_ca: p(ca),
+            }
+        }
+    }
+
+    #[test]
+    fn unusable_tls_files_are_refused_before_binding() {
+        let f = Files::new();
+        let any: Listen = "tcp:0.0.0.0:50051".parse().unwrap();
+        assert!(check(&any, &f.tls("cert.pem", "key.pem", "ca.pem"))
+            .unwrap()
+            .is_some());
+        let refused = |cert: &str, key: &str, ca: &str, needle: &str| {
+            let e = check(&any, &f.tls(cert, key, ca))
+                .expect_err(needle)
+                .to_string();
+            assert!(e.contains(needle), "{cert} {key} {ca}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        };
+        // /dev/null (and so an empty file) as each of the three.
+        refused(
+            "/dev/null",
+            "key.pem",
+            "ca.pem",
+            "/dev/null: no PEM certificate",
+        );
+        refused(
+            "cert.pem",
+            "/dev/null",
+            "ca.pem",
+            "/dev/null: no usable PEM private key",
+        );
+        refused(
+            "cert.pem",
+            "key.pem",
+            "/dev/null",
+            "/dev/null: no PEM certificate",
+        );
+        refused("empty", "key.pem", "ca.pem", "empty: no PEM certificate");
+        // A key that does not belong to the certificate.
+        refused(
+            "cert.pem",
+            "other.key",
+            "ca.pem",
+            "other.key does not go with",
+        );
+        // A certificate as the key, a key as the certificate.
+        refused(
+            "cert.pem",
+            "cert.pem",
+            "ca.pem",
+            "cert.pem: no usable PEM private key",
+        );
+        refused(
+            "key.pem",
+            "key.pem",
+            "ca.pem",
+            "key.pem: no PEM certificate",
+        );
+        // PEM armour around bytes that are no certificate.
+        refused(
+            "cert.pem",
+            "key.pem",
+            "junk",
+            "junk: not a usable CA certificate",
+        );
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
-use crate::errors::{engine_error, engine_op_error, parse_error};
+use crate::errors::{check_len, engine_error, engine_op_error, parse_error, quote};
 use crate::subscribe;
 use crate::symbols::Symbols;
 
@@ -198,6 +198,16 @@ pub struct HvProbeService {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// Longest `GROUP/EVENT` a probe reference may name: both parts are shorter
+/// than the kernel's `MAX_EVENT_NAME_LEN`.
+pub const MAX_PROBE_NAME_LEN: usize = 2 * probe_spec::limits::MAX_EVENT_NAME_LEN - 1;
+
+/// Longest ResolveSymbol query, `[MODULE:]SYMBOL[+OFFSET]`: a module and a
+/// symbol name within the kernel's `MODULE_NAME_LEN` and `KSYM_NAME_LEN`, a
+/// colon and a 64-bit offset in hex with its `+0x`.
+pub const MAX_LOCATION_LEN: usize =
+    probe_spec::limits::MODULE_NAME_LEN - 1 + 1 + probe_spec::limits::KSYM_NAME_LEN - 1 + 19;
+
 /// A definition checked and resolved, ready for the engine.
 struct Prepared {
     request: ProbeRequest,
@@ -262,7 +272,11 @@ impl Inner {
         let line = match &def.definition {
             Some(v1::probe_definition::Definition::Spec(s)) => proto::spec_to_line(s)
                 .map_err(|m| Status::invalid_argument(prefix(format!("spec.{m}"))))?,
-            Some(v1::probe_definition::Definition::KprobeEvents(l)) => l.clone(),
+            // Stored and quoted without its surrounding whitespace (a valid
+            // line with 1 MB of trailing spaces is a short probe).
+            Some(v1::probe_definition::Definition::KprobeEvents(l)) => {
+                probe_spec::trim_line(l).to_string()
+            }
             None => {
                 return Err(Status::invalid_argument(prefix(
                     "missing (spec or kprobe_events)".into(),
@@ -295,10 +309,11 @@ impl Inner {
             .iter()
             .map(|a| (a.name.clone(), convert::arg_field_kind(&a.ty)))
             .collect();
-        let filter = if def.filter.trim().is_empty() {
+        let filter_text = probe_spec::trim_line(&def.filter);
+        let filter = if filter_text.is_empty() {
             None
         } else {
-            let f = Filter::parse(&def.filter).map_err(|e| parse_error(&e, index))?;
+            let f = Filter::parse(filter_text).map_err(|e| parse_error(&e, index))?;
             let is_return = pd.kind.is_return();
             f.check(&|name: &str| probe_field_kind(&args, is_return, name))
                 .map_err(|e| parse_error(&e, index))?;
@@ -368,12 +383,14 @@ impl Inner {
             } => {
                 if let Some(m) = module.as_deref().filter(|m| *m != "vmlinux") {
                     return Err(Status::not_found(at(format!(
-                        "BAD_PROBE_ADDR: module '{m}' is not loaded (only vmlinux symbols are known)"
+                        "BAD_PROBE_ADDR: module '{}' is not loaded (only vmlinux symbols are known)",
+                        quote(m)
                     ))));
                 }
                 let base = self.symbols.lookup(symbol).map_err(|e| match e {
                     guest_symbols::LookupError::NotFound(_) => Status::not_found(at(format!(
-                        "BAD_PROBE_ADDR: symbol '{symbol}' not found"
+                        "BAD_PROBE_ADDR: symbol '{}' not found",
+                        quote(symbol)
                     ))),
                     other => Status::invalid_argument(at(format!("BAD_PROBE_ADDR: {other}"))),
                 })?;
@@ -450,6 +467,14 @@ impl Inner {
         if defs.is_empty() {
             return Err(Status::invalid_argument("definitions: empty"));
         }
+        // More than can ever be defined is refused before any is parsed.
+        if defs.len() > self.config.max_probes {
+            return Err(Status::invalid_argument(format!(
+                "definitions: {} in one call, more than the probe limit of {}",
+                defs.len(),
+                self.config.max_probes
+            )));
+        }
         let mut prepared = Vec::with_capacity(defs.len());
         for (i, d) in defs.iter().enumerate() {
             let index = batch.then(|| u32::try_from(i).unwrap_or(u32::MAX));
@@ -505,6 +530,7 @@ impl Inner {
                 .then_some(*id)
                 .ok_or_else(|| Status::not_found(format!("{what}: no probe with id {id}"))),
             Some(v1::probe_ref::Ref::Name(n)) => {
+                check_len(&format!("{what}.name"), n, MAX_PROBE_NAME_LEN)?;
                 let (group, event) = n
                     .split_once('/')
                     .unwrap_or((probe_spec::DEFAULT_GROUP, n.as_str()));
@@ -513,7 +539,11 @@ impl Inner {
                     .find(|m| m.group == group && m.event == event)
                     .map(|m| m.id)
                     .ok_or_else(|| {
-                        Status::not_found(format!("{what}: no probe named {group}/{event}"))
+                        Status::not_found(format!(
+                            "{what}: no probe named {}/{}",
+                            quote(group),
+                            quote(event)
+                        ))
                     })
             }
             None => Err(Status::invalid_argument(format!(
@@ -556,11 +586,13 @@ impl Inner {
         let address = match &q.query {
             Some(v1::resolve_symbol_request::Query::Address(a)) => *a,
             Some(v1::resolve_symbol_request::Query::Symbol(s)) => {
+                check_len("symbol", s, MAX_LOCATION_LEN)?;
                 let text = match s.split_once(':') {
                     Some(("vmlinux", rest)) => rest,
                     Some((m, _)) => {
                         return Err(Status::not_found(format!(
-                            "symbol: module '{m}' is not loaded"
+                            "symbol: module '{}' is not loaded",
+                            quote(m)
                         )))
                     }
                     None => s.as_str(),
@@ -739,6 +771,13 @@ impl HvProbe for HvProbeService {
         req: Request<v1::DeleteProbesRequest>,
     ) -> Result<Response<v1::DeleteProbesResponse>, Status> {
         let r = req.into_inner();
+        if r.probes.len() > self.inner.config.max_probes {
+            return Err(Status::invalid_argument(format!(
+                "probes: {} in one call, more than the probe limit of {}",
+                r.probes.len(),
+                self.inner.config.max_probes
+            )));
+        }
         let ids = if r.all {
             if !r.probes.is_empty() {
                 return Err(Status::invalid_argument(
@@ -818,6 +857,14 @@ impl HvProbe for HvProbeService {
         req: Request<v1::ListProbesRequest>,
     ) -> Result<Response<v1::ListProbesResponse>, Status> {
         let r = req.into_inner();
+        let max = self.inner.config.max_probes;
+        for (what, n) in [("ids", r.ids.len()), ("groups", r.groups.len())] {
+            if n > max {
+                return Err(Status::invalid_argument(format!(
+                    "{what}: {n} entries, more than the probe limit of {max}"
+                )));
+            }
+        }
         let inner = self.inner.clone();
         let probes = blocking(move || inner.infos(None)).await?;
         let probes = probes

@@ -114,6 +114,17 @@ pub(crate) fn start(
             )))
         }
     };
+    for (what, n) in [
+        ("probe_ids", req.probe_ids.len()),
+        ("groups", req.groups.len()),
+    ] {
+        if n > c.max_probes {
+            return Err(Status::invalid_argument(format!(
+                "{what}: {n} entries, more than the probe limit of {}",
+                c.max_probes
+            )));
+        }
+    }
     let admission = Admission::take(&inner, capacity)?;
     let filter = parse_filter(&inner, &req)?;
     // Sorted: a handful of ids is searched faster than hashed.
