@@ -143,11 +143,21 @@ fn snapshot_restore_and_every_refusal_from_the_cli() {
         "live",
         &["--kernel", &k, "--cmdline", &forever, "--probe", probe],
     );
+    // A second probe, disabled and with a filter of its own: both survive.
+    let (code, _, err) = live.cli(&[
+        "probe",
+        "add",
+        "--disabled",
+        "--filter",
+        "path ~ \"/etc/*\"",
+        "p:t/etc hv_open_file path=+0(%si):string",
+    ]);
+    assert_eq!(code, 0, "{err}");
     std::thread::sleep(Duration::from_millis(300));
     let snap = dir.join("snap");
     let (code, out, err) = live.cli(&["snapshot", snap.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("1 probes"), "{out}");
+    assert!(out.contains("2 probes"), "{out}");
     assert!(snap.join("manifest.json").exists());
 
     // Failed snapshots: no permission (a path under /proc), a file where a
@@ -226,9 +236,21 @@ fn snapshot_restore_and_every_refusal_from_the_cli() {
     };
     let restored = Server::start(dir, "restored", &["--restore", snap.to_str().unwrap()]);
     std::thread::sleep(Duration::from_millis(300));
-    let (code, out, err) = restored.cli(&["probe", "ls"]);
+    let (code, out, err) = restored.cli(&["probe", "ls", "--json"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("t/open"), "{out}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert_eq!(
+        (rows[0]["id"].as_u64(), rows[0]["event"].as_str()),
+        (Some(1), Some("open"))
+    );
+    assert_eq!(rows[1]["event"], "etc");
+    assert_eq!(rows[1]["state"], "disabled", "{out}");
+    assert_eq!(rows[1]["filter"], "path ~ \"/etc/*\"", "{out}");
+    assert_eq!(rows[1]["hits"], 0, "a disabled probe counts nothing");
     assert!(restored.hits() > saved_hits, "restored probe counts on");
     // A snapshot of the restored guest with --stop ends it.
     let mut restored = restored;
