@@ -66,6 +66,38 @@ fn boundaries() -> (Vec<u64>, Vec<u64>) {
     (hot, all)
 }
 
+/// Guest-physical bytes `[start, end)`.
+fn read_range(mem: &dyn guest_access::GuestMemory, (start, end): (u64, u64)) -> Vec<u8> {
+    let mut buf = vec![0u8; (end - start) as usize];
+    mem.read_phys(start, &mut buf).unwrap();
+    buf
+}
+
+/// With the world stopped: every text byte equals the pristine one, except
+/// where the engine says it planted something, and what it saved there is
+/// the pristine byte. Returns the differences it cannot explain.
+fn unexplained_text_bytes(
+    pristine: &[u8],
+    now: &[u8],
+    start: u64,
+    planted: &[(u64, u8)],
+) -> Vec<String> {
+    let planted: std::collections::HashMap<u64, u8> = planted.iter().copied().collect();
+    let mut bad = Vec::new();
+    for (i, (p, n)) in pristine.iter().zip(now).enumerate() {
+        let gpa = start + i as u64;
+        match planted.get(&gpa) {
+            Some(saved) if saved != p => bad.push(format!(
+                "{gpa:#x}: engine saved {saved:#04x}, pristine {p:#04x} (now {n:#04x})"
+            )),
+            Some(_) => {}
+            None if n != p => bad.push(format!("{gpa:#x}: {n:#04x}, pristine {p:#04x}")),
+            None => {}
+        }
+    }
+    bad
+}
+
 struct Rng(u64);
 
 impl Rng {
@@ -124,6 +156,7 @@ fn churn(vcpus: u8, seed: u64) {
     let engine = test_engine(control.clone(), vcpus as usize);
     let range = text_range();
     let pristine = hash_range(control.memory(), range);
+    let pristine_text = read_range(control.memory(), range);
     let running = vm.start(engine.clone()).unwrap();
     // Churn while every vCPU runs its workload, not during boot.
     let boot = Instant::now();
@@ -169,6 +202,8 @@ fn churn(vcpus: u8, seed: u64) {
     let mut live: Vec<(ProbeId, u64)> = Vec::new();
     let (mut ops, mut name, mut refused) = (0u64, 0u64, 0u64);
     let mut counts = [0u64; 8];
+    // Planted text bytes the integrity checks found (and accounted for).
+    let mut differing = 0u64;
     while ops < target_ops {
         let op = rng.below(16);
         let full = live.len() >= MAX_LIVE;
@@ -248,8 +283,26 @@ fn churn(vcpus: u8, seed: u64) {
                 engine.set_armed(rng.below(4) != 0).unwrap();
                 counts[5] += 1;
             }
-            // Listing: exactly the live probes.
+            // Listing: exactly the live probes; and with the world stopped,
+            // text differs from the original only where the engine says.
             12 => {
+                {
+                    let _world = control.stop_others(None);
+                    let planted = engine.planted_bytes();
+                    let now = read_range(control.memory(), range);
+                    let bad = unexplained_text_bytes(&pristine_text, &now, range.0, &planted);
+                    differing += now
+                        .iter()
+                        .zip(&pristine_text)
+                        .filter(|(a, b)| a != b)
+                        .count() as u64;
+                    assert!(
+                        bad.is_empty(),
+                        "after {ops} operations, text bytes the engine does not account for: \
+                         {bad:?}\nserial:\n{}",
+                        text(&serial)
+                    );
+                }
                 let listed = engine.list();
                 assert_eq!(listed.len(), live.len(), "listing after {ops} operations");
                 for (id, addr) in &live {
@@ -295,7 +348,8 @@ fn churn(vcpus: u8, seed: u64) {
         "churn: {vcpus} vCPUs, {ops} operations in {:.1} s; guest ended {:.1} s after the \
          deletion (run {:.1} s); ops by kind [reg {}, reg_batch {}, unreg {}, unreg_batch {}, \
          enable {}, arm {}, list {}, pause {}], {refused} registrations refused; hits \
-         {hits_during} during the churn, {} in all; {} subscriptions, {} events drained; \
+         {hits_during} during the churn, {} in all; {differing} changed text bytes accounted \
+         for in {} integrity checks; {} subscriptions, {} events drained; \
          guest iterations {progress} at the churn's end, {final_progress} at the end (of {}); \
          stats {st:?}",
         churn_time.as_secs_f64(),
@@ -310,6 +364,7 @@ fn churn(vcpus: u8, seed: u64) {
         counts[6],
         counts[7],
         st.hits,
+        counts[6],
         subscriptions.load(Ordering::Relaxed),
         drained.load(Ordering::Relaxed),
         iters * u64::from(vcpus),
@@ -328,6 +383,10 @@ fn churn(vcpus: u8, seed: u64) {
     assert!(planted.is_empty(), "still planted: {planted:?}");
     assert_eq!(after, pristine, "guest text differs from the original");
     assert!(hits_during > 1000, "only {hits_during} hits");
+    assert!(
+        differing > 0,
+        "the integrity checks never saw a planted byte"
+    );
     assert!(st.single_stepped > 0 && st.out_of_line > 0 && st.emulated > 0);
     assert_eq!(st.live_instances, 0);
 }
