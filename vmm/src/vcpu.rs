@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use guest_access::{AccessError, BreakpointAction, GuestMemory, Regs, SystemRegs, TrapKind, Vcpu};
 use kvm_bindings::{
-    kvm_regs, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_debug_exit_arch, kvm_regs, KVM_GUESTDBG_INJECT_BP, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 
@@ -23,7 +23,8 @@ const DB_VECTOR: u32 = 1;
 const INT3: u8 = 0xcc;
 const EFER_LMA: u64 = 0x400;
 
-enum Next {
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Next {
     Continue,
     Stop(RunOutcome),
 }
@@ -258,7 +259,7 @@ impl VcpuRunner {
         self.exits += 1;
         let stats = &shared.stats[self.index];
         stats.exits.fetch_add(1, Ordering::Relaxed);
-        let kind = match exit {
+        let trap = match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
                 stats.io.fetch_add(1, Ordering::Relaxed);
                 let action = shared.bus.lock().unwrap().write(port, data);
@@ -287,28 +288,12 @@ impl VcpuRunner {
                 stats.mmio.fetch_add(1, Ordering::Relaxed);
                 return Next::Continue;
             }
-            Ok(VcpuExit::Debug(arch)) => {
-                if arch.exception == u32::from(BP_VECTOR) {
-                    ExitKind::Breakpoint(TrapKind::DebugExit)
-                } else if let Some(slot) = self.debug.slot_at(arch.pc) {
-                    ExitKind::Bridge(slot, arch.pc)
-                } else {
-                    // A stray single-step trap (e.g. after a step was cut short).
-                    return Next::Continue;
-                }
-            }
+            Ok(VcpuExit::Debug(arch)) => TrapExit::Debug(arch),
             Ok(VcpuExit::InternalError) => {
                 // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the
                 // `internal` member of the union is the valid one.
                 let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                if suberror == KVM_INTERNAL_ERROR_EMULATION {
-                    ExitKind::EmulationFailure
-                } else {
-                    return Next::Stop(RunOutcome::Crashed {
-                        vcpu: self.index,
-                        reason: format!("KVM internal error, suberror {suberror}"),
-                    });
-                }
+                TrapExit::InternalError { suberror }
             }
             Ok(VcpuExit::Shutdown) => {
                 return Next::Stop(RunOutcome::TripleFault { vcpu: self.index })
@@ -358,6 +343,34 @@ impl VcpuRunner {
                     vcpu: self.index,
                     reason: format!("KVM_RUN failed: {e}"),
                 })
+            }
+        };
+        self.dispatch(trap)
+    }
+
+    /// Map a trap exit to what it means and handle it: the part of the exit
+    /// handling after KVM_RUN that tests drive with synthetic exits.
+    pub(crate) fn dispatch(&mut self, exit: TrapExit) -> Next {
+        let kind = match exit {
+            TrapExit::Debug(arch) => {
+                if arch.exception == u32::from(BP_VECTOR) {
+                    ExitKind::Breakpoint(TrapKind::DebugExit)
+                } else if let Some(slot) = self.debug.slot_at(arch.pc) {
+                    ExitKind::Bridge(slot, arch.pc)
+                } else {
+                    // A stray single-step trap (e.g. after a step was cut short).
+                    return Next::Continue;
+                }
+            }
+            TrapExit::InternalError { suberror } => {
+                if suberror == KVM_INTERNAL_ERROR_EMULATION {
+                    ExitKind::EmulationFailure
+                } else {
+                    return Next::Stop(RunOutcome::Crashed {
+                        vcpu: self.index,
+                        reason: format!("KVM internal error, suberror {suberror}"),
+                    });
+                }
             }
         };
         match kind {
@@ -432,7 +445,7 @@ impl VcpuRunner {
         let shared = self.shared.clone();
         match shared.handler().on_breakpoint(self, &*shared, kind) {
             BreakpointAction::Resume => Next::Continue,
-            BreakpointAction::DeliverToGuest => match self.deliver_bp() {
+            BreakpointAction::DeliverToGuest => match self.deliver_bp(kind) {
                 Ok(()) => Next::Continue,
                 Err(e) => Next::Stop(RunOutcome::Crashed {
                     vcpu: self.index,
@@ -442,9 +455,32 @@ impl VcpuRunner {
         }
     }
 
-    /// Hand a guest-owned int3 back to the guest as a trap-style #BP: RIP past
-    /// the int3, then inject vector 3.
-    fn deliver_bp(&mut self) -> Result<(), AccessError> {
+    /// Hand a guest-owned int3 back to the guest as #BP, once.
+    ///
+    /// After KVM_EXIT_DEBUG for #BP (hardware KVM with USE_SW_BP) RIP is
+    /// still at the int3, and KVM keeps what it needs to re-inject the
+    /// software exception (VMX: the exit's instruction length, used as the
+    /// VM-entry instruction length; SVM: it decodes the int3 at RIP to find
+    /// the next RIP). So RIP stays and the #BP is queued with
+    /// KVM_GUESTDBG_INJECT_BP; the CPU then pushes int3 + 1. Advancing RIP
+    /// first would make VMX push int3 + 2, and SVM decode the instruction
+    /// after the int3 (skipping it too, or, since the kernel checks for a
+    /// soft-interrupt instruction there, dropping the #BP).
+    ///
+    /// An emulation failure at an int3 (emulating KVM) carries no such
+    /// length: move RIP past the int3 and inject vector 3 as an event.
+    fn deliver_bp(&mut self, kind: TrapKind) -> Result<(), AccessError> {
+        if kind == TrapKind::DebugExit {
+            // KVM_SET_REGS (also the sync-regs copy applied at the next
+            // KVM_RUN) drops a pending exception: push registers first.
+            self.flush_dirty_regs()?;
+            let mut dbg = self.debug.control();
+            dbg.control |= KVM_GUESTDBG_INJECT_BP;
+            return self
+                .fd
+                .set_guest_debug(&dbg)
+                .map_err(|e| self.kvm_err("KVM_SET_GUEST_DEBUG(INJECT_BP)", e));
+        }
         let mut regs = self.regs()?;
         regs.rip += 1;
         self.set_regs(&regs)?;
@@ -513,6 +549,18 @@ impl VcpuRunner {
     fn sync_valid(&self) -> bool {
         self.exits > 0
     }
+}
+
+/// The exits [`VcpuRunner::dispatch`] handles: built from `VcpuExit` after
+/// KVM_RUN, or constructed directly by tests (hardware-KVM exits that this
+/// kind of host never produces, e.g. KVM_EXIT_DEBUG for `int3`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum TrapExit {
+    /// KVM_EXIT_DEBUG: exception 3 for an `int3` under USE_SW_BP, 1 for a
+    /// single-step or hardware-breakpoint #DB.
+    Debug(kvm_debug_exit_arch),
+    /// KVM_EXIT_INTERNAL_ERROR with its suberror.
+    InternalError { suberror: u32 },
 }
 
 enum ExitKind {
@@ -590,7 +638,9 @@ impl VcpuRunner {
                 .exits
                 .fetch_add(1, Ordering::Relaxed);
             match exit {
-                Ok(VcpuExit::Debug(arch)) if arch.exception == DB_VECTOR => return Ok(()),
+                Ok(VcpuExit::Debug(arch)) => {
+                    return self.step_dispatch(TrapExit::Debug(arch), start_rip)
+                }
                 Ok(VcpuExit::IoOut(port, data)) => {
                     let action = shared.bus.lock().unwrap().write(port, data);
                     if let PortAction::Marker(tag) = action {
@@ -609,16 +659,11 @@ impl VcpuRunner {
                 Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
                 Ok(VcpuExit::MmioWrite(..)) => {}
                 Ok(VcpuExit::InternalError) => {
-                    let regs = self.fd.sync_regs().regs;
-                    let code = self.code_at(regs.rip);
-                    if self.complete_gap(&code) {
-                        self.flush_dirty_regs()?;
-                        return Ok(());
-                    }
-                    return Err(fail(format!(
-                        "KVM could not emulate the stepped instruction at {:#x}",
-                        regs.rip
-                    )));
+                    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the
+                    // `internal` member of the union is the valid one.
+                    let suberror =
+                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    return self.step_dispatch(TrapExit::InternalError { suberror }, start_rip);
                 }
                 Err(e) if is_retry(&e) => self.fd.set_kvm_immediate_exit(0),
                 Ok(other) => return Err(fail(format!("unexpected exit {other:?}"))),
@@ -626,6 +671,40 @@ impl VcpuRunner {
             }
         }
         Err(fail("no #DB after 64 exits".into()))
+    }
+}
+
+impl VcpuRunner {
+    /// A trap exit while single-stepping from `start_rip` ends the step: the
+    /// expected #DB completes it; an instruction KVM could not emulate is
+    /// completed here if we can; anything else fails it.
+    pub(crate) fn step_dispatch(
+        &mut self,
+        exit: TrapExit,
+        start_rip: u64,
+    ) -> Result<(), AccessError> {
+        let index = self.index;
+        let fail = |why: String| AccessError::StepFailed {
+            vcpu: index,
+            rip: start_rip,
+            why,
+        };
+        match exit {
+            TrapExit::Debug(arch) if arch.exception == DB_VECTOR => Ok(()),
+            TrapExit::Debug(arch) => Err(fail(format!("unexpected exit Debug({arch:?})"))),
+            TrapExit::InternalError { .. } => {
+                let regs = self.fd.sync_regs().regs;
+                let code = self.code_at(regs.rip);
+                if self.complete_gap(&code) {
+                    self.flush_dirty_regs()?;
+                    return Ok(());
+                }
+                Err(fail(format!(
+                    "KVM could not emulate the stepped instruction at {:#x}",
+                    regs.rip
+                )))
+            }
+        }
     }
 }
 
@@ -687,3 +766,6 @@ impl gaps::GapCpu for VcpuRunner {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod dispatch_tests;
