@@ -244,10 +244,6 @@ impl Snapshotter {
         guest_banner: &str,
         probes: Option<&[u8]>,
     ) -> Result<SnapshotReport, SnapshotError> {
-        let werr = |p: &Path, e: &dyn std::fmt::Display| SnapshotError::Write {
-            path: p.to_owned(),
-            cause: e.to_string(),
-        };
         let t0 = Instant::now();
         std::fs::create_dir_all(dir).map_err(|e| werr(dir, &e))?;
         let manifest_path = dir.join(MANIFEST_NAME);
@@ -320,12 +316,17 @@ impl Snapshotter {
     }
 }
 
-/// Write `bytes` to `path` through a temporary file and a rename.
+/// A failed write of `path`.
+fn werr(path: &Path, cause: &dyn std::fmt::Display) -> SnapshotError {
+    SnapshotError::Write {
+        path: path.to_owned(),
+        cause: cause.to_string(),
+    }
+}
+
+/// Write `bytes` to `path` through a temporary file and a rename, so a
+/// failed write never leaves a half file under the real name.
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
-    let werr = |p: &Path, e: &dyn std::fmt::Display| SnapshotError::Write {
-        path: p.to_owned(),
-        cause: e.to_string(),
-    };
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp).map_err(|e| werr(&tmp, &e))?;
     f.write_all(bytes)
@@ -451,17 +452,8 @@ impl Manifest {
     /// failed write never leaves a half manifest that looks valid).
     pub fn store(&self, dir: &Path) -> Result<(), SnapshotError> {
         let path = dir.join(MANIFEST_NAME);
-        let tmp = dir.join(format!("{MANIFEST_NAME}.tmp"));
-        let werr = |p: &Path, e: &dyn std::fmt::Display| SnapshotError::Write {
-            path: p.to_owned(),
-            cause: e.to_string(),
-        };
         let text = serde_json::to_vec_pretty(self).map_err(|e| werr(&path, &e))?;
-        let mut f = File::create(&tmp).map_err(|e| werr(&tmp, &e))?;
-        f.write_all(&text)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| werr(&tmp, &e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| werr(&path, &e))
+        write_file(&path, &text)
     }
 
     /// Read and check `dir`'s manifest and memory file (presence, magic,
@@ -567,10 +559,7 @@ pub fn write_memory_image(
     mut read: impl FnMut(u64, &mut [u8]) -> Result<(), String>,
     originals: &[(u64, Vec<u8>)],
 ) -> Result<u64, SnapshotError> {
-    let werr = |e: &dyn std::fmt::Display| SnapshotError::Write {
-        path: path.to_owned(),
-        cause: e.to_string(),
-    };
+    let werr = |e: &dyn std::fmt::Display| werr(path, e);
     let f = OpenOptions::new()
         .write(true)
         .create(true)
