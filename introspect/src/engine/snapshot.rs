@@ -115,42 +115,48 @@ impl Engine {
         let _api = self.api.lock().unwrap();
         let mut why = String::new();
         for _ in 0..CLEAN_POINT_TRIES {
-            let _world = self.vm.stop_others(None);
-            let table = self.table.read().unwrap();
-            // A vCPU waiting inside a handler to stop the world (to single-
-            // step) is mid-hit: let it finish first. It would not answer a
-            // request either: it is not at a checkpoint.
-            let in_handler = self.in_handler.load(Ordering::SeqCst);
-            if in_handler > 0 {
-                why = format!("{in_handler} vCPU(s) inside probe handling");
-                drop(table);
-                drop(_world);
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-            let points = self.vcpu_points();
-            if points.len() != self.vm.vcpu_count() {
-                return Err(ProbeError::Guest(format!(
-                    "only {} of {} vCPUs answered: the guest is stopping or stopped",
-                    points.len(),
-                    self.vm.vcpu_count()
-                )));
-            }
-            match self.unclean(&table, &points) {
-                Some(w) => why = w,
-                None => {
-                    let sregs = points.iter().find_map(|p| p.sregs);
-                    let frozen = self.frozen(&table, sregs.as_ref());
-                    return Ok(f(&frozen));
+            {
+                let _world = self.vm.stop_others(None);
+                let table = self.table.read().unwrap();
+                match self.clean_point(&table)? {
+                    Ok(points) => {
+                        let sregs = points.iter().find_map(|p| p.sregs);
+                        return Ok(f(&self.frozen(&table, sregs.as_ref())));
+                    }
+                    Err(w) => why = w,
                 }
             }
-            drop(table);
-            drop(_world);
+            // The world runs for a moment, so the vCPU in the way moves on.
             std::thread::sleep(Duration::from_millis(1));
         }
         Err(ProbeError::Guest(format!(
             "no clean point for a snapshot in {CLEAN_POINT_TRIES} tries: {why}"
         )))
+    }
+
+    /// With the world stopped: every vCPU's point if this is a clean point
+    /// for a snapshot, else why not (worth another try); an error when a vCPU
+    /// cannot answer at all (the guest is going away).
+    fn clean_point(&self, table: &Table) -> Result<Result<Vec<VcpuPoint>, String>, ProbeError> {
+        // A vCPU waiting inside a handler to stop the world (to single-
+        // step) is mid-hit: let it finish first. It would not answer a
+        // request either: it is not at a checkpoint.
+        let in_handler = self.in_handler.load(Ordering::SeqCst);
+        if in_handler > 0 {
+            return Ok(Err(format!("{in_handler} vCPU(s) inside probe handling")));
+        }
+        let points = self.vcpu_points();
+        if points.len() != self.vm.vcpu_count() {
+            return Err(ProbeError::Guest(format!(
+                "only {} of {} vCPUs answered: the guest is stopping or stopped",
+                points.len(),
+                self.vm.vcpu_count()
+            )));
+        }
+        Ok(match self.unclean(table, &points) {
+            Some(why) => Err(why),
+            None => Ok(points),
+        })
     }
 
     fn vcpu_points(&self) -> Vec<VcpuPoint> {
