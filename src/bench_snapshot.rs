@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use introspect::{Engine, EngineConfig};
+use introspect::Engine;
 use service::{Guest, HvProbeService, ServiceConfig, Symbols};
 use vmm::{Vm, VmConfig};
 
@@ -45,29 +45,12 @@ struct Probed {
 
 fn probed(vm: Vm, kernel: &Path) -> Result<Probed> {
     let symbols = Arc::new(Symbols::from_vmlinux(kernel)?);
-    let control = vm.control();
-    let vcpus = guest_access::VmControl::vcpu_count(&*control);
-    let engine = Engine::new(
-        control.clone(),
-        symbols.clone(),
-        EngineConfig::for_vcpus(vcpus),
-    );
-    if let Some(t) = symbols.return_trap_candidate() {
-        engine.set_return_trap(t)?;
-    }
-    let guest = Guest::new(control);
-    guest.set_snapshot_writer(hvprobe::snapshots::writer_for(&vm));
-    let svc = HvProbeService::new(
-        engine.clone(),
-        symbols,
-        guest.clone(),
-        ServiceConfig::default(),
-    );
+    let a = hvprobe::attach(&vm, symbols, ServiceConfig::default())?;
     Ok(Probed {
         vm,
-        engine,
-        svc,
-        guest,
+        engine: a.engine,
+        svc: a.service,
+        guest: a.guest,
     })
 }
 

@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use introspect::{Engine, EngineConfig};
 use proto::v1;
-use service::{Guest, HvProbeService, Listen, ServiceConfig, Symbols, TlsFiles};
+use service::{Listen, ServiceConfig, Symbols, TlsFiles};
 use tokio_stream::StreamExt;
 
 /// How to run: probes to plant before boot, where to serve.
@@ -155,27 +154,14 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
     }
     // Create the VM first: a bad kernel, memory size or KVM device is the
     // one error the user sees, not a symbol warning before it.
-    let vcpus = config.vcpus;
     let (vm, kernel, saved_probes) = create_vm(config, opts.restore.as_ref())?;
-    let vcpus = if opts.restore.is_some() {
-        guest_access::VmControl::vcpu_count(&*vm.control()) as u8
-    } else {
-        vcpus
-    };
     let symbols = Arc::new(load_symbols(&kernel, opts.system_map.as_deref())?);
     let control = vm.control();
-    let engine = Engine::new(
-        control.clone(),
-        symbols.clone(),
-        EngineConfig::for_vcpus(usize::from(vcpus)),
-    );
-    match symbols.return_trap_candidate() {
-        Some(t) => engine
-            .set_return_trap(t)
-            .with_context(|| format!("setting the kretprobe return trap at {t:#x}"))?,
-        None => tracing::warn!("no padding byte for a return trap: kretprobes are unavailable"),
-    }
-    let guest = Guest::new(control.clone());
+    let hvprobe::Attached {
+        engine,
+        guest,
+        service: svc,
+    } = hvprobe::attach(&vm, symbols, ServiceConfig::default())?;
     {
         let vm = control.clone();
         guest.set_bridge_info(Box::new(move || {
@@ -196,13 +182,6 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
     if bridge.active || bridge.requested != vmm::BridgeMode::Auto {
         eprintln!("hvprobe: system-call bridge {}", bridge.detail);
     }
-    let svc = HvProbeService::new(
-        engine.clone(),
-        symbols,
-        guest.clone(),
-        ServiceConfig::default(),
-    );
-    guest.set_snapshot_writer(hvprobe::snapshots::writer_for(&vm));
     if let Some(json) = &saved_probes {
         let restored = svc
             .restore_probes(json)

@@ -11,9 +11,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use introspect::{Engine, EngineConfig, EventKind};
+use introspect::EventKind;
 use probe_spec::Value;
-use service::{HvProbeService, ServiceConfig, Symbols};
+use service::{ServiceConfig, Symbols};
 
 fn snapshot_dir() -> Option<PathBuf> {
     match std::env::var("HVPROBE_DEBIAN_SNAPSHOT") {
@@ -52,13 +52,11 @@ fn restored_debian_runs_a_console_command_and_its_open_is_streamed() {
     let symbols = Arc::new(Symbols::from_vmlinux(std::path::Path::new(&manifest.kernel)).unwrap());
     let symbols_ready = t0.elapsed();
     let control = vm.control();
-    let engine = Engine::new(
-        control.clone(),
-        symbols.clone(),
-        EngineConfig::for_vcpus(usize::from(manifest.vcpus)),
-    );
-    let guest = service::Guest::new(control.clone());
-    let svc = HvProbeService::new(engine.clone(), symbols, guest, ServiceConfig::default());
+    let hvprobe::Attached {
+        engine,
+        service: svc,
+        ..
+    } = hvprobe::attach(&vm, symbols, ServiceConfig::default()).unwrap();
     svc.create_lines(&["p:fs/open do_sys_openat2 path=+0(%si):string".to_string()])
         .expect("probe on do_sys_openat2");
     let sub = engine.subscribe(1 << 16, None, None);
