@@ -637,16 +637,16 @@ impl Inner {
         })
     }
 
-    pub(crate) fn guest_info(&self) -> v1::GetGuestInfoResponse {
-        let (source, detail) = self.symbols.source();
-        let vm = &self.guest.vm;
-        // The banner in guest memory at the link-time address (the test
-        // guest and `nokaslr` kernels are not relocated): equal bytes
-        // verify a zero slide.
-        let (banner, verified) = match self.symbols.image_banner() {
+    /// The kernel's banner, and whether guest memory holds it at the
+    /// link-time address (the test guest and `nokaslr` kernels are not
+    /// relocated): equal bytes verify a zero slide.
+    pub(crate) fn kernel_banner(&self) -> (String, bool) {
+        match self.symbols.image_banner() {
             Some((addr, want)) if addr >= introspect::KERNEL_TEXT_MAP => {
                 let mut got = vec![0u8; want.len()];
-                let ok = vm
+                let ok = self
+                    .guest
+                    .vm
                     .memory()
                     .read_phys(addr - introspect::KERNEL_TEXT_MAP, &mut got)
                     .is_ok()
@@ -654,7 +654,13 @@ impl Inner {
                 (String::from_utf8_lossy(&want).trim_end().to_string(), ok)
             }
             _ => (String::new(), false),
-        };
+        }
+    }
+
+    fn guest_info(&self) -> v1::GetGuestInfoResponse {
+        let (source, detail) = self.symbols.source();
+        let vm = &self.guest.vm;
+        let (banner, verified) = self.kernel_banner();
         v1::GetGuestInfoResponse {
             state: self.guest.state() as i32,
             vcpus: u32::try_from(vm.vcpu_count()).unwrap_or(u32::MAX),

@@ -79,14 +79,14 @@ impl Inner {
                 .map(|m| (m.id, m.filter_text.clone()))
                 .collect()
         };
-        let banner = self.guest_info().kernel_banner;
+        let (banner, _) = self.kernel_banner();
         let written = self
             .engine
             .freeze(|frozen| {
                 let file = ProbeTableFile {
                     format: PROBE_TABLE_FORMAT,
                     engine: frozen.state.clone(),
-                    filters: filters.clone(),
+                    filters,
                 };
                 let json = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
                 let w = writer.write(dir, &frozen.originals, &banner, &json)?;
