@@ -18,45 +18,16 @@ use std::time::{Duration, Instant};
 use common::*;
 use guest_access::VmControl;
 use introspect::{ProbeError, ProbeId, ProbeRequest};
-use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 use vmm::RunOutcome;
 
 /// Instruction boundaries of the test guest's C functions: (counted
 /// functions, all C functions).
 fn boundaries() -> (Vec<u64>, Vec<u64>) {
-    let data = test_guest::kernel_image();
-    let file = object::File::parse(data).unwrap();
-    let text = file.section_by_name(".text").unwrap();
-    let bytes = text.data().unwrap();
     let (mut hot, mut all) = (Vec::new(), Vec::new());
-    for s in file.symbols() {
-        if s.kind() != SymbolKind::Text || s.size() == 0 || s.section_index() != Some(text.index())
-        {
-            continue;
-        }
-        let off = (s.address() - text.address()) as usize;
-        let head = &bytes[off..(off + 9).min(bytes.len())];
-        // C functions only (ftrace nop or endbr64 first): the assembly boot
-        // code runs in 32-bit and real mode.
-        if !(head.starts_with(&[0x0f, 0x1f, 0x44, 0, 0])
-            || head.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]))
-        {
-            continue;
-        }
-        let counted = s
-            .name()
-            .is_ok_and(|n| test_guest::COUNTED_FUNCTIONS.contains(&n) || n == "worker");
-        let mut ip = s.address();
-        while ip < s.address() + s.size() {
-            let off = (ip - text.address()) as usize;
-            let Ok(d) = insn_emu::prepare(&bytes[off..(off + 15).min(bytes.len())], ip) else {
-                break;
-            };
-            all.push(ip);
-            if counted {
-                hot.push(ip);
-            }
-            ip += d.len() as u64;
+    for (name, ip) in c_function_boundaries(false) {
+        all.push(ip);
+        if test_guest::COUNTED_FUNCTIONS.contains(&name.as_str()) || name == "worker" {
+            hot.push(ip);
         }
     }
     for v in [&mut hot, &mut all] {
@@ -64,13 +35,6 @@ fn boundaries() -> (Vec<u64>, Vec<u64>) {
         v.dedup();
     }
     (hot, all)
-}
-
-/// Guest-physical bytes `[start, end)`.
-fn read_range(mem: &dyn guest_access::GuestMemory, (start, end): (u64, u64)) -> Vec<u8> {
-    let mut buf = vec![0u8; (end - start) as usize];
-    mem.read_phys(start, &mut buf).unwrap();
-    buf
 }
 
 /// With the world stopped: every text byte equals the pristine one, except

@@ -5,24 +5,10 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::kvm_available;
+use common::{hvprobe_cli as hvprobe, kvm_available};
 
 fn host_needs_bridge() -> bool {
     vmm::detect::host_needs_bridge(std::path::Path::new("/dev/kvm")).expect("detection")
-}
-
-fn hvprobe(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hvprobe"))
-        .args(args)
-        .output()
-        .expect("run hvprobe");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "hvprobe panicked: {stderr}");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr,
-    )
 }
 
 #[test]

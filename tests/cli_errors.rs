@@ -4,24 +4,13 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-fn hvprobe(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hvprobe"))
-        .args(args)
-        .output()
-        .expect("run hvprobe");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "hvprobe panicked: {stderr}");
-    (out.status.code().unwrap_or(-1), stderr)
-}
+mod common;
 
-fn assert_one_line_error(stderr: &str, needle: &str) {
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
-    assert!(lines[0].starts_with("hvprobe: error: "), "{stderr}");
-    assert!(
-        lines[0].contains(needle),
-        "expected {needle:?} in: {stderr}"
-    );
+use common::{assert_one_line_error, hvprobe_cli};
+
+fn hvprobe(args: &[&str]) -> (i32, String) {
+    let (code, _, stderr) = hvprobe_cli(args);
+    (code, stderr)
 }
 
 fn scratch(name: &str, data: &[u8]) -> PathBuf {

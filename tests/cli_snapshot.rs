@@ -6,43 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn kvm_or_skip() -> bool {
-    let ok = Path::new("/dev/kvm").exists();
-    if !ok {
-        assert_ne!(
-            std::env::var("HVPROBE_REQUIRE_KVM").as_deref(),
-            Ok("1"),
-            "HVPROBE_REQUIRE_KVM=1 but /dev/kvm is missing"
-        );
-        eprintln!("SKIPPED: /dev/kvm is not available");
-    }
-    ok
-}
+mod common;
 
-fn hvprobe(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hvprobe"))
-        .args(args)
-        .output()
-        .expect("run hvprobe");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "hvprobe panicked: {stderr}");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr,
-    )
-}
-
-/// Exactly one non-empty stderr line, an `hvprobe: error:` containing `needle`.
-fn assert_one_line_error(stderr: &str, needle: &str) {
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
-    assert!(lines[0].starts_with("hvprobe: error: "), "{stderr}");
-    assert!(
-        lines[0].contains(needle),
-        "expected {needle:?} in: {stderr}"
-    );
-}
+use common::{assert_one_line_error, hvprobe_cli as hvprobe, kvm_available};
 
 /// `hvprobe run` serving on a socket in `dir`; killed on drop.
 struct Server {
@@ -130,7 +96,7 @@ fn edit_manifest(src: &Path, dst: &Path, edit: impl Fn(&mut serde_json::Value)) 
 
 #[test]
 fn snapshot_restore_and_every_refusal_from_the_cli() {
-    if !kvm_or_skip() {
+    if !kvm_available() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

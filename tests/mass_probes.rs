@@ -11,52 +11,14 @@ use std::time::{Duration, Instant};
 use common::*;
 use guest_access::VmControl;
 use introspect::{Engine, ProbeError, ProbeRequest};
-use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 
-/// Every instruction boundary of every function in the test guest's `.text`.
-/// With `padding`, also the "instructions" objdump shows in the padding
-/// after each function (up to the next symbol), as a user listing
-/// boundaries with objdump would.
+/// Every instruction boundary of the test guest's C functions, sorted
+/// (see [`c_function_boundaries`]).
 fn boundaries(padding: bool) -> Vec<u64> {
-    let data = test_guest::kernel_image();
-    let file = object::File::parse(data).unwrap();
-    let text = file.section_by_name(".text").unwrap();
-    let bytes = text.data().unwrap();
-    let mut out = Vec::new();
-    for s in file.symbols() {
-        if s.kind() != SymbolKind::Text || s.size() == 0 || s.section_index() != Some(text.index())
-        {
-            continue;
-        }
-        // C functions only (they start with the ftrace nop, or endbr64):
-        // the assembly boot code runs in 32-bit and real mode.
-        let off = (s.address() - text.address()) as usize;
-        let head = &bytes[off..(off + 9).min(bytes.len())];
-        if !(head.starts_with(&[0x0f, 0x1f, 0x44, 0, 0])
-            || head.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]))
-        {
-            continue;
-        }
-        let mut ip = s.address();
-        let mut end = s.address() + s.size();
-        if padding {
-            end = file
-                .symbols()
-                .filter(|o| o.address() > s.address())
-                .map(|o| o.address())
-                .min()
-                .unwrap_or(end)
-                .min(end + 64);
-        }
-        while ip < end {
-            let off = (ip - text.address()) as usize;
-            let Ok(d) = insn_emu::prepare(&bytes[off..(off + 15).min(bytes.len())], ip) else {
-                break;
-            };
-            out.push(ip);
-            ip += d.len() as u64;
-        }
-    }
+    let mut out: Vec<u64> = c_function_boundaries(padding)
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .collect();
     out.sort_unstable();
     out.dedup();
     out

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use guest_access::VmControl;
-use introspect::{Engine, EngineConfig, Handling};
+use introspect::{Engine, Handling};
 use service::{HvProbeService, ServiceConfig, Symbols};
 use vmm::{RunOutcome, Vm};
 
@@ -27,30 +27,13 @@ struct Probed {
 impl Probed {
     fn new(vm: Vm, serial: Arc<std::sync::Mutex<Vec<u8>>>) -> Probed {
         let symbols = Arc::new(Symbols::from_vmlinux(test_guest::kernel_path()).unwrap());
-        let control = vm.control();
-        let vcpus = control.vcpu_count();
-        let engine = Engine::new(
-            control.clone(),
-            symbols.clone(),
-            EngineConfig::for_vcpus(vcpus),
-        );
-        engine
-            .set_return_trap(symbols.return_trap_candidate().unwrap())
-            .unwrap();
-        let guest = service::Guest::new(control.clone());
-        guest.set_snapshot_writer(hvprobe::snapshots::writer_for(&vm));
-        let svc = HvProbeService::new(
-            engine.clone(),
-            symbols,
-            guest.clone(),
-            ServiceConfig::default(),
-        );
+        let a = hvprobe::attach(&vm, symbols, ServiceConfig::default()).unwrap();
         Probed {
+            control: vm.control(),
             vm: Some(vm),
-            control,
-            engine,
-            svc,
-            guest,
+            engine: a.engine,
+            svc: a.service,
+            guest: a.guest,
             serial,
         }
     }
@@ -96,26 +79,18 @@ impl Probed {
 
 const PROBES: &[&str] = &["p:t/add hv_add", "r:t/fib hv_fib"];
 
+/// (name, FNV-1a hash) of every file in `dir`.
 fn file_hash(dir: &Path) -> Vec<(String, u64)> {
     let mut v: Vec<(String, u64)> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| {
             let p = e.unwrap().path();
-            let b = std::fs::read(&p).unwrap();
-            let h = b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
-                (h ^ u64::from(*x)).wrapping_mul(0x100_0000_01b3)
-            });
+            let h = fnv1a(&std::fs::read(&p).unwrap());
             (p.file_name().unwrap().to_string_lossy().into_owned(), h)
         })
         .collect();
     v.sort();
     v
-}
-
-fn fnv(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
-        (h ^ u64::from(*x)).wrapping_mul(0x100_0000_01b3)
-    })
 }
 
 #[test]
@@ -176,7 +151,7 @@ fn snapshot_mid_run_then_two_restores_at_once_finish_with_exact_counters() {
     // trap byte) and no stack slot pointing at the trap.
     let image = std::fs::read(snap.join("memory.raw")).unwrap();
     assert_eq!(
-        fnv(&image[text_gpas.0 as usize..text_gpas.1 as usize]),
+        fnv1a(&image[text_gpas.0 as usize..text_gpas.1 as usize]),
         pristine,
         "text in the image differs from the pristine kernel"
     );
@@ -365,7 +340,7 @@ fn snapshots_race_with_probe_churn() {
         let r = live.svc.create_snapshot(&snap, false).expect("snapshot");
         let image = std::fs::read(snap.join("memory.raw")).unwrap();
         assert_eq!(
-            fnv(&image[text_gpas.0 as usize..text_gpas.1 as usize]),
+            fnv1a(&image[text_gpas.0 as usize..text_gpas.1 as usize]),
             pristine,
             "snapshot {taken} ({r:?}) holds patched text"
         );

@@ -126,11 +126,97 @@ pub fn text_range() -> (u64, u64) {
     (phys(s.address()), phys(s.address()) + s.size())
 }
 
-/// FNV-1a hash of guest memory `[start, end)`.
-pub fn hash_range(mem: &dyn guest_access::GuestMemory, (start, end): (u64, u64)) -> u64 {
-    let mut buf = vec![0u8; (end - start) as usize];
-    mem.read_phys(start, &mut buf).unwrap();
-    buf.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+/// FNV-1a hash of `bytes`.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
     })
+}
+
+/// Guest-physical bytes `[start, end)`.
+pub fn read_range(mem: &dyn guest_access::GuestMemory, (start, end): (u64, u64)) -> Vec<u8> {
+    let mut buf = vec![0u8; (end - start) as usize];
+    mem.read_phys(start, &mut buf).unwrap();
+    buf
+}
+
+/// FNV-1a hash of guest memory `[start, end)`.
+pub fn hash_range(mem: &dyn guest_access::GuestMemory, range: (u64, u64)) -> u64 {
+    fnv1a(&read_range(mem, range))
+}
+
+/// (function, address) of every instruction boundary of the test guest's C
+/// functions in `.text` (they start with the ftrace nop or endbr64; the
+/// assembly boot code runs in 32-bit and real mode). With `padding`, also
+/// the "instructions" objdump shows in the padding after each function (up
+/// to the next symbol, at most 64 bytes), as a user listing boundaries with
+/// objdump would.
+pub fn c_function_boundaries(padding: bool) -> Vec<(String, u64)> {
+    use object::{ObjectSection, SymbolKind};
+    let data = test_guest::kernel_image();
+    let file = object::File::parse(data).unwrap();
+    let text = file.section_by_name(".text").unwrap();
+    let bytes = text.data().unwrap();
+    let mut out = Vec::new();
+    for s in file.symbols() {
+        if s.kind() != SymbolKind::Text || s.size() == 0 || s.section_index() != Some(text.index())
+        {
+            continue;
+        }
+        let off = (s.address() - text.address()) as usize;
+        let head = &bytes[off..(off + 9).min(bytes.len())];
+        if !(head.starts_with(&[0x0f, 0x1f, 0x44, 0, 0])
+            || head.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]))
+        {
+            continue;
+        }
+        let name = s.name().unwrap_or_default().to_string();
+        let mut ip = s.address();
+        let mut end = s.address() + s.size();
+        if padding {
+            end = file
+                .symbols()
+                .filter(|o| o.address() > s.address())
+                .map(|o| o.address())
+                .min()
+                .unwrap_or(end)
+                .min(end + 64);
+        }
+        while ip < end {
+            let off = (ip - text.address()) as usize;
+            let Ok(d) = insn_emu::prepare(&bytes[off..(off + 15).min(bytes.len())], ip) else {
+                break;
+            };
+            out.push((name.clone(), ip));
+            ip += d.len() as u64;
+        }
+    }
+    out
+}
+
+/// Run the `hvprobe` binary: (exit code, stdout, stderr). Fails the test if
+/// it panicked.
+pub fn hvprobe_cli(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hvprobe"))
+        .args(args)
+        .output()
+        .expect("run hvprobe");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "hvprobe panicked: {stderr}");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+/// Exactly one non-empty stderr line, an `hvprobe: error:` containing `needle`.
+pub fn assert_one_line_error(stderr: &str, needle: &str) {
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("hvprobe: error: "), "{stderr}");
+    assert!(
+        lines[0].contains(needle),
+        "expected {needle:?} in: {stderr}"
+    );
 }
