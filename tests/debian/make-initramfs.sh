@@ -12,7 +12,10 @@
 # and then runs whatever lines arrive on the console (`read cmd; eval
 # "$cmd"`), each followed by HVPROBE-CMD-DONE rc=N: the state
 # tests/debian/snapshot.sh snapshots and caches, so later runs restore it and
-# tell it what to run next.
+# tell it what to run next. It also holds /bin/hvopen, /bin/hvsleep (static
+# C programs below: they print what they did, so a test can reconcile every
+# event with it) and /lib/binfmt_misc.ko from the same kernel package, for
+# the module-probe tests.
 #
 # Also initramfs-int80.cpio.gz, whose /init is a few instructions of
 # assembly that write, mount /proc and power off through `int $0x80` only
@@ -30,28 +33,87 @@ if [ ! -s busybox ]; then
   rm -rf bb && mkdir bb && dpkg-deb -x busybox-static_*.deb bb
   cp bb/bin/busybox busybox && rm -rf bb busybox-static_*.deb
 fi
-# The workload's own program (static, glibc).
+# The workload's own programs (static, glibc). hvopen keeps every fd open
+# and prints them, so a probe's return values can be checked one by one;
+# `hvopen N PATH wait` prints its pid first and opens once a line arrives on
+# stdin (a test can then filter by that pid before the opens).
 cat > hvopen.c <<'C'
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 int main(int argc, char **argv)
 {
 	int n = argc > 1 ? atoi(argv[1]) : 10, ok = 0;
 	const char *path = argc > 2 ? argv[2] : "/etc/hostname";
-	for (int i = 0; i < n; i++) {
-		int fd = open(path, O_RDONLY);
-		if (fd >= 0) {
-			ok++;
-			close(fd);
-		}
+	int *fds = calloc(n > 0 ? n : 1, sizeof(int));
+	if (argc > 3 && strcmp(argv[3], "wait") == 0) {
+		/* Say who we are, then open only once a line arrives. */
+		char line[64];
+		printf("HVPROBE-HVOPEN-READY pid=%d\n", (int)getpid());
+		fflush(stdout);
+		if (!fgets(line, sizeof(line), stdin))
+			return 2;
 	}
-	printf("HVPROBE-HVOPEN n=%d opened=%d pid=%d path=%s\n", n, ok, (int)getpid(), path);
+	for (int i = 0; i < n; i++) {
+		fds[i] = open(path, O_RDONLY);
+		if (fds[i] >= 0)
+			ok++;
+	}
+	printf("HVPROBE-HVOPEN n=%d opened=%d pid=%d path=%s fds=", n, ok, (int)getpid(), path);
+	for (int i = 0; i < n; i++)
+		printf("%s%d", i ? "," : "", fds[i]);
+	printf("\n");
 	return ok == n ? 0 : 1;
 }
 C
 gcc -static -O2 -o hvopen hvopen.c
+# hvsleep MS COUNT [migrate]: COUNT nanosleeps of MS ms each, printing its pid,
+# the call's index, its length and the CPU before each; with "migrate" it pins
+# itself to CPU i % ncpus first, so consecutive sleeps start on different CPUs.
+cat > hvsleep.c <<'C'
+#define _GNU_SOURCE
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv)
+{
+	long ms = argc > 1 ? atol(argv[1]) : 100;
+	int count = argc > 2 ? atoi(argv[2]) : 1;
+	int migrate = argc > 3 && strcmp(argv[3], "migrate") == 0;
+	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+	for (int i = 0; i < count; i++) {
+		if (migrate && ncpu > 1) {
+			cpu_set_t set;
+			CPU_ZERO(&set);
+			CPU_SET(i % ncpu, &set);
+			sched_setaffinity(0, sizeof(set), &set);
+		}
+		printf("HVPROBE-SLEEP pid=%d i=%d ms=%ld cpu=%d\n", (int)getpid(), i, ms, sched_getcpu());
+		fflush(stdout);
+		struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+		nanosleep(&ts, NULL);
+	}
+	printf("HVPROBE-SLEEP-DONE pid=%d n=%d cpu=%d\n", (int)getpid(), count, sched_getcpu());
+	return 0;
+}
+C
+gcc -static -O2 -o hvsleep hvsleep.c
+# A module from the same Debian kernel package (no dependencies; its
+# load_misc_binary runs on every exec once it is loaded).
+abi=$(cat "$out/version")
+if [ ! -s "binfmt_misc-$abi.ko" ]; then
+  rm -rf x linux-image-"$abi"-unsigned_*.deb && mkdir x
+  apt-get download "linux-image-$abi-unsigned" >/dev/null
+  dpkg-deb -x linux-image-"$abi"-unsigned_*.deb x
+  cp x/lib/modules/"$abi"/kernel/fs/binfmt_misc.ko "binfmt_misc-$abi.ko"
+  rm -rf x linux-image-"$abi"-unsigned_*.deb
+fi
+cp "binfmt_misc-$abi.ko" binfmt_misc.ko
 # /init that uses only int $0x80 (the i386 system call gate, IA32 emulation).
 cat > init80.S <<'ASM'
 	.globl _start
@@ -138,8 +200,12 @@ entries = [("bin", 0o040755, b"", (0, 0)), ("proc", 0o040755, b"", (0, 0)),
            ("bin/sh", 0o120777, b"busybox", (0, 0)), ("init", 0o100755, init, (0, 0)),
            ("dev/kmsg", 0o020644, b"", (1, 11)), ("sys", 0o040755, b"", (0, 0)),
            ("etc", 0o040755, b"", (0, 0)), ("etc/hostname", 0o100644, b"hvprobe-guest\n", (0, 0))]
-if variant == "busybox":
+if variant in ("busybox", "console"):
     entries.append(("bin/hvopen", 0o100755, open("hvopen", "rb").read(), (0, 0)))
+if variant == "console":
+    entries.append(("bin/hvsleep", 0o100755, open("hvsleep", "rb").read(), (0, 0)))
+    entries.append(("lib", 0o040755, b"", (0, 0)))
+    entries.append(("lib/binfmt_misc.ko", 0o100644, open("binfmt_misc.ko", "rb").read(), (0, 0)))
 out = bytearray()
 def add(name, mode, data, ino, rdev=(0, 0)):
     nb = name.encode() + b"\0"

@@ -32,7 +32,7 @@ fmt=$(sed -n 's/^pub const FORMAT_VERSION: u32 = \([0-9]*\);/\1/p' vmm/src/snaps
 cmdline="console=ttyS0 earlyprintk=serial,ttyS0 noxsave nokaslr pci=off panic=-1 \
 mitigations=off clearcpuid=129,137,141,147,148,153,308 cryptomgr.notests nowatchdog \
 audit=0 tsc=reliable"
-vcpus=1 mem=512
+vcpus=2 mem=512
 # Keyed by what the guest runs (comments do not count) and how it boots.
 hash=$( { grep -v '^[[:space:]]*#' tests/debian/make-initramfs.sh; echo "$cmdline $vcpus $mem"; } \
   | sha256sum | cut -c1-12)
