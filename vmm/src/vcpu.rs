@@ -16,7 +16,7 @@ use crate::control::{self, Request};
 use crate::debug::GuestDebug;
 use crate::devices::PortAction;
 use crate::gaps;
-use crate::{RunOutcome, Shared};
+use crate::{RunOutcome, Shared, VcpuStats};
 
 const BP_VECTOR: u8 = 3;
 const DB_VECTOR: u32 = 1;
@@ -100,6 +100,59 @@ pub(crate) fn to_system_regs(s: &kvm_bindings::kvm_sregs) -> SystemRegs {
         long_mode: s.efer & EFER_LMA != 0 && s.cs.l != 0,
         gs_base: s.gs.base,
         kernel_gs_base: 0,
+    }
+}
+
+/// What serving a device exit asks of the loop that got it.
+#[derive(Debug, PartialEq, Eq)]
+enum DeviceExit {
+    /// Served; run the guest on.
+    Served,
+    /// The guest asked to end the run this way (exit port, ACPI power-off
+    /// or reset).
+    Ends(RunOutcome),
+}
+
+/// Serve a port or MMIO exit: the one device-exit handler of both the vCPU
+/// run loop ([`VcpuRunner::run_once`]) and the single-step loop
+/// ([`VcpuRunner::step_until_db`]). Any other exit (or KVM_RUN error) is
+/// handed back for the caller's own handling.
+fn device_exit<'a>(
+    shared: &Shared,
+    stats: &VcpuStats,
+    exit: Result<VcpuExit<'a>, kvm_ioctls::Error>,
+) -> Result<DeviceExit, Result<VcpuExit<'a>, kvm_ioctls::Error>> {
+    match exit {
+        Ok(VcpuExit::IoOut(port, data)) => {
+            stats.io.fetch_add(1, Ordering::Relaxed);
+            let action = shared.bus.lock().unwrap().write(port, data);
+            Ok(match action {
+                PortAction::None => DeviceExit::Served,
+                PortAction::Marker(tag) => {
+                    shared.record_marker(tag);
+                    DeviceExit::Served
+                }
+                PortAction::Exit(status) => DeviceExit::Ends(RunOutcome::GuestExit { status }),
+                PortAction::PowerOff => DeviceExit::Ends(RunOutcome::PowerOff),
+                PortAction::Reset(how) => DeviceExit::Ends(RunOutcome::Reset { how }),
+            })
+        }
+        Ok(VcpuExit::IoIn(port, data)) => {
+            stats.io.fetch_add(1, Ordering::Relaxed);
+            shared.bus.lock().unwrap().read(port, data);
+            Ok(DeviceExit::Served)
+        }
+        Ok(VcpuExit::MmioRead(_, data)) => {
+            // No MMIO devices: reads float high, as on an empty bus.
+            stats.mmio.fetch_add(1, Ordering::Relaxed);
+            data.fill(0xff);
+            Ok(DeviceExit::Served)
+        }
+        Ok(VcpuExit::MmioWrite(..)) => {
+            stats.mmio.fetch_add(1, Ordering::Relaxed);
+            Ok(DeviceExit::Served)
+        }
+        other => Err(other),
     }
 }
 
@@ -259,42 +312,16 @@ impl VcpuRunner {
         self.exits += 1;
         let stats = &shared.stats[self.index];
         stats.exits.fetch_add(1, Ordering::Relaxed);
+        let exit = match device_exit(&shared, stats, exit) {
+            Ok(DeviceExit::Served) => return Next::Continue,
+            Ok(DeviceExit::Ends(outcome)) => return Next::Stop(outcome),
+            Err(other) => other,
+        };
         let trap = match exit {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                stats.io.fetch_add(1, Ordering::Relaxed);
-                let action = shared.bus.lock().unwrap().write(port, data);
-                return match action {
-                    PortAction::None => Next::Continue,
-                    PortAction::Marker(tag) => {
-                        shared.record_marker(tag);
-                        Next::Continue
-                    }
-                    PortAction::Exit(status) => Next::Stop(RunOutcome::GuestExit { status }),
-                    PortAction::PowerOff => Next::Stop(RunOutcome::PowerOff),
-                    PortAction::Reset(how) => Next::Stop(RunOutcome::Reset { how }),
-                };
-            }
-            Ok(VcpuExit::IoIn(port, data)) => {
-                stats.io.fetch_add(1, Ordering::Relaxed);
-                shared.bus.lock().unwrap().read(port, data);
-                return Next::Continue;
-            }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                stats.mmio.fetch_add(1, Ordering::Relaxed);
-                data.fill(0xff);
-                return Next::Continue;
-            }
-            Ok(VcpuExit::MmioWrite(..)) => {
-                stats.mmio.fetch_add(1, Ordering::Relaxed);
-                return Next::Continue;
-            }
             Ok(VcpuExit::Debug(arch)) => TrapExit::Debug(arch),
-            Ok(VcpuExit::InternalError) => {
-                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the
-                // `internal` member of the union is the valid one.
-                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                TrapExit::InternalError { suberror }
-            }
+            Ok(VcpuExit::InternalError) => TrapExit::InternalError {
+                suberror: self.internal_error_suberror(),
+            },
             Ok(VcpuExit::Shutdown) => {
                 return Next::Stop(RunOutcome::TripleFault { vcpu: self.index })
             }
@@ -545,6 +572,19 @@ impl VcpuRunner {
         }
     }
 
+    /// The suberror of the KVM_EXIT_INTERNAL_ERROR that KVM_RUN just
+    /// returned (call only right after `VcpuExit::InternalError`).
+    fn internal_error_suberror(&mut self) -> u32 {
+        let run = self.fd.get_kvm_run();
+        debug_assert_eq!(run.exit_reason, kvm_bindings::KVM_EXIT_INTERNAL_ERROR);
+        // SAFETY: kvm_run's exit union is discriminated by `exit_reason`;
+        // both callers run this straight after KVM_RUN returned
+        // KVM_EXIT_INTERNAL_ERROR (kvm-ioctls maps that reason, and only
+        // it, to `VcpuExit::InternalError`), so `internal` is the member KVM
+        // wrote. Reading a u32 of it is a plain load from the mmapped page.
+        unsafe { run.__bindgen_anon_1.internal.suberror }
+    }
+
     /// True before the first KVM_RUN has filled kvm_run's register copy.
     fn sync_valid(&self) -> bool {
         self.exits > 0
@@ -634,35 +674,22 @@ impl VcpuRunner {
         for _ in 0..64 {
             let exit = self.fd.run();
             self.exits += 1;
-            shared.stats[self.index]
-                .exits
-                .fetch_add(1, Ordering::Relaxed);
+            let stats = &shared.stats[self.index];
+            stats.exits.fetch_add(1, Ordering::Relaxed);
+            let exit = match device_exit(&shared, stats, exit) {
+                Ok(DeviceExit::Served) => continue,
+                Ok(DeviceExit::Ends(outcome)) => {
+                    shared.finish(outcome);
+                    return Err(fail("the guest stopped during the step".into()));
+                }
+                Err(other) => other,
+            };
             match exit {
                 Ok(VcpuExit::Debug(arch)) => {
                     return self.step_dispatch(TrapExit::Debug(arch), start_rip)
                 }
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    let action = shared.bus.lock().unwrap().write(port, data);
-                    if let PortAction::Marker(tag) = action {
-                        shared.record_marker(tag);
-                    } else if action != PortAction::None {
-                        shared.finish(match action {
-                            PortAction::Exit(status) => RunOutcome::GuestExit { status },
-                            PortAction::PowerOff => RunOutcome::PowerOff,
-                            PortAction::Reset(how) => RunOutcome::Reset { how },
-                            PortAction::None | PortAction::Marker(_) => unreachable!(),
-                        });
-                        return Err(fail("the guest stopped during the step".into()));
-                    }
-                }
-                Ok(VcpuExit::IoIn(port, data)) => shared.bus.lock().unwrap().read(port, data),
-                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-                Ok(VcpuExit::MmioWrite(..)) => {}
                 Ok(VcpuExit::InternalError) => {
-                    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the
-                    // `internal` member of the union is the valid one.
-                    let suberror =
-                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    let suberror = self.internal_error_suberror();
                     return self.step_dispatch(TrapExit::InternalError { suberror }, start_rip);
                 }
                 Err(e) if is_retry(&e) => self.fd.set_kvm_immediate_exit(0),
