@@ -22,7 +22,6 @@ pub mod snapshot;
 pub mod snapshot_state;
 mod vcpu;
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
@@ -39,6 +38,7 @@ pub use devices::{SerialOutput, EXIT_PORT, MARKER_PORT};
 pub use loader::{BootEntry, KernelFormat, LoadError, LoadedKernel};
 pub use memory::GuestRam;
 
+pub use control::VcpuRunState;
 use control::{VcpuSlot, World};
 
 /// What to boot and how.
@@ -284,6 +284,11 @@ impl Shared {
         s
     }
 
+    /// What vCPU `index`'s thread is doing (None: no such vCPU).
+    pub fn vcpu_run_state(&self, index: usize) -> Option<VcpuRunState> {
+        self.slots.get(index).map(VcpuSlot::state)
+    }
+
     /// Whether the system-call bridge runs in this VM, and why.
     pub fn bridge_status(&self) -> &BridgeStatus {
         &self.bridge
@@ -368,9 +373,6 @@ impl VmControl for Shared {
                 errno: "called from the vCPU's own thread; use the Vcpu you were given".into(),
             });
         }
-        if slot.tid.load(Ordering::SeqCst) == 0 {
-            return Err(AccessError::VcpuGone(index));
-        }
         let (tx, rx) = mpsc::channel::<()>();
         let req: control::Request = Box::new(move |v| {
             f(v);
@@ -378,10 +380,13 @@ impl VmControl for Shared {
         });
         {
             let _st = self.world.lock();
-            slot.requests.lock().unwrap().push_back(req);
+            if slot.submit(req).is_err() {
+                // Not started, or already left its loop.
+                return Err(AccessError::VcpuGone(index));
+            }
             self.world.cv.notify_all();
         }
-        control::kick(slot);
+        slot.kick();
         rx.recv_timeout(Duration::from_secs(10))
             .map_err(|_| AccessError::VcpuGone(index))
     }
@@ -531,12 +536,7 @@ fn new_shared(p: SharedParts) -> Arc<Shared> {
         ram: p.ram,
         bus: Mutex::new(p.bus),
         world: World::new(),
-        slots: (0..n)
-            .map(|_| VcpuSlot {
-                tid: AtomicU64::new(0),
-                requests: Mutex::new(VecDeque::new()),
-            })
-            .collect(),
+        slots: (0..n).map(|_| VcpuSlot::new()).collect(),
         stats: (0..n).map(|_| VcpuStats::default()).collect(),
         stopping: AtomicBool::new(false),
         outcome: Mutex::new(None),

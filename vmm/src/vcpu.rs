@@ -12,7 +12,7 @@ use kvm_bindings::{
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 
 use crate::bridge::BridgeState;
-use crate::control::{self, Request};
+use crate::control::{self, Request, VcpuRunState};
 use crate::debug::GuestDebug;
 use crate::devices::PortAction;
 use crate::gaps;
@@ -210,11 +210,9 @@ impl VcpuRunner {
 
     /// The thread body.
     pub fn run_loop(mut self) {
-        // SAFETY: pthread_self has no preconditions.
-        let tid = unsafe { libc::pthread_self() } as u64;
         let shared = self.shared.clone();
         let slot = &shared.slots[self.index];
-        slot.tid.store(tid, Ordering::SeqCst);
+        slot.enter();
         control::set_thread_kvm_run(self.fd.get_kvm_run() as *mut _);
         crate::snapshot_state::set_thread_vcpu_fd(&self.fd);
         self.fd.set_sync_valid_reg(SyncReg::Register);
@@ -242,9 +240,11 @@ impl VcpuRunner {
         if let Some(o) = outcome {
             self.shared.finish(o);
         }
+        // No kick or request reaches this thread after `exit`; a kick sent
+        // before it finds the kvm_run pointer still set or already null.
+        slot.exit();
         control::set_thread_kvm_run(std::ptr::null_mut());
         crate::snapshot_state::clear_thread_vcpu_fd();
-        slot.tid.store(0, Ordering::SeqCst);
         // Drop queued requests: their senders learn the vCPU is gone.
         slot.requests.lock().unwrap().clear();
         let mut st = self.shared.world.lock();
@@ -278,6 +278,8 @@ impl VcpuRunner {
         if st.stopper.is_none() || st.stopper == Some(self.index) {
             return;
         }
+        let slot = &shared.slots[self.index];
+        slot.set(VcpuRunState::Parked);
         st.parked += 1;
         world.parked_hint.store(st.parked, Ordering::SeqCst);
         world.cv.notify_all();
@@ -301,6 +303,7 @@ impl VcpuRunner {
         }
         st.parked -= 1;
         world.parked_hint.store(st.parked, Ordering::SeqCst);
+        slot.set(VcpuRunState::Running);
     }
 
     fn run_once(&mut self) -> Next {
@@ -470,7 +473,11 @@ impl VcpuRunner {
             .breakpoints
             .fetch_add(1, Ordering::Relaxed);
         let shared = self.shared.clone();
-        match shared.handler().on_breakpoint(self, &*shared, kind) {
+        let slot = &shared.slots[self.index];
+        slot.set(VcpuRunState::InHandler);
+        let action = shared.handler().on_breakpoint(self, &*shared, kind);
+        slot.set(VcpuRunState::Running);
+        match action {
             BreakpointAction::Resume => Next::Continue,
             BreakpointAction::DeliverToGuest => match self.deliver_bp(kind) {
                 Ok(()) => Next::Continue,
