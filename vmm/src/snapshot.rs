@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 use guest_access::{GuestMemory, VmControl};
 use serde::{Deserialize, Serialize};
 
+use crate::machine::Machine;
 use crate::snapshot_state::{VcpuState, VmState};
-use crate::{KvmFds, Shared};
 
 /// Identifies a manifest as an hvprobe snapshot.
 pub const MAGIC: &str = "hvprobe-snapshot";
@@ -196,10 +196,28 @@ pub struct SnapshotReport {
     pub write: Duration,
 }
 
+/// The KVM handles of a VM and what a snapshot manifest records about it.
+/// Shared by the VM handle and its snapshot writer; the VM fd outlives
+/// every vCPU thread.
+pub(crate) struct KvmFds {
+    pub vm: kvm_ioctls::VmFd,
+    pub kvm: kvm_ioctls::Kvm,
+    pub info: VmInfo,
+}
+
+/// The 16550's registers and receive FIFO, for a snapshot manifest.
+fn serial_state(m: &Machine) -> SerialSnapshot {
+    m.bus
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .serial_state()
+        .into()
+}
+
 /// Writes snapshots of a running VM. Cheap to clone.
 #[derive(Clone)]
 pub struct Snapshotter {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<Machine>,
     pub(crate) fds: Arc<KvmFds>,
 }
 
@@ -228,7 +246,7 @@ impl Snapshotter {
         Ok(SavedState {
             vcpus,
             vm: crate::snapshot_state::capture_vm(&self.fds.vm)?,
-            serial: self.shared.serial_state(),
+            serial: serial_state(&self.shared),
         })
     }
 
@@ -799,8 +817,8 @@ mod tests {
         )
         .unwrap();
 
-        let a = crate::GuestRam::from_snapshot(&path, &regions).unwrap();
-        let b = crate::GuestRam::from_snapshot(&path, &regions).unwrap();
+        let a = crate::memory::GuestRam::from_snapshot(&path, &regions).unwrap();
+        let b = crate::memory::GuestRam::from_snapshot(&path, &regions).unwrap();
         let mut x = [0u8; 1];
         a.read_phys(0x1000, &mut x).unwrap();
         assert_eq!(x[0], 0x55);

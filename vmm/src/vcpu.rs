@@ -16,7 +16,7 @@ use crate::control::{self, Request, VcpuRunState};
 use crate::debug::GuestDebug;
 use crate::devices::PortAction;
 use crate::gaps;
-use crate::{RunOutcome, Shared, VcpuStats};
+use crate::machine::{Machine, RunOutcome, VcpuStats};
 
 const BP_VECTOR: u8 = 3;
 const DB_VECTOR: u32 = 1;
@@ -33,7 +33,7 @@ pub(crate) enum Next {
 pub(crate) struct VcpuRunner {
     pub index: usize,
     pub fd: VcpuFd,
-    pub shared: Arc<Shared>,
+    pub shared: Arc<Machine>,
     /// RIP and exit count of the last emulation failure we could not explain,
     /// to tell a stale trap (retry once) from a stuck instruction.
     last_unexplained: Option<(u64, u64)>,
@@ -118,7 +118,7 @@ enum DeviceExit {
 /// ([`VcpuRunner::step_until_db`]). Any other exit (or KVM_RUN error) is
 /// handed back for the caller's own handling.
 fn device_exit<'a>(
-    shared: &Shared,
+    shared: &Machine,
     stats: &VcpuStats,
     exit: Result<VcpuExit<'a>, kvm_ioctls::Error>,
 ) -> Result<DeviceExit, Result<VcpuExit<'a>, kvm_ioctls::Error>> {
@@ -161,7 +161,7 @@ fn is_retry(e: &kvm_ioctls::Error) -> bool {
 }
 
 impl VcpuRunner {
-    pub fn new(index: usize, fd: VcpuFd, shared: Arc<Shared>) -> Self {
+    pub fn new(index: usize, fd: VcpuFd, shared: Arc<Machine>) -> Self {
         Self {
             index,
             fd,
