@@ -35,7 +35,7 @@ pub(crate) struct World {
 
 /// What a vCPU thread is doing, as other threads see it (compare
 /// Firecracker's vCPU state machine). Only the vCPU's own thread changes
-/// it, always under [`VcpuSlot`]'s run lock:
+/// it, always under its `VcpuSlot`'s run lock:
 ///
 /// ```text
 /// NotStarted --thread starts its loop--> Running
@@ -254,8 +254,12 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     let _ = KVM_RUN.try_with(|p| {
         let run = p.get();
         if !run.is_null() {
-            // SAFETY: the pointer is this thread's own mapped kvm_run, set by
-            // the vCPU loop and cleared before the mapping goes away.
+            // SAFETY: KVM_RUN is thread-local, so `run` is the kvm_run page
+            // of the vCPU fd this very thread owns; the loop clears it before
+            // the fd (and the mmap) is dropped, so non-null means mapped. The
+            // signal interrupts this thread only, so no other code of ours
+            // holds a Rust reference into the page across the write; KVM
+            // reads `immediate_exit` at the next KVM_RUN.
             unsafe { (*run).immediate_exit = 1 };
         }
     });

@@ -6,6 +6,46 @@
 //! whether KVM reports it as a debug exit or (on instruction-emulating KVM) as
 //! an emulation failure, reaches one [`guest_access::BreakpointHandler`].
 //! The VMM knows nothing about probes.
+//!
+//! # Files
+//!
+//! | file | what it holds |
+//! |------|---------------|
+//! | `lib.rs` | [`VmConfig`], [`Vm`] (create / restore / start), [`RunningVm`] |
+//! | `machine.rs` | [`Machine`]: the state every thread shares, its [`guest_access::VmControl`]; [`RunOutcome`], exit counters |
+//! | `control.rs` | stop-the-world (`World`), per-vCPU slots with [`VcpuRunState`], the kick signal |
+//! | `vcpu.rs` | the vCPU thread: KVM_RUN loop, device exits, trap dispatch, single-step |
+//! | `vcpu/bridge_exit.rs` | the system-call bridge's exits (IDT tracking, #PF/#UD completion) |
+//! | `bridge.rs` | bridge configuration, gate decoding, per-vCPU bridge state |
+//! | `gaps.rs` | instructions KVM's emulator lacks, completed by the VMM |
+//! | `debug.rs` | the one owner of a vCPU's KVM_SET_GUEST_DEBUG state |
+//! | `devices.rs` | the port bus: 16550 console, exit/marker ports, ACPI PM ports |
+//! | `memory.rs`, `layout.rs` | guest RAM and the guest-physical layout |
+//! | `loader.rs`, `cpu.rs`, `acpi.rs` | kernel/initrd loading, CPUID and boot registers, ACPI tables |
+//! | `regs.rs` | KVM ↔ guest-access register conversions |
+//! | `snapshot.rs`, `snapshot_state.rs` | snapshot files, KVM vCPU/VM state capture and restore |
+//! | `detect.rs` | probing whether this host's KVM needs the system-call bridge |
+//!
+//! # The path of a trap
+//!
+//! ```text
+//! guest executes int3
+//!   -> KVM_RUN returns (vcpu.rs, VcpuRunner::run_once)
+//!        KVM_EXIT_DEBUG, exception 3          (hardware KVM, USE_SW_BP)
+//!        KVM_EXIT_INTERNAL_ERROR, emulation   (instruction-emulating KVM)
+//!   -> device_exit() does not claim it (it serves port/MMIO exits only)
+//!   -> VcpuRunner::dispatch(TrapExit) -> ExitKind
+//!        Breakpoint / EmulationFailure at an int3 or an owned address
+//!   -> VcpuRunner::breakpoint: run state InHandler,
+//!        BreakpointHandler::on_breakpoint(vcpu, machine, kind)
+//!   -> Resume (the handler moved RIP) or DeliverToGuest (#BP re-injected)
+//!   -> back to the loop: checkpoint (requests, park if the world is
+//!      stopped), then the next KVM_RUN
+//! ```
+//!
+//! A single-step (`Vcpu::single_step`) runs its own KVM_RUN loop
+//! (`step_until_db`), which serves device exits through the same
+//! `device_exit` and ends at the #DB.
 
 mod acpi;
 mod bridge;
@@ -19,6 +59,7 @@ pub mod layout;
 mod loader;
 mod machine;
 mod memory;
+mod regs;
 pub mod snapshot;
 pub mod snapshot_state;
 mod vcpu;
@@ -172,14 +213,19 @@ fn create_vm_fd(kvm: &Kvm) -> Result<VmFd, VmError> {
 fn map_ram(vm_fd: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
     for (slot, (gpa, size, host)) in ram.regions().into_iter().enumerate() {
         let region = kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot: u32::try_from(slot)
+                .map_err(|_| VmError::Setup("too many RAM regions for KVM memory slots".into()))?,
             guest_phys_addr: gpa,
             memory_size: size,
             userspace_addr: host,
             flags: 0,
         };
-        // SAFETY: the region is a live mapping owned by `ram`, which lives in
-        // the `Machine` as long as the VM fd and the vCPU threads.
+        // SAFETY: (gpa, size, host) is one of `ram`'s own mmapped regions, so
+        // the host range is valid for `size` bytes, and the regions are
+        // disjoint (one slot each). KVM touches it only on behalf of a vCPU
+        // in KVM_RUN or of our own ioctls; `ram` moves into the Machine, and
+        // every vCPU thread holds an Arc of that Machine for as long as it
+        // can run the guest, so the mapping outlives every such access.
         unsafe { vm_fd.set_user_memory_region(region) }
             .map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
     }
@@ -353,8 +399,15 @@ impl Vm {
             let fd = vm_fd
                 .create_vcpu(id as u64)
                 .map_err(kerr("KVM_CREATE_VCPU"))?;
-            cpu::setup_common(&fd, &cpu::cpuid_for(&base_cpuid, id as u8))
-                .map_err(VmError::Setup)?;
+            cpu::setup_common(
+                &fd,
+                &cpu::cpuid_for(
+                    &base_cpuid,
+                    u8::try_from(id)
+                        .map_err(|_| VmError::Setup(format!("vCPU id {id} beyond 255")))?,
+                ),
+            )
+            .map_err(VmError::Setup)?;
             snapshot_state::apply_vcpu(&fd, state)
                 .map_err(|e| VmError::Setup(format!("vCPU {id}: {e}")))?;
             vcpu_fds.push(fd);

@@ -17,7 +17,7 @@ use crate::memory::GuestRam;
 /// How a guest run ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RunOutcome {
-    /// The guest wrote its exit status to [`EXIT_PORT`].
+    /// The guest wrote its exit status to [`EXIT_PORT`](crate::EXIT_PORT).
     GuestExit { status: u32 },
     /// ACPI power-off (S5).
     PowerOff,
@@ -169,7 +169,7 @@ impl Machine {
         control::kick_all(&self.slots, None);
     }
 
-    /// Stop the guest from any thread (as [`RunningVm::stop`]).
+    /// Stop the guest from any thread (as [`RunningVm::stop`](crate::RunningVm::stop)).
     pub fn stop(&self) {
         self.finish(RunOutcome::Stopped);
     }
@@ -213,7 +213,7 @@ impl Machine {
             .push((tag, std::time::Instant::now()));
     }
 
-    /// Timing markers the guest wrote to [`MARKER_PORT`], in order.
+    /// Timing markers the guest wrote to [`MARKER_PORT`](crate::MARKER_PORT), in order.
     pub fn markers(&self) -> Vec<(u32, std::time::Instant)> {
         self.markers.lock().unwrap().clone()
     }

@@ -60,13 +60,7 @@ pub struct CpuidLeaf {
     pub edx: u32,
 }
 
-/// One guest RAM region and where it lives in the memory file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Region {
-    pub gpa: u64,
-    pub len: u64,
-    pub file_offset: u64,
-}
+pub use crate::memory::Region;
 
 /// The snapshot manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -496,7 +490,7 @@ impl Manifest {
         if found > u64::from(FORMAT_VERSION) {
             return Err(SnapshotError::FutureFormat {
                 path,
-                found: found.min(u64::from(u32::MAX)) as u32,
+                found: u32::try_from(found).unwrap_or(u32::MAX),
             });
         }
         let m: Manifest =
@@ -597,7 +591,9 @@ pub fn write_memory_image(
     for r in regions {
         let mut done = 0u64;
         while done < r.len {
-            let n = ((r.len - done) as usize).min(CHUNK);
+            let n = usize::try_from(r.len - done)
+                .unwrap_or(usize::MAX)
+                .min(CHUNK);
             read(r.gpa + done, &mut buf[..n]).map_err(|e| werr(&e))?;
             // Write runs of non-zero pages; zero pages stay holes.
             let mut p = 0;

@@ -17,11 +17,11 @@ use crate::debug::GuestDebug;
 use crate::devices::PortAction;
 use crate::gaps;
 use crate::machine::{Machine, RunOutcome, VcpuStats};
+use crate::regs::{to_kvm_regs, to_regs, to_system_regs};
 
 const BP_VECTOR: u8 = 3;
 const DB_VECTOR: u32 = 1;
 const INT3: u8 = 0xcc;
-const EFER_LMA: u64 = 0x400;
 
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Next {
@@ -42,65 +42,6 @@ pub(crate) struct VcpuRunner {
     pub(crate) debug: GuestDebug,
     /// The system-call bridge's view of the guest IDT (unused when inactive).
     pub(crate) bridge: BridgeState,
-}
-
-fn to_regs(r: &kvm_regs) -> Regs {
-    Regs {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
-    }
-}
-
-pub(crate) fn to_kvm_regs(r: &Regs) -> kvm_regs {
-    kvm_regs {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
-    }
-}
-
-pub(crate) fn to_system_regs(s: &kvm_bindings::kvm_sregs) -> SystemRegs {
-    SystemRegs {
-        cr0: s.cr0,
-        cr3: s.cr3,
-        cr4: s.cr4,
-        efer: s.efer,
-        cpl: s.ss.dpl,
-        long_mode: s.efer & EFER_LMA != 0 && s.cs.l != 0,
-        gs_base: s.gs.base,
-        kernel_gs_base: 0,
-    }
 }
 
 /// What serving a device exit asks of the loop that got it.
@@ -154,6 +95,13 @@ fn device_exit<'a>(
         }
         other => Err(other),
     }
+}
+
+/// Bytes from `addr` to the end of its 4 KiB page (1..=0x1000).
+// At most 0x1000, so the cast cannot cut on any target.
+#[allow(clippy::cast_possible_truncation)]
+fn page_rest(addr: u64) -> usize {
+    (0x1000 - (addr & 0xfff)) as usize
 }
 
 fn is_retry(e: &kvm_ioctls::Error) -> bool {
@@ -422,7 +370,7 @@ impl VcpuRunner {
         let Ok(gpa) = self.gva_to_gpa(rip) else {
             return Vec::new();
         };
-        let len = (16u64).min(0x1000 - (gpa & 0xfff)) as usize;
+        let len = 16.min(page_rest(gpa));
         let mut buf = vec![0u8; len];
         match self.shared.ram.read_phys(gpa, &mut buf) {
             Ok(()) => buf,
@@ -770,7 +718,7 @@ impl gaps::GapCpu for VcpuRunner {
         let mut done = 0;
         while done < buf.len() {
             let va = gva + done as u64;
-            let n = (buf.len() - done).min((0x1000 - (va & 0xfff)) as usize);
+            let n = (buf.len() - done).min(page_rest(va));
             let gpa = self.gva_to_gpa(va)?;
             self.shared
                 .ram
@@ -787,7 +735,7 @@ impl gaps::GapCpu for VcpuRunner {
         let mut done = 0;
         while done < data.len() {
             let va = gva + done as u64;
-            let n = (data.len() - done).min((0x1000 - (va & 0xfff)) as usize);
+            let n = (data.len() - done).min(page_rest(va));
             pieces.push((self.gva_to_gpa(va)?, done, n));
             done += n;
         }
@@ -801,5 +749,6 @@ impl gaps::GapCpu for VcpuRunner {
     }
 }
 
+mod bridge_exit;
 #[cfg(test)]
 mod dispatch_tests;

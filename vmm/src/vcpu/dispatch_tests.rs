@@ -106,6 +106,11 @@ fn kvm() -> Option<Kvm> {
     }
 }
 
+/// A port number as the immediate of `out imm8, al`.
+fn imm8(port: u16) -> u8 {
+    u8::try_from(port).unwrap()
+}
+
 /// A one-vCPU VM at 0x0ffe with `site` at [`SITE`], run to its first exit
 /// (through the dispatcher) so that RIP is at the site.
 fn rig(site: u8, owned: &[(u64, Mode)]) -> Option<Rig> {
@@ -114,13 +119,13 @@ fn rig(site: u8, owned: &[(u64, Mode)]) -> Option<Rig> {
     let ram = crate::memory::GuestRam::new(4 << 20).unwrap();
     crate::map_ram(&vm, &ram).unwrap();
     let put = |at: u64, b: &[u8]| guest_access::GuestMemory::write_phys(&ram, at, b).unwrap();
-    put(3 * 4, &[BP_HANDLER as u8, (BP_HANDLER >> 8) as u8, 0, 0]);
+    put(3 * 4, &u32::try_from(BP_HANDLER).unwrap().to_le_bytes()); // IVT[3] = 0000:BP_HANDLER
     put(
         SITE - 2,
-        &[0xe6, PORT_START as u8, site, 0xe6, PORT_AFTER_SITE as u8],
+        &[0xe6, imm8(PORT_START), site, 0xe6, imm8(PORT_AFTER_SITE)],
     );
-    put(BP_HANDLER, &[0xe6, PORT_BP_HANDLER as u8]);
-    put(HW_BP_ADDR, &[0x90, 0xe6, PORT_AFTER_HW as u8]);
+    put(BP_HANDLER, &[0xe6, imm8(PORT_BP_HANDLER)]);
+    put(HW_BP_ADDR, &[0x90, 0xe6, imm8(PORT_AFTER_HW)]);
     let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let console = devices::ConsoleWriter::new(&devices::SerialOutput::Discard).unwrap();
     let shared = crate::machine::new_machine(crate::machine::MachineParts {
