@@ -63,7 +63,7 @@ struct Started {
 
 /// Start `p` (its clock started at `t0`) and wait for the first exit and
 /// the first event of any probe; `poke` runs once the guest runs.
-fn start_and_time(p: Probed, t0: Instant, poke: impl FnOnce(&vmm::Shared)) -> Result<Started> {
+fn start_and_time(p: Probed, t0: Instant, poke: impl FnOnce(&vmm::Machine)) -> Result<Started> {
     let sub = p.engine.subscribe(1024, None, None);
     let control = p.vm.control();
     let running = p.vm.start(p.engine.clone())?;

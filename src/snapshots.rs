@@ -9,7 +9,7 @@ use service::{SnapshotWriter, WrittenSnapshot};
 /// Writes the VMM's part of a snapshot for the service.
 pub struct VmSnapshotWriter {
     snapshotter: vmm::snapshot::Snapshotter,
-    control: Arc<vmm::Shared>,
+    control: Arc<vmm::Machine>,
 }
 
 /// The writer for `vm`, to give `service::Guest::set_snapshot_writer`.

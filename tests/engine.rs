@@ -12,7 +12,7 @@ use vmm::{RunOutcome, Vm};
 
 struct Setup {
     vm: Option<Vm>,
-    control: Arc<vmm::Shared>,
+    control: Arc<vmm::Machine>,
     engine: Arc<Engine>,
     serial: Arc<std::sync::Mutex<Vec<u8>>>,
 }

@@ -17,7 +17,7 @@ pub struct Harness {
     pub rt: tokio::runtime::Runtime,
     pub engine: Arc<Engine>,
     pub service: HvProbeService,
-    pub control: Arc<vmm::Shared>,
+    pub control: Arc<vmm::Machine>,
     pub socket: PathBuf,
     running: Option<vmm::RunningVm>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,

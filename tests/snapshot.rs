@@ -17,7 +17,7 @@ use vmm::{RunOutcome, Vm};
 /// A VM with the probe engine and the API service over it.
 struct Probed {
     vm: Option<Vm>,
-    control: Arc<vmm::Shared>,
+    control: Arc<vmm::Machine>,
     engine: Arc<Engine>,
     svc: HvProbeService,
     guest: Arc<service::Guest>,

@@ -15,7 +15,7 @@ struct Run {
     outcome: RunOutcome,
     serial: String,
     stats: ExitStats,
-    control: Arc<vmm::Shared>,
+    control: Arc<vmm::Machine>,
 }
 
 fn boot(vcpus: u8, cmdline: &str, mode: BridgeMode) -> Run {

@@ -10,7 +10,7 @@ use common::*;
 use guest_access::{BreakpointAction, BreakpointHandler, TrapKind, Vcpu, VmControl};
 use vmm::{RunOutcome, Vm};
 
-fn boot(vcpus: u8, cmdline: &str) -> (RunOutcome, String, Arc<vmm::Shared>) {
+fn boot(vcpus: u8, cmdline: &str) -> (RunOutcome, String, Arc<vmm::Machine>) {
     let (config, serial) = test_guest_config(vcpus, cmdline);
     let vm = Vm::create(&config).expect("create VM");
     let control = vm.control();

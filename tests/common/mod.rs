@@ -91,7 +91,7 @@ pub fn guest_symbols() -> introspect::SymbolIndex {
 
 /// The probe engine over `control` with the test guest's symbols and its
 /// kretprobe return trap in place.
-pub fn test_engine(control: Arc<vmm::Shared>, vcpus: usize) -> Arc<introspect::Engine> {
+pub fn test_engine(control: Arc<vmm::Machine>, vcpus: usize) -> Arc<introspect::Engine> {
     let symbols = Arc::new(guest_symbols());
     let trap = symbols.return_trap_candidate().unwrap();
     let engine =

@@ -30,7 +30,11 @@ fn table(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
     let len = 36 + body.len();
     let mut t = Vec::with_capacity(len);
     t.extend_from_slice(signature);
-    t.extend_from_slice(&(len as u32).to_le_bytes());
+    t.extend_from_slice(
+        &u32::try_from(len)
+            .expect("an ACPI table is far below 4 GiB")
+            .to_le_bytes(),
+    );
     t.push(revision);
     t.push(0); // checksum, below
     t.extend_from_slice(OEM_ID);
@@ -57,7 +61,8 @@ fn gas_io_byte(port: u16) -> [u8; 12] {
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
     let mut b = vec![0u8; 276 - 36];
     let at = |off: usize| off - 36;
-    b[at(40)..at(44)].copy_from_slice(&(dsdt_addr as u32).to_le_bytes());
+    let dsdt32 = u32::try_from(dsdt_addr).expect("the ACPI area is below 4 GiB");
+    b[at(40)..at(44)].copy_from_slice(&dsdt32.to_le_bytes());
     // IAPC_BOOT_ARCH: no VGA, no CMOS RTC.
     b[at(109)..at(111)].copy_from_slice(&((1u16 << 2) | (1 << 5)).to_le_bytes());
     // Flags: HW_REDUCED_ACPI (bit 20), RESET_REG_SUP (bit 10).
@@ -73,6 +78,9 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
 }
 
 /// An AML PkgLength for a package whose contents are `len` bytes.
+// The encoding takes `len` apart into a 4-bit and 8-bit fields: each `as u8`
+// keeps the bits it was shifted and masked to, by design.
+#[allow(clippy::cast_possible_truncation)]
 fn pkg_length(len: usize) -> Vec<u8> {
     // One byte up to 63; else a lead byte with the low nibble and 1-3 more.
     let total = |n: usize| len + n;
@@ -107,15 +115,18 @@ fn aml_name(name: &[u8; 4], data: &[u8]) -> Vec<u8> {
 /// EIO (DESIGN.md). `Scope (\_SB) { Device (COM1) { _HID PNP0501, _UID 0,
 /// _CRS { IO 0x3F8-0x3FF, IRQNoFlags {4} } } }`.
 fn com1_aml() -> Vec<u8> {
-    let base = crate::devices::SERIAL_BASE.to_le_bytes();
-    let irq_mask = (1u16 << crate::devices::SERIAL_IRQ).to_le_bytes();
+    let base = layout::SERIAL_BASE.to_le_bytes();
+    let irq_mask = (1u16 << layout::SERIAL_IRQ).to_le_bytes();
     let crs: Vec<u8> = [
         &[0x47, 0x01, base[0], base[1], base[0], base[1], 0x01, 0x08][..], // IO, Decode16
         &[0x22, irq_mask[0], irq_mask[1]],                                 // IRQNoFlags
         &[0x79, 0x00],                                                     // End tag
     ]
     .concat();
-    let mut buffer = vec![0x0a, crs.len() as u8]; // BufferSize (ByteConst)
+    let mut buffer = vec![
+        0x0a,
+        u8::try_from(crs.len()).expect("_CRS resources fit a ByteConst length"),
+    ]; // BufferSize (ByteConst)
     buffer.extend_from_slice(&crs);
     let mut crs_data = vec![0x11]; // BufferOp
     crs_data.extend(pkg_length(buffer.len()));
@@ -215,7 +226,7 @@ mod tests {
     }
 
     fn table_at(blob: &[u8], addr: u64) -> &[u8] {
-        let off = (addr - layout::ACPI_START) as usize;
+        let off = usize::try_from(addr - layout::ACPI_START).expect("ACPI offsets fit usize");
         let len = u32::from_le_bytes(blob[off + 4..off + 8].try_into().unwrap()) as usize;
         &blob[off..off + len]
     }
@@ -281,6 +292,6 @@ mod tests {
         assert_eq!(&dev[io + 11..io + 13], &[0x79, 0x00]);
         assert_eq!(io + 13, dev.len());
         assert_eq!(pkg_length(62), vec![63]);
-        assert_eq!(pkg_length(63), vec![0x40 | (65 & 0xf), (65 >> 4) as u8]);
+        assert_eq!(pkg_length(63), vec![0x40 | (65 & 0xf), 65 >> 4]);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -33,11 +33,135 @@ pub(crate) struct World {
     pub parked_hint: AtomicUsize,
 }
 
+/// What a vCPU thread is doing, as other threads see it (compare
+/// Firecracker's vCPU state machine). Only the vCPU's own thread changes
+/// it, always under its `VcpuSlot`'s run lock:
+///
+/// ```text
+/// NotStarted --thread starts its loop--> Running
+/// Running --BreakpointHandler::on_breakpoint--> InHandler --returns--> Running
+/// Running --checkpoint while another thread stops the world--> Parked
+/// Parked --the stopper resumes the world (or the VM stops)--> Running
+/// Running --loop ends (guest exit, crash, host stop)--> Exited
+/// ```
+///
+/// `Exited` is final and is set before the thread returns, so a kick (which
+/// takes the same lock) never signals a thread that has been, or is being,
+/// joined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuRunState {
+    /// The VM was created but its vCPU threads not started.
+    NotStarted,
+    /// In the run loop: in KVM_RUN, serving an exit or a request.
+    Running,
+    /// In the breakpoint handler (a trap of this vCPU is being handled).
+    InHandler,
+    /// Parked at a checkpoint while another thread holds the world stopped.
+    Parked,
+    /// The thread left its loop; it takes no more kicks or requests.
+    Exited,
+}
+
+/// The run state and, while the thread is in its loop, its pthread handle.
+struct VcpuThread {
+    state: VcpuRunState,
+    /// Set with `Running` by the thread itself, cleared with `Exited`.
+    pthread: Option<libc::pthread_t>,
+}
+
 /// Per-vCPU slot visible to other threads.
 pub(crate) struct VcpuSlot {
-    /// pthread id of the vCPU thread, 0 while not running.
-    pub tid: AtomicU64,
+    run: Mutex<VcpuThread>,
     pub requests: Mutex<VecDeque<Request>>,
+}
+
+impl VcpuSlot {
+    pub fn new() -> Self {
+        Self {
+            run: Mutex::new(VcpuThread {
+                state: VcpuRunState::NotStarted,
+                pthread: None,
+            }),
+            requests: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn thread(&self) -> MutexGuard<'_, VcpuThread> {
+        self.run.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn state(&self) -> VcpuRunState {
+        self.thread().state
+    }
+
+    /// Called by the vCPU thread as it enters its loop.
+    pub fn enter(&self) {
+        let mut t = self.thread();
+        debug_assert_eq!(t.state, VcpuRunState::NotStarted);
+        t.state = VcpuRunState::Running;
+        t.pthread = Some(current_pthread());
+    }
+
+    /// Called by the vCPU thread for the transitions between `Running`,
+    /// `InHandler` and `Parked`.
+    pub fn set(&self, state: VcpuRunState) {
+        debug_assert!(!matches!(
+            state,
+            VcpuRunState::NotStarted | VcpuRunState::Exited
+        ));
+        let mut t = self.thread();
+        // A runner driven outside its loop (the dispatch tests) keeps its
+        // state.
+        if t.pthread.is_some() {
+            t.state = state;
+        }
+    }
+
+    /// Called by the vCPU thread as it leaves its loop, before it returns:
+    /// from here on no kick targets it.
+    pub fn exit(&self) {
+        let mut t = self.thread();
+        t.state = VcpuRunState::Exited;
+        t.pthread = None;
+    }
+
+    /// Queue `req` for the vCPU thread, unless it is not in its loop (then
+    /// `req` comes back). The thread drops what is queued after it marks
+    /// itself `Exited`, so a queued request is either served or dropped.
+    pub fn submit(&self, req: Request) -> Result<(), Request> {
+        let t = self.thread();
+        if t.pthread.is_none() {
+            return Err(req);
+        }
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(req);
+        Ok(())
+    }
+
+    /// Signal the vCPU thread out of KVM_RUN. Returns whether a signal was
+    /// sent (false when the thread is not in its loop).
+    pub fn kick(&self) -> bool {
+        let t = self.thread();
+        let Some(thread) = t.pthread else {
+            return false;
+        };
+        // SAFETY: `thread` is the pthread_self() of a thread that is still
+        // inside its loop: it clears `pthread` under this lock (held here
+        // until after the call) before it returns, and it cannot be joined
+        // before it returns. So the handle names a live, unjoined thread of
+        // this process, never a reused one. The signal's handler
+        // (`on_kick`) is installed before any vCPU thread starts.
+        let rc = unsafe { libc::pthread_kill(thread, kick_signal()) };
+        rc == 0
+    }
+}
+
+/// This thread's pthread handle.
+fn current_pthread() -> libc::pthread_t {
+    // SAFETY: pthread_self has no preconditions and cannot fail.
+    unsafe { libc::pthread_self() }
 }
 
 impl World {
@@ -130,8 +254,12 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     let _ = KVM_RUN.try_with(|p| {
         let run = p.get();
         if !run.is_null() {
-            // SAFETY: the pointer is this thread's own mapped kvm_run, set by
-            // the vCPU loop and cleared before the mapping goes away.
+            // SAFETY: KVM_RUN is thread-local, so `run` is the kvm_run page
+            // of the vCPU fd this very thread owns; the loop clears it before
+            // the fd (and the mmap) is dropped, so non-null means mapped. The
+            // signal interrupts this thread only, so no other code of ours
+            // holds a Rust reference into the page across the write; KVM
+            // reads `immediate_exit` at the next KVM_RUN.
             unsafe { (*run).immediate_exit = 1 };
         }
     });
@@ -157,20 +285,72 @@ pub(crate) fn set_thread_kvm_run(run: *mut kvm_run) {
     KVM_RUN.with(|p| p.set(run));
 }
 
-pub(crate) fn kick(slot: &VcpuSlot) {
-    let tid = slot.tid.load(Ordering::SeqCst);
-    if tid != 0 {
-        // SAFETY: tid is a live pthread of this process (cleared before exit).
-        unsafe {
-            libc::pthread_kill(tid as libc::pthread_t, kick_signal());
+pub(crate) fn kick_all(slots: &[VcpuSlot], except: Option<usize>) {
+    for (i, s) in slots.iter().enumerate() {
+        if Some(i) != except {
+            s.kick();
         }
     }
 }
 
-pub(crate) fn kick_all(slots: &[VcpuSlot], except: Option<usize>) {
-    for (i, s) in slots.iter().enumerate() {
-        if Some(i) != except {
-            kick(s);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    /// Kicks racing with vCPU-like threads that enter, leave their loop and
+    /// are joined, over and over (so pthread handles get reused): a kick is
+    /// only ever sent to a thread between `enter` and `exit`, never to a
+    /// joined one, and the kicked threads survive the signal.
+    #[test]
+    fn kicks_never_reach_a_joined_thread() {
+        install_kick_handler().unwrap();
+        let slot = Arc::new(VcpuSlot::new());
+        let done = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let kickers: Vec<_> = (0..2)
+            .map(|_| {
+                let (slot, done, sent) = (slot.clone(), done.clone(), sent.clone());
+                std::thread::spawn(move || {
+                    while !done.load(Ordering::Relaxed) {
+                        if slot.kick() {
+                            sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Leave the lock free now and then: back-to-back
+                        // kicks under it would starve the thread's own
+                        // `enter`/`exit` (each signal restarts its wait).
+                        std::thread::sleep(std::time::Duration::from_micros(20));
+                    }
+                })
+            })
+            .collect();
+        for round in 0..300 {
+            // A fresh slot state for every "vCPU thread", as a new VM would have.
+            *slot.thread() = VcpuThread {
+                state: VcpuRunState::NotStarted,
+                pthread: None,
+            };
+            let s = slot.clone();
+            let t = std::thread::spawn(move || {
+                s.enter();
+                for _ in 0..(round % 50) * 100 {
+                    std::hint::spin_loop();
+                }
+                s.set(VcpuRunState::Parked);
+                s.set(VcpuRunState::Running);
+                s.exit();
+            });
+            t.join().unwrap();
+            assert_eq!(slot.state(), VcpuRunState::Exited);
+            assert!(!slot.kick(), "a kick went to joined thread {round}");
+            assert!(slot.submit(Box::new(|_| {})).is_err());
         }
+        done.store(true, Ordering::Relaxed);
+        for k in kickers {
+            k.join().unwrap();
+        }
+        // The race was exercised (the count varies with scheduling).
+        tracing::debug!("{} kicks sent", sent.load(Ordering::Relaxed));
     }
 }

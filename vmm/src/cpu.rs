@@ -132,7 +132,7 @@ pub fn setup_boot_cpu(
         .get_sregs()
         .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
     sregs.gdt.base = layout::GDT_ADDR;
-    sregs.gdt.limit = (bytes.len() - 1) as u16;
+    sregs.gdt.limit = u16::try_from(bytes.len() - 1).expect("the boot GDT fits a 16-bit limit");
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
     sregs.cs = segment(0x08, 0xb, long, 1);

@@ -55,6 +55,11 @@ pub fn host_needs_bridge(kvm_device: &Path) -> Result<bool, String> {
         .clone()
 }
 
+/// A port number as the immediate of `out imm8, al`.
+fn imm8(port: u16) -> u8 {
+    u8::try_from(port).expect("an `out imm8` port is below 0x100")
+}
+
 fn put(mem: &mut [u8], at: usize, bytes: &[u8]) {
     mem[at..at + bytes.len()].copy_from_slice(bytes);
 }
@@ -68,9 +73,9 @@ pub fn probe_syscall(kvm_device: &Path) -> Result<SyscallProbe, String> {
     let path = std::ffi::CString::new(kvm_device.as_os_str().as_encoded_bytes())
         .map_err(|_| "KVM device path contains a NUL byte".to_string())?;
     let kvm = Kvm::new_with_path(path.as_c_str()).map_err(|e| format!("opening KVM: {e}"))?;
-    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
-    // SAFETY: a fresh anonymous private mapping, unmapped below after the VM
-    // (and its vCPU) is gone.
+    // SAFETY: mmap with a null hint, no fd (-1) and MAP_ANONYMOUS creates a
+    // new mapping and cannot alias any existing Rust object; the result is
+    // checked against MAP_FAILED before use.
     let host = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -87,12 +92,21 @@ pub fn probe_syscall(kvm_device: &Path) -> Result<SyscallProbe, String> {
     struct Unmap(*mut libc::c_void);
     impl Drop for Unmap {
         fn drop(&mut self) {
-            // SAFETY: the mapping made above, MEM bytes long.
+            // SAFETY: self.0 is the MEM-byte mapping made above and nothing
+            // else unmaps it; the only borrow of it (`mem`) and every user of
+            // it (the VM and its vCPU, declared after this guard) are gone,
+            // because locals drop in reverse order.
             unsafe { libc::munmap(self.0, MEM) };
         }
     }
     let _unmap = Unmap(host);
-    // SAFETY: MEM bytes, readable and writable, exclusively ours.
+    // Created after `_unmap`, so the VM (and below its vCPU) drop before the
+    // memory is unmapped.
+    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+    // SAFETY: `host` is a successful MEM-byte PROT_READ|PROT_WRITE mapping,
+    // page-aligned, that nothing else references yet (KVM gets it only
+    // below, after the last use of `mem`), and it stays mapped until
+    // `_unmap` drops, after `mem`'s last use.
     let mem = unsafe { std::slice::from_raw_parts_mut(host as *mut u8, MEM) };
     build_guest(mem);
     let region = kvm_userspace_memory_region {
@@ -102,7 +116,10 @@ pub fn probe_syscall(kvm_device: &Path) -> Result<SyscallProbe, String> {
         userspace_addr: host as u64,
         flags: 0,
     };
-    // SAFETY: the mapping outlives the VM: `vm` (and the vCPU) drop before `_unmap`.
+    // SAFETY: the region is the MEM-byte mapping at `host`, which stays
+    // mapped while KVM can use it: `vm` and the vCPU are declared after
+    // `_unmap`, so they drop (closing the memslot) before the munmap. The
+    // slot is the VM's only one, so it overlaps no other region.
     unsafe { vm.set_user_memory_region(region) }
         .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
     let mut vcpu = vm
@@ -191,7 +208,7 @@ pub fn probe_syscall(kvm_device: &Path) -> Result<SyscallProbe, String> {
                 if s.cr2 != KCODE as u64 {
                     return Err(format!("#PF at CR2 {:#x}, not LSTAR", s.cr2));
                 }
-                let gpa = r.rsp as usize;
+                let gpa = usize::try_from(r.rsp).unwrap_or(usize::MAX - 8);
                 let err = mem
                     .get(gpa..gpa + 8)
                     .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
@@ -212,10 +229,10 @@ fn build_guest(mem: &mut [u8]) {
     put64(mem, PML4, PDPT as u64 | 7);
     put64(mem, PDPT, PD as u64 | 7);
     put64(mem, PD, PT as u64 | 7);
-    for i in 1..512u64 {
-        let a = i << 12;
+    for i in 1..512usize {
+        let a = (i as u64) << 12;
         let user = (UCODE as u64..USTACK_TOP).contains(&a);
-        put64(mem, PT + 8 * i as usize, a | 3 | if user { 4 } else { 0 });
+        put64(mem, PT + 8 * i, a | 3 | if user { 4 } else { 0 });
     }
     // GDT, Linux layout; TSS at 0x40.
     let gdt = [
@@ -236,13 +253,13 @@ fn build_guest(mem: &mut [u8]) {
     put64(mem, TSS + 4, KSTACK_TOP); // RSP0
     put(mem, TSS + 0x66, &0x68u16.to_le_bytes());
     // LSTAR: mov al, 1; out 0xe0, al; hlt
-    put(mem, KCODE, &[0xb0, 0x01, 0xe6, PORT_LSTAR as u8, 0xf4]);
+    put(mem, KCODE, &[0xb0, 0x01, 0xe6, imm8(PORT_LSTAR), 0xf4]);
     // #PF: mov al, 14; out 0xe1, al; hlt.  Others: mov al, 0xff; out 0xe1, al; hlt
-    put(mem, K_PF, &[0xb0, 14, 0xe6, PORT_EXCEPTION as u8, 0xf4]);
+    put(mem, K_PF, &[0xb0, 14, 0xe6, imm8(PORT_EXCEPTION), 0xf4]);
     put(
         mem,
         K_OTHER,
-        &[0xb0, 0xff, 0xe6, PORT_EXCEPTION as u8, 0xf4],
+        &[0xb0, 0xff, 0xe6, imm8(PORT_EXCEPTION), 0xf4],
     );
     for v in 0..256usize {
         let h = if v == 14 { K_PF } else { K_OTHER } as u64;

@@ -9,8 +9,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi;
 
-pub const SERIAL_BASE: u16 = 0x3f8;
-pub const SERIAL_IRQ: u32 = 4;
+pub use crate::layout::{SERIAL_BASE, SERIAL_IRQ};
+
+/// The 16550 register a port in `SERIAL_BASE..=0x3ff` selects (0..=7).
+// The callers' match arms bound the port, so the difference is at most 7.
+#[allow(clippy::cast_possible_truncation)]
+fn serial_offset(port: u16) -> u8 {
+    (port - SERIAL_BASE) as u8
+}
 /// The test guest writes its 32-bit exit status here (`outl`).
 pub const EXIT_PORT: u16 = 0xf4;
 /// A guest writes a 32-bit tag here (`outl`); the VMM records it with the host
@@ -140,7 +146,7 @@ impl PortBus {
     pub fn read(&mut self, port: u16, data: &mut [u8]) {
         match port {
             SERIAL_BASE..=0x3ff if data.len() == 1 => {
-                data[0] = self.serial.read((port - SERIAL_BASE) as u8);
+                data[0] = self.serial.read(serial_offset(port));
             }
             // i8042 status: nothing to read, input buffer empty.
             I8042_COMMAND => data.fill(0),
@@ -153,7 +159,7 @@ impl PortBus {
     pub fn write(&mut self, port: u16, data: &[u8]) -> PortAction {
         match port {
             SERIAL_BASE..=0x3ff if data.len() == 1 => {
-                if let Err(e) = self.serial.write((port - SERIAL_BASE) as u8, data[0]) {
+                if let Err(e) = self.serial.write(serial_offset(port), data[0]) {
                     tracing::warn!("serial write failed: {e:?}");
                 }
                 PortAction::None

@@ -133,8 +133,11 @@ fn fxsave_image(fpu: &kvm_fpu, rex_w: bool) -> [u8; 512] {
         b[8..16].copy_from_slice(&fpu.last_ip.to_le_bytes());
         b[16..24].copy_from_slice(&fpu.last_dp.to_le_bytes());
     } else {
-        b[8..12].copy_from_slice(&(fpu.last_ip as u32).to_le_bytes());
-        b[16..20].copy_from_slice(&(fpu.last_dp as u32).to_le_bytes());
+        // The 32-bit FXSAVE layout keeps the low halves of FIP and FDP.
+        #[allow(clippy::cast_possible_truncation)]
+        let (fip, fdp) = (fpu.last_ip as u32, fpu.last_dp as u32);
+        b[8..12].copy_from_slice(&fip.to_le_bytes());
+        b[16..20].copy_from_slice(&fdp.to_le_bytes());
     }
     b[24..28].copy_from_slice(&fpu.mxcsr.to_le_bytes());
     // MXCSR_MASK: every bit KVM lets the guest set (incl. DAZ).

@@ -70,6 +70,11 @@ pub fn memory_map(mem_bytes: u64) -> Vec<(u64, u64, u32)> {
     map
 }
 
+/// The 16550 console's I/O ports (COM1) and interrupt line, described to the
+/// guest in ACPI and served by the port bus.
+pub const SERIAL_BASE: u16 = 0x3f8;
+pub const SERIAL_IRQ: u32 = 4;
+
 #[cfg(test)]
 mod tests {
     use super::*;

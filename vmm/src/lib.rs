@@ -6,6 +6,46 @@
 //! whether KVM reports it as a debug exit or (on instruction-emulating KVM) as
 //! an emulation failure, reaches one [`guest_access::BreakpointHandler`].
 //! The VMM knows nothing about probes.
+//!
+//! # Files
+//!
+//! | file | what it holds |
+//! |------|---------------|
+//! | `lib.rs` | [`VmConfig`], [`Vm`] (create / restore / start), [`RunningVm`] |
+//! | `machine.rs` | [`Machine`]: the state every thread shares, its [`guest_access::VmControl`]; [`RunOutcome`], exit counters |
+//! | `control.rs` | stop-the-world (`World`), per-vCPU slots with [`VcpuRunState`], the kick signal |
+//! | `vcpu.rs` | the vCPU thread: KVM_RUN loop, device exits, trap dispatch, single-step |
+//! | `vcpu/bridge_exit.rs` | the system-call bridge's exits (IDT tracking, #PF/#UD completion) |
+//! | `bridge.rs` | bridge configuration, gate decoding, per-vCPU bridge state |
+//! | `gaps.rs` | instructions KVM's emulator lacks, completed by the VMM |
+//! | `debug.rs` | the one owner of a vCPU's KVM_SET_GUEST_DEBUG state |
+//! | `devices.rs` | the port bus: 16550 console, exit/marker ports, ACPI PM ports |
+//! | `memory.rs`, `layout.rs` | guest RAM and the guest-physical layout |
+//! | `loader.rs`, `cpu.rs`, `acpi.rs` | kernel/initrd loading, CPUID and boot registers, ACPI tables |
+//! | `regs.rs` | KVM ↔ guest-access register conversions |
+//! | `snapshot.rs`, `snapshot_state.rs` | snapshot files, KVM vCPU/VM state capture and restore |
+//! | `detect.rs` | probing whether this host's KVM needs the system-call bridge |
+//!
+//! # The path of a trap
+//!
+//! ```text
+//! guest executes int3
+//!   -> KVM_RUN returns (vcpu.rs, VcpuRunner::run_once)
+//!        KVM_EXIT_DEBUG, exception 3          (hardware KVM, USE_SW_BP)
+//!        KVM_EXIT_INTERNAL_ERROR, emulation   (instruction-emulating KVM)
+//!   -> device_exit() does not claim it (it serves port/MMIO exits only)
+//!   -> VcpuRunner::dispatch(TrapExit) -> ExitKind
+//!        Breakpoint / EmulationFailure at an int3 or an owned address
+//!   -> VcpuRunner::breakpoint: run state InHandler,
+//!        BreakpointHandler::on_breakpoint(vcpu, machine, kind)
+//!   -> Resume (the handler moved RIP) or DeliverToGuest (#BP re-injected)
+//!   -> back to the loop: checkpoint (requests, park if the world is
+//!      stopped), then the next KVM_RUN
+//! ```
+//!
+//! A single-step (`Vcpu::single_step`) runs its own KVM_RUN loop
+//! (`step_until_db`), which serves device exits through the same
+//! `device_exit` and ends at the #DB.
 
 mod acpi;
 mod bridge;
@@ -17,19 +57,20 @@ mod devices;
 mod gaps;
 pub mod layout;
 mod loader;
+mod machine;
 mod memory;
+mod regs;
 pub mod snapshot;
 pub mod snapshot_state;
 mod vcpu;
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use guest_access::{AccessError, BreakpointHandler, GuestMemory, StopGuard, VcpuTask, VmControl};
+use guest_access::{BreakpointHandler, GuestMemory, VmControl};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -39,7 +80,11 @@ pub use devices::{SerialOutput, EXIT_PORT, MARKER_PORT};
 pub use loader::{BootEntry, KernelFormat, LoadError, LoadedKernel};
 pub use memory::GuestRam;
 
-use control::{VcpuSlot, World};
+pub use control::VcpuRunState;
+pub use machine::{BridgeStats, ExitStats, Machine, RunOutcome};
+
+use machine::CURRENT_VCPU;
+use snapshot::KvmFds;
 
 /// What to boot and how.
 #[derive(Clone)]
@@ -67,59 +112,6 @@ impl VmConfig {
             serial: SerialOutput::Stdout,
             kvm_device: PathBuf::from("/dev/kvm"),
             syscall_bridge: BridgeMode::Auto,
-        }
-    }
-}
-
-/// How a guest run ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RunOutcome {
-    /// The guest wrote its exit status to [`EXIT_PORT`].
-    GuestExit { status: u32 },
-    /// ACPI power-off (S5).
-    PowerOff,
-    /// The guest reset itself (reboot, or a panic with `panic=-1`).
-    Reset { how: &'static str },
-    /// A triple fault (KVM_EXIT_SHUTDOWN).
-    TripleFault { vcpu: usize },
-    /// The VMM could not continue the guest.
-    Crashed { vcpu: usize, reason: String },
-    /// The host stopped the VM.
-    Stopped,
-}
-
-impl RunOutcome {
-    /// Process exit code for `hvprobe run`: the guest's own status when it
-    /// reported one, 0 for a power-off, and distinct codes for the rest.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            RunOutcome::GuestExit { status } => {
-                if *status == 0 {
-                    0
-                } else {
-                    (*status & 0x7f).max(1) as i32
-                }
-            }
-            RunOutcome::PowerOff => 0,
-            RunOutcome::Stopped => 0,
-            RunOutcome::Reset { .. } => 130,
-            RunOutcome::TripleFault { .. } => 131,
-            RunOutcome::Crashed { .. } => 132,
-        }
-    }
-}
-
-impl std::fmt::Display for RunOutcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RunOutcome::GuestExit { status } => write!(f, "guest exited with status {status}"),
-            RunOutcome::PowerOff => write!(f, "guest powered off"),
-            RunOutcome::Reset { how } => write!(f, "guest reset ({how})"),
-            RunOutcome::TripleFault { vcpu } => write!(f, "guest triple-faulted on vCPU {vcpu}"),
-            RunOutcome::Crashed { vcpu, reason } => {
-                write!(f, "guest stopped on vCPU {vcpu}: {reason}")
-            }
-            RunOutcome::Stopped => write!(f, "stopped by the host"),
         }
     }
 }
@@ -159,250 +151,9 @@ fn kvm_open_error(path: &Path, e: &kvm_ioctls::Error) -> VmError {
     }
 }
 
-/// Per-vCPU exit counters.
-#[derive(Default)]
-pub(crate) struct VcpuStats {
-    pub exits: AtomicU64,
-    pub io: AtomicU64,
-    pub mmio: AtomicU64,
-    pub breakpoints: AtomicU64,
-    pub single_steps: AtomicU64,
-    pub kicks: AtomicU64,
-    pub gaps: AtomicU64,
-    pub bridge_syscalls: AtomicU64,
-    pub bridge_int80: AtomicU64,
-    pub bridge_faults_passed: AtomicU64,
-    pub bridge_step_fallbacks: AtomicU64,
-    pub bridge_rearms: AtomicU64,
-    pub bridge_no_pf_handler: AtomicU64,
-}
-
-/// What the system-call bridge did, summed over vCPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BridgeStats {
-    /// User `syscall`s completed by the VMM.
-    pub syscalls: u64,
-    /// User `int $0x80`s routed from #UD to the IDT[0x80] handler.
-    pub int80: u64,
-    /// Genuine #PF/#UD passed on to the guest's handler.
-    pub faults_passed: u64,
-    /// Of those, handler entries single-stepped because the emulator refused.
-    pub step_fallbacks: u64,
-    /// Times a vCPU re-armed its breakpoints after the guest IDT changed.
-    pub rearms: u64,
-    /// Times a vCPU found its IDT without a usable #PF gate and disarmed.
-    pub no_pf_handler: u64,
-}
-
-/// Exit counters summed over all vCPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ExitStats {
-    /// All returns from KVM_RUN, including kicks.
-    pub exits: u64,
-    pub io: u64,
-    pub mmio: u64,
-    /// `int3` traps handed to the breakpoint handler.
-    pub breakpoints: u64,
-    pub single_steps: u64,
-    /// KVM_RUN interrupted by the host (pause, requests).
-    pub kicks: u64,
-    /// Instructions KVM could not emulate that the VMM completed.
-    pub gap_instructions: u64,
-    /// The system-call bridge (all zero when it is off).
-    pub bridge: BridgeStats,
-}
-
-/// State shared by the vCPU threads and the VM handle.
-pub struct Shared {
-    ram: GuestRam,
-    bus: Mutex<devices::PortBus>,
-    world: World,
-    slots: Vec<VcpuSlot>,
-    stats: Vec<VcpuStats>,
-    stopping: AtomicBool,
-    outcome: Mutex<Option<RunOutcome>>,
-    outcome_cv: Condvar,
-    handler: OnceLock<Arc<dyn BreakpointHandler>>,
-    blockirq_flag: u32,
-    markers: Mutex<Vec<(u32, std::time::Instant)>>,
-    bridge: BridgeStatus,
-    /// vCPU 0's system registers from a snapshot, until its thread runs.
-    saved_sregs: Option<guest_access::SystemRegs>,
-}
-
-impl Shared {
-    fn handler(&self) -> &dyn BreakpointHandler {
-        match self.handler.get() {
-            Some(h) => &**h,
-            None => &guest_access::NoProbes,
-        }
-    }
-
-    /// Record how the run ended (first one wins) and stop every vCPU.
-    fn finish(&self, o: RunOutcome) {
-        {
-            let mut g = self.outcome.lock().unwrap();
-            if g.is_none() {
-                tracing::debug!("run ends: {o}");
-                *g = Some(o);
-            }
-        }
-        self.stopping.store(true, Ordering::SeqCst);
-        self.outcome_cv.notify_all();
-        // Wake parked vCPUs and stoppers waiting on them.
-        {
-            let _st = self.world.lock();
-            self.world.cv.notify_all();
-        }
-        control::kick_all(&self.slots, None);
-    }
-
-    /// Stop the guest from any thread (as [`RunningVm::stop`]).
-    pub fn stop(&self) {
-        self.finish(RunOutcome::Stopped);
-    }
-
-    /// Exit counters summed over vCPUs.
-    pub fn exit_stats(&self) -> ExitStats {
-        let mut s = ExitStats::default();
-        for v in &self.stats {
-            s.exits += v.exits.load(Ordering::Relaxed);
-            s.io += v.io.load(Ordering::Relaxed);
-            s.mmio += v.mmio.load(Ordering::Relaxed);
-            s.breakpoints += v.breakpoints.load(Ordering::Relaxed);
-            s.single_steps += v.single_steps.load(Ordering::Relaxed);
-            s.kicks += v.kicks.load(Ordering::Relaxed);
-            s.gap_instructions += v.gaps.load(Ordering::Relaxed);
-            let b = &mut s.bridge;
-            b.syscalls += v.bridge_syscalls.load(Ordering::Relaxed);
-            b.int80 += v.bridge_int80.load(Ordering::Relaxed);
-            b.faults_passed += v.bridge_faults_passed.load(Ordering::Relaxed);
-            b.step_fallbacks += v.bridge_step_fallbacks.load(Ordering::Relaxed);
-            b.rearms += v.bridge_rearms.load(Ordering::Relaxed);
-            b.no_pf_handler += v.bridge_no_pf_handler.load(Ordering::Relaxed);
-        }
-        s
-    }
-
-    /// Whether the system-call bridge runs in this VM, and why.
-    pub fn bridge_status(&self) -> &BridgeStatus {
-        &self.bridge
-    }
-
-    fn record_marker(&self, tag: u32) {
-        self.markers
-            .lock()
-            .unwrap()
-            .push((tag, std::time::Instant::now()));
-    }
-
-    /// Timing markers the guest wrote to [`MARKER_PORT`], in order.
-    pub fn markers(&self) -> Vec<(u32, std::time::Instant)> {
-        self.markers.lock().unwrap().clone()
-    }
-
-    /// Guest RAM.
-    /// Type into the guest console (16550 receive path, IRQ 4). Returns how
-    /// many bytes the 64-byte FIFO took; retry the rest later.
-    pub fn console_input(&self, bytes: &[u8]) -> usize {
-        self.bus
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .console_input(bytes)
-    }
-
-    /// The 16550's registers and receive FIFO, for a snapshot manifest.
-    pub fn serial_state(&self) -> snapshot::SerialSnapshot {
-        self.bus
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .serial_state()
-            .into()
-    }
-
-    /// Type all of `bytes` into the guest console, waiting (up to `timeout`)
-    /// for the guest to drain the FIFO. Returns how many bytes were accepted.
-    pub fn console_input_all(&self, bytes: &[u8], timeout: Duration) -> usize {
-        let deadline = std::time::Instant::now() + timeout;
-        let mut done = 0;
-        while done < bytes.len() && std::time::Instant::now() < deadline {
-            let n = self.console_input(&bytes[done..]);
-            done += n;
-            if n == 0 {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-        done
-    }
-
-    pub fn ram(&self) -> &GuestRam {
-        &self.ram
-    }
-}
-
-thread_local! {
-    static CURRENT_VCPU: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
-}
-
-impl VmControl for Shared {
-    fn memory(&self) -> &dyn GuestMemory {
-        &self.ram
-    }
-
-    fn vcpu_count(&self) -> usize {
-        self.slots.len()
-    }
-
-    fn stop_others(&self, except: Option<usize>) -> StopGuard<'_> {
-        let me = except.or_else(|| CURRENT_VCPU.with(|c| c.get()));
-        self.world.stop(me, &self.slots, &self.stopping);
-        StopGuard::new(move || self.world.resume())
-    }
-
-    fn with_vcpu(&self, index: usize, f: VcpuTask) -> Result<(), AccessError> {
-        let slot = self.slots.get(index).ok_or(AccessError::VcpuGone(index))?;
-        if CURRENT_VCPU.with(|c| c.get()) == Some(index) {
-            return Err(AccessError::Kvm {
-                op: "with_vcpu",
-                vcpu: index,
-                errno: "called from the vCPU's own thread; use the Vcpu you were given".into(),
-            });
-        }
-        if slot.tid.load(Ordering::SeqCst) == 0 {
-            return Err(AccessError::VcpuGone(index));
-        }
-        let (tx, rx) = mpsc::channel::<()>();
-        let req: control::Request = Box::new(move |v| {
-            f(v);
-            let _ = tx.send(());
-        });
-        {
-            let _st = self.world.lock();
-            slot.requests.lock().unwrap().push_back(req);
-            self.world.cv.notify_all();
-        }
-        control::kick(slot);
-        rx.recv_timeout(Duration::from_secs(10))
-            .map_err(|_| AccessError::VcpuGone(index))
-    }
-
-    fn saved_system_regs(&self) -> Option<guest_access::SystemRegs> {
-        self.saved_sregs
-    }
-}
-
-/// The KVM handles of a VM and what a snapshot manifest records about it.
-/// Shared by the VM handle and its snapshot writer; the VM fd outlives
-/// every vCPU thread.
-pub(crate) struct KvmFds {
-    pub vm: VmFd,
-    pub kvm: Kvm,
-    pub info: snapshot::VmInfo,
-}
-
 /// A created VM, not yet running.
 pub struct Vm {
-    shared: Arc<Shared>,
+    shared: Arc<Machine>,
     vcpu_fds: Vec<VcpuFd>,
     loaded: Option<LoadedKernel>,
     fds: Arc<KvmFds>,
@@ -462,14 +213,19 @@ fn create_vm_fd(kvm: &Kvm) -> Result<VmFd, VmError> {
 fn map_ram(vm_fd: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
     for (slot, (gpa, size, host)) in ram.regions().into_iter().enumerate() {
         let region = kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot: u32::try_from(slot)
+                .map_err(|_| VmError::Setup("too many RAM regions for KVM memory slots".into()))?,
             guest_phys_addr: gpa,
             memory_size: size,
             userspace_addr: host,
             flags: 0,
         };
-        // SAFETY: the region is a live mapping owned by `ram`, which lives in
-        // `Shared` as long as the VM fd and the vCPU threads.
+        // SAFETY: (gpa, size, host) is one of `ram`'s own mmapped regions, so
+        // the host range is valid for `size` bytes, and the regions are
+        // disjoint (one slot each). KVM touches it only on behalf of a vCPU
+        // in KVM_RUN or of our own ioctls; `ram` moves into the Machine, and
+        // every vCPU thread holds an Arc of that Machine for as long as it
+        // can run the guest, so the mapping outlives every such access.
         unsafe { vm_fd.set_user_memory_region(region) }
             .map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
     }
@@ -507,15 +263,6 @@ fn check_sizes(config: &VmConfig) -> Result<(), VmError> {
     Ok(())
 }
 
-struct SharedParts {
-    ram: GuestRam,
-    bus: devices::PortBus,
-    vcpus: usize,
-    blockirq_flag: u32,
-    bridge: BridgeStatus,
-    saved_sregs: Option<guest_access::SystemRegs>,
-}
-
 fn blockirq_flag(vm_fd: &VmFd) -> u32 {
     let caps = vm_fd.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG2) as _);
     if caps > 0 && (caps as u32) & kvm_bindings::KVM_GUESTDBG_BLOCKIRQ != 0 {
@@ -523,30 +270,6 @@ fn blockirq_flag(vm_fd: &VmFd) -> u32 {
     } else {
         0
     }
-}
-
-fn new_shared(p: SharedParts) -> Arc<Shared> {
-    let n = p.vcpus;
-    Arc::new(Shared {
-        ram: p.ram,
-        bus: Mutex::new(p.bus),
-        world: World::new(),
-        slots: (0..n)
-            .map(|_| VcpuSlot {
-                tid: AtomicU64::new(0),
-                requests: Mutex::new(VecDeque::new()),
-            })
-            .collect(),
-        stats: (0..n).map(|_| VcpuStats::default()).collect(),
-        stopping: AtomicBool::new(false),
-        outcome: Mutex::new(None),
-        outcome_cv: Condvar::new(),
-        handler: OnceLock::new(),
-        blockirq_flag: p.blockirq_flag,
-        markers: Mutex::new(Vec::new()),
-        bridge: p.bridge,
-        saved_sregs: p.saved_sregs,
-    })
 }
 
 impl Vm {
@@ -608,7 +331,7 @@ impl Vm {
             cmdline: config.cmdline.clone(),
             bridge_active: bridge.active,
         };
-        let shared = new_shared(SharedParts {
+        let shared = machine::new_machine(machine::MachineParts {
             ram,
             bus: devices::PortBus::new(irq, console),
             vcpus: vcpu_fds.len(),
@@ -676,8 +399,15 @@ impl Vm {
             let fd = vm_fd
                 .create_vcpu(id as u64)
                 .map_err(kerr("KVM_CREATE_VCPU"))?;
-            cpu::setup_common(&fd, &cpu::cpuid_for(&base_cpuid, id as u8))
-                .map_err(VmError::Setup)?;
+            cpu::setup_common(
+                &fd,
+                &cpu::cpuid_for(
+                    &base_cpuid,
+                    u8::try_from(id)
+                        .map_err(|_| VmError::Setup(format!("vCPU id {id} beyond 255")))?,
+                ),
+            )
+            .map_err(VmError::Setup)?;
             snapshot_state::apply_vcpu(&fd, state)
                 .map_err(|e| VmError::Setup(format!("vCPU {id}: {e}")))?;
             vcpu_fds.push(fd);
@@ -693,7 +423,7 @@ impl Vm {
             cmdline: manifest.cmdline.clone(),
             bridge_active: bridge.active,
         };
-        let shared = new_shared(SharedParts {
+        let shared = machine::new_machine(machine::MachineParts {
             ram,
             bus,
             vcpus: vcpu_fds.len(),
@@ -731,7 +461,7 @@ impl Vm {
     }
 
     /// VM control (memory, stop/resume) — usable before start for early probes.
-    pub fn control(&self) -> Arc<Shared> {
+    pub fn control(&self) -> Arc<Machine> {
         self.shared.clone()
     }
 
@@ -761,14 +491,14 @@ impl Vm {
 
 /// A running VM.
 pub struct RunningVm {
-    shared: Arc<Shared>,
+    shared: Arc<Machine>,
     threads: Vec<JoinHandle<()>>,
     // Declared after `threads`/`shared`: the VM fd must outlive the vCPU threads.
     fds: Arc<KvmFds>,
 }
 
 impl RunningVm {
-    pub fn control(&self) -> Arc<Shared> {
+    pub fn control(&self) -> Arc<Machine> {
         self.shared.clone()
     }
 

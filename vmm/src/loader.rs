@@ -291,12 +291,16 @@ pub fn load(
             params.hdr.type_of_loader = 0xff;
             params.hdr.boot_flag = 0xaa55;
             params.hdr.header = 0x5372_6448; // "HdrS"
-            params.hdr.cmd_line_ptr = layout::CMDLINE_ADDR as u32;
-            params.hdr.cmdline_size = cmdline.len() as u32;
+                                             // The boot protocol's fields are 32-bit: refuse what they cannot hold.
+            let u32_field = |what: &str, v: u64| {
+                u32::try_from(v).map_err(|_| kernel_err(format!("{what} {v:#x} beyond 4 GiB")))
+            };
+            params.hdr.cmd_line_ptr = u32_field("command line address", layout::CMDLINE_ADDR)?;
+            params.hdr.cmdline_size = u32_field("command line length", cmdline.len() as u64)?;
             params.hdr.kernel_alignment = 0x100_0000;
             if let Some((addr, len)) = initrd_range {
-                params.hdr.ramdisk_image = addr as u32;
-                params.hdr.ramdisk_size = len as u32;
+                params.hdr.ramdisk_image = u32_field("initrd address", addr)?;
+                params.hdr.ramdisk_size = u32_field("initrd size", len)?;
             }
             params.acpi_rsdp_addr = rsdp;
             for (i, (start, size, ty)) in map.iter().enumerate() {
@@ -304,7 +308,8 @@ pub fn load(
                 params.e820_table[i].size = *size;
                 params.e820_table[i].r#type = *ty;
             }
-            params.e820_entries = map.len() as u8;
+            params.e820_entries = u8::try_from(map.len())
+                .map_err(|_| kernel_err(format!("{} e820 entries", map.len())))?;
             ram.mmap()
                 .write_obj(params, GuestAddress(layout::ZERO_PAGE_ADDR))
                 .map_err(|e| kernel_err(e.to_string()))?;
@@ -370,7 +375,8 @@ fn write_pvh_start_info(
     si.extend_from_slice(&layout::CMDLINE_ADDR.to_le_bytes());
     si.extend_from_slice(&rsdp.to_le_bytes());
     si.extend_from_slice(&layout::MEMMAP_ADDR.to_le_bytes());
-    si.extend_from_slice(&(map.len() as u32).to_le_bytes());
+    let entries = u32::try_from(map.len()).map_err(|_| "memory map too long".to_string())?;
+    si.extend_from_slice(&entries.to_le_bytes());
     si.extend_from_slice(&0u32.to_le_bytes());
     ram.write_phys(layout::START_INFO_ADDR, &si)
         .map_err(|e| e.to_string())

@@ -1,9 +1,18 @@
 //! Guest RAM, shared by all threads.
 
 use guest_access::AccessError;
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::layout;
+
+/// One guest RAM region and where it lives in a snapshot's memory file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Region {
+    pub gpa: u64,
+    pub len: u64,
+    pub file_offset: u64,
+}
 
 /// Guest RAM backed by anonymous host mappings.
 pub struct GuestRam {
@@ -16,8 +25,13 @@ impl GuestRam {
     pub fn new(mem_bytes: u64) -> Result<Self, String> {
         let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mem_bytes)
             .into_iter()
-            .map(|(s, l)| (GuestAddress(s), l as usize))
-            .collect();
+            .map(|(s, l)| {
+                Ok((
+                    GuestAddress(s),
+                    usize::try_from(l).map_err(|e| e.to_string())?,
+                ))
+            })
+            .collect::<Result<_, String>>()?;
         let end = ranges
             .last()
             .map(|(s, l)| s.0 + *l as u64)
@@ -29,10 +43,7 @@ impl GuestRam {
     /// Guest RAM mapped copy-on-write from a snapshot's memory file
     /// (`MAP_PRIVATE`): pages are read on first touch, guest writes stay in
     /// this process, and the file is never modified.
-    pub fn from_snapshot(
-        path: &std::path::Path,
-        regions: &[crate::snapshot::Region],
-    ) -> Result<Self, String> {
+    pub fn from_snapshot(path: &std::path::Path, regions: &[Region]) -> Result<Self, String> {
         use vm_memory::GuestRegionMmap;
         use vm_memory::{FileOffset, MmapRegion};
         let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;

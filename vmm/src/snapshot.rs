@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 use guest_access::{GuestMemory, VmControl};
 use serde::{Deserialize, Serialize};
 
+use crate::machine::Machine;
 use crate::snapshot_state::{VcpuState, VmState};
-use crate::{KvmFds, Shared};
 
 /// Identifies a manifest as an hvprobe snapshot.
 pub const MAGIC: &str = "hvprobe-snapshot";
@@ -60,13 +60,7 @@ pub struct CpuidLeaf {
     pub edx: u32,
 }
 
-/// One guest RAM region and where it lives in the memory file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Region {
-    pub gpa: u64,
-    pub len: u64,
-    pub file_offset: u64,
-}
+pub use crate::memory::Region;
 
 /// The snapshot manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,10 +190,28 @@ pub struct SnapshotReport {
     pub write: Duration,
 }
 
+/// The KVM handles of a VM and what a snapshot manifest records about it.
+/// Shared by the VM handle and its snapshot writer; the VM fd outlives
+/// every vCPU thread.
+pub(crate) struct KvmFds {
+    pub vm: kvm_ioctls::VmFd,
+    pub kvm: kvm_ioctls::Kvm,
+    pub info: VmInfo,
+}
+
+/// The 16550's registers and receive FIFO, for a snapshot manifest.
+fn serial_state(m: &Machine) -> SerialSnapshot {
+    m.bus
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .serial_state()
+        .into()
+}
+
 /// Writes snapshots of a running VM. Cheap to clone.
 #[derive(Clone)]
 pub struct Snapshotter {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<Machine>,
     pub(crate) fds: Arc<KvmFds>,
 }
 
@@ -228,7 +240,7 @@ impl Snapshotter {
         Ok(SavedState {
             vcpus,
             vm: crate::snapshot_state::capture_vm(&self.fds.vm)?,
-            serial: self.shared.serial_state(),
+            serial: serial_state(&self.shared),
         })
     }
 
@@ -478,7 +490,7 @@ impl Manifest {
         if found > u64::from(FORMAT_VERSION) {
             return Err(SnapshotError::FutureFormat {
                 path,
-                found: found.min(u64::from(u32::MAX)) as u32,
+                found: u32::try_from(found).unwrap_or(u32::MAX),
             });
         }
         let m: Manifest =
@@ -579,7 +591,9 @@ pub fn write_memory_image(
     for r in regions {
         let mut done = 0u64;
         while done < r.len {
-            let n = ((r.len - done) as usize).min(CHUNK);
+            let n = usize::try_from(r.len - done)
+                .unwrap_or(usize::MAX)
+                .min(CHUNK);
             read(r.gpa + done, &mut buf[..n]).map_err(|e| werr(&e))?;
             // Write runs of non-zero pages; zero pages stay holes.
             let mut p = 0;
@@ -799,8 +813,8 @@ mod tests {
         )
         .unwrap();
 
-        let a = crate::GuestRam::from_snapshot(&path, &regions).unwrap();
-        let b = crate::GuestRam::from_snapshot(&path, &regions).unwrap();
+        let a = crate::memory::GuestRam::from_snapshot(&path, &regions).unwrap();
+        let b = crate::memory::GuestRam::from_snapshot(&path, &regions).unwrap();
         let mut x = [0u8; 1];
         a.read_phys(0x1000, &mut x).unwrap();
         assert_eq!(x[0], 0x55);

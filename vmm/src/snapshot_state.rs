@@ -43,22 +43,50 @@ impl<'de> Deserialize<'de> for Raw {
 /// Implementors must be `repr(C)`, contain no pointers or references, and be
 /// valid for every bit pattern.
 pub unsafe trait Pod: Copy {}
+// Each impl below is for a bindgen copy of a kernel UAPI structure. The
+// kernel lays these out with explicit pad/reserved fields precisely so that
+// there is no implicit padding (the ABI is the same on every compiler), and
+// their fields are integers, integer arrays or unions of those, so every bit
+// pattern is a valid value and every byte is initialised.
+// SAFETY: 18 u64 registers: no padding, any bits valid.
 unsafe impl Pod for kvm_regs {}
+// SAFETY: a plain integer array (the legacy xsave region).
 unsafe impl Pod for [u32; 1024] {}
+// SAFETY: kvm_segment/kvm_dtable carry explicit `padding` fields, the rest
+// are u64s and a u64 bitmap: no implicit padding, any bits valid.
 unsafe impl Pod for kvm_sregs {}
+// SAFETY: u8/u16/u32/u64 fields with explicit pad1/pad2 keeping the u64s
+// aligned: no implicit padding, any bits valid.
 unsafe impl Pod for kvm_fpu {}
+// SAFETY: u32 counters, an array of {u32, u32 reserved, u64} and u64 padding.
 unsafe impl Pod for kvm_xcrs {}
+// SAFETY: a 1 KiB byte array (the APIC register page).
 unsafe impl Pod for kvm_lapic_state {}
+// SAFETY: u8/u32 groups sized to 4-byte multiples, explicit `pad` and
+// `reserved` bytes before the final u64: no implicit padding, any bits valid.
 unsafe impl Pod for kvm_vcpu_events {}
+// SAFETY: u64 debug registers, flags and reserved words only.
 unsafe impl Pod for kvm_debugregs {}
+// SAFETY: a single u32.
 unsafe impl Pod for kvm_mp_state {}
+// SAFETY: u32 chip id, u32 pad, then a union whose largest member is a
+// 512-byte array (so the union has no padding); its other members are
+// integer structs. Values come zeroed (Default) and filled by KVM, so all
+// 520 bytes are initialised.
 unsafe impl Pod for kvm_irqchip {}
+// SAFETY: three 24-byte channel states (u32, u16, ten u8s, i64: aligned
+// without padding), u32 flags and u32 reserved words.
 unsafe impl Pod for kvm_pit_state2 {}
+// SAFETY: u64 clock/realtime/host_tsc, u32 flags with explicit pad0/pad[].
 unsafe impl Pod for kvm_clock_data {}
 
 impl Raw {
     pub fn of<T: Pod>(t: &T) -> Raw {
-        // SAFETY: T is Pod: any byte of it may be read.
+        // SAFETY: `t` is a live reference, so the pointer is valid and
+        // aligned for size_of::<T>() bytes for the borrow's lifetime; T: Pod
+        // promises no padding-dependent or pointer contents, so every byte
+        // is initialised and may be read as u8. The slice is copied out
+        // before the borrow ends.
         let b = unsafe {
             std::slice::from_raw_parts((t as *const T).cast::<u8>(), std::mem::size_of::<T>())
         };
@@ -73,9 +101,12 @@ impl Raw {
                 std::mem::size_of::<T>()
             ));
         }
-        // SAFETY: T is valid for every bit pattern, including all zeroes.
+        // SAFETY: T: Pod is valid for every bit pattern, all zeroes included.
         let mut t: T = unsafe { std::mem::zeroed() };
-        // SAFETY: sizes match and T is valid for every bit pattern.
+        // SAFETY: the length check above makes `self.0` exactly
+        // size_of::<T>() bytes, so the copy stays inside both the Vec and
+        // `t`; a Vec<u8> and a local cannot overlap; and any bytes written
+        // form a valid T because T: Pod is valid for every bit pattern.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 self.0.as_ptr(),
@@ -111,7 +142,7 @@ impl VcpuState {
 
     /// The saved paging state, as the probe engine reads it.
     pub fn system_regs(&self) -> Result<guest_access::SystemRegs, String> {
-        Ok(crate::vcpu::to_system_regs(
+        Ok(crate::regs::to_system_regs(
             &self.sregs.get::<kvm_sregs>("sregs")?,
         ))
     }
@@ -188,7 +219,10 @@ pub fn apply_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), String> {
         region: s.xsave.get("xsave")?,
         ..Default::default()
     };
-    // SAFETY: the legacy 4 KiB KVM_SET_XSAVE; KVM reads only `region`.
+    // SAFETY: set_xsave is unsafe because KVM_SET_XSAVE2-sized buffers may
+    // be larger than `kvm_xsave`; this is the legacy ioctl on a plain
+    // `kvm_xsave` (no flexible array, no KVM_CAP_XSAVE2 enabled on this fd),
+    // so KVM reads exactly the 4 KiB `region` it was given.
     unsafe { fd.set_xsave(&xsave) }.map_err(|x| e("KVM_SET_XSAVE", x))?;
     fd.set_xcrs(&s.xcrs.get("xcrs")?)
         .map_err(|x| e("KVM_SET_XCRS", x))?;
@@ -243,12 +277,15 @@ pub(crate) fn capture_current(
     if p.is_null() {
         return Err("snapshot capture not on a vCPU thread".into());
     }
-    // SAFETY: set by the running vCPU thread for the life of its loop, and we
-    // are on that thread inside the loop.
+    // SAFETY: the pointer is thread-local and non-null only between
+    // `set_thread_vcpu_fd` and `clear_thread_vcpu_fd`, which the vCPU loop
+    // calls on entry and before it drops its runner (and the fd) on exit;
+    // capture_current runs as a request inside that loop on the same thread,
+    // so the VcpuFd is alive, and only shared access is taken.
     let fd = unsafe { &*p };
     let mut s = capture_vcpu(fd, msr_indices)?;
     let r = v.regs().map_err(|e| e.to_string())?;
-    let k = crate::vcpu::to_kvm_regs(&r);
+    let k = crate::regs::to_kvm_regs(&r);
     s.regs = Raw::of(&k);
     Ok(s)
 }

@@ -12,16 +12,16 @@ use kvm_bindings::{
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 
 use crate::bridge::BridgeState;
-use crate::control::{self, Request};
+use crate::control::{self, Request, VcpuRunState};
 use crate::debug::GuestDebug;
 use crate::devices::PortAction;
 use crate::gaps;
-use crate::{RunOutcome, Shared};
+use crate::machine::{Machine, RunOutcome, VcpuStats};
+use crate::regs::{to_kvm_regs, to_regs, to_system_regs};
 
 const BP_VECTOR: u8 = 3;
 const DB_VECTOR: u32 = 1;
 const INT3: u8 = 0xcc;
-const EFER_LMA: u64 = 0x400;
 
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Next {
@@ -33,7 +33,7 @@ pub(crate) enum Next {
 pub(crate) struct VcpuRunner {
     pub index: usize,
     pub fd: VcpuFd,
-    pub shared: Arc<Shared>,
+    pub shared: Arc<Machine>,
     /// RIP and exit count of the last emulation failure we could not explain,
     /// to tell a stale trap (retry once) from a stuck instruction.
     last_unexplained: Option<(u64, u64)>,
@@ -44,63 +44,64 @@ pub(crate) struct VcpuRunner {
     pub(crate) bridge: BridgeState,
 }
 
-fn to_regs(r: &kvm_regs) -> Regs {
-    Regs {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
+/// What serving a device exit asks of the loop that got it.
+#[derive(Debug, PartialEq, Eq)]
+enum DeviceExit {
+    /// Served; run the guest on.
+    Served,
+    /// The guest asked to end the run this way (exit port, ACPI power-off
+    /// or reset).
+    Ends(RunOutcome),
+}
+
+/// Serve a port or MMIO exit: the one device-exit handler of both the vCPU
+/// run loop ([`VcpuRunner::run_once`]) and the single-step loop
+/// ([`VcpuRunner::step_until_db`]). Any other exit (or KVM_RUN error) is
+/// handed back for the caller's own handling.
+fn device_exit<'a>(
+    shared: &Machine,
+    stats: &VcpuStats,
+    exit: Result<VcpuExit<'a>, kvm_ioctls::Error>,
+) -> Result<DeviceExit, Result<VcpuExit<'a>, kvm_ioctls::Error>> {
+    match exit {
+        Ok(VcpuExit::IoOut(port, data)) => {
+            stats.io.fetch_add(1, Ordering::Relaxed);
+            let action = shared.bus.lock().unwrap().write(port, data);
+            Ok(match action {
+                PortAction::None => DeviceExit::Served,
+                PortAction::Marker(tag) => {
+                    shared.record_marker(tag);
+                    DeviceExit::Served
+                }
+                PortAction::Exit(status) => DeviceExit::Ends(RunOutcome::GuestExit { status }),
+                PortAction::PowerOff => DeviceExit::Ends(RunOutcome::PowerOff),
+                PortAction::Reset(how) => DeviceExit::Ends(RunOutcome::Reset { how }),
+            })
+        }
+        Ok(VcpuExit::IoIn(port, data)) => {
+            stats.io.fetch_add(1, Ordering::Relaxed);
+            shared.bus.lock().unwrap().read(port, data);
+            Ok(DeviceExit::Served)
+        }
+        Ok(VcpuExit::MmioRead(_, data)) => {
+            // No MMIO devices: reads float high, as on an empty bus.
+            stats.mmio.fetch_add(1, Ordering::Relaxed);
+            data.fill(0xff);
+            Ok(DeviceExit::Served)
+        }
+        Ok(VcpuExit::MmioWrite(..)) => {
+            stats.mmio.fetch_add(1, Ordering::Relaxed);
+            Ok(DeviceExit::Served)
+        }
+        other => Err(other),
     }
 }
 
-pub(crate) fn to_kvm_regs(r: &Regs) -> kvm_regs {
-    kvm_regs {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
-    }
-}
-
-pub(crate) fn to_system_regs(s: &kvm_bindings::kvm_sregs) -> SystemRegs {
-    SystemRegs {
-        cr0: s.cr0,
-        cr3: s.cr3,
-        cr4: s.cr4,
-        efer: s.efer,
-        cpl: s.ss.dpl,
-        long_mode: s.efer & EFER_LMA != 0 && s.cs.l != 0,
-        gs_base: s.gs.base,
-        kernel_gs_base: 0,
-    }
+/// Bytes from `addr` to the end of its 4 KiB page (1..=0x1000).
+// At most 0x1000, so the cast cannot cut on any target.
+#[allow(clippy::cast_possible_truncation)]
+fn page_rest(addr: u64) -> usize {
+    (0x1000 - (addr & 0xfff)) as usize
 }
 
 fn is_retry(e: &kvm_ioctls::Error) -> bool {
@@ -108,7 +109,7 @@ fn is_retry(e: &kvm_ioctls::Error) -> bool {
 }
 
 impl VcpuRunner {
-    pub fn new(index: usize, fd: VcpuFd, shared: Arc<Shared>) -> Self {
+    pub fn new(index: usize, fd: VcpuFd, shared: Arc<Machine>) -> Self {
         Self {
             index,
             fd,
@@ -157,11 +158,9 @@ impl VcpuRunner {
 
     /// The thread body.
     pub fn run_loop(mut self) {
-        // SAFETY: pthread_self has no preconditions.
-        let tid = unsafe { libc::pthread_self() } as u64;
         let shared = self.shared.clone();
         let slot = &shared.slots[self.index];
-        slot.tid.store(tid, Ordering::SeqCst);
+        slot.enter();
         control::set_thread_kvm_run(self.fd.get_kvm_run() as *mut _);
         crate::snapshot_state::set_thread_vcpu_fd(&self.fd);
         self.fd.set_sync_valid_reg(SyncReg::Register);
@@ -189,9 +188,11 @@ impl VcpuRunner {
         if let Some(o) = outcome {
             self.shared.finish(o);
         }
+        // No kick or request reaches this thread after `exit`; a kick sent
+        // before it finds the kvm_run pointer still set or already null.
+        slot.exit();
         control::set_thread_kvm_run(std::ptr::null_mut());
         crate::snapshot_state::clear_thread_vcpu_fd();
-        slot.tid.store(0, Ordering::SeqCst);
         // Drop queued requests: their senders learn the vCPU is gone.
         slot.requests.lock().unwrap().clear();
         let mut st = self.shared.world.lock();
@@ -225,6 +226,8 @@ impl VcpuRunner {
         if st.stopper.is_none() || st.stopper == Some(self.index) {
             return;
         }
+        let slot = &shared.slots[self.index];
+        slot.set(VcpuRunState::Parked);
         st.parked += 1;
         world.parked_hint.store(st.parked, Ordering::SeqCst);
         world.cv.notify_all();
@@ -248,6 +251,7 @@ impl VcpuRunner {
         }
         st.parked -= 1;
         world.parked_hint.store(st.parked, Ordering::SeqCst);
+        slot.set(VcpuRunState::Running);
     }
 
     fn run_once(&mut self) -> Next {
@@ -259,42 +263,16 @@ impl VcpuRunner {
         self.exits += 1;
         let stats = &shared.stats[self.index];
         stats.exits.fetch_add(1, Ordering::Relaxed);
+        let exit = match device_exit(&shared, stats, exit) {
+            Ok(DeviceExit::Served) => return Next::Continue,
+            Ok(DeviceExit::Ends(outcome)) => return Next::Stop(outcome),
+            Err(other) => other,
+        };
         let trap = match exit {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                stats.io.fetch_add(1, Ordering::Relaxed);
-                let action = shared.bus.lock().unwrap().write(port, data);
-                return match action {
-                    PortAction::None => Next::Continue,
-                    PortAction::Marker(tag) => {
-                        shared.record_marker(tag);
-                        Next::Continue
-                    }
-                    PortAction::Exit(status) => Next::Stop(RunOutcome::GuestExit { status }),
-                    PortAction::PowerOff => Next::Stop(RunOutcome::PowerOff),
-                    PortAction::Reset(how) => Next::Stop(RunOutcome::Reset { how }),
-                };
-            }
-            Ok(VcpuExit::IoIn(port, data)) => {
-                stats.io.fetch_add(1, Ordering::Relaxed);
-                shared.bus.lock().unwrap().read(port, data);
-                return Next::Continue;
-            }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                stats.mmio.fetch_add(1, Ordering::Relaxed);
-                data.fill(0xff);
-                return Next::Continue;
-            }
-            Ok(VcpuExit::MmioWrite(..)) => {
-                stats.mmio.fetch_add(1, Ordering::Relaxed);
-                return Next::Continue;
-            }
             Ok(VcpuExit::Debug(arch)) => TrapExit::Debug(arch),
-            Ok(VcpuExit::InternalError) => {
-                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the
-                // `internal` member of the union is the valid one.
-                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                TrapExit::InternalError { suberror }
-            }
+            Ok(VcpuExit::InternalError) => TrapExit::InternalError {
+                suberror: self.internal_error_suberror(),
+            },
             Ok(VcpuExit::Shutdown) => {
                 return Next::Stop(RunOutcome::TripleFault { vcpu: self.index })
             }
@@ -392,7 +370,7 @@ impl VcpuRunner {
         let Ok(gpa) = self.gva_to_gpa(rip) else {
             return Vec::new();
         };
-        let len = (16u64).min(0x1000 - (gpa & 0xfff)) as usize;
+        let len = 16.min(page_rest(gpa));
         let mut buf = vec![0u8; len];
         match self.shared.ram.read_phys(gpa, &mut buf) {
             Ok(()) => buf,
@@ -443,7 +421,11 @@ impl VcpuRunner {
             .breakpoints
             .fetch_add(1, Ordering::Relaxed);
         let shared = self.shared.clone();
-        match shared.handler().on_breakpoint(self, &*shared, kind) {
+        let slot = &shared.slots[self.index];
+        slot.set(VcpuRunState::InHandler);
+        let action = shared.handler().on_breakpoint(self, &*shared, kind);
+        slot.set(VcpuRunState::Running);
+        match action {
             BreakpointAction::Resume => Next::Continue,
             BreakpointAction::DeliverToGuest => match self.deliver_bp(kind) {
                 Ok(()) => Next::Continue,
@@ -545,6 +527,19 @@ impl VcpuRunner {
         }
     }
 
+    /// The suberror of the KVM_EXIT_INTERNAL_ERROR that KVM_RUN just
+    /// returned (call only right after `VcpuExit::InternalError`).
+    fn internal_error_suberror(&mut self) -> u32 {
+        let run = self.fd.get_kvm_run();
+        debug_assert_eq!(run.exit_reason, kvm_bindings::KVM_EXIT_INTERNAL_ERROR);
+        // SAFETY: kvm_run's exit union is discriminated by `exit_reason`;
+        // both callers run this straight after KVM_RUN returned
+        // KVM_EXIT_INTERNAL_ERROR (kvm-ioctls maps that reason, and only
+        // it, to `VcpuExit::InternalError`), so `internal` is the member KVM
+        // wrote. Reading a u32 of it is a plain load from the mmapped page.
+        unsafe { run.__bindgen_anon_1.internal.suberror }
+    }
+
     /// True before the first KVM_RUN has filled kvm_run's register copy.
     fn sync_valid(&self) -> bool {
         self.exits > 0
@@ -634,35 +629,22 @@ impl VcpuRunner {
         for _ in 0..64 {
             let exit = self.fd.run();
             self.exits += 1;
-            shared.stats[self.index]
-                .exits
-                .fetch_add(1, Ordering::Relaxed);
+            let stats = &shared.stats[self.index];
+            stats.exits.fetch_add(1, Ordering::Relaxed);
+            let exit = match device_exit(&shared, stats, exit) {
+                Ok(DeviceExit::Served) => continue,
+                Ok(DeviceExit::Ends(outcome)) => {
+                    shared.finish(outcome);
+                    return Err(fail("the guest stopped during the step".into()));
+                }
+                Err(other) => other,
+            };
             match exit {
                 Ok(VcpuExit::Debug(arch)) => {
                     return self.step_dispatch(TrapExit::Debug(arch), start_rip)
                 }
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    let action = shared.bus.lock().unwrap().write(port, data);
-                    if let PortAction::Marker(tag) = action {
-                        shared.record_marker(tag);
-                    } else if action != PortAction::None {
-                        shared.finish(match action {
-                            PortAction::Exit(status) => RunOutcome::GuestExit { status },
-                            PortAction::PowerOff => RunOutcome::PowerOff,
-                            PortAction::Reset(how) => RunOutcome::Reset { how },
-                            PortAction::None | PortAction::Marker(_) => unreachable!(),
-                        });
-                        return Err(fail("the guest stopped during the step".into()));
-                    }
-                }
-                Ok(VcpuExit::IoIn(port, data)) => shared.bus.lock().unwrap().read(port, data),
-                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-                Ok(VcpuExit::MmioWrite(..)) => {}
                 Ok(VcpuExit::InternalError) => {
-                    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the
-                    // `internal` member of the union is the valid one.
-                    let suberror =
-                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    let suberror = self.internal_error_suberror();
                     return self.step_dispatch(TrapExit::InternalError { suberror }, start_rip);
                 }
                 Err(e) if is_retry(&e) => self.fd.set_kvm_immediate_exit(0),
@@ -736,7 +718,7 @@ impl gaps::GapCpu for VcpuRunner {
         let mut done = 0;
         while done < buf.len() {
             let va = gva + done as u64;
-            let n = (buf.len() - done).min((0x1000 - (va & 0xfff)) as usize);
+            let n = (buf.len() - done).min(page_rest(va));
             let gpa = self.gva_to_gpa(va)?;
             self.shared
                 .ram
@@ -753,7 +735,7 @@ impl gaps::GapCpu for VcpuRunner {
         let mut done = 0;
         while done < data.len() {
             let va = gva + done as u64;
-            let n = (data.len() - done).min((0x1000 - (va & 0xfff)) as usize);
+            let n = (data.len() - done).min(page_rest(va));
             pieces.push((self.gva_to_gpa(va)?, done, n));
             done += n;
         }
@@ -767,5 +749,6 @@ impl gaps::GapCpu for VcpuRunner {
     }
 }
 
+mod bridge_exit;
 #[cfg(test)]
 mod dispatch_tests;

@@ -23,7 +23,8 @@ use kvm_ioctls::{Kvm, VcpuExit, VmFd};
 
 use super::{Next, TrapExit, VcpuRunner};
 use crate::bridge::{BridgeMode, BridgeStatus, PF_SLOT};
-use crate::{devices, RunOutcome};
+use crate::devices;
+use crate::machine::RunOutcome;
 
 const SITE: u64 = 0x1000;
 const BP_HANDLER: u64 = 0x2000;
@@ -105,24 +106,29 @@ fn kvm() -> Option<Kvm> {
     }
 }
 
+/// A port number as the immediate of `out imm8, al`.
+fn imm8(port: u16) -> u8 {
+    u8::try_from(port).unwrap()
+}
+
 /// A one-vCPU VM at 0x0ffe with `site` at [`SITE`], run to its first exit
 /// (through the dispatcher) so that RIP is at the site.
 fn rig(site: u8, owned: &[(u64, Mode)]) -> Option<Rig> {
     let kvm = kvm()?;
     let vm = crate::create_vm_fd(&kvm).unwrap();
-    let ram = crate::GuestRam::new(4 << 20).unwrap();
+    let ram = crate::memory::GuestRam::new(4 << 20).unwrap();
     crate::map_ram(&vm, &ram).unwrap();
     let put = |at: u64, b: &[u8]| guest_access::GuestMemory::write_phys(&ram, at, b).unwrap();
-    put(3 * 4, &[BP_HANDLER as u8, (BP_HANDLER >> 8) as u8, 0, 0]);
+    put(3 * 4, &u32::try_from(BP_HANDLER).unwrap().to_le_bytes()); // IVT[3] = 0000:BP_HANDLER
     put(
         SITE - 2,
-        &[0xe6, PORT_START as u8, site, 0xe6, PORT_AFTER_SITE as u8],
+        &[0xe6, imm8(PORT_START), site, 0xe6, imm8(PORT_AFTER_SITE)],
     );
-    put(BP_HANDLER, &[0xe6, PORT_BP_HANDLER as u8]);
-    put(HW_BP_ADDR, &[0x90, 0xe6, PORT_AFTER_HW as u8]);
+    put(BP_HANDLER, &[0xe6, imm8(PORT_BP_HANDLER)]);
+    put(HW_BP_ADDR, &[0x90, 0xe6, imm8(PORT_AFTER_HW)]);
     let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let console = devices::ConsoleWriter::new(&devices::SerialOutput::Discard).unwrap();
-    let shared = crate::new_shared(crate::SharedParts {
+    let shared = crate::machine::new_machine(crate::machine::MachineParts {
         ram,
         bus: devices::PortBus::new(irq, console),
         vcpus: 1,

@@ -1,0 +1,329 @@
+//! The machine: the state a VM's vCPU threads and its handles share (guest
+//! RAM, the port bus, stop-the-world, the vCPU slots, exit counters, the
+//! breakpoint handler, how the run ended), and the [`VmControl`] face the
+//! probe engine sees.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
+
+use guest_access::{AccessError, BreakpointHandler, GuestMemory, StopGuard, VcpuTask, VmControl};
+
+use crate::bridge::BridgeStatus;
+use crate::control::{self, VcpuRunState, VcpuSlot, World};
+use crate::devices;
+use crate::memory::GuestRam;
+
+/// How a guest run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The guest wrote its exit status to [`EXIT_PORT`](crate::EXIT_PORT).
+    GuestExit { status: u32 },
+    /// ACPI power-off (S5).
+    PowerOff,
+    /// The guest reset itself (reboot, or a panic with `panic=-1`).
+    Reset { how: &'static str },
+    /// A triple fault (KVM_EXIT_SHUTDOWN).
+    TripleFault { vcpu: usize },
+    /// The VMM could not continue the guest.
+    Crashed { vcpu: usize, reason: String },
+    /// The host stopped the VM.
+    Stopped,
+}
+
+impl RunOutcome {
+    /// Process exit code for `hvprobe run`: the guest's own status when it
+    /// reported one, 0 for a power-off, and distinct codes for the rest.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunOutcome::GuestExit { status } => {
+                if *status == 0 {
+                    0
+                } else {
+                    (*status & 0x7f).max(1) as i32
+                }
+            }
+            RunOutcome::PowerOff => 0,
+            RunOutcome::Stopped => 0,
+            RunOutcome::Reset { .. } => 130,
+            RunOutcome::TripleFault { .. } => 131,
+            RunOutcome::Crashed { .. } => 132,
+        }
+    }
+}
+
+impl std::fmt::Display for RunOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunOutcome::GuestExit { status } => write!(f, "guest exited with status {status}"),
+            RunOutcome::PowerOff => write!(f, "guest powered off"),
+            RunOutcome::Reset { how } => write!(f, "guest reset ({how})"),
+            RunOutcome::TripleFault { vcpu } => write!(f, "guest triple-faulted on vCPU {vcpu}"),
+            RunOutcome::Crashed { vcpu, reason } => {
+                write!(f, "guest stopped on vCPU {vcpu}: {reason}")
+            }
+            RunOutcome::Stopped => write!(f, "stopped by the host"),
+        }
+    }
+}
+
+/// Per-vCPU exit counters.
+#[derive(Default)]
+pub(crate) struct VcpuStats {
+    pub exits: AtomicU64,
+    pub io: AtomicU64,
+    pub mmio: AtomicU64,
+    pub breakpoints: AtomicU64,
+    pub single_steps: AtomicU64,
+    pub kicks: AtomicU64,
+    pub gaps: AtomicU64,
+    pub bridge_syscalls: AtomicU64,
+    pub bridge_int80: AtomicU64,
+    pub bridge_faults_passed: AtomicU64,
+    pub bridge_step_fallbacks: AtomicU64,
+    pub bridge_rearms: AtomicU64,
+    pub bridge_no_pf_handler: AtomicU64,
+}
+
+/// What the system-call bridge did, summed over vCPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BridgeStats {
+    /// User `syscall`s completed by the VMM.
+    pub syscalls: u64,
+    /// User `int $0x80`s routed from #UD to the IDT[0x80] handler.
+    pub int80: u64,
+    /// Genuine #PF/#UD passed on to the guest's handler.
+    pub faults_passed: u64,
+    /// Of those, handler entries single-stepped because the emulator refused.
+    pub step_fallbacks: u64,
+    /// Times a vCPU re-armed its breakpoints after the guest IDT changed.
+    pub rearms: u64,
+    /// Times a vCPU found its IDT without a usable #PF gate and disarmed.
+    pub no_pf_handler: u64,
+}
+
+/// Exit counters summed over all vCPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitStats {
+    /// All returns from KVM_RUN, including kicks.
+    pub exits: u64,
+    pub io: u64,
+    pub mmio: u64,
+    /// `int3` traps handed to the breakpoint handler.
+    pub breakpoints: u64,
+    pub single_steps: u64,
+    /// KVM_RUN interrupted by the host (pause, requests).
+    pub kicks: u64,
+    /// Instructions KVM could not emulate that the VMM completed.
+    pub gap_instructions: u64,
+    /// The system-call bridge (all zero when it is off).
+    pub bridge: BridgeStats,
+}
+
+/// A VM's machine state, shared by its vCPU threads and every handle on it
+/// (the [`crate::Vm`]/[`crate::RunningVm`], the snapshot writer, the probe
+/// engine through [`VmControl`]): guest RAM, the port bus, the
+/// stop-the-world coordinator, one slot per vCPU (run state, kick, request
+/// queue), exit counters, the breakpoint handler and the run's outcome.
+pub struct Machine {
+    pub(crate) ram: GuestRam,
+    pub(crate) bus: Mutex<devices::PortBus>,
+    pub(crate) world: World,
+    pub(crate) slots: Vec<VcpuSlot>,
+    pub(crate) stats: Vec<VcpuStats>,
+    pub(crate) stopping: AtomicBool,
+    pub(crate) outcome: Mutex<Option<RunOutcome>>,
+    pub(crate) outcome_cv: Condvar,
+    pub(crate) handler: OnceLock<Arc<dyn BreakpointHandler>>,
+    pub(crate) blockirq_flag: u32,
+    pub(crate) markers: Mutex<Vec<(u32, std::time::Instant)>>,
+    pub(crate) bridge: BridgeStatus,
+    /// vCPU 0's system registers from a snapshot, until its thread runs.
+    pub(crate) saved_sregs: Option<guest_access::SystemRegs>,
+}
+
+impl Machine {
+    pub(crate) fn handler(&self) -> &dyn BreakpointHandler {
+        match self.handler.get() {
+            Some(h) => &**h,
+            None => &guest_access::NoProbes,
+        }
+    }
+
+    /// Record how the run ended (first one wins) and stop every vCPU.
+    pub(crate) fn finish(&self, o: RunOutcome) {
+        {
+            let mut g = self.outcome.lock().unwrap();
+            if g.is_none() {
+                tracing::debug!("run ends: {o}");
+                *g = Some(o);
+            }
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+        self.outcome_cv.notify_all();
+        // Wake parked vCPUs and stoppers waiting on them.
+        {
+            let _st = self.world.lock();
+            self.world.cv.notify_all();
+        }
+        control::kick_all(&self.slots, None);
+    }
+
+    /// Stop the guest from any thread (as [`RunningVm::stop`](crate::RunningVm::stop)).
+    pub fn stop(&self) {
+        self.finish(RunOutcome::Stopped);
+    }
+
+    /// Exit counters summed over vCPUs.
+    pub fn exit_stats(&self) -> ExitStats {
+        let mut s = ExitStats::default();
+        for v in &self.stats {
+            s.exits += v.exits.load(Ordering::Relaxed);
+            s.io += v.io.load(Ordering::Relaxed);
+            s.mmio += v.mmio.load(Ordering::Relaxed);
+            s.breakpoints += v.breakpoints.load(Ordering::Relaxed);
+            s.single_steps += v.single_steps.load(Ordering::Relaxed);
+            s.kicks += v.kicks.load(Ordering::Relaxed);
+            s.gap_instructions += v.gaps.load(Ordering::Relaxed);
+            let b = &mut s.bridge;
+            b.syscalls += v.bridge_syscalls.load(Ordering::Relaxed);
+            b.int80 += v.bridge_int80.load(Ordering::Relaxed);
+            b.faults_passed += v.bridge_faults_passed.load(Ordering::Relaxed);
+            b.step_fallbacks += v.bridge_step_fallbacks.load(Ordering::Relaxed);
+            b.rearms += v.bridge_rearms.load(Ordering::Relaxed);
+            b.no_pf_handler += v.bridge_no_pf_handler.load(Ordering::Relaxed);
+        }
+        s
+    }
+
+    /// What vCPU `index`'s thread is doing (None: no such vCPU).
+    pub fn vcpu_run_state(&self, index: usize) -> Option<VcpuRunState> {
+        self.slots.get(index).map(VcpuSlot::state)
+    }
+
+    /// Whether the system-call bridge runs in this VM, and why.
+    pub fn bridge_status(&self) -> &BridgeStatus {
+        &self.bridge
+    }
+
+    pub(crate) fn record_marker(&self, tag: u32) {
+        self.markers
+            .lock()
+            .unwrap()
+            .push((tag, std::time::Instant::now()));
+    }
+
+    /// Timing markers the guest wrote to [`MARKER_PORT`](crate::MARKER_PORT), in order.
+    pub fn markers(&self) -> Vec<(u32, std::time::Instant)> {
+        self.markers.lock().unwrap().clone()
+    }
+
+    /// Guest RAM.
+    /// Type into the guest console (16550 receive path, IRQ 4). Returns how
+    /// many bytes the 64-byte FIFO took; retry the rest later.
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        self.bus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .console_input(bytes)
+    }
+
+    /// Type all of `bytes` into the guest console, waiting (up to `timeout`)
+    /// for the guest to drain the FIFO. Returns how many bytes were accepted.
+    pub fn console_input_all(&self, bytes: &[u8], timeout: Duration) -> usize {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut done = 0;
+        while done < bytes.len() && std::time::Instant::now() < deadline {
+            let n = self.console_input(&bytes[done..]);
+            done += n;
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        done
+    }
+
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+}
+
+thread_local! {
+    /// The index of the vCPU this thread runs (None off vCPU threads).
+    pub(crate) static CURRENT_VCPU: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+impl VmControl for Machine {
+    fn memory(&self) -> &dyn GuestMemory {
+        &self.ram
+    }
+
+    fn vcpu_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn stop_others(&self, except: Option<usize>) -> StopGuard<'_> {
+        let me = except.or_else(|| CURRENT_VCPU.with(|c| c.get()));
+        self.world.stop(me, &self.slots, &self.stopping);
+        StopGuard::new(move || self.world.resume())
+    }
+
+    fn with_vcpu(&self, index: usize, f: VcpuTask) -> Result<(), AccessError> {
+        let slot = self.slots.get(index).ok_or(AccessError::VcpuGone(index))?;
+        if CURRENT_VCPU.with(|c| c.get()) == Some(index) {
+            return Err(AccessError::Kvm {
+                op: "with_vcpu",
+                vcpu: index,
+                errno: "called from the vCPU's own thread; use the Vcpu you were given".into(),
+            });
+        }
+        let (tx, rx) = mpsc::channel::<()>();
+        let req: control::Request = Box::new(move |v| {
+            f(v);
+            let _ = tx.send(());
+        });
+        {
+            let _st = self.world.lock();
+            if slot.submit(req).is_err() {
+                // Not started, or already left its loop.
+                return Err(AccessError::VcpuGone(index));
+            }
+            self.world.cv.notify_all();
+        }
+        slot.kick();
+        rx.recv_timeout(Duration::from_secs(10))
+            .map_err(|_| AccessError::VcpuGone(index))
+    }
+
+    fn saved_system_regs(&self) -> Option<guest_access::SystemRegs> {
+        self.saved_sregs
+    }
+}
+
+pub(crate) struct MachineParts {
+    pub ram: GuestRam,
+    pub bus: devices::PortBus,
+    pub vcpus: usize,
+    pub blockirq_flag: u32,
+    pub bridge: BridgeStatus,
+    pub saved_sregs: Option<guest_access::SystemRegs>,
+}
+
+pub(crate) fn new_machine(p: MachineParts) -> Arc<Machine> {
+    let n = p.vcpus;
+    Arc::new(Machine {
+        ram: p.ram,
+        bus: Mutex::new(p.bus),
+        world: World::new(),
+        slots: (0..n).map(|_| VcpuSlot::new()).collect(),
+        stats: (0..n).map(|_| VcpuStats::default()).collect(),
+        stopping: AtomicBool::new(false),
+        outcome: Mutex::new(None),
+        outcome_cv: Condvar::new(),
+        handler: OnceLock::new(),
+        blockirq_flag: p.blockirq_flag,
+        markers: Mutex::new(Vec::new()),
+        bridge: p.bridge,
+        saved_sregs: p.saved_sregs,
+    })
+}
