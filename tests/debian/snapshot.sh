@@ -33,8 +33,10 @@ cmdline="console=ttyS0 earlyprintk=serial,ttyS0 noxsave nokaslr pci=off panic=-1
 mitigations=off clearcpuid=129,137,141,147,148,153,308 cryptomgr.notests nowatchdog \
 audit=0 tsc=reliable"
 vcpus=2 mem=512
-# Keyed by what the guest runs (comments do not count) and how it boots.
-hash=$( { grep -v '^[[:space:]]*#' tests/debian/make-initramfs.sh; echo "$cmdline $vcpus $mem"; } \
+# Keyed by what the guest runs (comments do not count), how it boots, and the
+# CPU the VMM shows it (a guest decides its paravirtual features at boot).
+hash=$( { grep -v '^[[:space:]]*#' tests/debian/make-initramfs.sh; echo "$cmdline $vcpus $mem";
+          grep -v '^[[:space:]]*//' vmm/src/cpu.rs; } \
   | sha256sum | cut -c1-12)
 cache="${HVPROBE_CACHE:-$HOME/.cache/hvprobe}/debian-$abi-snap-v$fmt-$hash"
 if [ "$rebuild" = 0 ] && [ -s "$cache/snap/manifest.json" ]; then

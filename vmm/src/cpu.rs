@@ -40,10 +40,32 @@ pub fn cpuid_for(base: &CpuId, id: u8) -> CpuId {
     c
 }
 
-pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, String> {
-    kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))
+/// What KVM supports, minus the paravirtual features whose guest side is a
+/// hypercall when `hide_hypercalls` (a host whose KVM emulates guest kernel
+/// code). KVM's emulator "fixes" every `vmcall`/`vmmcall` it emulates by
+/// rewriting the instruction in place; kernel text is read-only, so the
+/// write faults (#PF at the hypercall) and the guest oopses. Linux then
+/// falls back to native IPIs, spinlocks and yields, which work.
+pub fn supported_cpuid(kvm: &Kvm, hide_hypercalls: bool) -> Result<CpuId, String> {
+    let mut c = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
+    if hide_hypercalls {
+        for e in c.as_mut_slice() {
+            if e.function == KVM_CPUID_FEATURES {
+                e.eax &= !HYPERCALL_FEATURES;
+            }
+        }
+    }
+    Ok(c)
 }
+
+/// CPUID leaf of KVM's paravirtual feature bits (eax).
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// KVM_FEATURE_PV_UNHALT (spinlock kick, KVM_HC_KICK_CPU),
+/// KVM_FEATURE_PV_SEND_IPI (KVM_HC_SEND_IPI) and KVM_FEATURE_PV_SCHED_YIELD
+/// (KVM_HC_SCHED_YIELD): the features a 6.1 guest drives with hypercalls.
+const HYPERCALL_FEATURES: u32 = (1 << 7) | (1 << 11) | (1 << 13);
 
 /// State common to every vCPU.
 pub fn setup_common(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), String> {

@@ -309,7 +309,9 @@ impl Vm {
         )?;
         let (irq, console) = console_parts(&vm_fd, config)?;
 
-        let base_cpuid = cpu::supported_cpuid(&kvm).map_err(VmError::Setup)?;
+        // The bridge is on exactly where KVM emulates guest kernel code (or
+        // where the user asked for it): there hypercalls fault.
+        let base_cpuid = cpu::supported_cpuid(&kvm, bridge.active).map_err(VmError::Setup)?;
         let mut vcpu_fds = Vec::new();
         for id in 0..config.vcpus {
             let fd = vm_fd
@@ -370,15 +372,15 @@ impl Vm {
             )));
         }
         let kvm = open_kvm(config)?;
-        let base_cpuid = cpu::supported_cpuid(&kvm).map_err(VmError::Setup)?;
-        let cpuid0 = cpu::cpuid_for(&base_cpuid, 0);
-        manifest
-            .check_host(config.vcpus, &snapshot::leaves(&cpuid0))
-            .map_err(snap)?;
         let bridge = bridge::resolve(config.syscall_bridge, || {
             detect::host_needs_bridge(&config.kvm_device)
         })
         .map_err(VmError::Setup)?;
+        let base_cpuid = cpu::supported_cpuid(&kvm, bridge.active).map_err(VmError::Setup)?;
+        let cpuid0 = cpu::cpuid_for(&base_cpuid, 0);
+        manifest
+            .check_host(config.vcpus, &snapshot::leaves(&cpuid0))
+            .map_err(snap)?;
         if manifest.needs(snapshot::CAP_SYSCALL_BRIDGE) && !bridge.active {
             return Err(VmError::Setup(format!(
                 "{}: the guest ran with the system-call bridge, which is off here ({})",

@@ -256,7 +256,10 @@ impl VcpuRunner {
 
     fn run_once(&mut self) -> Next {
         let shared = self.shared.clone();
-        if shared.bridge.active && self.sync_valid() {
+        // Also before the very first KVM_RUN: a restored vCPU (or one woken
+        // from HLT) may reach user mode and `syscall` without a single exit,
+        // and an unarmed bridge lets the guest kill that process.
+        if shared.bridge.active {
             self.bridge_refresh();
         }
         let exit = self.fd.run();
@@ -517,7 +520,7 @@ impl VcpuRunner {
     }
 
     pub(crate) fn gva_to_gpa(&mut self, gva: u64) -> Result<u64, String> {
-        let sregs = self.fd.sync_regs().sregs;
+        let sregs = self.current_sregs()?;
         if sregs.cr0 & SystemRegs::CR0_PG == 0 {
             return Ok(gva);
         }
@@ -540,7 +543,19 @@ impl VcpuRunner {
         unsafe { run.__bindgen_anon_1.internal.suberror }
     }
 
-    /// True before the first KVM_RUN has filled kvm_run's register copy.
+    /// The vCPU's system registers: kvm_run's copy once KVM_RUN filled it,
+    /// KVM_GET_SREGS before that (a fresh or restored vCPU).
+    pub(crate) fn current_sregs(&mut self) -> Result<kvm_bindings::kvm_sregs, String> {
+        if self.sync_valid() {
+            Ok(self.fd.sync_regs().sregs)
+        } else {
+            self.fd
+                .get_sregs()
+                .map_err(|e| format!("KVM_GET_SREGS on vCPU {}: {e}", self.index))
+        }
+    }
+
+    /// False before the first KVM_RUN has filled kvm_run's register copy.
     fn sync_valid(&self) -> bool {
         self.exits > 0
     }

@@ -57,11 +57,17 @@ fn from_emu(e: &insn_emu::Regs, r: &mut kvm_regs) {
 
 impl VcpuRunner {
     /// Follow the guest's live IDT: re-arm DR0/DR1 when the #PF or #UD gate
-    /// changed. Runs before every KVM_RUN (after the first exit, when the
-    /// sync-regs copy is valid); costs two 16-byte reads of guest RAM unless
-    /// IDTR or CR3 changed.
+    /// changed. Runs before every KVM_RUN, the first included (KVM_GET_SREGS
+    /// then, the sync-regs copy after); costs two 16-byte reads of guest RAM
+    /// unless IDTR or CR3 changed.
     pub(crate) fn bridge_refresh(&mut self) {
-        let sregs = self.fd.sync_regs().sregs;
+        let sregs = match self.current_sregs() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("system-call bridge cannot read the IDT: {e}");
+                return;
+            }
+        };
         // Only a 64-bit guest that enabled `syscall` (EFER.SCE; Linux does at
         // CPU init) gets the breakpoints: armed DR0..DR3 make every VM entry
         // and exit dearer on this host (measured: a bare exit ~2x).
