@@ -11,6 +11,8 @@
 #   HVPROBE_DEBIAN_SNAPSHOT   a Debian snapshot to restore; by default the one
 #                             tests/debian/snapshot.sh caches (built if missing:
 #                             one Debian boot, minutes on an emulating KVM)
+#   HVPROBE_DEBIAN_KASLR_SNAPSHOT  the same for the bzImage booted with KASLR
+#                             (tests/debian/snapshot.sh --kaslr)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,10 +21,29 @@ if [ "${HVPROBE_SKIP_FETCH:-0}" != 1 ]; then
   if ! python3 -c 'import grpc, grpc_reflection, google.protobuf' 2>/dev/null; then
     python3 -m pip install --quiet grpcio grpcio-reflection protobuf
   fi
+  # The two cached Debian snapshots (each one boot when missing: minutes
+  # here) are built side by side.
+  snap_log="$(mktemp -d)"
+  cargo build --release --quiet
   if [ -z "${HVPROBE_DEBIAN_SNAPSHOT:-}" ]; then
-    HVPROBE_DEBIAN_SNAPSHOT="$(bash tests/debian/snapshot.sh --print-dir)"
+    bash tests/debian/snapshot.sh --print-dir >"$snap_log/default" &
+    default_pid=$!
+  fi
+  if [ -z "${HVPROBE_DEBIAN_KASLR_SNAPSHOT:-}" ]; then
+    bash tests/debian/snapshot.sh --print-dir --kaslr >"$snap_log/kaslr" &
+    kaslr_pid=$!
+  fi
+  if [ -n "${default_pid:-}" ]; then
+    wait "$default_pid"
+    HVPROBE_DEBIAN_SNAPSHOT="$(cat "$snap_log/default")"
     export HVPROBE_DEBIAN_SNAPSHOT
   fi
+  if [ -n "${kaslr_pid:-}" ]; then
+    wait "$kaslr_pid"
+    HVPROBE_DEBIAN_KASLR_SNAPSHOT="$(cat "$snap_log/kaslr")"
+    export HVPROBE_DEBIAN_KASLR_SNAPSHOT
+  fi
+  rm -rf "$snap_log"
 fi
 
 # Release build: the DWARF tests read a 600 MB vmlinux and the KVM tests time

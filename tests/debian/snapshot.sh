@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
 # Boot Debian's 6.1 cloud kernel once to the console loop of
-# initramfs-console.cpio.gz, snapshot it there (`hvprobe snapshot --stop`)
+# initramfs-console.cpio, snapshot it there (`hvprobe snapshot --stop`)
 # and cache the snapshot for this machine, keyed by the kernel version,
 # hvprobe's snapshot format and the /init script. Later runs restore it in
 # well under a second instead of booting for minutes; a missing cache is
 # rebuilt (one boot: minutes on this project's emulating KVM).
 #
-# Usage: tests/debian/snapshot.sh [--print-dir] [--rebuild]
+# Usage: tests/debian/snapshot.sh [--print-dir] [--rebuild] [--kaslr]
 #   prints the snapshot directory (with --print-dir: only that, on stdout).
+#   --kaslr: boot the bzImage (vmlinuz) the way distributions do, KASLR on,
+#   1 vCPU; a separate cache (debian-<abi>-kaslr-snap-...).
 # Cache: ${HVPROBE_CACHE:-~/.cache/hvprobe}/debian-<abi>-snap-v<format>-<hash>/
-#   vmlinux      the kernel the snapshot booted (its symbols serve restores)
+#   vmlinux      the kernel's ELF with DWARF (the default snapshot boots it
+#                through PVH; for --kaslr, vmlinuz is beside it and booted)
 #   snap/        the snapshot (manifest.json, memory.raw, state.json, ...)
 #   console.log  the boot's console
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-quiet=0 rebuild=0
+quiet=0 rebuild=0 kaslr=0
 for a in "$@"; do
   case "$a" in
     --print-dir) quiet=1 ;;
     --rebuild) rebuild=1 ;;
-    *) echo "usage: $0 [--print-dir] [--rebuild]" >&2; exit 2 ;;
+    --kaslr) kaslr=1 ;;
+    *) echo "usage: $0 [--print-dir] [--rebuild] [--kaslr]" >&2; exit 2 ;;
   esac
 done
 log() { if [ "$quiet" = 1 ]; then echo "$*" >&2; else echo "$*"; fi; }
@@ -32,24 +36,33 @@ fmt=$(sed -n 's/^pub const FORMAT_VERSION: u32 = \([0-9]*\);/\1/p' vmm/src/snaps
 cmdline="console=ttyS0 earlyprintk=serial,ttyS0 noxsave nokaslr pci=off panic=-1 \
 mitigations=off clearcpuid=129,137,141,147,148,153,308 cryptomgr.notests nowatchdog \
 audit=0 tsc=reliable"
-vcpus=2 mem=512
+vcpus=2 mem=512 kind=snap
+if [ "$kaslr" = 1 ]; then
+  cmdline="${cmdline/ nokaslr/}" vcpus=1 kind=kaslr-snap
+fi
 # Keyed by what the guest runs (comments do not count), how it boots, and the
 # CPU the VMM shows it (a guest decides its paravirtual features at boot).
 hash=$( { grep -v '^[[:space:]]*#' tests/debian/make-initramfs.sh; echo "$cmdline $vcpus $mem";
           grep -v '^[[:space:]]*//' vmm/src/cpu.rs; } \
   | sha256sum | cut -c1-12)
-cache="${HVPROBE_CACHE:-$HOME/.cache/hvprobe}/debian-$abi-snap-v$fmt-$hash"
+cache="${HVPROBE_CACHE:-$HOME/.cache/hvprobe}/debian-$abi-$kind-v$fmt-$hash"
 if [ "$rebuild" = 0 ] && [ -s "$cache/snap/manifest.json" ]; then
   log "debian snapshot: cached at $cache/snap"
   [ "$quiet" = 1 ] && echo "$cache/snap"
   exit 0
 fi
 cargo build --release --quiet
-bash tests/debian/make-initramfs.sh >/dev/null
+# tests/run.sh builds both snapshots at once: one initramfs build at a time.
+flock "$dir/.initramfs.lock" bash tests/debian/make-initramfs.sh >/dev/null
 # The snapshot records the kernel path: the kernel lives in the cache from
 # the start, the snapshot is written beside it and renamed into place last.
 rm -rf "$cache" && mkdir -p "$cache"
 ln -f "$dir/vmlinux" "$cache/vmlinux" 2>/dev/null || cp "$dir/vmlinux" "$cache/vmlinux"
+boot="$cache/vmlinux"
+if [ "$kaslr" = 1 ]; then
+  cp "$dir/vmlinuz" "$cache/vmlinuz"
+  boot="$cache/vmlinuz"
+fi
 build="$cache/build.$$"
 mkdir -p "$build"
 trap 'rm -rf "$build"' EXIT
@@ -57,8 +70,8 @@ sock="$build/api.sock"
 console="$build/console.log"
 start=$(date +%s)
 log "debian snapshot: booting $abi ($vcpus vCPU, $mem MiB) to the console loop; minutes here"
-target/release/hvprobe run --kernel "$cache/vmlinux" \
-  --initrd "$dir/initramfs-console.cpio.gz" --memory "$mem" --vcpus "$vcpus" \
+target/release/hvprobe run --kernel "$boot" \
+  --initrd "$dir/initramfs-console.cpio" --memory "$mem" --vcpus "$vcpus" \
   --serial "$console" --cmdline "$cmdline" --listen "unix:$sock" >"$build/hvprobe.log" 2>&1 &
 pid=$!
 deadline=$(( start + ${HVPROBE_DEBIAN_BOOT_TIMEOUT:-2700} ))
