@@ -73,6 +73,9 @@ pub struct EventsArgs {
     /// address in "text".
     #[arg(long, default_value = "full", value_parser = ["full", "packed"])]
     encoding: String,
+    /// Also read each hit's executable path (`mm->exe_file`) into "exe".
+    #[arg(long)]
+    exe: bool,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -343,6 +346,48 @@ pub fn info(server: &ServerArg) -> Result<u8> {
     })
 }
 
+/// `hvprobe ps`: the guest's processes, read from guest memory.
+pub fn ps(server: &ServerArg, json_out: bool) -> Result<u8> {
+    runtime()?.block_on(async {
+        let mut c = connect(server).await?;
+        let tasks = c
+            .list_tasks(v1::ListTasksRequest {})
+            .await
+            .map_err(status)?
+            .into_inner()
+            .tasks;
+        if json_out {
+            for t in &tasks {
+                let mut o = json!({
+                    "pid": t.pid, "tgid": t.tgid, "ppid": t.ppid, "comm": t.comm,
+                    "state": t.state, "kernel_thread": t.kernel_thread,
+                    "address": format!("{:#x}", t.address),
+                });
+                if let Some(exe) = &t.exe {
+                    o["exe"] = json!(String::from_utf8_lossy(exe));
+                }
+                println!("{o}");
+            }
+            return Ok(0);
+        }
+        println!("{:>7} {:>7} S COMMAND          EXE", "PID", "PPID");
+        for t in &tasks {
+            let exe = match &t.exe {
+                Some(e) => String::from_utf8_lossy(e).into_owned(),
+                None if t.kernel_thread => "[kernel thread]".into(),
+                None => "?".into(),
+            };
+            let comm = if t.kernel_thread {
+                format!("[{}]", t.comm)
+            } else {
+                t.comm.clone()
+            };
+            println!("{:>7} {:>7} {} {:<16} {exe}", t.pid, t.ppid, t.state, comm);
+        }
+        Ok(0)
+    })
+}
+
 pub fn events(a: EventsArgs) -> Result<u8> {
     use v1::subscribe_response::Payload;
     runtime()?.block_on(async {
@@ -358,6 +403,7 @@ pub fn events(a: EventsArgs) -> Result<u8> {
                 } else {
                     v1::EventEncoding::Full
                 } as i32,
+                with_exe: a.exe,
                 ..Default::default()
             })
             .await
@@ -445,6 +491,15 @@ pub fn event_json(e: &v1::Event) -> Json {
     }
     if let Some(comm) = &e.comm {
         o["comm"] = json!(comm);
+    }
+    if let Some(tgid) = e.tgid {
+        o["tgid"] = json!(tgid);
+    }
+    if let Some(ppid) = e.ppid {
+        o["ppid"] = json!(ppid);
+    }
+    if let Some(exe) = &e.exe {
+        o["exe"] = json!(String::from_utf8_lossy(exe));
     }
     if let Some(r) = &e.ret {
         o["ret"] = json!({

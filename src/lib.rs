@@ -35,6 +35,7 @@ pub fn attach(vm: &vmm::Vm, symbols: Arc<Symbols>, config: ServiceConfig) -> Res
         None => tracing::warn!("no padding byte for a return trap: kretprobes are unavailable"),
     }
     let guest = Guest::new(control);
+    guest.set_kaslr_possible(vm.kaslr_possible());
     guest.set_snapshot_writer(snapshots::writer_for(vm));
     let service = HvProbeService::new(engine.clone(), symbols, guest.clone(), config);
     Ok(Attached {

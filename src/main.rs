@@ -161,6 +161,15 @@ enum Command {
         #[command(flatten)]
         server: cli::ServerArg,
     },
+    /// List the guest's processes from its task list (needs vmlinux DWARF):
+    /// pid, ppid, state, name, executable; kernel threads in brackets.
+    Ps {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: cli::ServerArg,
+    },
 }
 
 /// Example probes of `hvprobe demo`: the open path, and fib's argument
@@ -245,6 +254,7 @@ fn main() -> ExitCode {
         Command::Events(args) => cli::events(args),
         Command::Snapshot { dir, stop, server } => cli::snapshot(&server, &dir, stop),
         Command::Info { server } => cli::info(&server),
+        Command::Ps { json, server } => cli::ps(&server, json),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -66,6 +66,8 @@ pub struct SystemRegs {
     pub long_mode: bool,
     pub gs_base: u64,
     pub kernel_gs_base: u64,
+    /// IDTR base: where the guest's interrupt gates are (0 before it set one).
+    pub idt_base: u64,
 }
 
 impl SystemRegs {

@@ -22,7 +22,7 @@ pub struct KaslrSlide {
 pub enum KaslrError {
     #[error("link-time symbol table has no `{0}`")]
     MissingSymbol(&'static str),
-    #[error("slide {0:#x} is not a multiple of 2 MiB: MSR_LSTAR does not point at entry_SYSCALL_64 of this kernel")]
+    #[error("slide {0:#x} is not a multiple of 2 MiB: the runtime address (MSR_LSTAR, or the #PF gate of the IDT) does not belong to this kernel's image")]
     Misaligned(i64),
     #[error("cannot read linux_banner at {addr:#x}: {reason}")]
     Unreadable { addr: u64, reason: String },
@@ -81,6 +81,34 @@ pub fn find_kaslr_slide<M: GuestMemory>(
         .lookup("entry_SYSCALL_64")
         .map_err(|_| KaslrError::MissingSymbol("entry_SYSCALL_64"))?;
     let slide = msr_lstar.wrapping_sub(entry) as i64;
+    verify_slide(mem, slide, link, image)
+}
+
+/// Slide from the guest's page-fault gate (IDT vector 14, which Linux points
+/// at `asm_exc_page_fault`; `page_fault` before 5.8), read at `idt_base`
+/// (IDTR: the CPU entry area's read-only IDT, a fixed address), then checked
+/// like [`find_kaslr_slide`]. Needs no MSR: a vCPU's IDTR and guest memory do.
+pub fn slide_from_idt<M: GuestMemory>(
+    mem: &M,
+    idt_base: u64,
+    link: &SymbolTable,
+    image: Option<&KernelImage>,
+) -> Result<KaslrSlide, KaslrError> {
+    let entry = link
+        .lookup("asm_exc_page_fault")
+        .or_else(|_| link.lookup("page_fault"))
+        .map_err(|_| KaslrError::MissingSymbol("asm_exc_page_fault"))?;
+    let addr = idt_base.wrapping_add(14 * 16);
+    let mut g = [0u8; 16];
+    mem.read_virt(addr, &mut g)
+        .map_err(|e| KaslrError::Unreadable {
+            addr,
+            reason: format!("the #PF gate of the IDT: {e}"),
+        })?;
+    let handler = u64::from(u16::from_le_bytes([g[0], g[1]]))
+        | u64::from(u16::from_le_bytes([g[6], g[7]])) << 16
+        | u64::from(u32::from_le_bytes([g[8], g[9], g[10], g[11]])) << 32;
+    let slide = handler.wrapping_sub(entry) as i64;
     verify_slide(mem, slide, link, image)
 }
 
@@ -179,6 +207,53 @@ mod tests {
         assert!(matches!(
             find_kaslr_slide(&m, 0, &SymbolTable::default(), None),
             Err(KaslrError::MissingSymbol("entry_SYSCALL_64"))
+        ));
+    }
+
+    /// An IDT whose #PF gate points at the slid `asm_exc_page_fault`.
+    #[test]
+    fn slide_from_the_page_fault_gate() {
+        let slide = 0x1e00_0000u64;
+        let text = 0xffff_ffff_8100_0000 + slide;
+        let mut mem = vec![0u8; 0x3000];
+        mem[0x1000..0x1000 + 22].copy_from_slice(b"Linux version 6.1.0 x\n");
+        // IDT at text + 0x2000 (any readable address); gate 14 at +0xe0.
+        let handler = 0xffff_ffff_8100_0200 + slide;
+        let g = &mut mem[0x20e0..0x20f0];
+        g[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
+        g[2..4].copy_from_slice(&0x10u16.to_le_bytes());
+        g[5] = 0x8e;
+        g[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+        g[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
+        let m = SliceMemory {
+            base: text,
+            bytes: &mem,
+        };
+        let mut l = link().symbols().to_vec();
+        l.push(Symbol::new(
+            "asm_exc_page_fault",
+            0xffff_ffff_8100_0200,
+            'T',
+            None,
+        ));
+        let l = SymbolTable::new(l);
+        let got = slide_from_idt(&m, text + 0x2000, &l, None).unwrap();
+        assert_eq!(got.slide, slide as i64);
+        // A gate pointing elsewhere in the image gives a slide whose banner
+        // does not read back, and an IDT that does not read is reported.
+        mem[0x20e0] = 0x40;
+        let m = SliceMemory {
+            base: text,
+            bytes: &mem,
+        };
+        assert!(slide_from_idt(&m, text + 0x2000, &l, None).is_err());
+        assert!(matches!(
+            slide_from_idt(&m, 0x1000, &l, None),
+            Err(KaslrError::Unreadable { .. })
+        ));
+        assert!(matches!(
+            slide_from_idt(&m, text + 0x2000, &link(), None),
+            Err(KaslrError::MissingSymbol(_))
         ));
     }
 

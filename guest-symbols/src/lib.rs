@@ -20,8 +20,8 @@ pub use kallsyms::{
     decode_kallsyms, find_kallsyms, read_kallsyms, AddressEncoding, KallsymsError, KallsymsLayout,
 };
 pub use kaslr::{
-    find_kaslr_slide, read_guest_kallsyms, slide_between, verify_slide, KaslrError, KaslrSlide,
-    KASLR_ALIGN,
+    find_kaslr_slide, read_guest_kallsyms, slide_between, slide_from_idt, verify_slide, KaslrError,
+    KaslrSlide, KASLR_ALIGN,
 };
 pub use mem::{GuestMemory, SliceMemory, Unmapped};
 pub use sysmap::{load_system_map, parse_system_map, MapParseError};

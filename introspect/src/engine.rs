@@ -24,6 +24,7 @@ use crate::events::{
     Subscription, Waker,
 };
 use crate::paging::{Access, GuestVirt};
+use crate::task::{self, TaskLayout};
 use crate::xol::{self, Scratch};
 
 mod snapshot;
@@ -65,19 +66,6 @@ pub trait KernelSymbols: Send + Sync {
     fn is_kernel_text(&self, _addr: u64) -> Option<bool> {
         None
     }
-}
-
-/// How to find the current task of a Linux guest: a per-CPU pointer
-/// (`current_task`, or `pcpu_hot.current_task` since 6.2) read through the
-/// kernel's GS base, and offsets in `struct task_struct` (from DWARF).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TaskLayout {
-    /// Offset of the current-task pointer in the per-CPU area.
-    pub current_task_percpu: u64,
-    /// `offsetof(struct task_struct, comm)` (a 16-byte name).
-    pub comm_offset: u64,
-    /// `offsetof(struct task_struct, pid)` (an `int`).
-    pub pid_offset: u64,
 }
 
 /// No symbols known: no boundary, entry or blacklist checks are possible.
@@ -444,6 +432,31 @@ pub struct Engine {
     /// stopped, a non-zero count means a vCPU waits inside a handler to stop
     /// the world itself (a single-step): not a point to snapshot.
     in_handler: AtomicU32,
+    /// Executable paths already walked by hits.
+    exe_cache: task::ExeCache,
+    /// Live [`ExeInterest`]s: hits read `mm->exe_file` only while some
+    /// subscriber or filter wants it (three more reads per hit).
+    exe_interest: std::sync::atomic::AtomicUsize,
+}
+
+/// Held while a subscriber or filter wants executable paths on events.
+pub struct ExeInterest(Arc<Engine>);
+
+impl Drop for ExeInterest {
+    fn drop(&mut self) {
+        self.0.exe_interest.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Why [`Engine::list_tasks`] has no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TaskListingError {
+    #[error("the task list needs the kernel's DWARF (task_struct, mm_struct, file, dentry and mount offsets, init_task)")]
+    NoLayout,
+    #[error("the guest has not enabled paging yet")]
+    NoPaging,
+    #[error(transparent)]
+    Walk(#[from] task::TaskListError),
 }
 
 fn now_ns() -> u64 {
@@ -464,6 +477,8 @@ struct HitContext<'a> {
     symbols: &'a dyn KernelSymbols,
     /// The current task, read at most once per hit (event and `$comm`).
     task: OnceCell<Option<GuestTask>>,
+    /// Set when someone wants executable paths: their cache.
+    exe: Option<&'a task::ExeCache>,
 }
 
 impl<'a> HitContext<'a> {
@@ -473,14 +488,20 @@ impl<'a> HitContext<'a> {
             virt,
             symbols,
             task: OnceCell::new(),
+            exe: None,
         }
+    }
+
+    fn with_exe(mut self, exe: Option<&'a task::ExeCache>) -> Self {
+        self.exe = exe;
+        self
     }
 
     /// The current task: per-CPU base (GS at CPL0) + current-task pointer,
     /// then `task->pid` and `task->comm`. None outside kernel mode, without
     /// a layout, or when a read faults.
     fn current_task(&self) -> Option<GuestTask> {
-        *self.task.get_or_init(|| self.read_current_task())
+        self.task.get_or_init(|| self.read_current_task()).clone()
     }
 
     fn read_current_task(&self) -> Option<GuestTask> {
@@ -493,14 +514,11 @@ impl<'a> HitContext<'a> {
         let mut p = [0u8; 8];
         read(s.gs_base.wrapping_add(layout.current_task_percpu), &mut p)?;
         let task = u64::from_le_bytes(p);
-        let mut pid = [0u8; 4];
-        read(task.wrapping_add(layout.pid_offset), &mut pid)?;
-        let mut comm = [0u8; 16];
-        read(task.wrapping_add(layout.comm_offset), &mut comm)?;
-        Some(GuestTask {
-            pid: i32::from_le_bytes(pid),
-            comm,
-        })
+        let mut t = task::identity(&read, &layout, task)?;
+        if let (Some(exe), Some(process)) = (self.exe, layout.process) {
+            t.exe = exe.lookup(&read, &process, task);
+        }
+        Some(t)
     }
 }
 
@@ -582,7 +600,34 @@ impl Engine {
             xol_if: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
             scratch_ranges: std::sync::OnceLock::new(),
             in_handler: AtomicU32::new(0),
+            exe_cache: task::ExeCache::default(),
+            exe_interest: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Ask for executable paths on events until the returned guard drops.
+    pub fn want_exe(self: &Arc<Self>) -> ExeInterest {
+        self.exe_interest.fetch_add(1, Ordering::SeqCst);
+        ExeInterest(self.clone())
+    }
+
+    fn exe_for_hit(&self) -> Option<&task::ExeCache> {
+        (self.exe_interest.load(Ordering::Relaxed) > 0).then_some(&self.exe_cache)
+    }
+
+    /// The guest's processes (thread-group leaders on `init_task.tasks`),
+    /// read with the other vCPUs stopped so no task exits mid-walk.
+    pub fn list_tasks(&self) -> Result<Vec<task::TaskInfo>, TaskListingError> {
+        let layout = self
+            .symbols
+            .task_layout()
+            .filter(|l| l.process.is_some())
+            .ok_or(TaskListingError::NoLayout)?;
+        let sregs = self.current_paging().ok_or(TaskListingError::NoPaging)?;
+        let _world = self.vm.stop_others(None);
+        let virt = GuestVirt::new(self.vm.memory(), sregs, 0);
+        let read = |addr: u64, buf: &mut [u8]| virt.read(addr, buf, Access::Inspect).ok();
+        Ok(task::list(&read, &layout)?)
     }
 
     /// The host-owned return trap's address, once set.
@@ -667,6 +712,13 @@ impl Engine {
     }
 
     /// Paging state of a running vCPU (fresh), or None before boot.
+    /// A vCPU's system registers when the guest has paging on (vCPU 0's
+    /// live ones, or a restored VM's saved ones before its vCPUs run):
+    /// what reading kernel memory by virtual address needs.
+    pub fn kernel_system_regs(&self) -> Option<SystemRegs> {
+        self.current_paging()
+    }
+
     fn current_paging(&self) -> Option<SystemRegs> {
         let out = Arc::new(Mutex::new(None));
         let o = out.clone();
@@ -1691,7 +1743,8 @@ impl Engine {
                 regs,
                 GuestVirt::new(vm.memory(), sregs, regs.rflags),
                 &*self.symbols,
-            );
+            )
+            .with_exe(self.exe_for_hit());
             for i in &instances {
                 if !i.probe.registered.load(Ordering::SeqCst) || !self.wants_event(&i.probe) {
                     continue;
@@ -1893,7 +1946,8 @@ impl Engine {
             regs,
             GuestVirt::new(vm.memory(), sregs, regs.rflags),
             &*self.symbols,
-        );
+        )
+        .with_exe(self.exe_for_hit());
         let probes = site.probes.snapshot();
         let armed = self.armed();
         let mut returns = Vec::new();
@@ -1975,9 +2029,8 @@ mod tests {
         }
         fn task_layout(&self) -> Option<TaskLayout> {
             Some(TaskLayout {
-                current_task_percpu: 0x40,
-                comm_offset: 0x100,
-                pid_offset: 0x80,
+                process: None,
+                ..crate::task::tests::LAYOUT
             })
         }
     }
@@ -1989,6 +2042,10 @@ mod tests {
         // comm "kworker/0:1".
         ram.put(0x1040, 0x4000);
         ram.write_phys(0x4080, &4242i32.to_le_bytes()).unwrap();
+        ram.write_phys(0x4084, &4240i32.to_le_bytes()).unwrap();
+        // real_parent -> task at 0x5000 with tgid 2.
+        ram.put(0x4090, 0x5000);
+        ram.write_phys(0x5084, &2i32.to_le_bytes()).unwrap();
         ram.write_phys(0x4100, b"kworker/0:1\0").unwrap();
         let sregs = SystemRegs {
             gs_base: 0x1000,
@@ -1997,7 +2054,10 @@ mod tests {
         let ctx = HitContext::new(Regs::default(), GuestVirt::new(&ram, sregs, 0), &Layout);
         assert_eq!(ctx.comm().as_deref(), Some("kworker/0:1"));
         let task = ctx.current_task().unwrap();
-        assert_eq!((task.pid, task.comm()), (4242, &b"kworker/0:1"[..]));
+        assert_eq!(
+            (task.pid, task.tgid, task.ppid, task.comm()),
+            (4242, 4240, 2, &b"kworker/0:1"[..])
+        );
         // Read once per hit: a later change in guest memory is not seen.
         ram.write_phys(0x4080, &7i32.to_le_bytes()).unwrap();
         assert_eq!(ctx.current_task().unwrap().pid, 4242);

@@ -31,22 +31,7 @@ pub enum EventKind {
     },
 }
 
-/// The guest task a hit happened in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GuestTask {
-    /// `task->pid` (the kernel's thread id; 0 for the idle task).
-    pub pid: i32,
-    /// `task->comm`, NUL-padded.
-    pub comm: [u8; 16],
-}
-
-impl GuestTask {
-    /// The name without its NUL padding.
-    pub fn comm(&self) -> &[u8] {
-        let end = self.comm.iter().position(|b| *b == 0).unwrap_or(16);
-        &self.comm[..end]
-    }
-}
+pub use crate::task::GuestTask;
 
 /// One probe hit.
 #[derive(Clone, Debug)]

@@ -12,12 +12,14 @@ mod engine;
 pub mod events;
 pub mod paging;
 mod symbols;
+pub mod task;
 mod xol;
 
 pub use engine::{
-    BatchError, Engine, EngineConfig, EngineState, EngineStats, Frozen, Handling, KernelSymbols,
-    NoSymbols, ProbeError, ProbeInfo, ProbeRequest, ProbeType, SavedCounters, SavedInstance,
-    SavedProbe, TaskLayout, KERNEL_TEXT_MAP, MAXACTIVE_MAX,
+    BatchError, Engine, EngineConfig, EngineState, EngineStats, ExeInterest, Frozen, Handling,
+    KernelSymbols, NoSymbols, ProbeError, ProbeInfo, ProbeRequest, ProbeType, SavedCounters,
+    SavedInstance, SavedProbe, TaskListingError, KERNEL_TEXT_MAP, MAXACTIVE_MAX,
 };
 pub use events::{Event, EventFilter, EventKind, GuestTask, ProbeId, Subscription, Waker};
 pub use symbols::SymbolIndex;
+pub use task::{ProcessLayout, TaskInfo, TaskLayout};

@@ -292,6 +292,7 @@ pub(crate) mod tests {
             long_mode: true,
             gs_base: 0,
             kernel_gs_base: 0,
+            idt_base: 0,
         }
     }
 

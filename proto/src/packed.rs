@@ -64,6 +64,23 @@ impl PackedReader {
                 return Err(bad(format!("{name} has {len} entries for {n} events")));
             }
         }
+        // Added later: empty (an older server) or one entry per event.
+        for (name, len) in [
+            ("tgid", batch.tgid.len()),
+            ("ppid", batch.ppid.len()),
+            ("exe", batch.exe.len()),
+        ] {
+            if len != 0 && len != n {
+                return Err(bad(format!("{name} has {len} entries for {n} events")));
+            }
+        }
+        if batch
+            .exe
+            .iter()
+            .any(|e| *e as usize >= batch.exes.len().max(1))
+        {
+            return Err(bad("an exe index is out of range"));
+        }
         if batch.faulted.len() != batch.fault_address.len() {
             return Err(bad("faulted and fault_address differ in length"));
         }
@@ -223,6 +240,29 @@ impl<'a> PackedEvent<'a> {
         let c = self.batch.batch.comm[self.i] as usize;
         (c != 0).then(|| self.batch.batch.comms[c].as_str())
     }
+    /// The guest task's process id (tgid), if known.
+    pub fn tgid(&self) -> Option<i32> {
+        self.batch
+            .batch
+            .tgid
+            .get(self.i)
+            .copied()
+            .filter(|p| *p >= 0)
+    }
+    /// The parent's process id, if known.
+    pub fn ppid(&self) -> Option<i32> {
+        self.batch
+            .batch
+            .ppid
+            .get(self.i)
+            .copied()
+            .filter(|p| *p >= 0)
+    }
+    /// The executable path, if it was asked for and known.
+    pub fn exe(&self) -> Option<&'a [u8]> {
+        let e = *self.batch.batch.exe.get(self.i)? as usize;
+        (e != 0).then(|| self.batch.batch.exes[e].as_slice())
+    }
     /// `(retval, return_address, duration_ns)` of a return event.
     pub fn ret(&self) -> Option<(u64, u64, u64)> {
         let r = self.batch.starts[self.i].ret?;
@@ -333,6 +373,9 @@ impl<'a> PackedEvent<'a> {
             ip: s.ip,
             pid: self.pid(),
             comm: self.comm().map(str::to_string),
+            tgid: self.tgid(),
+            ppid: self.ppid(),
+            exe: self.exe().map(<[u8]>::to_vec),
             args: args.iter().map(v1::FetchedArg::from).collect(),
             ret,
             text: probe_spec::format_event_line(&s.event, &ip_text, &all),
@@ -421,6 +464,30 @@ mod tests {
     }
 
     #[test]
+    fn process_columns_are_optional_but_checked() {
+        let r = reader();
+        let mut b = batch();
+        b.tgid = vec![-1, 40];
+        b.ppid = vec![-1, 1];
+        b.exe = vec![0, 1];
+        b.exes = vec![Vec::new(), b"/bin/cat".to_vec()];
+        let pb = r.open(&b).unwrap();
+        let e1 = pb.event(1);
+        assert_eq!(
+            (e1.tgid(), e1.ppid(), e1.exe()),
+            (Some(40), Some(1), Some(&b"/bin/cat"[..]))
+        );
+        let full = e1.to_event();
+        assert_eq!((full.tgid, full.ppid), (Some(40), Some(1)));
+        assert_eq!(full.exe.as_deref(), Some(&b"/bin/cat"[..]));
+        assert_eq!(pb.event(0).to_event().exe, None);
+        b.exe = vec![0, 2];
+        assert!(r.open(&b).is_err(), "exe index past exes");
+        b.exe = vec![0];
+        assert!(r.open(&b).is_err(), "one exe entry for two events");
+    }
+
+    #[test]
     fn reads_values_in_place_and_as_full_events() {
         let r = reader();
         let b = batch();
@@ -440,6 +507,8 @@ mod tests {
         );
         let e1 = pb.event(1);
         assert_eq!((e1.pid(), e1.comm()), (Some(42), Some("cat")));
+        // A batch from a server without the process columns: unknown.
+        assert_eq!((e1.tgid(), e1.ppid(), e1.exe()), (None, None, None));
         assert_eq!(
             e1.value(1, 0),
             Some(SlotValue::Str {

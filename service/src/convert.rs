@@ -125,8 +125,24 @@ impl Fields for EventFieldsView<'_> {
         }
         match (name, &ev.kind) {
             ("cpu", _) => Some(FieldValue::Unsigned(u64::from(ev.vcpu))),
-            ("common_pid", _) => ev.task.map(|t| FieldValue::Signed(i64::from(t.pid))),
+            ("common_pid", _) => ev
+                .task
+                .as_ref()
+                .map(|t| FieldValue::Signed(i64::from(t.pid))),
+            ("tgid", _) => ev
+                .task
+                .as_ref()
+                .map(|t| FieldValue::Signed(i64::from(t.tgid))),
+            ("ppid", _) => ev
+                .task
+                .as_ref()
+                .map(|t| FieldValue::Signed(i64::from(t.ppid))),
             ("comm", _) => ev.task.as_ref().map(|t| FieldValue::Str(t.comm())),
+            ("exe", _) => ev
+                .task
+                .as_ref()
+                .and_then(|t| t.exe.as_deref())
+                .map(FieldValue::Str),
             ("retval", EventKind::Return { retval, .. }) => Some(FieldValue::Unsigned(*retval)),
             _ => None,
         }
@@ -219,10 +235,18 @@ pub(crate) fn event(ev: Event, meta: Option<&ProbeMeta>, symbols: &Symbols) -> v
         vcpu: ev.vcpu,
         timestamp_ns: ev.time_ns,
         ip: ev.ip,
-        pid: ev.task.map(|t| t.pid),
+        pid: ev.task.as_ref().map(|t| t.pid),
         comm: ev
             .task
+            .as_ref()
             .map(|t| String::from_utf8_lossy(t.comm()).into_owned()),
+        tgid: ev.task.as_ref().map(|t| t.tgid),
+        ppid: ev.task.as_ref().map(|t| t.ppid),
+        exe: ev
+            .task
+            .as_ref()
+            .and_then(|t| t.exe.as_deref())
+            .map(<[u8]>::to_vec),
         args: at_return.iter().map(v1::FetchedArg::from).collect(),
         ret,
         text,
@@ -253,7 +277,10 @@ mod tests {
             },
             task: Some(GuestTask {
                 pid: 77,
+                tgid: 70,
+                ppid: 1,
                 comm: *b"cat\0\0\0\0\0\0\0\0\0\0\0\0\0",
+                exe: Some(b"/bin/cat".to_vec().into()),
             }),
             args: vec![Value::Signed {
                 bits: 32,
@@ -277,9 +304,13 @@ mod tests {
         assert_eq!(f.field("retval"), Some(FieldValue::Unsigned(7)));
         assert_eq!(f.field("common_pid"), Some(FieldValue::Signed(77)));
         assert_eq!(f.field("comm"), Some(FieldValue::Str(b"cat")));
+        assert_eq!(f.field("tgid"), Some(FieldValue::Signed(70)));
+        assert_eq!(f.field("ppid"), Some(FieldValue::Signed(1)));
+        assert_eq!(f.field("exe"), Some(FieldValue::Str(b"/bin/cat")));
         assert_eq!(f.field("nope"), None);
         let filt = probe_spec::Filter::parse(
-            "path ~ \"/e*\" && retval == 7 && cpu < 4 && comm == \"cat\" && common_pid == 77",
+            "path ~ \"/e*\" && retval == 7 && cpu < 4 && comm == \"cat\" && common_pid == 77 \
+             && tgid == 70 && ppid == 1 && exe ~ \"/bin/*\"",
         )
         .unwrap();
         assert!(filt.matches(&f));
@@ -293,6 +324,8 @@ mod tests {
         assert_eq!(r.entry_args[0].name, "arg1");
         assert_eq!(e.args[0].name, "arg2");
         assert_eq!((e.pid, e.comm.as_deref()), (Some(77), Some("cat")));
+        assert_eq!((e.tgid, e.ppid), (Some(70), Some(1)));
+        assert_eq!(e.exe.as_deref(), Some(&b"/bin/cat"[..]));
         assert_eq!(e.text, "probe1: (0x0 <- 0x0) arg1=\"/etc\" arg2=-1");
     }
 

@@ -15,6 +15,7 @@
 pub mod client;
 mod convert;
 mod errors;
+mod kaslr;
 pub mod listen;
 mod packed;
 mod server;

@@ -109,6 +109,7 @@ impl PackedEncoder {
         let b = &mut self.batch;
         if b.probe_id.is_empty() {
             b.comms.push(String::new());
+            b.exes.push(Vec::new());
         }
         b.probe_id.push(ev.probe_id);
         b.seq.push(ev.seq);
@@ -123,10 +124,26 @@ impl PackedEncoder {
                     next
                 });
                 b.comm.push(i);
+                b.tgid.push(t.tgid);
+                b.ppid.push(t.ppid);
+                let e = match &t.exe {
+                    Some(path) => match b.exes.iter().position(|x| x[..] == path[..]) {
+                        Some(e) => e as u32,
+                        None => {
+                            b.exes.push(path.to_vec());
+                            (b.exes.len() - 1) as u32
+                        }
+                    },
+                    None => 0,
+                };
+                b.exe.push(e);
             }
             None => {
                 b.pid.push(-1);
                 b.comm.push(0);
+                b.tgid.push(-1);
+                b.ppid.push(-1);
+                b.exe.push(0);
             }
         }
         let (entry, args) = match ev.kind {
@@ -237,6 +254,9 @@ fn with_capacity_of(b: &v1::PackedEventBatch) -> v1::PackedEventBatch {
         timestamp_ns: Vec::with_capacity(n),
         pid: Vec::with_capacity(n),
         comm: Vec::with_capacity(n),
+        tgid: Vec::with_capacity(n),
+        ppid: Vec::with_capacity(n),
+        exe: Vec::with_capacity(n),
         retval: Vec::with_capacity(r),
         return_address: Vec::with_capacity(r),
         duration_ns: Vec::with_capacity(r),
@@ -368,7 +388,10 @@ mod tests {
         );
         second.task = Some(GuestTask {
             pid: 12,
+            tgid: 10,
+            ppid: 1,
             comm: *b"sh\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+            exe: Some(b"/bin/busybox".to_vec().into()),
         });
         enc.push(second, None);
         assert_eq!(enc.len(), 2);
@@ -387,6 +410,11 @@ mod tests {
         assert_eq!(b.pid, [-1, 12]);
         assert_eq!(b.comms, ["", "sh"]);
         assert_eq!(b.comm, [0, 1]);
+        assert_eq!(
+            (&b.tgid[..], &b.ppid[..], &b.exe[..]),
+            (&[-1, 10][..], &[-1, 1][..], &[0, 1][..])
+        );
+        assert_eq!(b.exes, [Vec::new(), b"/bin/busybox".to_vec()]);
         // Slots: ev0 n=0 p=1 xs=2,3; ev1 n=4 p=5 xs=6,7.
         assert_eq!(b.values, [(-2i64) as u64, 1, 0, 5, 0, 0]);
         assert_eq!(b.strings, [Bytes::from("/etc"), Bytes::from("/very/long")]);

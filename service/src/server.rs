@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use guest_access::VmControl;
@@ -64,6 +64,7 @@ pub struct Guest {
     vm: Arc<dyn VmControl>,
     bridge: std::sync::OnceLock<BridgeInfoFn>,
     snapshot: std::sync::OnceLock<Arc<dyn crate::snapshot::SnapshotWriter>>,
+    kaslr_possible: AtomicBool,
 }
 
 /// Reports the VMM's system-call bridge (the service does not know the VMM).
@@ -76,7 +77,19 @@ impl Guest {
             vm,
             bridge: std::sync::OnceLock::new(),
             snapshot: std::sync::OnceLock::new(),
+            kaslr_possible: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the guest kernel may run at a randomized base (the VMM knows:
+    /// a bzImage without `nokaslr`). Then no probe is placed before the
+    /// slide is found in guest memory.
+    pub fn set_kaslr_possible(&self, possible: bool) {
+        self.kaslr_possible.store(possible, Ordering::SeqCst);
+    }
+
+    pub fn kaslr_possible(&self) -> bool {
+        self.kaslr_possible.load(Ordering::SeqCst)
     }
 
     /// Who writes the VMM's part of a snapshot (set once; without it
@@ -129,6 +142,8 @@ pub(crate) struct ProbeMeta {
     pub ip_text: String,
     /// The fields of its events as packed streams send them.
     pub fields: Vec<v1::FieldSchema>,
+    /// Held while its filter names `exe`: hits then read executable paths.
+    pub _exe: Option<introspect::ExeInterest>,
 }
 
 /// Live probes plus recently deleted ones (their queued events still need
@@ -264,7 +279,69 @@ impl HvProbeService {
 }
 
 impl Inner {
+    /// The KASLR slide, found once in guest memory: the #PF gate of a
+    /// vCPU's IDT against `asm_exc_page_fault`, checked with the banner at
+    /// the slid `linux_banner`. Until the kernel has an IDT the slide can
+    /// only be assumed 0, which is refused where the boot may randomize
+    /// (`Guest::set_kaslr_possible`).
+    pub(crate) fn settle_slide(&self) -> Result<i64, Status> {
+        if let Some(s) = self.symbols.slide() {
+            return Ok(s);
+        }
+        let possible = self.guest.kaslr_possible();
+        let sregs = self
+            .engine
+            .kernel_system_regs()
+            .filter(|s| s.long_mode && s.idt_base != 0);
+        let Some(sregs) = sregs else {
+            if possible {
+                return Err(Status::failed_precondition(
+                    "the guest kernel may run at a randomized base (a bzImage booted without \
+                     nokaslr) and has not set up its IDT yet, so its KASLR slide is unknown: \
+                     create probes once it runs, or boot with nokaslr for probes before boot",
+                ));
+            }
+            // Not running yet, and it cannot move: link-time addresses.
+            return Ok(self.symbols.set_slide(0));
+        };
+        let mem = crate::kaslr::KernelVirt {
+            mem: self.guest.vm.memory(),
+            sregs,
+        };
+        match guest_symbols::slide_from_idt(
+            &mem,
+            sregs.idt_base,
+            self.symbols.table(),
+            self.symbols.image(),
+        ) {
+            Ok(k) => {
+                let slide = self.symbols.set_slide(k.slide);
+                tracing::info!("KASLR slide {slide:#x} (banner at the slid linux_banner matches)");
+                if slide != 0 {
+                    // Set before the slide was known: move it.
+                    if let Some(t) = self.symbols.return_trap_candidate() {
+                        self.engine.set_return_trap(t).map_err(|e| {
+                            Status::failed_precondition(format!(
+                                "moving the kretprobe return trap to {t:#x}: {e}"
+                            ))
+                        })?;
+                    }
+                }
+                Ok(slide)
+            }
+            Err(e) if possible => Err(Status::failed_precondition(format!(
+                "the guest kernel may run at a randomized base and its KASLR slide could \
+                 not be established: {e}"
+            ))),
+            Err(e) => {
+                tracing::debug!("no KASLR slide found ({e}); the boot cannot randomize: 0");
+                Ok(self.symbols.set_slide(0))
+            }
+        }
+    }
+
     fn prepare(&self, def: &v1::ProbeDefinition, index: Option<u32>) -> Result<Prepared, Status> {
+        self.settle_slide()?;
         let prefix = |m: String| match index {
             Some(i) => format!("definitions[{i}]: {m}"),
             None => format!("definition: {m}"),
@@ -310,13 +387,17 @@ impl Inner {
             .map(|a| (a.name.clone(), convert::arg_field_kind(&a.ty)))
             .collect();
         let filter_text = probe_spec::trim_line(&def.filter);
+        let names_exe = std::cell::Cell::new(false);
         let filter = if filter_text.is_empty() {
             None
         } else {
             let f = Filter::parse(filter_text).map_err(|e| parse_error(&e, index))?;
             let is_return = pd.kind.is_return();
-            f.check(&|name: &str| probe_field_kind(&args, is_return, name))
-                .map_err(|e| parse_error(&e, index))?;
+            f.check(&|name: &str| {
+                names_exe.set(names_exe.get() || name == "exe");
+                probe_field_kind(&args, is_return, name)
+            })
+            .map_err(|e| parse_error(&e, index))?;
             Some(f)
         };
         let kind = match pd.kind {
@@ -349,6 +430,7 @@ impl Inner {
             args,
             ip_text,
             fields: crate::packed::fields_of(&pd),
+            _exe: names_exe.get().then(|| self.engine.want_exe()),
         };
         let request = ProbeRequest {
             name: pd.full_name(),
@@ -599,7 +681,7 @@ impl Inner {
                 };
                 let loc = guest_symbols::parse_location(text)
                     .map_err(|e| Status::invalid_argument(format!("symbol: {e}")))?;
-                self.symbols.table().resolve(&loc).map_err(|e| match e {
+                self.symbols.resolve(&loc).map_err(|e| match e {
                     guest_symbols::LookupError::NotFound(_) => {
                         Status::not_found(format!("symbol: {e}"))
                     }
@@ -640,33 +722,52 @@ impl Inner {
     /// The kernel's banner, and whether guest memory holds it at the
     /// link-time address (the test guest and `nokaslr` kernels are not
     /// relocated): equal bytes verify a zero slide.
+    /// The image's banner, and whether the guest has the same bytes at the
+    /// (slid) `linux_banner`: read through a vCPU's page tables once the
+    /// kernel runs, else at the unrelocated physical address.
     pub(crate) fn kernel_banner(&self) -> (String, bool) {
-        match self.symbols.image_banner() {
-            Some((addr, want)) if addr >= introspect::KERNEL_TEXT_MAP => {
-                let mut got = vec![0u8; want.len()];
-                let ok = self
-                    .guest
-                    .vm
-                    .memory()
-                    .read_phys(addr - introspect::KERNEL_TEXT_MAP, &mut got)
-                    .is_ok()
-                    && got == want;
-                (String::from_utf8_lossy(&want).trim_end().to_string(), ok)
+        let Some((addr, want)) = self.symbols.image_banner() else {
+            return (String::new(), false);
+        };
+        let mut got = vec![0u8; want.len()];
+        let read = match self.engine.kernel_system_regs() {
+            Some(sregs) => {
+                use guest_symbols::GuestMemory as _;
+                crate::kaslr::KernelVirt {
+                    mem: self.guest.vm.memory(),
+                    sregs,
+                }
+                .read_virt(addr, &mut got)
+                .is_ok()
             }
-            _ => (String::new(), false),
-        }
+            None => {
+                addr >= introspect::KERNEL_TEXT_MAP
+                    && self
+                        .guest
+                        .vm
+                        .memory()
+                        .read_phys(addr - introspect::KERNEL_TEXT_MAP, &mut got)
+                        .is_ok()
+            }
+        };
+        (
+            String::from_utf8_lossy(&want).trim_end().to_string(),
+            read && got == want,
+        )
     }
 
     fn guest_info(&self) -> v1::GetGuestInfoResponse {
         let (source, detail) = self.symbols.source();
         let vm = &self.guest.vm;
+        // Best effort: an unknown slide is reported as 0, not verified.
+        let slide = self.settle_slide().ok();
         let (banner, verified) = self.kernel_banner();
         v1::GetGuestInfoResponse {
             state: self.guest.state() as i32,
             vcpus: u32::try_from(vm.vcpu_count()).unwrap_or(u32::MAX),
             kernel_banner: banner,
-            kaslr_slide: 0,
-            kaslr_verified: verified,
+            kaslr_slide: slide.unwrap_or(0),
+            kaslr_verified: verified && slide.is_some(),
             symbol_source: source as i32,
             symbol_source_detail: detail.to_string(),
             symbol_count: self.symbols.table().len() as u64,
@@ -696,8 +797,8 @@ fn probe_field_kind(
 pub(crate) fn common_field_kind(name: &str, is_return: bool) -> Option<FieldKind> {
     match name {
         "cpu" => Some(FieldKind::Unsigned),
-        "common_pid" => Some(FieldKind::Signed),
-        "comm" => Some(FieldKind::String),
+        "common_pid" | "tgid" | "ppid" => Some(FieldKind::Signed),
+        "comm" | "exe" => Some(FieldKind::String),
         "retval" if is_return => Some(FieldKind::Unsigned),
         _ => None,
     }
@@ -910,6 +1011,35 @@ impl HvProbe for HvProbeService {
         let inner = self.inner.clone();
         let info = blocking(move || Ok(inner.guest_info())).await?;
         Ok(Response::new(info))
+    }
+
+    async fn list_tasks(
+        &self,
+        _: Request<v1::ListTasksRequest>,
+    ) -> Result<Response<v1::ListTasksResponse>, Status> {
+        let engine = self.inner.engine.clone();
+        let tasks = blocking(move || {
+            engine.list_tasks().map_err(|e| match e {
+                introspect::TaskListingError::Walk(w) => Status::data_loss(w.to_string()),
+                other => Status::failed_precondition(other.to_string()),
+            })
+        })
+        .await?;
+        Ok(Response::new(v1::ListTasksResponse {
+            tasks: tasks
+                .into_iter()
+                .map(|t| v1::GuestTaskInfo {
+                    pid: t.pid,
+                    tgid: t.tgid,
+                    ppid: t.ppid,
+                    comm: String::from_utf8_lossy(&t.comm).into_owned(),
+                    state: t.state.to_string(),
+                    kernel_thread: t.kernel_thread,
+                    exe: t.exe,
+                    address: t.address,
+                })
+                .collect(),
+        }))
     }
 
     type SubscribeStream = EventStream;

@@ -127,6 +127,13 @@ pub(crate) fn start(
     }
     let admission = Admission::take(&inner, capacity)?;
     let filter = parse_filter(&inner, &req)?;
+    // Over-approximates (a quoted "exe" counts too): at worst hits read
+    // paths nobody looks at.
+    let names_exe = req
+        .filter
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .any(|w| w == "exe");
+    let exe_interest = (req.with_exe || names_exe).then(|| inner.engine.want_exe());
     // Sorted: a handful of ids is searched faster than hashed.
     let mut ids: Vec<ProbeId> = req.probe_ids.clone();
     ids.sort_unstable();
@@ -205,8 +212,10 @@ pub(crate) fn start(
     tx.try_send(Ok(started))
         .map_err(|_| Status::internal("cannot queue the started message"))?;
     tokio::spawn(async move {
-        // The admission is given back when the stream's task ends.
+        // The admission (and any interest in paths) is given back when the
+        // stream's task ends.
         let _admission = admission;
+        let _exe = exe_interest;
         pump(inner, sub, bell, tx, params).await
     });
     Ok(ReceiverStream::new(rx))

@@ -29,6 +29,9 @@ pub struct Symbols {
     task: Option<introspect::TaskLayout>,
     source: SymbolSource,
     detail: String,
+    /// The KASLR slide (runtime = link-time + slide), once established:
+    /// every address in or out of this type goes through it.
+    slide: std::sync::OnceLock<i64>,
 }
 
 impl Symbols {
@@ -41,6 +44,7 @@ impl Symbols {
             task: None,
             source: SymbolSource::None,
             detail: String::new(),
+            slide: std::sync::OnceLock::new(),
         }
     }
 
@@ -75,6 +79,7 @@ impl Symbols {
             task,
             source,
             detail: path.display().to_string(),
+            slide: std::sync::OnceLock::new(),
         })
     }
 
@@ -92,11 +97,37 @@ impl Symbols {
             task: None,
             source: SymbolSource::SystemMap,
             detail: path.display().to_string(),
+            slide: std::sync::OnceLock::new(),
         })
     }
 
+    /// The link-time table (addresses not slid).
     pub fn table(&self) -> &SymbolTable {
         &self.index.table
+    }
+
+    /// The kernel image the symbols came from, if any.
+    pub fn image(&self) -> Option<&KernelImage> {
+        self.image.as_ref()
+    }
+
+    /// The KASLR slide, once established (see [`Symbols::set_slide`]).
+    pub fn slide(&self) -> Option<i64> {
+        self.slide.get().copied()
+    }
+
+    /// Establish the slide (once: a running kernel does not move). Returns
+    /// the slide in force, which differs from `slide` if one was set before.
+    pub fn set_slide(&self, slide: i64) -> i64 {
+        *self.slide.get_or_init(|| slide)
+    }
+
+    fn to_runtime(&self, link: u64) -> u64 {
+        link.wrapping_add_signed(self.slide().unwrap_or(0))
+    }
+
+    fn to_link(&self, runtime: u64) -> u64 {
+        runtime.wrapping_add_signed(self.slide().unwrap_or(0).wrapping_neg())
     }
 
     pub fn source(&self) -> (SymbolSource, &str) {
@@ -107,18 +138,29 @@ impl Symbols {
         self.dwarf.is_some()
     }
 
-    /// Address of `name`.
+    /// Runtime address of `name`.
     pub fn lookup(&self, name: &str) -> Result<u64, LookupError> {
-        self.index.table.lookup(name)
+        self.index.table.lookup(name).map(|a| self.to_runtime(a))
     }
 
-    /// `SYM+off/size` of `addr`.
+    /// Runtime address of a `SYM+off` or absolute location.
+    pub fn resolve(&self, loc: &guest_symbols::Location) -> Result<u64, LookupError> {
+        match loc {
+            guest_symbols::Location::Address(a) => Ok(*a),
+            guest_symbols::Location::Symbol { name, offset } => {
+                Ok(self.lookup(name)?.wrapping_add(*offset))
+            }
+        }
+    }
+
+    /// `SYM+off/size` of the runtime address `addr`.
     pub fn sym_off(&self, addr: u64) -> Option<SymOff> {
-        self.index.table.describe(addr)
+        self.index.table.describe(self.to_link(addr))
     }
 
     /// Symbol type letter of the symbol `describe` picked for `addr`.
     pub fn kind_at(&self, name: &str, addr: u64) -> Option<char> {
+        let addr = self.to_link(addr);
         self.index
             .table
             .all_named(name)
@@ -129,10 +171,13 @@ impl Symbols {
     /// A kernel-text byte the guest never executes, for the kretprobe return
     /// trap (see [`introspect::SymbolIndex::return_trap_candidate`]).
     pub fn return_trap_candidate(&self) -> Option<u64> {
-        self.index.return_trap_candidate()
+        self.index
+            .return_trap_candidate()
+            .map(|a| self.to_runtime(a))
     }
 
-    /// `linux_banner` as stored in the kernel image (NUL excluded).
+    /// `linux_banner`'s runtime address and its bytes in the kernel image
+    /// (NUL excluded).
     pub fn image_banner(&self) -> Option<(u64, Vec<u8>)> {
         let addr = self.index.table.lookup("linux_banner").ok()?;
         let image = self.image.as_ref()?;
@@ -145,7 +190,7 @@ impl Symbols {
         buf.truncate(len);
         let end = buf.iter().position(|&b| b == 0)?;
         buf.truncate(end);
-        Some((addr, buf))
+        Some((self.to_runtime(addr), buf))
     }
 
     /// The DWARF view for probe-spec's name resolution, if DWARF is loaded.
@@ -154,50 +199,92 @@ impl Symbols {
     }
 }
 
+/// The engine sees runtime addresses: each goes back to link time for the
+/// table and blacklist, and what comes out is slid again.
 impl introspect::KernelSymbols for Symbols {
     fn function_at(&self, addr: u64) -> Option<(String, u64, u64)> {
-        self.index.function_at(addr)
+        self.index
+            .function_at(self.to_link(addr))
+            .map(|(n, s, e)| (n, self.to_runtime(s), self.to_runtime(e)))
     }
 
     fn blacklisted(&self, addr: u64) -> Option<String> {
-        self.index.blacklisted(addr)
+        self.index.blacklisted(self.to_link(addr))
     }
 
     fn describe(&self, addr: u64) -> Option<String> {
-        self.index.describe(addr)
+        self.index.describe(self.to_link(addr))
     }
 
     fn scratch_ranges(&self) -> Vec<(u64, u64)> {
-        self.index.scratch_ranges()
+        self.index
+            .scratch_ranges()
+            .into_iter()
+            .map(|(s, e)| (self.to_runtime(s), self.to_runtime(e)))
+            .collect()
     }
 
     fn is_kernel_text(&self, addr: u64) -> Option<bool> {
-        self.index.is_kernel_text(addr)
+        self.index.is_kernel_text(self.to_link(addr))
     }
 
+    /// Per-CPU offsets are not slid; `init_task` is.
     fn task_layout(&self) -> Option<introspect::TaskLayout> {
-        self.task
+        self.task.map(|mut t| {
+            if let Some(p) = t.process.as_mut() {
+                p.init_task = self.to_runtime(p.init_task);
+            }
+            t
+        })
     }
 }
 
-/// Linux's current-task pointer and `task_struct.comm`/`.pid`: the per-CPU
-/// `current_task` (up to 6.1) or `pcpu_hot.current_task` (6.2+).
+/// Linux's current-task pointer and `task_struct`'s identity fields: the
+/// per-CPU `current_task` (up to 6.1) or `pcpu_hot.current_task` (6.2+);
+/// plus, when the DWARF has them all, what the task list and executable
+/// paths need.
 fn task_layout(
     table: &SymbolTable,
     dwarf: &guest_symbols::DebugInfo,
 ) -> Option<introspect::TaskLayout> {
-    let comm_offset = dwarf.member_offset("task_struct.comm").ok()?;
-    let pid_offset = dwarf.member_offset("task_struct.pid").ok()?;
+    let off = |path: &str| dwarf.member_offset(path).ok();
     let current_task_percpu = match table.lookup("current_task") {
         Ok(a) => a,
-        Err(_) => {
-            table.lookup("pcpu_hot").ok()? + dwarf.member_offset("pcpu_hot.current_task").ok()?
-        }
+        Err(_) => table.lookup("pcpu_hot").ok()? + off("pcpu_hot.current_task")?,
     };
     Some(introspect::TaskLayout {
         current_task_percpu,
-        comm_offset,
-        pid_offset,
+        comm_offset: off("task_struct.comm")?,
+        pid_offset: off("task_struct.pid")?,
+        tgid_offset: off("task_struct.tgid")?,
+        real_parent_offset: off("task_struct.real_parent")?,
+        process: process_layout(table, dwarf),
+    })
+}
+
+fn process_layout(
+    table: &SymbolTable,
+    dwarf: &guest_symbols::DebugInfo,
+) -> Option<introspect::ProcessLayout> {
+    let off = |path: &str| dwarf.member_offset(path).ok();
+    Some(introspect::ProcessLayout {
+        init_task: table.lookup("init_task").ok()?,
+        tasks_offset: off("task_struct.tasks")?,
+        mm_offset: off("task_struct.mm")?,
+        flags_offset: off("task_struct.flags")?,
+        // Renamed in 5.14.
+        state_offset: off("task_struct.__state").or_else(|| off("task_struct.state"))?,
+        exit_state_offset: off("task_struct.exit_state")?,
+        exe_file_offset: off("mm_struct.exe_file")?,
+        f_path_mnt_offset: off("file.f_path.mnt")?,
+        f_path_dentry_offset: off("file.f_path.dentry")?,
+        d_parent_offset: off("dentry.d_parent")?,
+        d_name_hash_len_offset: off("dentry.d_name.hash_len")?,
+        d_name_name_offset: off("dentry.d_name.name")?,
+        mnt_root_offset: off("vfsmount.mnt_root")?,
+        mount_mnt_offset: off("mount.mnt")?,
+        mount_parent_offset: off("mount.mnt_parent")?,
+        mount_mountpoint_offset: off("mount.mnt_mountpoint")?,
     })
 }
 

@@ -157,6 +157,15 @@ pub struct Vm {
     vcpu_fds: Vec<VcpuFd>,
     loaded: Option<LoadedKernel>,
     fds: Arc<KvmFds>,
+    /// The guest kernel may have randomized its base (KASLR).
+    kaslr_possible: bool,
+}
+
+/// Whether a kernel booted this way may randomize its base: only a bzImage
+/// runs the decompressor that picks a KASLR slide (a PVH vmlinux starts at
+/// its link address), and `nokaslr` turns it off.
+fn kaslr_possible(format: KernelFormat, cmdline: &str) -> bool {
+    format == KernelFormat::BzImage && !cmdline.split_whitespace().any(|w| w == "nokaslr")
 }
 
 /// Upper bound on vCPUs (MADT ids are one byte; keep well below).
@@ -344,6 +353,7 @@ impl Vm {
         Ok(Vm {
             shared,
             vcpu_fds,
+            kaslr_possible: kaslr_possible(loaded.format, &config.cmdline),
             loaded: Some(loaded),
             fds: Arc::new(KvmFds {
                 vm: vm_fd,
@@ -433,11 +443,18 @@ impl Vm {
             bridge,
             saved_sregs: Some(saved_sregs),
         });
+        let (manifest_kernel, manifest_cmdline) =
+            (manifest.kernel.clone(), manifest.cmdline.clone());
         let restored = snapshot::Restored::read(dir, manifest).map_err(snap)?;
         Ok((
             Vm {
                 shared,
                 vcpu_fds,
+                kaslr_possible: kaslr_possible(
+                    loader::sniff_format(Path::new(&manifest_kernel))
+                        .unwrap_or(KernelFormat::BzImage),
+                    &manifest_cmdline,
+                ),
                 loaded: None,
                 fds: Arc::new(KvmFds {
                     vm: vm_fd,
@@ -447,6 +464,13 @@ impl Vm {
             },
             restored,
         ))
+    }
+
+    /// Whether the guest kernel may run at a randomized base (KASLR): a
+    /// bzImage booted without `nokaslr`, fresh or restored. Symbols then
+    /// need the slide found in guest memory before they can be used.
+    pub fn kaslr_possible(&self) -> bool {
+        self.kaslr_possible
     }
 
     /// What was loaded and where the boot CPU starts (None for a restored VM).
@@ -583,6 +607,19 @@ impl Drop for RunningVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_bzimage_without_nokaslr_may_randomize() {
+        assert!(kaslr_possible(KernelFormat::BzImage, "console=ttyS0 quiet"));
+        assert!(!kaslr_possible(
+            KernelFormat::BzImage,
+            "console=ttyS0 nokaslr quiet"
+        ));
+        assert!(!kaslr_possible(KernelFormat::BzImage, "nokaslr"));
+        // A word that merely contains it does not count.
+        assert!(kaslr_possible(KernelFormat::BzImage, "x.nokaslrx=1"));
+        assert!(!kaslr_possible(KernelFormat::ElfPvh, "console=ttyS0"));
+    }
 
     #[test]
     fn exit_codes_are_distinct() {

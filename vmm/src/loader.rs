@@ -124,6 +124,37 @@ fn elf_phys_end(file: &mut File) -> Option<(u64, u64)> {
     (hi > 0).then_some((lo, hi))
 }
 
+/// The format of the kernel file at `path` (its first bytes), without
+/// loading it.
+pub fn sniff_format(path: &Path) -> Result<KernelFormat, LoadError> {
+    let mut file = open("kernel", path)?;
+    let mut magic = [0u8; 0x270];
+    let n = read_up_to(&mut file, &mut magic).map_err(|cause| LoadError::Read {
+        what: "kernel",
+        path: path.to_owned(),
+        cause,
+    })?;
+    format_of(path, &magic[..n])
+}
+
+fn format_of(path: &Path, magic: &[u8]) -> Result<KernelFormat, LoadError> {
+    if magic.starts_with(b"\x7fELF") {
+        Ok(KernelFormat::ElfPvh)
+    } else if magic.len() >= 0x206 && &magic[0x202..0x206] == b"HdrS" {
+        Ok(KernelFormat::BzImage)
+    } else {
+        let shown: Vec<String> = magic.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        Err(LoadError::UnknownFormat {
+            path: path.to_owned(),
+            magic: if shown.is_empty() {
+                "none: the file is empty".into()
+            } else {
+                shown.join(" ")
+            },
+        })
+    }
+}
+
 /// Load kernel, initrd and command line; write the boot structures.
 pub fn load(
     ram: &GuestRam,
@@ -140,21 +171,7 @@ pub fn load(
         cause,
     })?;
     let magic = &magic[..n];
-    let format = if magic.starts_with(b"\x7fELF") {
-        KernelFormat::ElfPvh
-    } else if magic.len() >= 0x206 && &magic[0x202..0x206] == b"HdrS" {
-        KernelFormat::BzImage
-    } else {
-        let shown: Vec<String> = magic.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        return Err(LoadError::UnknownFormat {
-            path: kernel.to_owned(),
-            magic: if shown.is_empty() {
-                "none: the file is empty".into()
-            } else {
-                shown.join(" ")
-            },
-        });
-    };
+    let format = format_of(kernel, magic)?;
     if cmdline.len() >= layout::CMDLINE_MAX {
         return Err(LoadError::CmdlineTooLong {
             len: cmdline.len(),

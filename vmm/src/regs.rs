@@ -62,5 +62,6 @@ pub(crate) fn to_system_regs(s: &kvm_bindings::kvm_sregs) -> SystemRegs {
         long_mode: s.efer & EFER_LMA != 0 && s.cs.l != 0,
         gs_base: s.gs.base,
         kernel_gs_base: 0,
+        idt_base: s.idt.base,
     }
 }
