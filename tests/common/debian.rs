@@ -1,0 +1,296 @@
+//! A restored Debian guest (the snapshot tests/debian/snapshot.sh caches:
+//! 2 vCPUs, /init reading commands from the console) with the probe engine
+//! and the API service attached, for tests that run real processes.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use introspect::{Engine, ProbeId};
+use proto::v1::{self, hv_probe_server::HvProbe};
+use service::{HvProbeService, ServiceConfig, Symbols};
+
+/// The cached snapshot, or None (the test is skipped) when there is none;
+/// under HVPROBE_REQUIRE_DEBIAN=1 a missing snapshot fails the test.
+pub fn snapshot_dir() -> Option<PathBuf> {
+    snapshot_dir_from("HVPROBE_DEBIAN_SNAPSHOT")
+}
+
+/// The snapshot named by environment variable `var` (see [`snapshot_dir`]).
+pub fn snapshot_dir_from(var: &str) -> Option<PathBuf> {
+    match std::env::var(var) {
+        Ok(d) if !d.is_empty() => Some(PathBuf::from(d)),
+        _ => {
+            assert_ne!(
+                std::env::var("HVPROBE_REQUIRE_DEBIAN").as_deref(),
+                Ok("1"),
+                "HVPROBE_REQUIRE_DEBIAN=1 but {var} is not set \
+                 (tests/run.sh sets it from tests/debian/snapshot.sh)"
+            );
+            eprintln!("SKIPPED: no Debian snapshot (run tests/debian/snapshot.sh)");
+            None
+        }
+    }
+}
+
+pub struct DebianGuest {
+    pub engine: Arc<Engine>,
+    pub service: HvProbeService,
+    pub vcpus: usize,
+    serial: Arc<Mutex<Vec<u8>>>,
+    control: Arc<vmm::Machine>,
+    running: Option<vmm::RunningVm>,
+    rt: tokio::runtime::Runtime,
+    /// Console bytes already consumed by [`DebianGuest::wait_console`].
+    seen: usize,
+}
+
+impl DebianGuest {
+    /// Restore the cached snapshot with no probes and start its vCPUs.
+    pub fn start() -> Option<DebianGuest> {
+        Some(Self::restore(&snapshot_dir()?))
+    }
+
+    /// Restore the snapshot in `dir` (symbols from the `vmlinux` beside it:
+    /// the kernel it booted may be a bzImage) and start its vCPUs.
+    pub fn restore(dir: &std::path::Path) -> DebianGuest {
+        let dir = dir.to_path_buf();
+        let manifest = vmm::snapshot::Manifest::load(&dir).expect("cached snapshot");
+        let serial = Arc::new(Mutex::new(Vec::new()));
+        let mut config = vmm::VmConfig::new(&manifest.kernel);
+        config.vcpus = manifest.vcpus;
+        config.memory_mib = manifest.memory_bytes >> 20;
+        config.serial = vmm::SerialOutput::Capture(serial.clone());
+        let (vm, _) = vmm::Vm::restore(&config, &dir).expect("restore");
+        let vmlinux = dir.parent().unwrap().join("vmlinux");
+        let symbols = Arc::new(Symbols::from_vmlinux(&vmlinux).unwrap());
+        let control = vm.control();
+        let hvprobe::Attached {
+            engine, service, ..
+        } = hvprobe::attach(&vm, symbols, ServiceConfig::default()).unwrap();
+        let running = vm.start(engine.clone()).unwrap();
+        DebianGuest {
+            engine,
+            service,
+            vcpus: usize::from(manifest.vcpus),
+            serial,
+            control,
+            running: Some(running),
+            rt: tokio::runtime::Runtime::new().unwrap(),
+            seen: 0,
+        }
+    }
+
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&self.serial.lock().unwrap()).into_owned()
+    }
+
+    /// Type `line` (a newline is added) on the guest's console.
+    pub fn type_line(&self, line: &str) {
+        let bytes = format!("{line}\n");
+        assert_eq!(
+            self.control
+                .console_input_all(bytes.as_bytes(), Duration::from_secs(60)),
+            bytes.len(),
+            "the guest's console did not take {line:?}; console:\n{}",
+            self.console()
+        );
+    }
+
+    /// Wait for a console line (after what earlier waits consumed) that
+    /// starts with `prefix` and return it; panics with the console after
+    /// `secs` or when the guest ends.
+    pub fn wait_console(&mut self, prefix: &str, secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let console = self.console();
+            let rest = &console[self.seen.min(console.len())..];
+            // Only whole lines: the tail may still be arriving.
+            let mut at = 0;
+            for line in rest.split_inclusive('\n') {
+                if !line.ends_with('\n') {
+                    break;
+                }
+                at += line.len();
+                let l = line.trim_end_matches(['\r', '\n']);
+                // Kernel-log copies carry a "[   12.345678] " prefix.
+                let l = match l.find("] ") {
+                    Some(i) if l.starts_with('[') => &l[i + 2..],
+                    _ => l,
+                };
+                if l.starts_with(prefix) {
+                    self.seen += at;
+                    return l.to_string();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no console line starting {prefix:?} within {secs} s; console:\n{console}"
+            );
+            if let Some(o) = self
+                .running
+                .as_ref()
+                .unwrap()
+                .wait_timeout(Duration::from_millis(20))
+            {
+                panic!("the restored guest ended: {o}; console:\n{console}");
+            }
+        }
+    }
+
+    /// Run one shell command on the console loop and wait for its end;
+    /// returns its exit status.
+    pub fn run(&mut self, cmd: &str, secs: u64) -> i32 {
+        self.type_line(cmd);
+        let done = self.wait_console("HVPROBE-CMD-DONE rc=", secs);
+        done["HVPROBE-CMD-DONE rc=".len()..].trim().parse().unwrap()
+    }
+
+    /// Create probes through the API (all or nothing), each with a filter.
+    pub fn create(&self, defs: &[(&str, &str)]) -> Vec<ProbeId> {
+        let req = v1::CreateProbesRequest {
+            definitions: defs
+                .iter()
+                .map(|(line, filter)| v1::ProbeDefinition {
+                    definition: Some(v1::probe_definition::Definition::KprobeEvents(
+                        line.to_string(),
+                    )),
+                    filter: filter.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let resp = self
+            .rt
+            .block_on(self.service.create_probes(tonic::Request::new(req)))
+            .unwrap_or_else(|s| panic!("creating {defs:?}: {s:?}"));
+        resp.into_inner().probes.iter().map(|p| p.id).collect()
+    }
+
+    /// GetGuestInfo through the API.
+    pub fn info(&self) -> v1::GetGuestInfoResponse {
+        self.rt
+            .block_on(
+                self.service
+                    .get_guest_info(tonic::Request::new(v1::GetGuestInfoRequest {})),
+            )
+            .unwrap()
+            .into_inner()
+    }
+
+    /// ResolveSymbol through the API: the runtime address of `name`.
+    pub fn resolve(&self, name: &str) -> u64 {
+        let req = v1::ResolveSymbolRequest {
+            query: Some(v1::resolve_symbol_request::Query::Symbol(name.into())),
+        };
+        self.rt
+            .block_on(self.service.resolve_symbol(tonic::Request::new(req)))
+            .unwrap_or_else(|s| panic!("resolving {name}: {s:?}"))
+            .into_inner()
+            .address
+    }
+
+    /// The guest's processes through the API (`ListTasks`).
+    pub fn list_tasks(&self) -> Vec<v1::GuestTaskInfo> {
+        self.rt
+            .block_on(
+                self.service
+                    .list_tasks(tonic::Request::new(v1::ListTasksRequest {})),
+            )
+            .unwrap_or_else(|s| panic!("ListTasks: {s:?}"))
+            .into_inner()
+            .tasks
+    }
+
+    /// Subscribe through the API (where probe filters apply, as for any
+    /// gRPC client) and collect the events on a channel.
+    pub fn subscribe(&self, req: v1::SubscribeRequest) -> EventStream {
+        use tokio_stream::StreamExt;
+        let _rt = self.rt.enter();
+        let mut stream = Box::pin(self.service.subscribe_stream(req).expect("subscribe"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lost = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let lost2 = lost.clone();
+        self.rt.spawn(async move {
+            while let Some(Ok(r)) = stream.next().await {
+                match r.payload {
+                    Some(v1::subscribe_response::Payload::Events(b)) => {
+                        for e in b.events {
+                            if tx.send(e).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Some(v1::subscribe_response::Payload::Lost(l)) => {
+                        lost2.fetch_add(l.count, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    _ => {}
+                }
+            }
+        });
+        // The stream is live once its first message went out; give it a moment.
+        std::thread::sleep(Duration::from_millis(100));
+        EventStream { rx, lost }
+    }
+}
+
+/// Events of one API subscription.
+pub struct EventStream {
+    rx: std::sync::mpsc::Receiver<v1::Event>,
+    lost: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl EventStream {
+    /// Everything delivered so far, after `settle` for batches in flight
+    /// (hits are published at the hit, before the console line that follows).
+    pub fn drain(&self, settle: Duration) -> Vec<v1::Event> {
+        std::thread::sleep(settle);
+        self.rx.try_iter().collect()
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A fetched argument by name: signed value, or string bytes.
+pub fn arg_i64(e: &v1::Event, name: &str) -> i64 {
+    let a = e.args.iter().find(|a| a.name == name);
+    match a
+        .and_then(|a| a.value.as_ref())
+        .and_then(|v| v.kind.as_ref())
+    {
+        Some(v1::value::Kind::Signed(s)) => s.value,
+        other => panic!("arg {name}: {other:?} in {e:?}"),
+    }
+}
+
+pub fn arg_bytes(e: &v1::Event, name: &str) -> Vec<u8> {
+    let a = e.args.iter().find(|a| a.name == name);
+    match a
+        .and_then(|a| a.value.as_ref())
+        .and_then(|v| v.kind.as_ref())
+    {
+        Some(v1::value::Kind::String(s)) => s.raw.to_vec(),
+        other => panic!("arg {name}: {other:?} in {e:?}"),
+    }
+}
+
+impl Drop for DebianGuest {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop();
+        }
+    }
+}
+
+/// `key=value` out of a console line such as `HVPROBE-SLEEP pid=87 i=0 ms=300`.
+pub fn field<T: std::str::FromStr>(line: &str, key: &str) -> T {
+    let want = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(want.as_str()))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+        .parse()
+        .unwrap_or_else(|_| panic!("bad {key}= in {line:?}"))
+}
