@@ -339,7 +339,7 @@ impl Writer {
             let mut text = self.line(&mut rec, meaning.len() as u64);
             if self
                 .rotator
-                .needs_rotation(chunk.len() as u64 + text.len() as u64)
+                .needs_rotation(chunk.len() as u64, text.len() as u64)
             {
                 self.flush(&mut chunk, &mut meaning);
                 self.rotate();
@@ -449,8 +449,11 @@ impl Rotator {
         })
     }
 
-    fn needs_rotation(&self, more: u64) -> bool {
-        self.len > 0 && self.len + more > self.max_bytes
+    /// Whether a line of `more` bytes, after `pending` bytes not yet
+    /// written, would take a non-empty file past the limit.
+    fn needs_rotation(&self, pending: u64, more: u64) -> bool {
+        let before = self.len + pending;
+        before > 0 && before + more > self.max_bytes
     }
 
     /// Append whole lines, or nothing: a failed write is cut back.
@@ -638,13 +641,14 @@ mod tests {
         let mut all = vec!["old\n".to_string()];
         for i in 0..20 {
             let line = format!("line {i:02}\n"); // 8 bytes
-            if r.needs_rotation(line.len() as u64) {
+            if r.needs_rotation(0, line.len() as u64) {
                 assert!(r.rotate().unwrap());
             }
             r.append(line.as_bytes()).unwrap();
             all.push(line);
         }
-        // 3 lines a file (24 bytes); "old" + 2 lines first.
+        // 3 lines a file (24 bytes; "old" and 2 lines first): the last
+        // four files hold lines 08..19.
         let mut files: Vec<PathBuf> = (1..=3).rev().map(|i| r.backup(i, true)).collect();
         files.push(c.path.clone());
         let mut got = String::new();
@@ -659,7 +663,7 @@ mod tests {
         // The newest 3 backups and the current file: the last lines, in order.
         let want: String = all.concat();
         assert!(want.ends_with(&got), "{got:?}");
-        assert_eq!(got.lines().count(), 11, "{got:?}");
+        assert_eq!(got.lines().count(), 12, "{got:?}");
     }
 
     #[test]
@@ -668,7 +672,7 @@ mod tests {
         let c = cfg(dir.path(), 10, 0, true);
         let mut r = Rotator::open(&c).unwrap();
         r.append(b"aaaaaaaa\n").unwrap();
-        assert!(r.needs_rotation(9));
+        assert!(r.needs_rotation(0, 9));
         r.rotate().unwrap();
         r.append(b"bbbbbbbb\n").unwrap();
         assert_eq!(read(&c.path), "bbbbbbbb\n");
@@ -680,18 +684,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path(), 4, 2, false);
         let mut r = Rotator::open(&c).unwrap();
-        assert!(!r.needs_rotation(100), "an empty file takes any record");
+        assert!(!r.needs_rotation(0, 100), "an empty file takes any record");
+        assert!(r.needs_rotation(1, 4), "... but not what follows it");
+        assert!(!r.needs_rotation(1, 3));
         r.append(b"0123456789\n").unwrap();
-        assert!(r.needs_rotation(1));
+        assert!(r.needs_rotation(0, 1));
     }
 
-    #[test]
-    fn writer_counts_every_event_and_owes_lost_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = cfg(dir.path(), 1 << 20, 1, false);
-        let stats = Arc::new(ExportStats::default());
-        let mut w = Writer {
-            rotator: Rotator::open(&c).unwrap(),
+    fn writer(c: &ExportConfig, stats: &Arc<ExportStats>) -> Writer {
+        Writer {
+            rotator: Rotator::open(c).unwrap(),
             stats: stats.clone(),
             vm: v1::VmIdentity {
                 host: "h".into(),
@@ -700,7 +702,49 @@ mod tests {
             },
             record_seq: 0,
             unreported: Default::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn writer_rotates_inside_a_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), 1000, 100, true);
+        let stats = Arc::new(ExportStats::default());
+        let mut w = writer(&c, &stats);
+        let events = (0..40)
+            .map(|seq| v1::Event {
+                seq,
+                ..Default::default()
+            })
+            .collect();
+        w.message(v1::SubscribeResponse {
+            payload: Some(Payload::Events(v1::EventBatch { events })),
+        });
+        let rotations = stats.rotations.load(Ordering::Relaxed);
+        assert!(rotations >= 3, "{rotations}");
+        let mut seqs = Vec::new();
+        let mut files: Vec<PathBuf> = (1..=rotations)
+            .rev()
+            .map(|i| w.rotator.backup(u32::try_from(i).unwrap(), true))
+            .collect();
+        files.push(c.path.clone());
+        for f in files {
+            let text = read(&f);
+            assert!(text.len() <= 1000, "{}: {} bytes", f.display(), text.len());
+            for l in text.lines() {
+                let r: v1::ExportRecord = serde_json::from_str(l).unwrap();
+                seqs.push(r.record_seq);
+            }
+        }
+        assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn writer_counts_every_event_and_owes_lost_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), 1 << 20, 1, false);
+        let stats = Arc::new(ExportStats::default());
+        let mut w = writer(&c, &stats);
         let batch = |seqs: std::ops::Range<u64>| v1::SubscribeResponse {
             payload: Some(Payload::Events(v1::EventBatch {
                 events: seqs
