@@ -180,7 +180,7 @@ enum Command {
         #[arg(long)]
         system_map: Option<PathBuf>,
         #[command(flatten)]
-        serve: ServeArgs,
+        serve: Box<ServeArgs>,
         #[command(flatten)]
         guest: GuestArgs,
     },
