@@ -185,7 +185,11 @@ impl HvProbeService {
                         rt.block_on(async { tokio::time::timeout(IDLE, stream.next()).await });
                     match next {
                         Ok(Some(Ok(msg))) => w.message(msg),
-                        Ok(Some(Err(_)) | None) => break,
+                        Ok(Some(Err(s))) => {
+                            tracing::warn!("export: the event stream failed: {}", s.message());
+                            break;
+                        }
+                        Ok(None) => break,
                         Err(_) if flag.load(Ordering::SeqCst) => break,
                         Err(_) => w.retry_unreported(),
                     }
@@ -506,10 +510,19 @@ impl Rotator {
         if self.backups == 0 {
             std::fs::remove_file(&self.path)?;
         } else {
-            if let Some(p) = self.existing(self.backups) {
-                std::fs::remove_file(p)?;
+            // Backups are numbered 1..n without a gap: look at those only
+            // (K may be large).
+            let mut n = 0;
+            while n < self.backups && self.existing(n + 1).is_some() {
+                n += 1;
             }
-            for i in (1..self.backups).rev() {
+            if n == self.backups {
+                if let Some(p) = self.existing(n) {
+                    std::fs::remove_file(p)?;
+                }
+                n -= 1;
+            }
+            for i in (1..=n).rev() {
                 if let Some(p) = self.existing(i) {
                     let gz = p.extension().is_some_and(|e| e == "gz");
                     std::fs::rename(&p, self.backup(i + 1, gz))?;
