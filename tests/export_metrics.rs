@@ -1,6 +1,6 @@
 //! The pipeline outputs of `hvprobe run` against the live test guest:
-//! `--metrics` (the scraped counters equal the API's, `promtool check
-//! metrics` accepts them), `--export-file` (rotated gzip'd files, mode 0600,
+//! `--metrics` (the counters a Prometheus server scrapes and those read
+//! directly equal the API's, `promtool check metrics` accepts them), `--export-file` (rotated gzip'd files, mode 0600,
 //! that hold exactly the events produced) and an export to a full disk
 //! (every event written or counted, the guest's pace unchanged).
 
@@ -204,6 +204,82 @@ fn promtool(text: &str) -> Option<(bool, String)> {
     ))
 }
 
+/// A tool of Debian's `prometheus` package; None (a note) when it is not
+/// installed, a failure under HVPROBE_REQUIRE_KVM=1, where `.ci/run`
+/// installs it.
+fn prometheus_tool(name: &str) -> Option<Command> {
+    match Command::new(name).arg("--version").output() {
+        Ok(o) if o.status.success() => Some(Command::new(name)),
+        r => {
+            assert!(
+                std::env::var("HVPROBE_REQUIRE_KVM").as_deref() != Ok("1"),
+                "{name} cannot run ({r:?}) under HVPROBE_REQUIRE_KVM=1: apt-get install prometheus"
+            );
+            eprintln!("NOTE: {name} not installed; apt-get install prometheus");
+            None
+        }
+    }
+}
+
+/// A Prometheus server scraping `target` every second, its data in `dir`;
+/// killed on drop.
+struct Prometheus {
+    child: Child,
+    port: u16,
+}
+
+impl Prometheus {
+    fn start(dir: &Path, target: u16) -> Option<Prometheus> {
+        let mut cmd = prometheus_tool("prometheus")?;
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: hvprobe\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let child = cmd
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .unwrap();
+        Some(Prometheus { child, port })
+    }
+
+    /// Instant query: the value of each series by its `probe_id` label
+    /// (empty for series without one); None while Prometheus is not up.
+    fn query(&self, q: &str) -> Option<BTreeMap<String, u64>> {
+        std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        let (code, _, body) = http_get(self.port, &format!("/api/v1/query?query={q}"), "*/*");
+        if code != 200 {
+            return None;
+        }
+        let json = &body[body.find('{')?..=body.rfind('}')?];
+        let v: serde_json::Value = serde_json::from_str(json).ok()?;
+        let mut out = BTreeMap::new();
+        for r in v["data"]["result"].as_array()? {
+            let id = r["metric"]["probe_id"].as_str().unwrap_or("").to_string();
+            out.insert(id, r["value"][1].as_str()?.parse().ok()?);
+        }
+        Some(out)
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn scraped_metrics_equal_the_api_counters_and_pass_promtool() {
     if !kvm_available() {
@@ -223,6 +299,8 @@ fn scraped_metrics_equal_the_api_counters_and_pass_promtool() {
             &metrics,
         ],
     );
+    // A real Prometheus server scrapes it all along.
+    let prom = Prometheus::start(tmp.path(), port);
     // A subscriber with a tiny queue that reads slowly: it loses events.
     let mut c = run.client();
     let mut stream = run
@@ -347,6 +425,42 @@ fn scraped_metrics_equal_the_api_counters_and_pass_promtool() {
     if let Some((ok, out)) = promtool(&text) {
         assert!(ok, "promtool check metrics: {out}\n{text}");
     }
+    // What Prometheus scraped comes to the API's counters exactly (the
+    // counters stand still since the disarm).
+    let Some(prom) = prom else { return };
+    let want = |f: &dyn Fn(&v1::ProbeInfo) -> u64| {
+        probes
+            .iter()
+            .map(|p| (p.id.to_string(), f(p)))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let expected = [
+        ("hvprobe_probe_hits_total", want(&|p| p.hits)),
+        ("hvprobe_probe_misses_total", want(&|p| p.misses)),
+        ("hvprobe_probe_dropped_total", want(&|p| p.dropped)),
+        (
+            "hvprobe_stream_lost_total",
+            BTreeMap::from([(String::new(), lost)]),
+        ),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        let got: Vec<_> = expected.iter().map(|(q, _)| prom.query(q)).collect();
+        if expected
+            .iter()
+            .zip(&got)
+            .all(|((_, w), g)| g.as_ref() == Some(w))
+        {
+            break got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus scraped {got:?}, the API says {expected:?}: {}",
+            std::fs::read_to_string(tmp.path().join("prometheus.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    println!("Prometheus scraped {got:?}");
 }
 
 /// Every record of the export at `path` in order: `PATH.K.gz` .. `PATH.1.gz`,
@@ -466,15 +580,32 @@ fn export_rotates_into_gzipped_private_files_holding_exactly_the_events() {
                 };
                 assert!(test_guest::OPEN_PATHS.contains(&s.text.as_str()), "{e:?}");
                 assert_eq!(s.raw, s.text.as_bytes());
-                seqs.push(e.seq);
+                seqs.push((e.vcpu, e.seq));
             }
             Record::Lost(l) => panic!("lost {l:?}: the disk was too slow for a 16384-event queue?"),
         }
     }
     // The exporter was the only subscriber from before the first hit: every
     // hit took the next sequence number and is in the files exactly once.
+    // (In file order per vCPU; across vCPUs a number taken first can reach
+    // the queue second.)
     assert_eq!(seqs.len() as u64, hits);
-    assert_eq!(seqs, (0..hits).collect::<Vec<_>>());
+    for cpu in 0..2 {
+        let mine: Vec<u64> = seqs.iter().filter(|s| s.0 == cpu).map(|s| s.1).collect();
+        assert!(
+            mine.windows(2).all(|w| w[0] < w[1]),
+            "vCPU {cpu}'s events out of order"
+        );
+    }
+    let mut sorted: Vec<u64> = seqs.iter().map(|s| s.1).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len() as u64, hits, "duplicate sequence numbers");
+    assert_eq!(
+        (sorted.first().copied(), sorted.last().copied()),
+        (Some(0), Some(hits - 1)),
+        "sequence numbers not 0..{hits}"
+    );
     assert!(
         err.contains(&format!("hvprobe: export: {hits} events, 0 lost")),
         "{err}"
