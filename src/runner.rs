@@ -142,6 +142,10 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
     if let Some(p) = &opts.system_map {
         require_regular_file("the System.map", p)?;
     }
+    // Rotation renames the path: never a device (/dev/null) or a FIFO.
+    if let Some(e) = &opts.export {
+        require_regular_file("the export file", &e.path)?;
+    }
     for (what, p) in [
         ("the TLS certificate", &opts.tls.cert),
         ("the TLS key", &opts.tls.key),
@@ -156,6 +160,20 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
     if let Some(l) = &opts.listen {
         service::listen::check(l, &opts.tls)?;
     }
+    // So do an export file that cannot be written and a metrics address
+    // that cannot be bound.
+    if let Some(e) = &opts.export {
+        service::export::check(e).map_err(|e| anyhow::anyhow!("--export-file {e}"))?;
+    }
+    let metrics_listener = match opts.metrics {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .with_context(|| format!("--metrics: cannot listen on {addr}"))?;
+            Some(l)
+        }
+        None => None,
+    };
     // Create the VM first: a bad kernel, memory size or KVM device is the
     // one error the user sees, not a symbol warning before it.
     let (vm, kernel, saved_probes) = create_vm(config, opts.restore.as_ref())?;
@@ -242,19 +260,21 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
         None => None,
     };
     let (metrics_stop, metrics_rx) = tokio::sync::oneshot::channel::<()>();
-    let metrics_server = match opts.metrics {
-        Some(addr) => {
+    let metrics_server = match metrics_listener {
+        Some(listener) => {
             let m = svc.metrics();
             let vm = control.clone();
             m.set_exits(Box::new(move || exit_kinds(&vm.exit_stats())));
             if let Some(e) = &exporter {
                 m.set_export(e.stats());
             }
-            let listener = rt
-                .block_on(tokio::net::TcpListener::bind(addr))
-                .with_context(|| format!("--metrics: cannot listen on {addr}"))?;
-            let local = listener.local_addr().unwrap_or(addr);
-            eprintln!("hvprobe: metrics on http://{local}/metrics");
+            let listener = {
+                let _enter = rt.enter();
+                tokio::net::TcpListener::from_std(listener).context("--metrics")?
+            };
+            if let Ok(local) = listener.local_addr() {
+                eprintln!("hvprobe: metrics on http://{local}/metrics");
+            }
             Some(rt.spawn(service::metrics::serve(listener, m, async {
                 let _ = metrics_rx.await;
             })))

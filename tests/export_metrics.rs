@@ -4,6 +4,7 @@
 //! that hold exactly the events produced) and an export to a full disk
 //! (every event written or counted, the guest's pace unchanged).
 
+mod common;
 mod grpc_harness;
 
 use std::collections::BTreeMap;
@@ -667,7 +668,7 @@ fn full_disk_drops_and_counts_and_the_guest_keeps_its_pace() {
     let (mut ok_sum, mut full_sum) = (0.0, 0.0);
     let mut rounds = Vec::new();
     // Interleaved, so that the machine's drift hits both alike.
-    for round in 0..2 {
+    for round in 0..3 {
         let mut rates = [0.0; 2];
         for (i, path) in [
             tmp.path().join(format!("ok{round}.jsonl")),
@@ -734,10 +735,44 @@ fn full_disk_drops_and_counts_and_the_guest_keeps_its_pace() {
         rounds.join(", ")
     );
     assert!(h.alive());
-    // A failing disk costs the guest nothing; 0.75 leaves room for the
-    // noise of a shared 2-core machine.
+    // A failing disk costs the guest nothing; a guest that waited for the
+    // disk would all but stop. 0.6 leaves room for the noise of a shared
+    // 2-core machine with the other tests of this file running beside
+    // (single rounds here vary by ±30%).
     assert!(
-        full_sum >= 0.75 * ok_sum,
+        full_sum >= 0.6 * ok_sum,
         "the guest slowed down with a full disk: {full_sum:.0} against {ok_sum:.0} calls/s"
     );
+}
+
+#[test]
+fn unusable_export_and_metrics_flags_are_one_line_errors() {
+    // Refused before the VM is created or anything is served (a socket of
+    // its own all the same: never the default one).
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = format!("unix:{}", tmp.path().join("s.sock").display());
+    let k = test_guest::kernel_path().to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--kernel", k, "--listen", sock.as_str()];
+        args.extend_from_slice(extra);
+        common::hvprobe_cli(&args)
+    };
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = format!("tcp:{}", taken.local_addr().unwrap());
+    let (code, _, err) = run(&["--metrics", &taken]);
+    assert_eq!(code, 1);
+    common::assert_one_line_error(&err, "--metrics: cannot listen on");
+    // Rotating would rename a device node; a FIFO would block the start.
+    let (code, _, err) = run(&["--export-file", "/dev/null"]);
+    assert_eq!(code, 1);
+    common::assert_one_line_error(&err, "/dev/null as the export file: it is a device");
+    let (code, _, err) = run(&["--export-file", "/proc/no/such/dir/events.jsonl"]);
+    assert_eq!(code, 1);
+    common::assert_one_line_error(&err, "--export-file /proc/no/such/dir/events.jsonl");
+    let (code, _, err) = run(&["--metrics", "tcp:0.0.0.0:9464"]);
+    assert_eq!(code, 1);
+    common::assert_one_line_error(&err, "pass --metrics-public");
+    let (code, _, err) = run(&["--export-max-bytes", "1M"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--export-file"), "{err}");
 }

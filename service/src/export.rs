@@ -143,6 +143,14 @@ impl Drop for Exporter {
     }
 }
 
+/// Opens (creating, mode 0600) the export file as the exporter will, so
+/// that a path that cannot be written stops a start before anything runs.
+pub fn check(cfg: &ExportConfig) -> Result<(), String> {
+    Rotator::open(cfg)
+        .map(drop)
+        .map_err(|e| format!("{}: {e}", cfg.path.display()))
+}
+
 impl HvProbeService {
     /// Starts exporting every event to `cfg.path`. The file is opened (and
     /// its directory checked) here, so a bad path is an error now. `rt`
