@@ -4,7 +4,6 @@
 //! that hold exactly the events produced) and an export to a full disk
 //! (every event written or counted, the guest's pace unchanged).
 
-mod common;
 mod grpc_harness;
 
 use std::collections::BTreeMap;
@@ -15,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use grpc_harness::{kvm_available, Harness};
+use grpc_harness::{common, kvm_available, Harness};
 use proto::v1::{self, export_record::Record, subscribe_response::Payload};
 
 /// `hvprobe run` of the test guest (forever, 2 vCPUs) with a socket in
