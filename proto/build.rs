@@ -1,6 +1,7 @@
 //! Compiles `proto/hvprobe/v1/hvprobe.proto` without a system `protoc`:
 //! protox parses it into a FileDescriptorSet, which is both written out for
-//! server reflection and handed to tonic's prost code generator.
+//! server reflection and handed to tonic's prost code generator, and to
+//! pbjson-build for the messages' serde (proto3 JSON mapping).
 
 use std::{env, fs, path::PathBuf};
 
@@ -29,6 +30,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Packed strings decode as slices of the received buffer: no
         // allocation per string for a client reading millions per second.
         .bytes(".hvprobe.v1.PackedEventBatch.strings")
-        .compile_fds(fds)?;
+        .compile_fds(fds.clone())?;
+
+    // serde for every message in the proto3 JSON mapping, generated from the
+    // same descriptors: the export file's schema is the API's.
+    pbjson_build::Builder::new()
+        .register_descriptors(&fds.encode_to_vec())?
+        .emit_fields()
+        .build(&[".hvprobe.v1"])?;
     Ok(())
 }

@@ -65,9 +65,85 @@ struct ServeArgs {
     /// CA that client certificates must chain to (PEM).
     #[arg(long, value_name = "PEM")]
     tls_client_ca: Option<PathBuf>,
+    /// Write every event as a JSON line (an `hvprobe.v1.ExportRecord` in
+    /// the proto3 JSON mapping) to this file, mode 0600; lost events are
+    /// records of their own.
+    #[arg(long, value_name = "PATH")]
+    export_file: Option<PathBuf>,
+    /// Rotate the export file before it grows beyond this many bytes
+    /// (suffixes K, M, G: KiB, MiB, GiB).
+    #[arg(long, value_name = "BYTES", default_value = "100M", value_parser = parse_size, requires = "export_file")]
+    export_max_bytes: u64,
+    /// Rotated export files to keep (PATH.1 newest .. PATH.K).
+    #[arg(long, value_name = "K", default_value_t = 5, requires = "export_file")]
+    export_backups: u32,
+    /// Compress rotated export files with gzip (PATH.1.gz ..).
+    #[arg(long, requires = "export_file")]
+    export_gzip: bool,
+    /// The exporter's queue in events: what a slow disk may fall behind
+    /// before events are dropped (and counted) [default: the stream default].
+    #[arg(
+        long,
+        value_name = "EVENTS",
+        default_value_t = 0,
+        requires = "export_file"
+    )]
+    export_queue: u32,
+    /// Name of this VM in exported records [default: the kernel's file name].
+    #[arg(long, value_name = "NAME")]
+    vm_name: Option<String>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (and /healthz):
+    /// `tcp:127.0.0.1:PORT`; loopback only unless --metrics-public.
+    #[arg(long, value_name = "tcp:HOST:PORT")]
+    metrics: Option<String>,
+    /// Allow --metrics on a non-loopback address.
+    #[arg(long, requires = "metrics")]
+    metrics_public: bool,
+}
+
+/// `123`, `64K`, `10M`, `1G` (binary units).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number of bytes, e.g. 1048576 or 10M"))?;
+    match n.checked_mul(mul) {
+        Some(0) => Err("must be above 0".into()),
+        Some(v) => Ok(v),
+        None => Err(format!("{s:?}: too large")),
+    }
 }
 
 impl ServeArgs {
+    fn export(&self, kernel: &std::path::Path) -> Option<service::ExportConfig> {
+        let path = self.export_file.clone()?;
+        let name = self.vm_name.clone().unwrap_or_else(|| {
+            kernel
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        let mut c = service::ExportConfig::new(path, service::export::vm_identity(&name));
+        c.max_bytes = self.export_max_bytes;
+        c.backups = self.export_backups;
+        c.gzip = self.export_gzip;
+        c.queue_capacity = self.export_queue;
+        Some(c)
+    }
+
+    fn metrics(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        self.metrics
+            .as_deref()
+            .map(|m| service::metrics::parse_addr(m, self.metrics_public))
+            .transpose()
+    }
+
     fn tls(&self) -> service::TlsFiles {
         service::TlsFiles {
             cert: self.tls_cert.clone(),
@@ -104,7 +180,7 @@ enum Command {
         #[arg(long)]
         system_map: Option<PathBuf>,
         #[command(flatten)]
-        serve: ServeArgs,
+        serve: Box<ServeArgs>,
         #[command(flatten)]
         guest: GuestArgs,
     },
@@ -207,7 +283,22 @@ fn main() -> ExitCode {
             serve,
             guest,
         } => {
+            let kernel = kernel.unwrap_or_default();
+            let metrics = match serve.metrics() {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("hvprobe: error: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let export = serve.export(if kernel.as_os_str().is_empty() {
+                restore.as_deref().unwrap_or(&kernel)
+            } else {
+                &kernel
+            });
             let opts = runner::RunOptions {
+                export,
+                metrics,
                 tls: serve.tls(),
                 probes: serve.probes,
                 listen: Some(serve.listen.unwrap_or_else(service::Listen::default_unix)),
@@ -220,7 +311,6 @@ fn main() -> ExitCode {
                     memory_mib: guest.memory,
                 }),
             };
-            let kernel = kernel.unwrap_or_default();
             let cmdline = cmdline.unwrap_or_else(|| "console=ttyS0".into());
             runner::boot(guest.config(kernel, initrd, cmdline), opts)
         }
@@ -245,6 +335,8 @@ fn main() -> ExitCode {
                     system_map: None,
                     print_events: true,
                     restore: None,
+                    export: None,
+                    metrics: None,
                 },
             )
         }
@@ -290,5 +382,21 @@ impl GuestArgs {
             vmm::SerialOutput::File(PathBuf::from(&self.serial))
         };
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("10m"), Ok(10 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999G").is_err());
     }
 }

@@ -23,6 +23,10 @@ pub struct RunOptions {
     pub print_events: bool,
     /// Continue a snapshot instead of booting.
     pub restore: Option<RestoreOptions>,
+    /// Write every event to a JSON-lines file.
+    pub export: Option<service::ExportConfig>,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// `run --restore DIR`.
@@ -138,6 +142,10 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
     if let Some(p) = &opts.system_map {
         require_regular_file("the System.map", p)?;
     }
+    // Rotation renames the path: never a device (/dev/null) or a FIFO.
+    if let Some(e) = &opts.export {
+        require_regular_file("the export file", &e.path)?;
+    }
     for (what, p) in [
         ("the TLS certificate", &opts.tls.cert),
         ("the TLS key", &opts.tls.key),
@@ -152,6 +160,20 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
     if let Some(l) = &opts.listen {
         service::listen::check(l, &opts.tls)?;
     }
+    // So do an export file that cannot be written and a metrics address
+    // that cannot be bound.
+    if let Some(e) = &opts.export {
+        service::export::check(e).map_err(|e| anyhow::anyhow!("--export-file {e}"))?;
+    }
+    let metrics_listener = match opts.metrics {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .with_context(|| format!("--metrics: cannot listen on {addr}"))?;
+            Some(l)
+        }
+        None => None,
+    };
     // Create the VM first: a bad kernel, memory size or KVM device is the
     // one error the user sees, not a symbol warning before it.
     let (vm, kernel, saved_probes) = create_vm(config, opts.restore.as_ref())?;
@@ -226,6 +248,39 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
         }
         None => None,
     };
+    let exporter = match opts.export {
+        Some(cfg) => {
+            let path = cfg.path.clone();
+            let e = svc
+                .start_export(cfg, rt.handle())
+                .map_err(|e| anyhow::anyhow!("--export-file {e}"))?;
+            eprintln!("hvprobe: exporting events to {}", path.display());
+            Some(e)
+        }
+        None => None,
+    };
+    let (metrics_stop, metrics_rx) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = match metrics_listener {
+        Some(listener) => {
+            let m = svc.metrics();
+            let vm = control.clone();
+            m.set_exits(Box::new(move || exit_kinds(&vm.exit_stats())));
+            if let Some(e) = &exporter {
+                m.set_export(e.stats());
+            }
+            let listener = {
+                let _enter = rt.enter();
+                tokio::net::TcpListener::from_std(listener).context("--metrics")?
+            };
+            if let Ok(local) = listener.local_addr() {
+                eprintln!("hvprobe: metrics on http://{local}/metrics");
+            }
+            Some(rt.spawn(service::metrics::serve(listener, m, async {
+                let _ = metrics_rx.await;
+            })))
+        }
+        None => None,
+    };
     let printer = if opts.print_events {
         let stream = rt
             .block_on(async { svc.subscribe_stream(v1::SubscribeRequest::default()) })
@@ -283,6 +338,26 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
             );
         }
     }
+    if let Some(e) = exporter {
+        // The stream flushes within its batch delay; the exporter reads
+        // until it has been idle, then stops.
+        let stats = e.stats();
+        e.finish();
+        let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        eprintln!(
+            "hvprobe: export: {} events, {} lost (queue full {}, write failed {}), {} bytes, {} rotations",
+            l(&stats.events),
+            l(&stats.lost_queue_full) + l(&stats.lost_write_failed),
+            l(&stats.lost_queue_full),
+            l(&stats.lost_write_failed),
+            l(&stats.bytes),
+            l(&stats.rotations)
+        );
+    }
+    let _ = metrics_stop.send(());
+    if let Some(m) = metrics_server {
+        let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), m).await });
+    }
     let _ = stop_tx.send(());
     if let Some(s) = server {
         match rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), s).await }) {
@@ -309,6 +384,22 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
         started.elapsed().as_secs_f64()
     );
     Ok(outcome.exit_code() as u8)
+}
+
+/// VM exits by kind, for `/metrics`.
+fn exit_kinds(s: &vmm::ExitStats) -> Vec<(&'static str, u64)> {
+    vec![
+        ("all", s.exits),
+        ("io", s.io),
+        ("mmio", s.mmio),
+        ("breakpoint", s.breakpoints),
+        ("single_step", s.single_steps),
+        ("kick", s.kicks),
+        ("emulation_gap", s.gap_instructions),
+        ("bridged_syscall", s.bridge.syscalls),
+        ("bridged_int80", s.bridge.int80),
+        ("bridged_fault", s.bridge.faults_passed),
+    ]
 }
 
 async fn print_events(

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 #[path = "common/mod.rs"]
-mod common;
+pub mod common;
 
 use std::path::PathBuf;
 use std::sync::Arc;

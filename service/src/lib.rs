@@ -1,6 +1,7 @@
 //! hvprobe's gRPC server: the `hvprobe.v1.HvProbe` service over the probe
 //! engine ([`HvProbeService`]), served on a Unix socket or TCP with server
-//! reflection (v1 and v1alpha) and `grpc.health.v1` ([`listen::bind`]).
+//! reflection (v1 and v1alpha) and `grpc.health.v1` ([`listen::bind`]); the
+//! JSON-lines export file ([`export`]) and Prometheus metrics ([`metrics`]).
 //!
 //! ```no_run
 //! # async fn f(engine: std::sync::Arc<introspect::Engine>, vm: std::sync::Arc<dyn guest_access::VmControl>) {
@@ -15,15 +16,19 @@
 pub mod client;
 mod convert;
 mod errors;
+pub mod export;
 mod kaslr;
 pub mod listen;
+pub mod metrics;
 mod packed;
 mod server;
 mod snapshot;
 mod subscribe;
 mod symbols;
 
+pub use export::{ExportConfig, ExportStats, Exporter};
 pub use listen::{Listen, ListenError, TlsFiles};
+pub use metrics::Metrics;
 pub use server::{BridgeInfoFn, Guest, HvProbeService, ServiceConfig};
 pub use snapshot::{SnapshotWriter, WrittenSnapshot};
 pub use symbols::{DwarfNames, SymbolError, Symbols};

@@ -111,6 +111,11 @@ impl Guest {
         self.bridge.get().map(|f| f())
     }
 
+    /// vCPUs of the guest.
+    pub fn vcpu_count(&self) -> usize {
+        self.vm.vcpu_count()
+    }
+
     pub fn set_state(&self, s: v1::GuestState) {
         self.state.store(s as i32, Ordering::SeqCst);
     }
@@ -205,6 +210,20 @@ pub(crate) struct Inner {
     /// Streams admitted and their queue capacities, counted under one lock
     /// so that concurrent subscribes cannot pass the limits together.
     pub admitted: Arc<Mutex<crate::subscribe::Admitted>>,
+    /// Totals over every stream since the start (metrics).
+    pub streams: StreamTotals,
+}
+
+/// Counters of all event streams together (the export file's included),
+/// for `/metrics`: a stream's own numbers are in its `lost` records.
+#[derive(Debug, Default)]
+pub(crate) struct StreamTotals {
+    /// Events handed to streams.
+    pub events: AtomicU64,
+    /// Events counted in `lost` records (the subscribers' queues were full).
+    pub lost: AtomicU64,
+    /// Streams ever started.
+    pub started: AtomicU64,
 }
 
 /// The gRPC service. Cheap to clone.
@@ -246,6 +265,7 @@ impl HvProbeService {
                 ops: Mutex::new(()),
                 next_subscription: AtomicU64::new(1),
                 admitted: Arc::default(),
+                streams: StreamTotals::default(),
             }),
         }
     }

@@ -192,6 +192,7 @@ pub(crate) fn start(
         waker: Some(Box::new(move || b.ring())),
     });
     let id = inner.next_subscription.fetch_add(1, Ordering::Relaxed);
+    inner.streams.started.fetch_add(1, Ordering::Relaxed);
     let params = Params {
         batch: batch as usize,
         delay: Duration::from_millis(u64::from(delay)),
@@ -226,6 +227,13 @@ pub(crate) fn start(
 pub struct Admitted {
     streams: usize,
     queued_events: u64,
+}
+
+impl Admitted {
+    /// Streams open now.
+    pub fn streams(&self) -> usize {
+        self.streams
+    }
 }
 
 /// One admitted stream; dropping it gives its share back.
@@ -362,6 +370,10 @@ async fn pump(inner: Arc<Inner>, mut sub: Subscription, bell: Arc<Doorbell>, tx:
         if !evs.is_empty() {
             batch_started.get_or_insert_with(tokio::time::Instant::now);
             last_ts = evs.last().map_or(last_ts, |e| e.time_ns);
+            inner
+                .streams
+                .events
+                .fetch_add(evs.len() as u64, Ordering::Relaxed);
             let t = inner.probes.read().unwrap_or_else(|e| e.into_inner());
             for ev in evs {
                 let meta = t.get(ev.probe_id).map(|m| &**m);
@@ -381,6 +393,7 @@ async fn pump(inner: Arc<Inner>, mut sub: Subscription, bell: Arc<Doorbell>, tx:
             }
         }
         if lost > 0 {
+            inner.streams.lost.fetch_add(lost, Ordering::Relaxed);
             let msg = v1::SubscribeResponse {
                 payload: Some(Payload::Lost(v1::LostEvents {
                     count: lost,
