@@ -28,7 +28,10 @@ pub fn attach(vm: &vmm::Vm, symbols: Arc<Symbols>, config: ServiceConfig) -> Res
         symbols.clone(),
         EngineConfig::for_vcpus(vcpus),
     );
+    // Where the kernel may be randomized, the trap's address is known only
+    // with the slide: the service places it then (`settle_slide`).
     match symbols.return_trap_candidate() {
+        Some(_) if vm.kaslr_possible() => {}
         Some(t) => engine
             .set_return_trap(t)
             .with_context(|| format!("setting the kretprobe return trap at {t:#x}"))?,

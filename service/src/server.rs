@@ -337,12 +337,13 @@ impl Inner {
             Ok(k) => {
                 let slide = self.symbols.set_slide(k.slide);
                 tracing::info!("KASLR slide {slide:#x} (banner at the slid linux_banner matches)");
-                if slide != 0 {
-                    // Set before the slide was known: move it.
-                    if let Some(t) = self.symbols.return_trap_candidate() {
+                // Not placed yet (a randomizable boot), or placed before
+                // the slide was known: put it at the slid padding byte.
+                if let Some(t) = self.symbols.return_trap_candidate() {
+                    if self.engine.return_trap_address() != Some(t) {
                         self.engine.set_return_trap(t).map_err(|e| {
                             Status::failed_precondition(format!(
-                                "moving the kretprobe return trap to {t:#x}: {e}"
+                                "placing the kretprobe return trap at {t:#x}: {e}"
                             ))
                         })?;
                     }

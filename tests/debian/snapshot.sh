@@ -78,13 +78,13 @@ deadline=$(( start + ${HVPROBE_DEBIAN_BOOT_TIMEOUT:-2700} ))
 until grep -q "HVPROBE-CONSOLE-READY" "$console" 2>/dev/null; do
   if ! kill -0 "$pid" 2>/dev/null; then
     log "debian snapshot: hvprobe exited before the console loop; last lines:"
-    tail -20 "$console" "$build/hvprobe.log" >&2
+    tail -n 20 "$console" "$build/hvprobe.log" >&2
     exit 1
   fi
   if [ "$(date +%s)" -gt "$deadline" ]; then
     log "debian snapshot: no HVPROBE-CONSOLE-READY after $(( $(date +%s) - start )) s"
     kill "$pid"; wait "$pid" || true
-    tail -20 "$console" >&2
+    tail -n 20 "$console" >&2
     exit 1
   fi
   sleep 5

@@ -172,6 +172,58 @@ fn fxrstor_image(fpu: &mut kvm_fpu, b: &[u8; 512], rex_w: bool) {
     }
 }
 
+/// What `lsl` finds for a selector.
+enum SegLimit {
+    /// ZF=1 and this (byte-granular) limit.
+    Limit(u32),
+    /// ZF=0: null, outside the GDT, a type without a limit, or not
+    /// visible at this privilege.
+    Invalid,
+    /// An LDT selector: not emulated (Linux's kernel uses the GDT only).
+    Unknown,
+}
+
+/// `lsl`'s check and result, from the GDT descriptor (Linux's paranoid
+/// entry reads its CPU number this way: the CPUNODE segment's limit).
+fn segment_limit(cpu: &mut dyn GapCpu, sregs: &kvm_sregs, selector: u64) -> Result<SegLimit, String> {
+    if selector & 0x4 != 0 {
+        return Ok(SegLimit::Unknown);
+    }
+    let index = selector >> 3;
+    if index == 0 || index * 8 + 7 > u64::from(sregs.gdt.limit) {
+        return Ok(SegLimit::Invalid);
+    }
+    let mut b = [0u8; 8];
+    cpu.read_virt(sregs.gdt.base.wrapping_add(index * 8), &mut b)?;
+    let d = u64::from_le_bytes(b);
+    let system = d & (1 << 44) == 0;
+    let ty = (d >> 40) & 0xf;
+    let dpl = (d >> 45) & 3;
+    let present = d & (1 << 47) != 0;
+    let cpl = u64::from(sregs.ss.dpl);
+    let rpl = selector & 3;
+    let visible = if system {
+        // 64-bit mode: LDT, available and busy TSS have limits.
+        matches!(ty, 0x2 | 0x9 | 0xb) && dpl >= cpl.max(rpl)
+    } else {
+        let conforming_code = ty & 0xc == 0xc;
+        conforming_code || dpl >= cpl.max(rpl)
+    };
+    if !present && system {
+        return Ok(SegLimit::Invalid);
+    }
+    if !visible {
+        return Ok(SegLimit::Invalid);
+    }
+    let raw = (d & 0xffff) | ((d >> 32) & 0xf_0000);
+    let limit = if d & (1 << 55) != 0 {
+        (raw << 12) | 0xfff
+    } else {
+        raw
+    };
+    Ok(SegLimit::Limit(u32::try_from(limit).unwrap_or(u32::MAX)))
+}
+
 /// Complete the instruction at RIP if it is one KVM's emulator lacks.
 pub(crate) fn complete(cpu: &mut dyn GapCpu, code: &[u8]) -> Result<Gap, String> {
     let mut regs = cpu.regs();
@@ -251,6 +303,27 @@ pub(crate) fn complete(cpu: &mut dyn GapCpu, code: &[u8]) -> Result<Gap, String>
                 regs.rflags |= 0x40;
             }
         }
+        Mnemonic::Lsl => {
+            let selector = match insn.op1_kind() {
+                OpKind::Register => gpr(&regs, insn.op1_register()).ok_or("bad lsl source")?,
+                OpKind::Memory => {
+                    let mut b = [0u8; 2];
+                    cpu.read_virt(mem(&insn)?, &mut b)?;
+                    u64::from(u16::from_le_bytes(b))
+                }
+                _ => return Ok(Gap::Unknown),
+            } & 0xffff;
+            match segment_limit(cpu, &sregs, selector)? {
+                SegLimit::Unknown => return Ok(Gap::Unknown),
+                SegLimit::Invalid => regs.rflags &= !0x40,
+                SegLimit::Limit(limit) => {
+                    if !set_gpr(&mut regs, insn.op0_register(), u64::from(limit)) {
+                        return Ok(Gap::Unknown);
+                    }
+                    regs.rflags |= 0x40;
+                }
+            }
+        }
         _ => return Ok(Gap::Unknown),
     }
     regs.rip = insn.next_ip();
@@ -262,6 +335,35 @@ pub(crate) fn complete(cpu: &mut dyn GapCpu, code: &[u8]) -> Result<Gap, String>
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    /// Linux's paranoid entry: `mov $__CPUNODE_SEG, %eax; lsl %rax, %rax`
+    /// gives (node << 12) | cpu from the per-CPU GDT entry 15 (DPL 3).
+    #[test]
+    fn lsl_reads_the_cpunode_segment_limit() {
+        let mut c = FakeCpu::new();
+        c.sregs.gdt.base = 0x9000;
+        c.sregs.gdt.limit = 16 * 8 - 1;
+        // Data segment, present, DPL 3, limit (node 1 << 12) | cpu 1 = 0x1001.
+        let desc: u64 = 0x1001 | (0x3 << 40) | (1 << 44) | (3 << 45) | (1 << 47);
+        for (i, b) in desc.to_le_bytes().iter().enumerate() {
+            c.mem.insert(0x9000 + 15 * 8 + i as u64, *b);
+        }
+        c.regs.rax = 15 * 8 + 3;
+        let code = [0x48, 0x0f, 0x03, 0xc0];
+        assert!(matches!(complete(&mut c, &code), Ok(Gap::Completed(Mnemonic::Lsl))));
+        assert_eq!(c.regs.rax, 0x1001);
+        assert_ne!(c.regs.rflags & 0x40, 0, "ZF set");
+        assert_eq!(c.regs.rip, 0x1004);
+        // A selector past the GDT limit: ZF clear, destination unchanged.
+        c.regs.rip = 0x1000;
+        c.regs.rax = 40 * 8 + 3;
+        assert!(matches!(complete(&mut c, &code), Ok(Gap::Completed(Mnemonic::Lsl))));
+        assert_eq!((c.regs.rax, c.regs.rflags & 0x40), (40 * 8 + 3, 0));
+        // An LDT selector is left to KVM (reported, not guessed).
+        c.regs.rip = 0x1000;
+        c.regs.rax = 0x7;
+        assert!(matches!(complete(&mut c, &code), Ok(Gap::Unknown)));
+    }
 
     struct FakeCpu {
         regs: kvm_regs,
