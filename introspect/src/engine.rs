@@ -720,20 +720,29 @@ impl Engine {
     }
 
     fn current_paging(&self) -> Option<SystemRegs> {
-        let out = Arc::new(Mutex::new(None));
-        let o = out.clone();
-        let r = self.vm.with_vcpu(
-            0,
-            Box::new(move |v: &mut dyn Vcpu| {
-                *o.lock().unwrap() = v.system_regs().ok();
-            }),
-        );
-        if r.is_err() {
+        // Any vCPU with paging on will do (the kernel half is shared); ask
+        // the next one when one cannot answer.
+        let mut any_thread = false;
+        for index in 0..self.vm.vcpu_count() {
+            let out = Arc::new(Mutex::new(None));
+            let o = out.clone();
+            let r = self.vm.with_vcpu(
+                index,
+                Box::new(move |v: &mut dyn Vcpu| {
+                    *o.lock().unwrap() = v.system_regs().ok();
+                }),
+            );
+            any_thread |= r.is_ok();
+            let s = *out.lock().unwrap();
+            if let Some(s) = s.filter(|s| s.paging()) {
+                return Some(s);
+            }
+        }
+        if !any_thread {
             // No vCPU thread yet: a restored VM still knows its paging.
             return self.vm.saved_system_regs().filter(|s| s.paging());
         }
-        let s = *out.lock().unwrap();
-        s.filter(|s| s.paging())
+        None
     }
 
     /// Guest-physical address of kernel text at `addr`.
