@@ -185,7 +185,11 @@ enum SegLimit {
 
 /// `lsl`'s check and result, from the GDT descriptor (Linux's paranoid
 /// entry reads its CPU number this way: the CPUNODE segment's limit).
-fn segment_limit(cpu: &mut dyn GapCpu, sregs: &kvm_sregs, selector: u64) -> Result<SegLimit, String> {
+fn segment_limit(
+    cpu: &mut dyn GapCpu,
+    sregs: &kvm_sregs,
+    selector: u64,
+) -> Result<SegLimit, String> {
     if selector & 0x4 != 0 {
         return Ok(SegLimit::Unknown);
     }
@@ -350,14 +354,20 @@ mod tests {
         }
         c.regs.rax = 15 * 8 + 3;
         let code = [0x48, 0x0f, 0x03, 0xc0];
-        assert!(matches!(complete(&mut c, &code), Ok(Gap::Completed(Mnemonic::Lsl))));
+        assert!(matches!(
+            complete(&mut c, &code),
+            Ok(Gap::Completed(Mnemonic::Lsl))
+        ));
         assert_eq!(c.regs.rax, 0x1001);
         assert_ne!(c.regs.rflags & 0x40, 0, "ZF set");
         assert_eq!(c.regs.rip, 0x1004);
         // A selector past the GDT limit: ZF clear, destination unchanged.
         c.regs.rip = 0x1000;
         c.regs.rax = 40 * 8 + 3;
-        assert!(matches!(complete(&mut c, &code), Ok(Gap::Completed(Mnemonic::Lsl))));
+        assert!(matches!(
+            complete(&mut c, &code),
+            Ok(Gap::Completed(Mnemonic::Lsl))
+        ));
         assert_eq!((c.regs.rax, c.regs.rflags & 0x40), (40 * 8 + 3, 0));
         // An LDT selector is left to KVM (reported, not guessed).
         c.regs.rip = 0x1000;
