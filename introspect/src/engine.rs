@@ -623,7 +623,9 @@ impl Engine {
             .task_layout()
             .filter(|l| l.process.is_some())
             .ok_or(TaskListingError::NoLayout)?;
-        let sregs = self.current_paging().ok_or(TaskListingError::NoPaging)?;
+        let sregs = self
+            .kernel_system_regs()
+            .ok_or(TaskListingError::NoPaging)?;
         let _world = self.vm.stop_others(None);
         let virt = GuestVirt::new(self.vm.memory(), sregs, 0);
         let read = |addr: u64, buf: &mut [u8]| virt.read(addr, buf, Access::Inspect).ok();
@@ -645,7 +647,7 @@ impl Engine {
                 "the return trap is in use by live kretprobes".into(),
             ));
         }
-        let sregs = self.current_paging();
+        let sregs = self.kernel_system_regs();
         let gpa = self.text_gpa(addr, sregs.as_ref())?;
         let mut b = [0u8; 1];
         self.vm.memory().read_phys(gpa, &mut b).map_err(guest_err)?;
@@ -712,14 +714,10 @@ impl Engine {
     }
 
     /// Paging state of a running vCPU (fresh), or None before boot.
-    /// A vCPU's system registers when the guest has paging on (vCPU 0's
-    /// live ones, or a restored VM's saved ones before its vCPUs run):
-    /// what reading kernel memory by virtual address needs.
+    /// A vCPU's system registers when the guest has paging on (the first
+    /// vCPU that answers, or a restored VM's saved ones before its vCPUs
+    /// run): what reading kernel memory by virtual address needs.
     pub fn kernel_system_regs(&self) -> Option<SystemRegs> {
-        self.current_paging()
-    }
-
-    fn current_paging(&self) -> Option<SystemRegs> {
         // Any vCPU with paging on will do (the kernel half is shared); ask
         // the next one when one cannot answer.
         let mut any_thread = false;
@@ -1013,7 +1011,7 @@ impl Engine {
         given_ids: Option<&[ProbeId]>,
     ) -> Result<Vec<ProbeId>, BatchError> {
         let _api = self.api.lock().unwrap();
-        let sregs = self.current_paging();
+        let sregs = self.kernel_system_regs();
         let _world = self.vm.stop_others(None);
         let mut table = self.table.write().unwrap();
         // Validate everything first: a batch that fails leaves no trace.

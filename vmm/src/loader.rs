@@ -128,13 +128,20 @@ fn elf_phys_end(file: &mut File) -> Option<(u64, u64)> {
 /// loading it.
 pub fn sniff_format(path: &Path) -> Result<KernelFormat, LoadError> {
     let mut file = open("kernel", path)?;
-    let mut magic = [0u8; 0x270];
-    let n = read_up_to(&mut file, &mut magic).map_err(|cause| LoadError::Read {
+    let (head, n) = read_head(&mut file, path)?;
+    format_of(path, &head[..n])
+}
+
+/// The first bytes of the kernel file: enough for the ELF magic and the
+/// bzImage setup header; the length read (a short file gives fewer).
+fn read_head(file: &mut File, path: &Path) -> Result<([u8; 0x270], usize), LoadError> {
+    let mut head = [0u8; 0x270];
+    let n = read_up_to(file, &mut head).map_err(|cause| LoadError::Read {
         what: "kernel",
         path: path.to_owned(),
         cause,
     })?;
-    format_of(path, &magic[..n])
+    Ok((head, n))
 }
 
 fn format_of(path: &Path, magic: &[u8]) -> Result<KernelFormat, LoadError> {
@@ -164,13 +171,8 @@ pub fn load(
     rsdp: u64,
 ) -> Result<LoadedKernel, LoadError> {
     let mut file = open("kernel", kernel)?;
-    let mut magic = [0u8; 0x270];
-    let n = read_up_to(&mut file, &mut magic).map_err(|cause| LoadError::Read {
-        what: "kernel",
-        path: kernel.to_owned(),
-        cause,
-    })?;
-    let magic = &magic[..n];
+    let (head, n) = read_head(&mut file, kernel)?;
+    let magic = &head[..n];
     let format = format_of(kernel, magic)?;
     if cmdline.len() >= layout::CMDLINE_MAX {
         return Err(LoadError::CmdlineTooLong {

@@ -378,7 +378,7 @@ impl Engine {
         let Some(trap) = self.return_trap_address() else {
             return;
         };
-        let Some(sregs) = self.current_paging() else {
+        let Some(sregs) = self.kernel_system_regs() else {
             return;
         };
         let virt = GuestVirt::new(self.vm.memory(), sregs, 0);
