@@ -175,8 +175,17 @@ pub fn probe(server: &ServerArg, action: ProbeAction) -> Result<u8> {
                             p.hits,
                             p.misses,
                             p.dropped,
-                            handling_name(p.handling)
+                            handling_name(p.handling),
                         );
+                        if p.site_address != p.address && p.site_address != 0 {
+                            // The int3 is after the function's ftrace site.
+                            println!(
+                                "{:>4}  [FTRACE: planted at {:#x}, +{:#x}]",
+                                "",
+                                p.site_address,
+                                p.site_address.wrapping_sub(p.address)
+                            );
+                        }
                     }
                 }
             }
@@ -221,6 +230,7 @@ fn handling_name(h: i32) -> &'static str {
     match v1::HandlingMode::try_from(h) {
         Ok(v1::HandlingMode::Emulate) => "emulate",
         Ok(v1::HandlingMode::SingleStep) => "single-step",
+        Ok(v1::HandlingMode::OutOfLine) => "out-of-line",
         _ => "?",
     }
 }
@@ -238,7 +248,8 @@ fn state(p: &v1::ProbeInfo) -> &'static str {
 fn probe_json(p: &v1::ProbeInfo) -> Json {
     json!({
         "id": p.id, "group": p.group, "event": p.event, "kind": kind_name(p.kind),
-        "address": format!("{:#x}", p.address), "location": p.location,
+        "address": format!("{:#x}", p.address), "site": format!("{:#x}", p.site_address),
+        "location": p.location,
         "state": state(p), "hits": p.hits, "misses": p.misses, "dropped": p.dropped,
         "handling": handling_name(p.handling), "maxactive": p.maxactive,
         "definition": p.definition, "filter": p.filter,

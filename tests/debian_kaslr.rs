@@ -52,6 +52,12 @@ fn probes_by_symbol_hit_at_the_slid_address() {
         (runtime, runtime),
         "planted at the slid address"
     );
+    let site = |id| listed.iter().find(|p| p.id == id).unwrap().site;
+    assert_eq!(
+        (site(ids[0]), site(ids[1])),
+        (runtime + 5, runtime + 5),
+        "the int3 after the slid function's ftrace nop"
+    );
     let sub = g.subscribe(v1::SubscribeRequest::default());
     let rc = g.run("hvopen 3 /etc/hostname", 600);
     assert_eq!(rc, 0, "{}", g.console());

@@ -592,3 +592,92 @@ fn listing_while_single_stepping_never_leaves_an_int3_behind() {
     );
     assert!(rounds >= 5, "{rounds} rounds");
 }
+
+/// Linux frees its init text once booted (poisoned with 0xcc, then given to
+/// the page allocator). Early probes there fire during boot; from the moment
+/// the guest frees the text they are [GONE], and nothing the host does
+/// afterwards (disarm, re-arm, enable, a snapshot's overlay, delete) writes
+/// into the freed bytes: the guest checks at the end that every byte of the
+/// range still holds its poison. (Before this, deleting the entry probe read
+/// the poison's 0xcc as its own int3 and wrote the original byte back.)
+#[test]
+fn init_text_probes_fire_at_boot_then_go_gone_and_write_nothing_into_freed_text() {
+    if !kvm_available() {
+        return;
+    }
+    let mut s = setup(2, "hvtest.iters=20 hvtest.init_hold");
+    let init = symbol(test_guest::INIT_FUNCTION);
+    let entry = s
+        .engine
+        .register(ProbeRequest::kprobe("t/init", init))
+        .unwrap();
+    let ret = s
+        .engine
+        .register(ProbeRequest::kretprobe("t/init_r", init, None))
+        .unwrap();
+    // `mov %rsp,%rbp`, after the ftrace nop and the push: a 3-byte instruction.
+    let mid = s
+        .engine
+        .register(ProbeRequest::kprobe("t/init_mid", init + 6))
+        .unwrap();
+    let engine = s.engine.clone();
+    let info = |id| engine.list().into_iter().find(|p| p.id == id).unwrap();
+    assert_eq!(info(entry).site, init + 5, "{}", info(entry));
+    let running = s.vm.take().unwrap().start(s.engine.clone()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !s.serial().contains("init freed") {
+        assert!(Instant::now() < deadline, "serial:\n{}", s.serial());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mem = s.control.memory();
+    let range = (phys(symbol("__init_begin")), phys(symbol("__init_end")));
+    let poisoned = read_range(mem, range);
+    assert!(
+        poisoned.iter().all(|b| *b == 0xcc),
+        "the guest poisons its init text"
+    );
+    for id in [entry, ret, mid] {
+        let p = info(id);
+        assert!(p.gone, "{p}");
+        assert_eq!(p.hits, test_guest::INIT_CALLS, "{p}");
+    }
+    // Everything that would write a site's bytes.
+    s.engine.set_armed(false).unwrap();
+    s.engine.set_armed(true).unwrap();
+    s.engine.set_enabled(mid, false).unwrap();
+    s.engine.set_enabled(mid, true).unwrap();
+    let overlay = s.engine.freeze(|f| f.originals.clone()).unwrap();
+    assert!(
+        overlay
+            .iter()
+            .all(|(gpa, _)| *gpa < range.0 || *gpa >= range.1),
+        "a snapshot would write old bytes into the freed text: {overlay:x?}"
+    );
+    s.engine.unregister_batch(&[entry, ret, mid]).unwrap();
+    assert_eq!(
+        read_range(mem, range),
+        poisoned,
+        "the host wrote into freed init text"
+    );
+    let err = s
+        .engine
+        .register(ProbeRequest::kprobe("t/init_again", init))
+        .unwrap_err();
+    assert!(matches!(err, ProbeError::InitTextFreed { .. }), "{err}");
+    assert!(err.to_string().contains("init text"), "{err}");
+    // Let the guest finish: it checks the poison itself at the end.
+    mem.write_phys(
+        phys(symbol(test_guest::INIT_RELEASE_SYMBOL)),
+        &1u64.to_le_bytes(),
+    )
+    .unwrap();
+    let o = running
+        .wait_timeout(Duration::from_secs(240))
+        .expect("guest finished in time");
+    drop(running);
+    assert_ok(&o, &s);
+    assert_eq!(
+        read_u64(mem, phys(symbol(test_guest::INIT_CALLS_SYMBOL))),
+        test_guest::INIT_CALLS
+    );
+}

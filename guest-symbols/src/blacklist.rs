@@ -42,7 +42,15 @@ pub struct BlacklistEntry {
 pub struct Blacklist {
     functions: Vec<BlacklistEntry>,
     ranges: Vec<BlacklistEntry>,
+    /// Instructions the kernel rewrites at run time, sorted by start.
+    patched: Vec<BlacklistEntry>,
 }
+
+/// A jump label (`struct jump_entry`, x86-64 with relative entries): `s32
+/// code; s32 target; long key`, `code` relative to its own field.
+const JUMP_ENTRY_SIZE: usize = 16;
+/// A static call site (`struct static_call_site`): `s32 addr; s32 key`.
+const STATIC_CALL_SITE_SIZE: usize = 8;
 
 impl Blacklist {
     /// Read `__start_kprobe_blacklist..__stop_kprobe_blacklist` from the
@@ -104,7 +112,83 @@ impl Blacklist {
                 })
             })
             .collect();
-        Blacklist { functions, ranges }
+        Blacklist {
+            functions,
+            ranges,
+            patched: Vec::new(),
+        }
+    }
+
+    /// Also refuse the instructions the kernel rewrites while it runs, as
+    /// Linux's `jump_label_text_reserved()` and `static_call_text_reserved()`
+    /// do: every jump label (static key) site and static call site listed in
+    /// the image's `__jump_table` and `.static_call_sites`. The kernel
+    /// patches them with text_poke and checks their bytes first (a jump
+    /// label that does not hold the jmp or nop it expects is a BUG), so an
+    /// int3 there would crash the guest the next time the key flips. Tables
+    /// the image lacks are skipped.
+    pub fn with_patched_sites<M: GuestMemory>(mut self, image: &M, syms: &SymbolTable) -> Self {
+        let table = |start: &str, stop: &str, size: usize| -> Vec<(u64, Vec<u8>)> {
+            let (Ok(a), Ok(b)) = (syms.lookup(start), syms.lookup(stop)) else {
+                return Vec::new();
+            };
+            let len = b.saturating_sub(a);
+            if len == 0 || len % size as u64 != 0 || len > 1 << 24 {
+                return Vec::new();
+            }
+            let mut raw = vec![0u8; len as usize];
+            if image.read_virt(a, &mut raw).is_err() {
+                return Vec::new();
+            }
+            raw.chunks_exact(size)
+                .enumerate()
+                .map(|(i, c)| (a + (i * size) as u64, c.to_vec()))
+                .collect()
+        };
+        let site = |entry: u64, raw: &[u8]| {
+            let rel = i32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+            entry.wrapping_add(rel as i64 as u64)
+        };
+        let mut patched = Vec::new();
+        for (entry, raw) in table(
+            "__start___jump_table",
+            "__stop___jump_table",
+            JUMP_ENTRY_SIZE,
+        ) {
+            let code = site(entry, &raw);
+            // A 2-byte jmp or nop (`eb xx`, `66 90`), else the 5-byte form.
+            let mut op = [0u8; 1];
+            let len = match image.read_virt(code, &mut op) {
+                Ok(()) if op[0] == 0xeb || op[0] == 0x66 => 2,
+                _ => 5,
+            };
+            patched.push(BlacklistEntry {
+                start: code,
+                end: code + len,
+                what: "a jump label (static key) site the kernel patches at run time".into(),
+            });
+        }
+        for (entry, raw) in table(
+            "__start_static_call_sites",
+            "__stop_static_call_sites",
+            STATIC_CALL_SITE_SIZE,
+        ) {
+            let call = site(entry, &raw);
+            patched.push(BlacklistEntry {
+                start: call,
+                end: call + 5,
+                what: "a static call site the kernel patches at run time".into(),
+            });
+        }
+        patched.sort_by_key(|e| e.start);
+        patched.dedup_by_key(|e| e.start);
+        self.patched = patched;
+        self
+    }
+
+    /// How many run-time patched sites are refused.
+    pub fn patched_sites(&self) -> usize {
+        self.patched.len()
     }
 
     /// The entry refusing `addr`, if any.
@@ -114,6 +198,12 @@ impl Blacklist {
             .map(|i| &self.functions[i])
             .filter(|e| addr < e.end)
             .or_else(|| self.ranges.iter().find(|r| r.start <= addr && addr < r.end))
+            .or_else(|| {
+                let i = self.patched.partition_point(|e| e.start <= addr);
+                i.checked_sub(1)
+                    .map(|i| &self.patched[i])
+                    .filter(|e| addr < e.end)
+            })
     }
 
     pub fn functions(&self) -> &[BlacklistEntry] {
@@ -138,6 +228,7 @@ impl Blacklist {
         Blacklist {
             functions: mv(&self.functions),
             ranges: mv(&self.ranges),
+            patched: mv(&self.patched),
         }
     }
 }
@@ -186,5 +277,43 @@ mod tests {
             Blacklist::from_image(&short, &syms),
             Err(BlacklistError::Unreadable { .. })
         ));
+    }
+
+    #[test]
+    fn jump_labels_and_static_calls_are_refused() {
+        let syms = SymbolTable::new(vec![
+            s("f", 0x1000, 'T', Some(0x40)),
+            s("__start___jump_table", 0x9000, 'D', None),
+            s("__stop___jump_table", 0x9020, 'D', None),
+            s("__start_static_call_sites", 0x9020, 'D', None),
+            s("__stop_static_call_sites", 0x9028, 'D', None),
+        ]);
+        // The image: text at 0x1000 (a nop5 jump label at 0x1010, a 2-byte
+        // jmp label at 0x1020, a static call at 0x1030), tables at 0x9000.
+        let mut image = vec![0x90u8; 0x9028 - 0x1000];
+        image[0x10..0x15].copy_from_slice(&[0x0f, 0x1f, 0x44, 0x00, 0x00]);
+        image[0x20..0x22].copy_from_slice(&[0xeb, 0x05]);
+        let entry = |at: u64, code: u64| (code as i64 - at as i64) as i32;
+        let mut put = |off: u64, v: i32| {
+            let o = (off - 0x1000) as usize;
+            image[o..o + 4].copy_from_slice(&v.to_le_bytes());
+        };
+        put(0x9000, entry(0x9000, 0x1010));
+        put(0x9010, entry(0x9010, 0x1020));
+        put(0x9020, entry(0x9020, 0x1030));
+        let mem = SliceMemory {
+            base: 0x1000,
+            bytes: &image,
+        };
+        let bl = Blacklist::from_entries(&syms, &[]).with_patched_sites(&mem, &syms);
+        assert_eq!(bl.patched_sites(), 3);
+        assert!(bl.contains(0x1010).unwrap().what.contains("jump label"));
+        assert!(bl.contains(0x1014).is_some());
+        assert!(bl.contains(0x1015).is_none());
+        assert!(bl.contains(0x1021).is_some());
+        assert!(bl.contains(0x1022).is_none(), "the 2-byte form is 2 bytes");
+        assert!(bl.contains(0x1034).unwrap().what.contains("static call"));
+        assert!(bl.contains(0x100f).is_none());
+        assert!(bl.slid(0x1000).contains(0x2010).is_some());
     }
 }

@@ -66,7 +66,36 @@ pub trait KernelSymbols: Send + Sync {
     fn is_kernel_text(&self, _addr: u64) -> Option<bool> {
         None
     }
+    /// The kernel text the guest frees once it has booted, if it has any.
+    fn init_text(&self) -> Option<InitText> {
+        None
+    }
 }
+
+/// Kernel text the guest frees when it has booted: Linux's `__init` code,
+/// `[__init_begin, __init_end)`, which `free_initmem()` poisons with 0xcc and
+/// gives to the page allocator. `kernel_init()` sets `system_state` to
+/// SYSTEM_FREEING_INITMEM before it frees anything, and nothing runs init
+/// code after that, so a probe there is gone from that moment: from then on
+/// hvprobe writes nothing into the range (no restore, no plant, no
+/// snapshot overlay).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InitText {
+    pub start: u64,
+    pub end: u64,
+    /// Virtual address of the kernel's `system_state` (an `enum`, 4 bytes).
+    pub system_state: u64,
+}
+
+impl InitText {
+    pub fn contains(&self, addr: u64) -> bool {
+        addr >= self.start && addr < self.end
+    }
+}
+
+/// Linux's `enum system_states`: SYSTEM_BOOTING, SYSTEM_SCHEDULING, then
+/// SYSTEM_FREEING_INITMEM (2), SYSTEM_RUNNING, ...
+pub const SYSTEM_FREEING_INITMEM: u32 = 2;
 
 /// No symbols known: no boundary, entry or blacklist checks are possible.
 pub struct NoSymbols;
@@ -176,6 +205,19 @@ pub enum ProbeError {
     NoReturnTrap,
     #[error("maxactive {got} is out of range (1..={max})")]
     BadMaxactive { got: u32, max: u32 },
+    #[error("{addr:#x} ({location}) is in the kernel's init text, which the guest freed when it finished booting (system_state {state})")]
+    InitTextFreed {
+        addr: u64,
+        location: String,
+        state: u32,
+    },
+    #[error("{addr:#x} ({location}) is in the kernel's init text and hvprobe cannot read system_state at {state_addr:#x} to tell whether the guest freed it: {why}")]
+    InitStateUnknown {
+        addr: u64,
+        location: String,
+        state_addr: u64,
+        why: String,
+    },
     #[error("guest access failed: {0}")]
     Guest(String),
 }
@@ -195,6 +237,10 @@ pub struct ProbeInfo {
     pub name: String,
     pub kind: ProbeType,
     pub address: u64,
+    /// Where the int3 is; after the ftrace site when `address` is a
+    /// function's entry (listed as `[FTRACE]`, like Linux's ftrace-based
+    /// kprobes).
+    pub site: u64,
     pub location: String,
     pub enabled: bool,
     pub gone: bool,
@@ -224,6 +270,9 @@ impl std::fmt::Display for ProbeInfo {
         }
         if self.gone {
             f.write_str(" [GONE]")?;
+        }
+        if self.site != self.address {
+            write!(f, " [FTRACE: at +{:#x}]", self.site - self.address)?;
         }
         let how = match self.handling {
             Handling::Emulated => "EMULATED",
@@ -258,6 +307,9 @@ struct Probe {
     id: ProbeId,
     name: String,
     address: u64,
+    /// Where its int3 is: `address`, or the instruction after the function's
+    /// ftrace site for a probe on a function entry (see [`Engine::placement`]).
+    site: u64,
     kind: ProbeType,
     maxactive: u32,
     fetch: Option<ProbeDef>,
@@ -306,6 +358,12 @@ struct Site {
     addr: u64,
     gpa: u64,
     original: u8,
+    /// The displaced instruction's other bytes (guest-physical address,
+    /// original byte). The int3 is put back only while all of them still
+    /// hold the instruction: a guest that freed or rewrote the code (its
+    /// init text poisoned with 0xcc, a module's memory reused, a jump label
+    /// flipped) gets nothing written into it.
+    tail: Vec<(u64, u8)>,
     displaced: Displaced,
     handling: Handling,
     /// The int3 is in guest memory. Changed only by the world's stopper.
@@ -339,8 +397,14 @@ impl XolSlot {
     }
 }
 
-/// A site to create for a new probe: (gpa, original byte, displaced insn).
-type NewSite = Option<(u64, u8, Displaced)>;
+/// A site to create for a new probe.
+struct SiteText {
+    gpa: u64,
+    original: u8,
+    displaced: Displaced,
+    tail: Vec<(u64, u8)>,
+}
+type NewSite = Option<SiteText>;
 
 /// A kretprobe activation in flight.
 struct Instance {
@@ -437,6 +501,13 @@ pub struct Engine {
     /// Live [`ExeInterest`]s: hits read `mm->exe_file` only while some
     /// subscriber or filter wants it (three more reads per hit).
     exe_interest: std::sync::atomic::AtomicUsize,
+    /// The symbols' init text, asked for once.
+    init_text: std::sync::OnceLock<Option<InitText>>,
+    /// Guest-physical address of `system_state` (the kernel image's mapping
+    /// never moves once set up), found by the first probe in init text.
+    system_state_gpa: std::sync::OnceLock<u64>,
+    /// The guest has freed its init text (never goes back).
+    init_freed: AtomicBool,
 }
 
 /// Held while a subscriber or filter wants executable paths on events.
@@ -602,6 +673,9 @@ impl Engine {
             in_handler: AtomicU32::new(0),
             exe_cache: task::ExeCache::default(),
             exe_interest: std::sync::atomic::AtomicUsize::new(0),
+            init_text: std::sync::OnceLock::new(),
+            system_state_gpa: std::sync::OnceLock::new(),
+            init_freed: AtomicBool::new(false),
         })
     }
 
@@ -646,6 +720,13 @@ impl Engine {
             return Err(ProbeError::Guest(
                 "the return trap is in use by live kretprobes".into(),
             ));
+        }
+        if self.init_text().is_some_and(|i| i.contains(addr)) {
+            return Err(ProbeError::Blacklisted {
+                addr,
+                location: self.location(addr),
+                why: "the return trap cannot live in init text, which the guest frees".into(),
+            });
         }
         let sregs = self.kernel_system_regs();
         let gpa = self.text_gpa(addr, sregs.as_ref())?;
@@ -960,21 +1041,36 @@ impl Engine {
                 }
             }
         }
-        let site = if table.sites.contains_key(&addr) {
+        let site_addr = self.placement(addr, func.as_ref(), sregs, table)?;
+        if site_addr != addr {
+            if let Some(why) = self.symbols.blacklisted(site_addr) {
+                return Err(ProbeError::Blacklisted {
+                    addr,
+                    location: self.location(addr),
+                    why: format!(
+                        "its int3 would go after the ftrace site, at {site_addr:#x}, which is {why}"
+                    ),
+                });
+            }
+            if let Some(why) = self.host_owned(site_addr, table) {
+                return Err(ProbeError::NotKernelText {
+                    addr: site_addr,
+                    location: self.location(site_addr),
+                    why,
+                });
+            }
+        }
+        self.check_init_text(site_addr, sregs)?;
+        let site = if table.sites.contains_key(&site_addr) {
             None
         } else {
-            let gpa = self.text_gpa(addr, sregs)?;
-            let bytes = self.original_bytes(addr, 15, sregs, table)?;
-            let d = insn_emu::prepare(&bytes, addr).map_err(|e| ProbeError::Undecodable {
-                addr,
-                why: e.to_string(),
-            })?;
-            Some((gpa, bytes[0], d))
+            Some(self.site_text(site_addr, sregs, table)?)
         };
         let probe = Probe {
             id: 0,
             name: req.name.clone(),
             address: addr,
+            site: site_addr,
             kind: req.kind,
             maxactive,
             fetch: req.fetch.clone(),
@@ -989,6 +1085,161 @@ impl Engine {
             active: AtomicU32::new(0),
         };
         Ok((probe, site))
+    }
+
+    /// The bytes of a new site at `addr`: its address in guest memory and
+    /// the instruction it displaces, byte by byte.
+    fn site_text(
+        &self,
+        addr: u64,
+        sregs: Option<&SystemRegs>,
+        table: &Table,
+    ) -> Result<SiteText, ProbeError> {
+        let gpa = self.text_gpa(addr, sregs)?;
+        let bytes = self.original_bytes(addr, 15, sregs, table)?;
+        let displaced = insn_emu::prepare(&bytes, addr).map_err(|e| ProbeError::Undecodable {
+            addr,
+            why: e.to_string(),
+        })?;
+        let len = displaced.len();
+        let tail_gpas = self.text_gpas(addr + 1, len - 1, sregs)?;
+        let tail = tail_gpas
+            .into_iter()
+            .zip(bytes[1..len].iter().copied())
+            .collect();
+        Ok(SiteText {
+            gpa,
+            original: bytes[0],
+            displaced,
+            tail,
+        })
+    }
+
+    /// Where the int3 of a probe at `addr` goes. Linux's ftrace rewrites the
+    /// five bytes of every function's fentry site (`call __fentry__`, a nop
+    /// once booted) when the guest's function tracer or its own ftrace-based
+    /// kprobes attach, and it first checks that they hold what it expects:
+    /// an int3 there is an ftrace bug (a WARN, and ftrace turns itself off).
+    /// So a probe on a function's entry (or on its fentry site) is planted
+    /// on the instruction after the site, as KPROBES_ON_FTRACE moves the
+    /// kernel's own: the registers there are the entry's (the nop changes
+    /// nothing, ftrace's call returns with them restored) and the return
+    /// address is still on top of the stack.
+    fn placement(
+        &self,
+        addr: u64,
+        func: Option<&(String, u64, u64)>,
+        sregs: Option<&SystemRegs>,
+        table: &Table,
+    ) -> Result<u64, ProbeError> {
+        const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+        const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+        let Some((_, start, end)) = func else {
+            return Ok(addr);
+        };
+        let head = self.original_bytes(*start, (end - start).min(9) as usize, sregs, table)?;
+        let skip = if head.starts_with(&ENDBR64) { 4 } else { 0 };
+        let fentry = start + skip as u64;
+        let site = &head[skip..];
+        if (addr != *start && addr != fentry) || site.len() < 5 || fentry + 5 >= *end {
+            return Ok(addr);
+        }
+        let ftrace = site[..5] == NOP5
+            || (site[0] == 0xe8 && {
+                let rel = i32::from_le_bytes([site[1], site[2], site[3], site[4]]);
+                let target = (fentry + 5).wrapping_add(rel as i64 as u64);
+                self.is_ftrace_target(target)
+            });
+        Ok(if ftrace { fentry + 5 } else { addr })
+    }
+
+    fn init_text(&self) -> Option<InitText> {
+        *self.init_text.get_or_init(|| self.symbols.init_text())
+    }
+
+    /// Refuse a site in init text that the guest has freed, or when whether
+    /// it has cannot be told.
+    fn check_init_text(&self, addr: u64, sregs: Option<&SystemRegs>) -> Result<(), ProbeError> {
+        let Some(init) = self.init_text().filter(|i| i.contains(addr)) else {
+            return Ok(());
+        };
+        let unknown = |why: String| ProbeError::InitStateUnknown {
+            addr,
+            location: self.location(addr),
+            state_addr: init.system_state,
+            why,
+        };
+        if self.system_state_gpa.get().is_none() {
+            let gpa = self
+                .kernel_data_gpa(init.system_state, sregs)
+                .map_err(unknown)?;
+            let _ = self.system_state_gpa.set(gpa);
+        }
+        match self.read_system_state() {
+            Some(state) if state >= SYSTEM_FREEING_INITMEM => {
+                self.init_freed.store(true, Ordering::SeqCst);
+                Err(ProbeError::InitTextFreed {
+                    addr,
+                    location: self.location(addr),
+                    state,
+                })
+            }
+            Some(_) => Ok(()),
+            None => Err(unknown("it is not in guest RAM".into())),
+        }
+    }
+
+    fn read_system_state(&self) -> Option<u32> {
+        let gpa = *self.system_state_gpa.get()?;
+        let mut b = [0u8; 4];
+        self.vm.memory().read_phys(gpa, &mut b).ok()?;
+        Some(u32::from_le_bytes(b))
+    }
+
+    /// Whether `addr` is init text the guest has freed or is freeing: then
+    /// nothing may be written there. Unknown counts as freed.
+    fn in_freed_init(&self, addr: u64) -> bool {
+        if !self.init_text().is_some_and(|i| i.contains(addr)) {
+            return false;
+        }
+        if self.init_freed.load(Ordering::SeqCst) {
+            return true;
+        }
+        match self.read_system_state() {
+            Some(state) if state < SYSTEM_FREEING_INITMEM => false,
+            Some(_) => {
+                self.init_freed.store(true, Ordering::SeqCst);
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Guest-physical address of kernel data at `addr` (no NX check).
+    fn kernel_data_gpa(&self, addr: u64, sregs: Option<&SystemRegs>) -> Result<u64, String> {
+        let gpa = match sregs {
+            Some(s) => {
+                GuestVirt::new(self.vm.memory(), *s, 0)
+                    .translate(addr, Access::Inspect)
+                    .map_err(|e| e.to_string())?
+                    .gpa
+            }
+            None if addr >= KERNEL_TEXT_MAP => addr - KERNEL_TEXT_MAP,
+            None => return Err("the guest has not enabled paging yet".into()),
+        };
+        if gpa + 4 > self.vm.memory().ram_end() {
+            return Err(format!("it maps to {gpa:#x}, outside guest RAM"));
+        }
+        Ok(gpa)
+    }
+
+    /// A call at a function's entry into `__fentry__`, ftrace's own code or
+    /// a trampoline outside the kernel's text (ftrace allocates those).
+    fn is_ftrace_target(&self, target: u64) -> bool {
+        match self.symbols.function_at(target) {
+            Some((name, _, _)) => name == "__fentry__" || name.starts_with("ftrace_"),
+            None => self.symbols.is_kernel_text(target) != Some(true),
+        }
     }
 
     /// Register one probe.
@@ -1034,7 +1285,7 @@ impl Engine {
             if s.1.is_some()
                 && staged
                     .iter()
-                    .any(|(p, site)| p.address == req.address && site.is_some())
+                    .any(|(p, site)| p.site == s.0.site && site.is_some())
             {
                 s.1 = None;
             }
@@ -1063,22 +1314,20 @@ impl Engine {
                 }
             }
             let probe = Arc::new(probe);
-            if let Some((gpa, original, displaced)) = site {
-                let want = self.wanted_handling(&displaced, &probe);
+            if let Some(text) = site {
+                let want = self.wanted_handling(&text.displaced, &probe);
                 let s = self.build_site(
-                    probe.address,
-                    gpa,
-                    original,
-                    displaced,
+                    probe.site,
+                    text,
                     want,
                     sregs.as_ref(),
                     &mut table,
                     Vec::new(),
                 );
-                table.sites.insert(probe.address, Arc::new(s));
-                new_sites.push(probe.address);
+                table.sites.insert(probe.site, Arc::new(s));
+                new_sites.push(probe.site);
             }
-            let site = table.sites[&probe.address].clone();
+            let site = table.sites[&probe.site].clone();
             site.probes.push(probe.clone());
             let want = self.wanted_handling(&site.displaced, &probe);
             if rank(want) > rank(site.handling) {
@@ -1088,9 +1337,12 @@ impl Engine {
                 let probes = site.probes.snapshot().to_vec();
                 let s2 = self.build_site(
                     site.addr,
-                    site.gpa,
-                    site.original,
-                    site.displaced.clone(),
+                    SiteText {
+                        gpa: site.gpa,
+                        original: site.original,
+                        displaced: site.displaced.clone(),
+                        tail: site.tail.clone(),
+                    },
                     want,
                     sregs.as_ref(),
                     &mut table,
@@ -1107,7 +1359,7 @@ impl Engine {
             .probes
             .values()
             .any(|p| matches!(p.kind, ProbeType::Kretprobe { .. }));
-        let addrs: Vec<u64> = reqs.iter().map(|r| r.address).collect();
+        let addrs: Vec<u64> = ids.iter().map(|id| table.probes[id].site).collect();
         let mut result = Ok(());
         for a in &addrs {
             if let Err(e) = self.sync_site(&table, *a) {
@@ -1123,7 +1375,7 @@ impl Engine {
             for id in &ids {
                 if let Some(p) = table.probes.remove(id) {
                     p.registered.store(false, Ordering::SeqCst);
-                    if let Some(s) = table.sites.get(&p.address).cloned() {
+                    if let Some(s) = table.sites.get(&p.site).cloned() {
                         s.probes.remove(*id);
                     }
                 }
@@ -1158,14 +1410,18 @@ impl Engine {
     fn build_site(
         &self,
         addr: u64,
-        gpa: u64,
-        original: u8,
-        displaced: Displaced,
+        text: SiteText,
         want: Handling,
         sregs: Option<&SystemRegs>,
         table: &mut Table,
         probes: Vec<Arc<Probe>>,
     ) -> Site {
+        let SiteText {
+            gpa,
+            original,
+            displaced,
+            tail,
+        } = text;
         let mut handling = want;
         let mut slot = None;
         if want == Handling::OutOfLine {
@@ -1181,6 +1437,7 @@ impl Engine {
             addr,
             gpa,
             original,
+            tail,
             displaced,
             handling,
             planted: AtomicBool::new(false),
@@ -1202,7 +1459,12 @@ impl Engine {
         let scratch = guard.get_or_insert_with(|| {
             let trap = self.trap_addr.load(Ordering::SeqCst);
             let mut ranges = Vec::new();
+            let init = self.init_text();
             for (s, e) in self.symbols.scratch_ranges() {
+                // Never in text the guest frees.
+                if init.is_some_and(|i| s < i.end && e > i.start) {
+                    continue;
+                }
                 // Keep the return trap byte out of the pool.
                 if trap >= s && trap < e {
                     ranges.push((s, trap));
@@ -1324,8 +1586,8 @@ impl Engine {
         if want && !have {
             let mut b = [0u8; 1];
             mem.read_phys(site.gpa, &mut b).map_err(guest_err)?;
-            if b[0] != site.original {
-                // The code changed since registration.
+            if b[0] != site.original || !self.tail_intact(site) || self.in_freed_init(site.addr) {
+                // The code changed since registration, or the guest freed it.
                 site.gone.store(true, Ordering::SeqCst);
                 return Ok(());
             }
@@ -1337,12 +1599,23 @@ impl Engine {
         Ok(())
     }
 
-    /// Put the original byte back, unless the guest replaced our int3.
+    /// Whether the displaced instruction's other bytes still hold what the
+    /// site was built on.
+    fn tail_intact(&self, site: &Site) -> bool {
+        let mem = self.vm.memory();
+        site.tail.iter().all(|(gpa, want)| {
+            let mut b = [0u8; 1];
+            mem.read_phys(*gpa, &mut b).is_ok() && b[0] == *want
+        })
+    }
+
+    /// Put the original byte back, unless the guest replaced our int3 or
+    /// the instruction around it (then the memory is no longer that code).
     fn restore_site(&self, site: &Site) -> Result<(), ProbeError> {
         let mem = self.vm.memory();
         let mut b = [0u8; 1];
         mem.read_phys(site.gpa, &mut b).map_err(guest_err)?;
-        if b[0] == INT3 {
+        if b[0] == INT3 && self.tail_intact(site) && !self.in_freed_init(site.addr) {
             mem.write_phys(site.gpa, &[site.original])
                 .map_err(guest_err)?;
         } else {
@@ -1415,7 +1688,7 @@ impl Engine {
                 continue;
             };
             p.registered.store(false, Ordering::SeqCst);
-            let addr = p.address;
+            let addr = p.site;
             let empty = match table.sites.get(&addr) {
                 Some(s) => s.probes.remove(*id),
                 None => false,
@@ -1441,7 +1714,7 @@ impl Engine {
         let table = self.table.read().unwrap();
         let p = table.probes.get(&id).ok_or(ProbeError::NotFound(id))?;
         p.enabled.store(enabled, Ordering::SeqCst);
-        self.sync_site(&table, p.address)
+        self.sync_site(&table, p.site)
     }
 
     /// Arm or disarm every probe at once; each keeps its own enabled state.
@@ -1474,8 +1747,12 @@ impl Engine {
                 .values()
                 .filter(|s| s.planted.load(Ordering::SeqCst) && !s.gone.load(Ordering::SeqCst))
                 .filter(|s| {
+                    if self.in_freed_init(s.addr) {
+                        return true;
+                    }
                     let mut b = [0u8; 1];
-                    self.vm.memory().read_phys(s.gpa, &mut b).is_ok() && b[0] != INT3
+                    let ours = self.vm.memory().read_phys(s.gpa, &mut b).is_ok() && b[0] == INT3;
+                    !ours || !self.tail_intact(s)
                 })
                 .map(|s| s.addr)
                 .collect()
@@ -1499,12 +1776,13 @@ impl Engine {
             .probes
             .values()
             .map(|p| {
-                let site = table.sites.get(&p.address);
+                let site = table.sites.get(&p.site);
                 ProbeInfo {
                     id: p.id,
                     name: p.name.clone(),
                     kind: p.kind,
                     address: p.address,
+                    site: p.site,
                     location: self.location(p.address),
                     enabled: p.enabled.load(Ordering::SeqCst),
                     gone: site.is_some_and(|s| s.gone.load(Ordering::SeqCst)),

@@ -17,8 +17,9 @@ mod xol;
 
 pub use engine::{
     BatchError, Engine, EngineConfig, EngineState, EngineStats, ExeInterest, Frozen, Handling,
-    KernelSymbols, NoSymbols, ProbeError, ProbeInfo, ProbeRequest, ProbeType, SavedCounters,
-    SavedInstance, SavedProbe, TaskListingError, KERNEL_TEXT_MAP, MAXACTIVE_MAX,
+    InitText, KernelSymbols, NoSymbols, ProbeError, ProbeInfo, ProbeRequest, ProbeType,
+    SavedCounters, SavedInstance, SavedProbe, TaskListingError, KERNEL_TEXT_MAP, MAXACTIVE_MAX,
+    SYSTEM_FREEING_INITMEM,
 };
 pub use events::{Event, EventFilter, EventKind, GuestTask, ProbeId, Subscription, Waker};
 pub use symbols::SymbolIndex;

@@ -26,12 +26,26 @@ impl SymbolIndex {
             let end = w[0].addr + size;
             (w[0].is_text() && size > 0 && end < w[1].addr && w[1].addr - end < 64)
                 .then_some(end)
+                .filter(|a| !self.in_init(*a))
                 .filter(|a| {
                     self.blacklist
                         .as_ref()
                         .is_none_or(|b| b.contains(*a).is_none())
                 })
         })
+    }
+
+    /// Linux's init text, `[__init_begin, __init_end)`, which the guest
+    /// frees once booted (link-time addresses).
+    pub fn init_range(&self) -> Option<(u64, u64)> {
+        let start = self.table.lookup("__init_begin").ok()?;
+        let end = self.table.lookup("__init_end").ok()?;
+        (start < end).then_some((start, end))
+    }
+
+    fn in_init(&self, addr: u64) -> bool {
+        self.init_range()
+            .is_some_and(|(s, e)| addr >= s && addr < e)
     }
 }
 
@@ -73,7 +87,18 @@ impl KernelSymbols for SymbolIndex {
                     .as_ref()
                     .is_none_or(|b| b.contains(r.0).is_none())
             })
+            // Never in text the guest frees.
+            .filter(|r| !self.in_init(r.0) && !self.in_init(r.1 - 1))
             .collect()
+    }
+
+    fn init_text(&self) -> Option<crate::InitText> {
+        let (start, end) = self.init_range()?;
+        Some(crate::InitText {
+            start,
+            end,
+            system_state: self.table.lookup("system_state").ok()?,
+        })
     }
 }
 

@@ -39,6 +39,7 @@ pub(crate) fn probe_info(r: &introspect::ProbeInfo, m: &ProbeMeta) -> v1::ProbeI
             .map(|f| f.text.clone())
             .unwrap_or_default(),
         arg_names: m.args.iter().map(|(name, _)| name.clone()).collect(),
+        site_address: r.site,
     }
 }
 

@@ -70,6 +70,8 @@ fn classify(e: &ProbeError) -> (Code, &'static str) {
         ProbeError::Duplicate { .. } => (Code::AlreadyExists, "SAME_PROBE"),
         ProbeError::NotFound(_) => (Code::NotFound, "NOT_FOUND"),
         ProbeError::BadMaxactive { .. } => (Code::InvalidArgument, "BAD_MAXACT"),
+        ProbeError::InitTextFreed { .. } => (Code::FailedPrecondition, "INIT_TEXT_FREED"),
+        ProbeError::InitStateUnknown { .. } => (Code::FailedPrecondition, "BAD_PROBE_ADDR"),
         ProbeError::Guest(_) => (Code::Unavailable, "GUEST"),
     }
 }

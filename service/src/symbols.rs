@@ -60,7 +60,8 @@ impl Symbols {
         // still get the text ranges Linux refuses.
         let blacklist = Some(
             Blacklist::from_image(&image, &table)
-                .unwrap_or_else(|_| Blacklist::from_entries(&table, &[])),
+                .unwrap_or_else(|_| Blacklist::from_entries(&table, &[]))
+                .with_patched_sites(&image, &table),
         );
         // A second mapping for DWARF: DebugInfo takes ownership of its image.
         let dwarf = KernelImage::open(path)
@@ -226,6 +227,14 @@ impl introspect::KernelSymbols for Symbols {
 
     fn is_kernel_text(&self, addr: u64) -> Option<bool> {
         self.index.is_kernel_text(self.to_link(addr))
+    }
+
+    fn init_text(&self) -> Option<introspect::InitText> {
+        self.index.init_text().map(|i| introspect::InitText {
+            start: self.to_runtime(i.start),
+            end: self.to_runtime(i.end),
+            system_state: self.to_runtime(i.system_state),
+        })
     }
 
     /// Per-CPU offsets are not slid; `init_task` is.

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use guest_access::VmControl;
 use introspect::{Engine, ProbeId};
 use proto::v1::{self, hv_probe_server::HvProbe};
 use service::{HvProbeService, ServiceConfig, Symbols};
@@ -44,6 +45,8 @@ pub struct DebianGuest {
     rt: tokio::runtime::Runtime,
     /// Console bytes already consumed by [`DebianGuest::wait_console`].
     seen: usize,
+    /// Commands [`DebianGuest::run`] has typed (each gets its own tag).
+    commands: u64,
 }
 
 impl DebianGuest {
@@ -79,6 +82,7 @@ impl DebianGuest {
             running: Some(running),
             rt: tokio::runtime::Runtime::new().unwrap(),
             seen: 0,
+            commands: 0,
         }
     }
 
@@ -140,11 +144,16 @@ impl DebianGuest {
     }
 
     /// Run one shell command on the console loop and wait for its end;
-    /// returns its exit status.
+    /// returns its exit status. Each command prints its own tag with the
+    /// status: the loop's `HVPROBE-CMD-DONE` lines reach the console twice
+    /// (tty and kernel log), so one of an earlier command could be taken
+    /// for this one's.
     pub fn run(&mut self, cmd: &str, secs: u64) -> i32 {
-        self.type_line(cmd);
-        let done = self.wait_console("HVPROBE-CMD-DONE rc=", secs);
-        done["HVPROBE-CMD-DONE rc=".len()..].trim().parse().unwrap()
+        self.commands += 1;
+        let tag = format!("HVPROBE-RC-{} ", self.commands);
+        self.type_line(&format!("{cmd}; echo \"{tag}$?\""));
+        let done = self.wait_console(&tag, secs);
+        done[tag.len()..].trim().parse().unwrap()
     }
 
     /// Create probes through the API (all or nothing), each with a filter.
@@ -189,6 +198,42 @@ impl DebianGuest {
             .unwrap_or_else(|s| panic!("resolving {name}: {s:?}"))
             .into_inner()
             .address
+    }
+
+    /// Kernel memory at virtual `addr`, read through the guest's page tables.
+    pub fn read_kernel(&self, addr: u64, len: usize) -> Vec<u8> {
+        let sregs = self
+            .engine
+            .kernel_system_regs()
+            .expect("the guest's kernel paging");
+        let virt = introspect::paging::GuestVirt::new(self.control.memory(), sregs, 0);
+        let mut buf = vec![0u8; len];
+        virt.read(addr, &mut buf, introspect::paging::Access::Inspect)
+            .unwrap_or_else(|e| panic!("reading {len} bytes at {addr:#x}: {e}"));
+        buf
+    }
+
+    /// Guest-physical memory (what a snapshot holds), `len` bytes at `gpa`.
+    pub fn read_phys(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.control.memory().read_phys(gpa, &mut buf).unwrap();
+        buf
+    }
+
+    /// Delete probes through the API.
+    pub fn delete(&self, ids: &[ProbeId]) {
+        let req = v1::DeleteProbesRequest {
+            probes: ids
+                .iter()
+                .map(|id| v1::ProbeRef {
+                    r#ref: Some(v1::probe_ref::Ref::Id(*id)),
+                })
+                .collect(),
+            all: false,
+        };
+        self.rt
+            .block_on(self.service.delete_probes(tonic::Request::new(req)))
+            .unwrap_or_else(|s| panic!("deleting {ids:?}: {s:?}"));
     }
 
     /// The guest's processes through the API (`ListTasks`).

@@ -203,6 +203,12 @@ fn contract_header() -> String {
     def("HV_EXIT_REGS_CLOBBERED", EXIT_REGS_CLOBBERED.to_string());
     def("HV_EXIT_USER_CHECK", EXIT_USER_CHECK.to_string());
     def("HV_EXIT_USER_SYSCALL", EXIT_USER_SYSCALL.to_string());
+    def(
+        "HV_EXIT_INIT_TEXT_CHANGED",
+        EXIT_INIT_TEXT_CHANGED.to_string(),
+    );
+    def("HV_INIT_CALLS", INIT_CALLS.to_string());
+    def("HV_INIT_HOLD_PARAM", c_string(INIT_HOLD_PARAM));
     def("HV_USER_PARAM", c_string(USER_PARAM));
     def("HV_IDT_GAP_PARAM", c_string(IDT_GAP_PARAM));
     def("HV_PF_ENTRY_CLD_PARAM", c_string(PF_ENTRY_CLD_PARAM));

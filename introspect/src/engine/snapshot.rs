@@ -204,7 +204,7 @@ impl Engine {
         let mut originals: Vec<(u64, Vec<u8>)> = table
             .sites
             .values()
-            .filter(|s| s.planted.load(Ordering::SeqCst))
+            .filter(|s| s.planted.load(Ordering::SeqCst) && !self.in_freed_init(s.addr))
             .map(|s| (s.gpa, vec![s.original]))
             .collect();
         let trap = self.trap.lock().unwrap();

@@ -89,6 +89,7 @@ static struct idt_entry hv_idt_gap[32] __attribute__((section(".data")));
 static u32 hv_ncpus = 1;
 static u64 hv_iters = HV_DEFAULT_ITERS;
 static int hv_forever;
+static int hv_init_hold;
 static u64 hv_bench;
 static u64 hv_user;
 static int hv_idt_gap_on;
@@ -420,6 +421,8 @@ static void parse_cmdline(const char *c, u32 *cpus_override)
 			hv_idt_gap_on = 1;
 		} else if (starts_with(w, len, HV_PF_ENTRY_CLD_PARAM, &rest) && rest == len) {
 			hv_pf_entry_cld_on = 1;
+		} else if (starts_with(w, len, HV_INIT_HOLD_PARAM, &rest) && rest == len) {
+			hv_init_hold = 1;
 		} else if (starts_with(w, len, "hvtest.forever", &rest) && rest == len) {
 			hv_forever = 1;
 		}
@@ -789,6 +792,75 @@ static void check_counters(void)
 }
 
 /* The first C function, called once by the boot CPU from startup_64. */
+/* ------------------------------------------------------------ init text */
+/* Linux's enum system_states, as far as init text goes. */
+#define SYSTEM_BOOTING 0
+#define SYSTEM_FREEING_INITMEM 2
+#define SYSTEM_RUNNING 3
+int system_state = SYSTEM_BOOTING;
+u64 hv_init_calls;
+volatile u64 hv_init_release;
+extern u8 __init_begin[], __init_end[];
+
+__attribute__((section(".init.text"))) noinline long hv_init_func(long x)
+{
+	__atomic_add_fetch(&hv_init_calls, 1, __ATOMIC_RELAXED);
+	asm volatile("" ::: "memory");
+	return 3 * x + 1;
+}
+
+/* As Linux's: the init text is poisoned and given back (here: kept as is). */
+noinline void free_initmem(void)
+{
+	*(volatile int *)&system_state = SYSTEM_FREEING_INITMEM;
+	for (u8 *p = __init_begin; p < __init_end; p++)
+		*(volatile u8 *)p = 0xcc;
+	*(volatile int *)&system_state = SYSTEM_RUNNING;
+}
+
+static void run_init(void)
+{
+	struct line l;
+
+	for (long i = 0; i < HV_INIT_CALLS; i++) {
+		long got = hv_init_func(i);
+
+		if (got != 3 * i + 1) {
+			l_start(&l);
+			l_str(&l, "FAIL cpu=0 fn=hv_init_func got=");
+			l_hex(&l, (u64)got);
+			l_str(&l, " want=");
+			l_hex(&l, (u64)(3 * i + 1));
+			l_emit(&l);
+			hv_exit(HV_EXIT_RETVAL_MISMATCH);
+		}
+	}
+	free_initmem();
+	l_start(&l);
+	l_str(&l, "init freed");
+	l_emit(&l);
+	while (hv_init_hold && !hv_init_release)
+		cpu_relax();
+}
+
+/* Nothing may write into the freed init text (the host included). */
+static void check_init_poison(void)
+{
+	struct line l;
+
+	for (u8 *p = __init_begin; p < __init_end; p++) {
+		if (*(volatile u8 *)p == 0xcc)
+			continue;
+		l_start(&l);
+		l_str(&l, "FAIL init text changed at ");
+		l_hex(&l, (u64)p);
+		l_str(&l, " got=");
+		l_hex(&l, *p);
+		l_emit(&l);
+		hv_exit(HV_EXIT_INIT_TEXT_CHANGED);
+	}
+}
+
 void hv_start_kernel(void)
 {
 	const struct hvm_start_info *si = phys(hv_start_info_pa, sizeof(*si));
@@ -825,6 +897,7 @@ void hv_start_kernel(void)
 	l_emit(&l);
 
 	hv_int3_selftest();
+	run_init();
 	if (hv_pf_entry_cld_on)
 		idt_set(14, (u64)hv_pf_entry_cld);
 	if (hv_user)
@@ -845,6 +918,7 @@ void hv_start_kernel(void)
 	while (__atomic_load_n(&hv_workers_done, __ATOMIC_ACQUIRE) != hv_ncpus)
 		cpu_relax();
 	check_counters();
+	check_init_poison();
 	if (hv_user)
 		hv_user_report(hv_ncpus);
 

@@ -54,6 +54,31 @@ pub const EXIT_USER_CHECK: u32 = 8;
 /// user cpu=.. syscall did not reach the kernel ...`).
 pub const EXIT_USER_SYSCALL: u32 = 9;
 
+/// The freed init text changed after the guest poisoned it: someone wrote
+/// into memory the guest had freed (`hvtest: FAIL init text changed at 0x..
+/// got=0x..`).
+pub const EXIT_INIT_TEXT_CHANGED: u32 = 10;
+
+/// Like Linux's `__init` code: [`INIT_FUNCTION`] lives in `.init.text`,
+/// between `__init_begin` and `__init_end`. The boot CPU calls it
+/// [`INIT_CALLS`] times (`long hv_init_func(long x)` returns `3x + 1`,
+/// counted in [`INIT_CALLS_SYMBOL`]), then [`FREE_INITMEM`] sets
+/// [`SYSTEM_STATE_SYMBOL`] to SYSTEM_FREEING_INITMEM (2), poisons the range
+/// with 0xcc as Linux does, sets it to SYSTEM_RUNNING (3) and prints `init
+/// freed`. At the end of the run the guest checks that every byte of the
+/// range still holds 0xcc ([`EXIT_INIT_TEXT_CHANGED`] otherwise).
+pub const INIT_FUNCTION: &str = "hv_init_func";
+pub const INIT_CALLS: u64 = 8;
+pub const INIT_CALLS_SYMBOL: &str = "hv_init_calls";
+pub const FREE_INITMEM: &str = "free_initmem";
+pub const SYSTEM_STATE_SYMBOL: &str = "system_state";
+/// `hvtest.init_hold`: after `init freed` the boot CPU (the only one
+/// running then) spins until the host writes a non-zero `u64` to
+/// [`INIT_RELEASE_SYMBOL`], so a test can act on the freed text while the
+/// guest runs.
+pub const INIT_HOLD_PARAM: &str = "hvtest.init_hold";
+pub const INIT_RELEASE_SYMBOL: &str = "hv_init_release";
+
 /// Bit `i` of the `clobbered=` mask names `CLOBBER_BITS[i]`.
 pub const CLOBBER_BITS: &[&str] = &["rbx", "r12", "r13", "r14", "r15", "rsp/rbp", "DF"];
 /// Functions the workers call through `hv_call_checked`, which fills the
