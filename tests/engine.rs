@@ -681,3 +681,41 @@ fn init_text_probes_fire_at_boot_then_go_gone_and_write_nothing_into_freed_text(
         test_guest::INIT_CALLS
     );
 }
+
+/// The guest's own ftrace on a probed function (`hvtest.ftrace=N`: like
+/// Linux's ftrace_modify_code it checks the 5 bytes of hv_add's fentry nop
+/// before it patches them into a call, checks the call before it patches the
+/// nop back, and stops with an "ftrace bug" on anything else). hvprobe's
+/// kprobe and kretprobe on hv_add's entry have their int3 after the site, so
+/// the guest always finds its own bytes, and both sides count every call.
+#[test]
+fn guest_ftrace_patches_a_probed_entry_and_never_finds_an_int3() {
+    if !kvm_available() {
+        return;
+    }
+    let mut s = setup(2, "hvtest.iters=20 hvtest.ftrace=50");
+    let add = symbol(test_guest::FTRACE_FUNCTION);
+    let entry = s
+        .engine
+        .register(ProbeRequest::kprobe("t/add", add))
+        .unwrap();
+    let ret = s
+        .engine
+        .register(ProbeRequest::kretprobe("t/add_r", add, None))
+        .unwrap();
+    let o = s.run_to_end();
+    assert_ok(&o, &s);
+    assert!(s.serial().contains("ftrace ok n=50"), "{}", s.serial());
+    let mem = s.control.memory();
+    let calls = guest_counter(mem, "hv_add");
+    let list = s.engine.list();
+    for id in [entry, ret] {
+        let p = list.iter().find(|p| p.id == id).unwrap();
+        assert_eq!(p.site, add + 5, "{p}");
+        assert_eq!(p.hits, calls, "{p}");
+    }
+    assert_eq!(
+        read_u64(mem, phys(symbol(test_guest::FTRACE_CALLS_SYMBOL))),
+        50
+    );
+}

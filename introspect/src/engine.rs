@@ -977,6 +977,9 @@ impl Engine {
                 why,
             });
         }
+        // Before the page-table checks: freed init text is also unmapped or
+        // NX by then, and this says why.
+        self.check_init_text(addr, sregs)?;
         let maxactive = match req.kind {
             ProbeType::Kprobe => 0,
             ProbeType::Kretprobe { maxactive } => {

@@ -37,12 +37,16 @@ cmdline="console=ttyS0 earlyprintk=serial,ttyS0 noxsave nokaslr pci=off panic=-1
 mitigations=off clearcpuid=129,137,141,147,148,153,308 cryptomgr.notests nowatchdog \
 audit=0 tsc=reliable"
 vcpus=2 mem=512 kind=snap
+# An early probe on __init code (tests/debian_init_text.rs): it fires once
+# during boot, is [GONE] once the guest frees its init text, and deleting it
+# must write nothing there. Its listing is kept beside the snapshot.
+early="p:hvinit/populate_rootfs populate_rootfs"
 if [ "$kaslr" = 1 ]; then
-  cmdline="${cmdline/ nokaslr/}" vcpus=1 kind=kaslr-snap
+  cmdline="${cmdline/ nokaslr/}" vcpus=1 kind=kaslr-snap early=""
 fi
 # Keyed by what the guest runs (comments do not count), how it boots, and the
 # CPU the VMM shows it (a guest decides its paravirtual features at boot).
-hash=$( { grep -v '^[[:space:]]*#' tests/debian/make-initramfs.sh; echo "$cmdline $vcpus $mem";
+hash=$( { grep -v '^[[:space:]]*#' tests/debian/make-initramfs.sh; echo "$cmdline $vcpus $mem${early:+ $early}";
           grep -v '^[[:space:]]*//' vmm/src/cpu.rs; } \
   | sha256sum | cut -c1-12)
 cache="${HVPROBE_CACHE:-$HOME/.cache/hvprobe}/debian-$abi-$kind-v$fmt-$hash"
@@ -70,9 +74,12 @@ sock="$build/api.sock"
 console="$build/console.log"
 start=$(date +%s)
 log "debian snapshot: booting $abi ($vcpus vCPU, $mem MiB) to the console loop; minutes here"
+early_args=()
+[ -n "$early" ] && early_args=(--probe "$early")
 target/release/hvprobe run --kernel "$boot" \
   --initrd "$dir/initramfs-console.cpio" --memory "$mem" --vcpus "$vcpus" \
-  --serial "$console" --cmdline "$cmdline" --listen "unix:$sock" >"$build/hvprobe.log" 2>&1 &
+  --serial "$console" --cmdline "$cmdline" --listen "unix:$sock" "${early_args[@]}" \
+  >"$build/hvprobe.log" 2>&1 &
 pid=$!
 deadline=$(( start + ${HVPROBE_DEBIAN_BOOT_TIMEOUT:-2700} ))
 until grep -q "HVPROBE-CONSOLE-READY" "$console" 2>/dev/null; do
@@ -92,9 +99,15 @@ done
 # Let the shell settle into its read.
 sleep 5
 ready=$(( $(date +%s) - start ))
+if [ -n "$early" ]; then
+  target/release/hvprobe probe --server "unix:$sock" ls --json >"$build/init-probe.json"
+  # Deleting a [GONE] probe must work and write nothing into the freed text.
+  target/release/hvprobe probe --server "unix:$sock" rm hvinit/populate_rootfs >&2
+fi
 target/release/hvprobe snapshot --server "unix:$sock" "$build/snap" --stop >&2
 wait "$pid" || true
 mv "$console" "$cache/console.log"
+[ -n "$early" ] && mv "$build/init-probe.json" "$cache/init-probe.json"
 mv "$build/snap" "$cache/snap"
 rm -rf "$build"
 trap - EXIT

@@ -208,6 +208,8 @@ fn contract_header() -> String {
         EXIT_INIT_TEXT_CHANGED.to_string(),
     );
     def("HV_INIT_CALLS", INIT_CALLS.to_string());
+    def("HV_EXIT_FTRACE_BUG", EXIT_FTRACE_BUG.to_string());
+    def("HV_FTRACE_PARAM", c_string(FTRACE_PARAM));
     def("HV_INIT_HOLD_PARAM", c_string(INIT_HOLD_PARAM));
     def("HV_USER_PARAM", c_string(USER_PARAM));
     def("HV_IDT_GAP_PARAM", c_string(IDT_GAP_PARAM));

@@ -90,6 +90,7 @@ static u32 hv_ncpus = 1;
 static u64 hv_iters = HV_DEFAULT_ITERS;
 static int hv_forever;
 static int hv_init_hold;
+static u64 hv_ftrace_n;
 static u64 hv_bench;
 static u64 hv_user;
 static int hv_idt_gap_on;
@@ -421,6 +422,11 @@ static void parse_cmdline(const char *c, u32 *cpus_override)
 			hv_idt_gap_on = 1;
 		} else if (starts_with(w, len, HV_PF_ENTRY_CLD_PARAM, &rest) && rest == len) {
 			hv_pf_entry_cld_on = 1;
+		} else if (starts_with(w, len, HV_FTRACE_PARAM, &rest)) {
+			if (parse_u64(w + rest, len - rest, &v))
+				hv_ftrace_n = v;
+			else
+				bad_option(w, len);
 		} else if (starts_with(w, len, HV_INIT_HOLD_PARAM, &rest) && rest == len) {
 			hv_init_hold = 1;
 		} else if (starts_with(w, len, "hvtest.forever", &rest) && rest == len) {
@@ -791,7 +797,6 @@ static void check_counters(void)
 	}
 }
 
-/* The first C function, called once by the boot CPU from startup_64. */
 /* ------------------------------------------------------------ init text */
 /* Linux's enum system_states, as far as init text goes. */
 #define SYSTEM_BOOTING 0
@@ -861,6 +866,72 @@ static void check_init_poison(void)
 	}
 }
 
+/* ------------------------------------------------------------- ftrace */
+/*
+ * hvtest.ftrace=N: the guest's own "ftrace" on hv_add, done as Linux's
+ * ftrace_modify_code does it: check that the 5 bytes at the function's
+ * fentry site hold what they should (the nop, then the call), and stop
+ * with an "ftrace bug" if they do not.
+ */
+u64 hv_ftrace_calls;
+extern void hv_ftrace_hook(void);
+static const u8 ftrace_nop5[5] = { 0x0f, 0x1f, 0x44, 0x00, 0x00 };
+
+static void ftrace_expect(const u8 *site, const u8 *want, const char *what)
+{
+	struct line l;
+
+	for (int i = 0; i < 5; i++) {
+		if (site[i] == want[i])
+			continue;
+		l_start(&l);
+		l_str(&l, "FAIL ftrace bug: hv_add+");
+		l_dec(&l, (u64)i);
+		l_str(&l, " is ");
+		l_hex(&l, site[i]);
+		l_str(&l, ", want ");
+		l_hex(&l, want[i]);
+		l_str(&l, " before patching it ");
+		l_str(&l, what);
+		l_emit(&l);
+		hv_exit(HV_EXIT_FTRACE_BUG);
+	}
+}
+
+static void guest_ftrace(void)
+{
+	volatile u8 *site = (volatile u8 *)(void *)hv_add;
+	int rel = (int)((u64)(void *)hv_ftrace_hook - ((u64)(void *)hv_add + 5));
+	u8 call[5] = { 0xe8, (u8)rel, (u8)(rel >> 8), (u8)(rel >> 16), (u8)(rel >> 24) };
+	struct line l;
+
+	for (u64 i = 0; i < hv_ftrace_n; i++) {
+		ftrace_expect((const u8 *)site, ftrace_nop5, "to a call");
+		for (int b = 0; b < 5; b++)
+			site[b] = call[b];
+		if (hv_add((long)i, 1) != (long)i + 1)
+			hv_exit(HV_EXIT_RETVAL_MISMATCH);
+		ftrace_expect((const u8 *)site, call, "back to the nop");
+		for (int b = 0; b < 5; b++)
+			site[b] = ftrace_nop5[b];
+		if (hv_add((long)i, 2) != (long)i + 2)
+			hv_exit(HV_EXIT_RETVAL_MISMATCH);
+	}
+	__atomic_fetch_add(&hv_expected_counts[HV_FN_hv_add], 2 * hv_ftrace_n, __ATOMIC_RELAXED);
+	if (hv_ftrace_calls != hv_ftrace_n) {
+		l_start(&l);
+		l_str(&l, "FAIL ftrace hook calls=");
+		l_dec(&l, hv_ftrace_calls);
+		l_emit(&l);
+		hv_exit(HV_EXIT_FTRACE_BUG);
+	}
+	l_start(&l);
+	l_str(&l, "ftrace ok n=");
+	l_dec(&l, hv_ftrace_n);
+	l_emit(&l);
+}
+
+/* The first C function, called once by the boot CPU from startup_64. */
 void hv_start_kernel(void)
 {
 	const struct hvm_start_info *si = phys(hv_start_info_pa, sizeof(*si));
@@ -898,6 +969,8 @@ void hv_start_kernel(void)
 
 	hv_int3_selftest();
 	run_init();
+	if (hv_ftrace_n)
+		guest_ftrace();
 	if (hv_pf_entry_cld_on)
 		idt_set(14, (u64)hv_pf_entry_cld);
 	if (hv_user)

@@ -59,6 +59,19 @@ pub const EXIT_USER_SYSCALL: u32 = 9;
 /// got=0x..`).
 pub const EXIT_INIT_TEXT_CHANGED: u32 = 10;
 
+/// The guest found bytes it did not expect at hv_add's ftrace site before
+/// patching it, as Linux's ftrace_bug() would (`hvtest: FAIL ftrace bug:
+/// hv_add+I is 0x.., want 0x..`).
+pub const EXIT_FTRACE_BUG: u32 = 11;
+/// `hvtest.ftrace=N`: before starting the other CPUs the boot CPU plays
+/// the guest's own ftrace on [`FTRACE_FUNCTION`] N times: check its fentry
+/// nop, patch it into a call of `hv_ftrace_hook` (counted in
+/// [`FTRACE_CALLS_SYMBOL`]), call the function, check the call, patch the nop
+/// back, call it again (2N counted calls), then print `ftrace ok n=N`.
+pub const FTRACE_PARAM: &str = "hvtest.ftrace=";
+pub const FTRACE_FUNCTION: &str = "hv_add";
+pub const FTRACE_CALLS_SYMBOL: &str = "hv_ftrace_calls";
+
 /// Like Linux's `__init` code: [`INIT_FUNCTION`] lives in `.init.text`,
 /// between `__init_begin` and `__init_end`. The boot CPU calls it
 /// [`INIT_CALLS`] times (`long hv_init_func(long x)` returns `3x + 1`,
