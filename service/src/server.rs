@@ -191,6 +191,16 @@ impl ProbeTable {
         self.named_upto.fetch_max(id, Ordering::Release);
     }
 
+    /// Puts `m` in place of the live probe of its id (a new filter).
+    pub(crate) fn replace(&mut self, m: ProbeMeta) {
+        if let Some(old) = self.live.remove(&m.id) {
+            if old.per_event() {
+                self.filtered.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.insert(m);
+    }
+
     pub(crate) fn retire(&mut self, id: ProbeId) {
         if let Some(m) = self.live.remove(&id) {
             if m.per_event() {

@@ -585,6 +585,58 @@ policies:
         assert_eq!(e.to_string().matches("line").count(), 0, "{e}");
     }
 
+    /// Every probe of `text` parses, and its filter names only its fields
+    /// (what a load checks before it resolves symbols).
+    fn check_definitions(source: &str, text: &str) -> Vec<PolicyDef> {
+        let defs = parse(source, text).unwrap_or_else(|e| panic!("{e}"));
+        for d in &defs {
+            for (i, p) in d.probes.iter().enumerate() {
+                let line = match &p.definition.definition {
+                    Some(v1::probe_definition::Definition::KprobeEvents(l)) => l.clone(),
+                    Some(v1::probe_definition::Definition::Spec(s)) => {
+                        proto::spec_to_line(s).unwrap()
+                    }
+                    None => unreachable!(),
+                };
+                let pd = match probe_spec::parse_command(&line) {
+                    Ok(probe_spec::Command::Add(pd)) => pd,
+                    other => panic!("{}: {line}: {other:?}", d.probe_context(i)),
+                };
+                if p.definition.filter.is_empty() {
+                    continue;
+                }
+                let f = probe_spec::Filter::parse(&p.definition.filter)
+                    .unwrap_or_else(|e| panic!("{}: {e:?}", d.probe_context(i)));
+                let args: Vec<(String, Option<probe_spec::FieldKind>)> = pd
+                    .args
+                    .iter()
+                    .map(|a| (a.name.clone(), crate::convert::arg_field_kind(&a.ty)))
+                    .collect();
+                let ret = pd.kind.is_return();
+                f.check(&|name: &str| {
+                    args.iter()
+                        .find(|(n, _)| n == name)
+                        .and_then(|(_, k)| *k)
+                        .or_else(|| crate::server::common_field_kind(name, ret))
+                })
+                .unwrap_or_else(|e| panic!("{}: {e:?}", d.probe_context(i)));
+            }
+        }
+        defs
+    }
+
+    #[test]
+    fn the_deploy_example_is_a_valid_policy_file() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/policy-example.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let defs = check_definitions(path, &text);
+        let names: Vec<&str> = defs.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["etc-opens", "failed-opens", "execs"]);
+        assert_eq!(defs[0].rate_limit.map(|r| r.scope), Some(Scope::Process));
+        assert_eq!(defs[1].rate_limit.map(|r| r.scope), Some(Scope::Global));
+        assert!(!defs[2].enabled);
+    }
+
     #[test]
     fn windows() {
         assert_eq!(parse_window("500ms"), Ok(500_000_000));

@@ -28,6 +28,9 @@ use tonic::Status;
 pub use doc::{DocError, PolicyDef, Pos, RateLimitDef};
 pub use limit::{Limiter, Scope};
 
+#[cfg(test)]
+mod tests;
+
 use crate::server::{HvProbeService, Inner};
 
 /// A probe of a policy as the diff compares it: its canonical definition
@@ -120,7 +123,11 @@ pub struct LoadReport {
     pub policies: Vec<String>,
     pub added: usize,
     pub removed: usize,
+    /// Probes kept (with their ids and counters), those whose filter
+    /// changed included.
     pub kept: usize,
+    /// Of `kept`: probes whose filter changed.
+    pub refiltered: usize,
     pub deleted_policies: Vec<String>,
 }
 
@@ -156,6 +163,9 @@ struct Add {
     index: usize,
     key: ProbeKey,
     name: String,
+    /// A probe of the same definition whose filter changed: the engine's
+    /// probe stays (id, counters), only the service's view is replaced.
+    refilters: Option<ProbeId>,
 }
 
 impl Inner {
@@ -240,9 +250,23 @@ impl Inner {
                         index: i,
                         key: key.clone(),
                         name: String::new(),
+                        refilters: None,
                     }),
                 }
                 pkeys.push(key);
+            }
+            // A probe whose filter alone changed keeps its engine probe.
+            for a in adds.iter_mut().filter(|a| a.policy == pi) {
+                let same_line = old
+                    .iter_mut()
+                    .find(|(k, ids)| k.line == a.key.line && !ids.is_empty())
+                    .and_then(|(_, ids)| ids.pop());
+                if let Some(id) = same_line {
+                    if live.get(&id).is_some_and(|(_, on)| *on != d.enabled) {
+                        enable.push((id, d.enabled));
+                    }
+                    a.refilters = Some(id);
+                }
             }
             if let Some(run) = current.get(&d.name) {
                 for id in old.into_values().flatten() {
@@ -291,11 +315,11 @@ impl Inner {
             .collect();
         let _ops = self.lock_ops();
         let n_live = self.engine.list().len();
-        if n_live - removes.len() + adds.len() > self.config.max_probes {
+        let n_new = adds.iter().filter(|a| a.refilters.is_none()).count();
+        if n_live - removes.len() + n_new > self.config.max_probes {
             return Err(Status::resource_exhausted(format!(
-                "too many probes: {n_live} defined, this load removes {} and adds {}, limit {}",
+                "too many probes: {n_live} defined, this load removes {} and adds {n_new}, limit {}",
                 removes.len(),
-                adds.len(),
                 self.config.max_probes
             )));
         }
@@ -305,8 +329,9 @@ impl Inner {
             .iter()
             .filter_map(|(id, _)| live.get(id).map(|(n, _)| (n.as_str(), *id)))
             .collect();
-        let (late, early): (Vec<usize>, Vec<usize>) =
-            (0..adds.len()).partition(|&i| removed_names.contains_key(adds[i].name.as_str()));
+        let (late, early): (Vec<usize>, Vec<usize>) = (0..adds.len())
+            .filter(|&i| adds[i].refilters.is_none())
+            .partition(|&i| removed_names.contains_key(adds[i].name.as_str()));
         let mut prepared: Vec<Option<crate::server::Prepared>> =
             prepared.into_iter().map(Some).collect();
         let mut ids: Vec<Option<ProbeId>> = vec![None; adds.len()];
@@ -384,7 +409,15 @@ impl Inner {
         {
             let mut t = self.probes.write().unwrap_or_else(|e| e.into_inner());
             for (i, a) in adds.iter().enumerate() {
-                if let (Some(id), Some(mut m)) = (ids[i], metas[i].take()) {
+                if let Some(old) = a.refilters {
+                    if let Some(p) = prepared[i].take() {
+                        let mut m = p.meta;
+                        m.id = old;
+                        m.policy = Some(runs[a.policy].clone());
+                        t.replace(m);
+                    }
+                    ids[i] = Some(old);
+                } else if let (Some(id), Some(mut m)) = (ids[i], metas[i].take()) {
                     m.id = id;
                     m.policy = Some(runs[a.policy].clone());
                     t.insert(m);
@@ -398,10 +431,12 @@ impl Inner {
                 tracing::warn!("policy load: enabling probe {id}: {e}");
             }
         }
+        let refiltered = adds.len() - n_new;
         let mut report = LoadReport {
-            added: adds.len(),
+            added: n_new,
             removed: removes.len(),
-            kept: keeps.iter().map(Vec::len).sum(),
+            kept: keeps.iter().map(Vec::len).sum::<usize>() + refiltered,
+            refiltered,
             ..Default::default()
         };
         let mut reg = self.policies.write().unwrap_or_else(|e| e.into_inner());
