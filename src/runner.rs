@@ -331,8 +331,9 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
             flag.store(true, Ordering::SeqCst);
         });
     }
-    if !opts.policies.is_empty() {
-        // SIGHUP reloads the same files, all or nothing.
+    {
+        // SIGHUP reloads the --policy files, all or nothing (without any it
+        // only says so: `systemctl reload` must never end the guest).
         let mut hup = rt
             .block_on(async {
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -441,6 +442,10 @@ fn reload_policies(
     loaded: &std::sync::Mutex<PolicySet>,
 ) {
     let mut set = loaded.lock().unwrap_or_else(|e| e.into_inner());
+    if paths.is_empty() {
+        eprintln!("hvprobe: reload: no --policy files, nothing to reload");
+        return;
+    }
     let defs = match service::policy::doc::parse_files(paths) {
         Ok(d) => d,
         Err(e) => {

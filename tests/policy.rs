@@ -518,6 +518,11 @@ fn rate_limits_count_every_drop_in_each_scope() {
         v1::RateLimitScope::Process as i32
     );
     assert!(probes.contains_key("lg/fib"));
+    // Without --policy files SIGHUP (`systemctl reload`) only says so.
+    assert_eq!(
+        run.hup(1),
+        "hvprobe: reload: no --policy files, nothing to reload"
+    );
     let mut run = run;
     run.terminate();
 }
