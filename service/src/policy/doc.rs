@@ -638,6 +638,49 @@ policies:
     }
 
     #[test]
+    fn the_kubernetes_config_map_holds_the_deploy_example() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/");
+        let k8s = std::fs::read_to_string(format!("{dir}kubernetes.yaml")).unwrap();
+        let docs: Vec<serde_json::Value> = k8s
+            .split("\n---\n")
+            .skip(1)
+            .map(|d| serde_saphyr::from_str(d).unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+        assert_eq!(kinds, ["ConfigMap", "Deployment"]);
+        let text = docs[0]["data"]["policy.yaml"].as_str().unwrap();
+        let in_map = check_definitions("policy.yaml", text);
+        let example = std::fs::read_to_string(format!("{dir}policy-example.yaml")).unwrap();
+        let example = parse("policy.yaml", &example).unwrap();
+        let strip = |v: Vec<PolicyDef>| -> Vec<PolicyDef> {
+            v.into_iter()
+                .map(|mut d| {
+                    d.pos = None;
+                    d.probes.iter_mut().for_each(|p| p.pos = None);
+                    d
+                })
+                .collect()
+        };
+        assert_eq!(strip(in_map), strip(example));
+        // The Deployment passes the ConfigMap's file with --policy.
+        let c = &docs[1]["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        assert!(
+            args.contains(&"--policy=/etc/hvprobe/policy/policy.yaml"),
+            "{args:?}"
+        );
+        let mounts = c["volumeMounts"].as_array().unwrap();
+        assert!(mounts
+            .iter()
+            .any(|m| m["mountPath"] == "/etc/hvprobe/policy"));
+    }
+
+    #[test]
     fn windows() {
         assert_eq!(parse_window("500ms"), Ok(500_000_000));
         assert_eq!(parse_window("1s"), Ok(1_000_000_000));
