@@ -354,7 +354,7 @@ fn probe_json(p: &v1::ProbeInfo) -> Json {
         "address": format!("{:#x}", p.address), "location": p.location,
         "state": state(p), "hits": p.hits, "misses": p.misses, "dropped": p.dropped,
         "handling": handling_name(p.handling), "maxactive": p.maxactive,
-        "definition": p.definition, "filter": p.filter,
+        "definition": p.definition, "filter": p.filter, "policy": p.policy,
     })
 }
 

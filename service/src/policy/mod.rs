@@ -199,6 +199,11 @@ impl Inner {
             if !current.contains_key(n) {
                 return Err(Status::not_found(format!("no policy named '{n}'")));
             }
+            if defs.iter().any(|d| &d.name == n) {
+                return Err(Status::invalid_argument(format!(
+                    "policy '{n}' is both loaded and deleted"
+                )));
+            }
         }
         let after = current
             .keys()
@@ -316,7 +321,7 @@ impl Inner {
         let _ops = self.lock_ops();
         let n_live = self.engine.list().len();
         let n_new = adds.iter().filter(|a| a.refilters.is_none()).count();
-        if n_live - removes.len() + n_new > self.config.max_probes {
+        if n_live.saturating_sub(removes.len()) + n_new > self.config.max_probes {
             return Err(Status::resource_exhausted(format!(
                 "too many probes: {n_live} defined, this load removes {} and adds {n_new}, limit {}",
                 removes.len(),
@@ -370,14 +375,10 @@ impl Inner {
             .iter()
             .map(|&i| removed_names[adds[i].name.as_str()])
             .collect();
-        // Hits of the probes that go, for their policies' totals.
-        let hits: HashMap<ProbeId, u64> = self
-            .engine
-            .list()
-            .into_iter()
-            .map(|r| (r.id, r.hits))
-            .collect();
+        // Final hits of the probes that go, for their policies' totals.
+        let mut hits: HashMap<ProbeId, u64> = HashMap::new();
         if !late.is_empty() {
+            hits.extend(self.quiesce(&late_removed));
             let early_ids: Vec<ProbeId> = early.iter().filter_map(|&i| ids[i]).collect();
             let undo_early = |why: Status| {
                 if let Err(e) = self.engine.unregister_batch(&early_ids) {
@@ -400,6 +401,7 @@ impl Inner {
             .filter(|id| !late_removed.contains(id))
             .collect();
         if !other_removed.is_empty() {
+            hits.extend(self.quiesce(&other_removed));
             if let Err(e) = self.engine.unregister_batch(&other_removed) {
                 // Only a probe that vanished meanwhile: report, keep going.
                 tracing::warn!("policy load: removing probes {other_removed:?}: {e}");
@@ -488,6 +490,24 @@ impl Inner {
             report.deleted_policies.push(n.clone());
         }
         Ok(report)
+    }
+
+    /// Disables the probes of `ids` that are enabled (no hit counts after)
+    /// and returns their final hits, for probes about to be unregistered.
+    fn quiesce(&self, ids: &[ProbeId]) -> HashMap<ProbeId, u64> {
+        for r in self.engine.list() {
+            if r.enabled && ids.contains(&r.id) {
+                if let Err(e) = self.engine.set_enabled(r.id, false) {
+                    tracing::warn!("policy load: disabling probe {} before removal: {e}", r.id);
+                }
+            }
+        }
+        self.engine
+            .list()
+            .into_iter()
+            .filter(|r| ids.contains(&r.id))
+            .map(|r| (r.id, r.hits))
+            .collect()
     }
 
     /// Registers again the probes of `old` (unregistered to make room for
