@@ -100,23 +100,18 @@ struct Rig {
 
 fn rig() -> Rig {
     let file = object::File::parse(test_guest::kernel_image()).unwrap();
+    // Kernel text at its link address is physical address + KERNEL_TEXT_MAP
+    // (the boot code is linked at its physical address).
+    let gpa = |a: u64| a.checked_sub(KERNEL_TEXT_MAP).unwrap_or(a);
     let end = file
         .segments()
-        .map(|s| {
-            let (off, len) = s.file_range();
-            let _ = off;
-            s.address() - KERNEL_TEXT_MAP.min(s.address()) + len.max(s.size())
-        })
+        .map(|s| gpa(s.address()) + s.size())
         .max()
         .unwrap();
     let mut ram = vec![0u8; usize::try_from(end).unwrap() + 4096];
     for s in file.segments() {
-        let gpa = s
-            .address()
-            .checked_sub(KERNEL_TEXT_MAP)
-            .unwrap_or(s.address());
         let data = s.data().unwrap();
-        let at = usize::try_from(gpa).unwrap();
+        let at = usize::try_from(gpa(s.address())).unwrap();
         ram[at..at + data.len()].copy_from_slice(data);
     }
     let vm = Arc::new(FakeVm(FakeMemory(Mutex::new(ram))));
@@ -236,8 +231,8 @@ policies:
     assert_eq!((rep.added, rep.removed, rep.kept), (0, 0, 1));
     assert_eq!(r.policies()["c"].generation, 1);
     // Deleting a policy restores the guest's text where no probe is left.
-    let fib_byte = r.byte_at("hv_open_file");
-    assert_eq!(fib_byte, 0xcc);
+    let open_byte = r.byte_at("hv_open_file");
+    assert_eq!(open_byte, 0xcc);
     r.svc.apply_policies(&[], &["b".into()]).unwrap();
     assert_ne!(r.byte_at("hv_open_file"), 0xcc);
     assert!(!r.policies().contains_key("b"));
