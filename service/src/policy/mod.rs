@@ -148,6 +148,10 @@ fn key_of(d: &v1::ProbeDefinition) -> Result<ProbeKey, String> {
     })
 }
 
+fn new_limiter(r: Option<RateLimitDef>) -> Option<Arc<Limiter>> {
+    r.map(|r| Arc::new(Limiter::new(r.events, r.window_ns, r.scope)))
+}
+
 /// A status whose message starts with `ctx`, keeping code and details.
 fn with_context(ctx: &str, s: &Status) -> Status {
     Status::with_details(
@@ -298,7 +302,8 @@ impl Inner {
             a.name = pr.request.name.clone();
             prepared.push(pr);
         }
-        // The runs the new probes will belong to.
+        // The runs the new probes will belong to; a new one has its rate
+        // limit from the start (its probes may fire before the commit).
         let runs: Vec<Arc<PolicyRun>> = defs
             .iter()
             .map(|d| match current.get(&d.name) {
@@ -311,7 +316,7 @@ impl Inner {
                         filter: d.filter.clone(),
                         tags: d.tags.clone(),
                         rate_limit: d.rate_limit,
-                        limiter: None,
+                        limiter: new_limiter(d.rate_limit),
                         probes: Vec::new(),
                         generation: 0,
                     },
@@ -457,7 +462,7 @@ impl Inner {
             }
             probes.sort_by_key(|(i, _, _)| *i);
             let old = run.conf();
-            let same_limit = old.rate_limit == d.rate_limit && old.generation > 0;
+            let same_limit = old.rate_limit == d.rate_limit;
             let probes: Vec<(ProbeKey, ProbeId)> =
                 probes.into_iter().map(|(_, k, id)| (k, id)).collect();
             let changed = old.generation == 0
@@ -476,8 +481,7 @@ impl Inner {
                 limiter: if same_limit {
                     old.limiter.clone()
                 } else {
-                    d.rate_limit
-                        .map(|r| Arc::new(Limiter::new(r.events, r.window_ns, r.scope)))
+                    new_limiter(d.rate_limit)
                 },
                 probes,
                 generation: old.generation + u64::from(changed),

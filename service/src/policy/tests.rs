@@ -420,12 +420,39 @@ policies:
             .all(|e| e.tags.get("team").map(String::as_str) == Some("t")));
         assert_eq!(got.iter().filter(|e| e.policy == "free").count(), 3);
     }
+    // A load that keeps the limit keeps its window (4 already passed); one
+    // that changes it starts afresh. (A stream must select the probe for
+    // its hits to be fetched and decided.)
+    let _s3 = sub(&r);
+    let doc = |limit: u32, team: &str| {
+        format!(
+            "policies:\n  - name: lim\n    tags: {{team: {team}}}\n    rate_limit: {{events: {limit}, per: 1h, scope: global}}\n    probes: ['p:lim/fib hv_fib n=%di:s32']\n"
+        )
+    };
+    r.load(&doc(4, "u")).unwrap();
+    let r2 = r.clone();
+    tokio::task::spawn_blocking(move || r2.hit("hv_fib", 3))
+        .await
+        .unwrap();
+    let p = r.policies();
+    assert_eq!((p["lim"].events, p["lim"].rate_limited), (4, 9));
+    assert_eq!(p["lim"].tags["team"], "u");
+    r.load(&doc(5, "u")).unwrap();
+    let r2 = r.clone();
+    tokio::task::spawn_blocking(move || r2.hit("hv_fib", 7))
+        .await
+        .unwrap();
+    let p = r.policies();
+    assert_eq!(
+        (p["lim"].hits, p["lim"].events, p["lim"].rate_limited),
+        (20, 9, 11)
+    );
     // The metrics say the same.
     let text = r.svc.metrics().render(false);
     for line in [
-        "hvprobe_policy_hits_total{policy=\"lim\"} 10",
-        "hvprobe_policy_events_total{policy=\"lim\"} 4",
-        "hvprobe_policy_rate_limited_total{policy=\"lim\"} 6",
+        "hvprobe_policy_hits_total{policy=\"lim\"} 20",
+        "hvprobe_policy_events_total{policy=\"lim\"} 9",
+        "hvprobe_policy_rate_limited_total{policy=\"lim\"} 11",
         "hvprobe_policy_rate_limited_total{policy=\"free\"} 0",
         "hvprobe_policy_probes{policy=\"lim\"} 1",
     ] {
