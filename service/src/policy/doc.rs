@@ -680,6 +680,51 @@ policies:
             .any(|m| m["mountPath"] == "/etc/hvprobe/policy"));
     }
 
+    /// Untrusted documents (LoadPolicy takes them from any client) give an
+    /// answer, never a panic: every truncation of a good one, and byte
+    /// mutations of it.
+    #[test]
+    fn broken_documents_are_errors_not_panics() {
+        let mut answers = [0usize; 2];
+        for end in 0..=GOOD.len() {
+            let text = String::from_utf8_lossy(&GOOD.as_bytes()[..end]);
+            answers[usize::from(parse("t", &text).is_ok())] += 1;
+        }
+        // A deterministic xorshift: the same mutations each run.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        const BYTES: &[u8] = b" \n\t:-[]{}'\"#&*!|>%@`,?0a~\\";
+        for _ in 0..3000 {
+            let mut b = GOOD.as_bytes().to_vec();
+            for _ in 0..1 + next() % 4 {
+                let i = usize::try_from(next() % b.len() as u64).unwrap();
+                let c = BYTES[usize::try_from(next() % BYTES.len() as u64).unwrap()];
+                match next() % 3 {
+                    0 => b[i] = c,
+                    1 => b.insert(i, c),
+                    _ => {
+                        b.remove(i);
+                    }
+                }
+            }
+            let text = String::from_utf8_lossy(&b);
+            match parse("t", &text) {
+                Ok(_) => answers[1] += 1,
+                Err(e) => {
+                    assert!(e.to_string().starts_with("t:"), "{e}");
+                    answers[0] += 1;
+                }
+            }
+        }
+        // Both kinds of answer occurred (the mutations are not all fatal).
+        assert!(answers[0] > 100 && answers[1] > 100, "{answers:?}");
+    }
+
     #[test]
     fn windows() {
         assert_eq!(parse_window("500ms"), Ok(500_000_000));
