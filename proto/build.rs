@@ -30,6 +30,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Packed strings decode as slices of the received buffer: no
         // allocation per string for a client reading millions per second.
         .bytes(".hvprobe.v1.PackedEventBatch.strings")
+        // Tags in key order: the same event gives the same JSON line.
+        .btree_map(".hvprobe.v1")
         .compile_fds(fds.clone())?;
 
     // serde for every message in the proto3 JSON mapping, generated from the
@@ -37,6 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pbjson_build::Builder::new()
         .register_descriptors(&fds.encode_to_vec())?
         .emit_fields()
+        .btree_map([".hvprobe.v1"])
         .build(&[".hvprobe.v1"])?;
     Ok(())
 }

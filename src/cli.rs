@@ -48,6 +48,26 @@ pub enum ProbeAction {
     Disable { probe: String },
 }
 
+#[derive(clap::Subcommand, Clone)]
+pub enum PolicyAction {
+    /// Load policy files (YAML or JSON; several: one load, all or nothing).
+    /// Policies of names already loaded are replaced by difference.
+    Load {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<std::path::PathBuf>,
+    },
+    /// List policies with their counters.
+    #[command(alias = "ls")]
+    List {
+        /// Print JSON lines (the API's PolicyInfo in its JSON mapping).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a policy and its probes.
+    #[command(alias = "rm")]
+    Delete { name: String },
+}
+
 #[derive(clap::Args, Clone)]
 pub struct EventsArgs {
     #[command(flatten)]
@@ -218,6 +238,99 @@ pub fn probe(server: &ServerArg, action: ProbeAction) -> Result<u8> {
     })
 }
 
+pub fn policy(server: &ServerArg, action: PolicyAction) -> Result<u8> {
+    runtime()?.block_on(async {
+        let mut c = connect(server).await?;
+        match action {
+            PolicyAction::Load { files } => {
+                let mut documents = Vec::with_capacity(files.len());
+                for f in &files {
+                    let text = std::fs::read_to_string(f)
+                        .with_context(|| format!("cannot read {}", f.display()))?;
+                    documents.push(v1::PolicyDocument {
+                        text,
+                        source: f.display().to_string(),
+                    });
+                }
+                let r = c
+                    .load_policy(v1::LoadPolicyRequest { documents })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                for p in &r.policies {
+                    println!(
+                        "{}\t{}\t{} probes\tgeneration {}",
+                        p.name,
+                        if p.enabled { "enabled" } else { "disabled" },
+                        p.probes.len(),
+                        p.generation
+                    );
+                }
+                println!(
+                    "probes: {} added, {} removed, {} unchanged",
+                    r.probes_added, r.probes_removed, r.probes_kept
+                );
+            }
+            PolicyAction::List { json } => {
+                let r = c
+                    .list_policies(v1::ListPoliciesRequest::default())
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if json {
+                    for p in &r.policies {
+                        println!("{}", serde_json::to_string(p)?);
+                    }
+                } else {
+                    println!(
+                        "{:<24} {:<8} {:>6} {:>10} {:>10} {:>12}  RATE LIMIT / SOURCE",
+                        "NAME", "STATE", "PROBES", "HITS", "EVENTS", "RATE-LIMITED"
+                    );
+                    for p in &r.policies {
+                        let limit = p.rate_limit.as_ref().map_or("-".to_string(), |l| {
+                            let scope =
+                                v1::RateLimitScope::try_from(l.scope).map_or("?".into(), |s| {
+                                    s.as_str_name()
+                                        .trim_start_matches("RATE_LIMIT_SCOPE_")
+                                        .to_lowercase()
+                                });
+                            format!("{}/{}ms per {scope}", l.events, l.window_ms)
+                        });
+                        println!(
+                            "{:<24} {:<8} {:>6} {:>10} {:>10} {:>12}  {limit} {}",
+                            p.name,
+                            if p.enabled { "enabled" } else { "disabled" },
+                            p.probes.len(),
+                            p.hits,
+                            p.events,
+                            p.rate_limited,
+                            p.source
+                        );
+                    }
+                }
+            }
+            PolicyAction::Delete { name } => {
+                let p = c
+                    .delete_policy(v1::DeletePolicyRequest { name })
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+                    .policy
+                    .unwrap_or_default();
+                println!(
+                    "deleted {}\t{} probes\thits={} events={} rate_limited={}",
+                    p.name,
+                    p.probes.len(),
+                    p.hits,
+                    p.events,
+                    p.rate_limited
+                );
+            }
+        }
+        Ok(0)
+    })
+}
+
 fn kind_name(k: i32) -> &'static str {
     match v1::ProbeKind::try_from(k) {
         Ok(v1::ProbeKind::Kprobe) => "p",
@@ -252,7 +365,7 @@ fn probe_json(p: &v1::ProbeInfo) -> Json {
         "location": p.location,
         "state": state(p), "hits": p.hits, "misses": p.misses, "dropped": p.dropped,
         "handling": handling_name(p.handling), "maxactive": p.maxactive,
-        "definition": p.definition, "filter": p.filter,
+        "definition": p.definition, "filter": p.filter, "policy": p.policy,
     })
 }
 
@@ -511,6 +624,10 @@ pub fn event_json(e: &v1::Event) -> Json {
     }
     if let Some(exe) = &e.exe {
         o["exe"] = json!(String::from_utf8_lossy(exe));
+    }
+    if !e.policy.is_empty() {
+        o["policy"] = json!(e.policy);
+        o["tags"] = json!(e.tags);
     }
     if let Some(r) = &e.ret {
         o["ret"] = json!({

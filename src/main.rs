@@ -52,6 +52,12 @@ struct ServeArgs {
     /// `p:grp/ev hv_open_file path=+0(%si):string`); repeatable.
     #[arg(long = "probe", value_name = "DEFINITION")]
     probes: Vec<String>,
+    /// Load the policies of this YAML or JSON file before the guest starts
+    /// (repeatable; all files as one load). SIGHUP reloads them, all or
+    /// nothing: a file that does not parse or load leaves the running
+    /// policies unchanged.
+    #[arg(long = "policy", value_name = "FILE")]
+    policies: Vec<PathBuf>,
     /// Serve the API on `unix:PATH` or `tcp:HOST:PORT` [default:
     /// $XDG_RUNTIME_DIR/hvprobe.sock or /run/hvprobe/hvprobe.sock].
     #[arg(long, value_name = "ADDRESS")]
@@ -201,6 +207,13 @@ enum Command {
         #[command(flatten)]
         guest: GuestArgs,
     },
+    /// Manage policies of a running `hvprobe run`.
+    Policy {
+        #[command(subcommand)]
+        action: cli::PolicyAction,
+        #[command(flatten)]
+        server: cli::ServerArg,
+    },
     /// Manage probes of a running `hvprobe run`.
     Probe {
         #[command(subcommand)]
@@ -301,6 +314,7 @@ fn main() -> ExitCode {
                 metrics,
                 tls: serve.tls(),
                 probes: serve.probes,
+                policies: serve.policies,
                 listen: Some(serve.listen.unwrap_or_else(service::Listen::default_unix)),
                 system_map,
                 print_events: false,
@@ -337,10 +351,12 @@ fn main() -> ExitCode {
                     restore: None,
                     export: None,
                     metrics: None,
+                    policies: Vec::new(),
                 },
             )
         }
         Command::Probe { action, server } => cli::probe(&server, action),
+        Command::Policy { action, server } => cli::policy(&server, action),
         Command::Arm { server } => cli::arm(&server, true),
         Command::Disarm { server } => cli::arm(&server, false),
         Command::Events(args) => cli::events(args),

@@ -27,6 +27,8 @@ pub struct RunOptions {
     pub export: Option<service::ExportConfig>,
     /// Serve Prometheus metrics here.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Policy files loaded before the guest starts and again on SIGHUP.
+    pub policies: Vec<PathBuf>,
 }
 
 /// `run --restore DIR`.
@@ -174,6 +176,9 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
         }
         None => None,
     };
+    // Policy files that do not parse stop the start here too.
+    let policies = service::policy::doc::parse_files(&opts.policies)
+        .map_err(|e| anyhow::anyhow!("--policy {e}"))?;
     // Create the VM first: a bad kernel, memory size or KVM device is the
     // one error the user sees, not a symbol warning before it.
     let (vm, kernel, saved_probes) = create_vm(config, opts.restore.as_ref())?;
@@ -226,6 +231,25 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
                 p.id, p.group, p.event, p.location
             );
         }
+    }
+    let loaded = Arc::new(std::sync::Mutex::new(PolicySet::default()));
+    if !opts.policies.is_empty() {
+        let report = svc.apply_policies(&policies, &[]).map_err(|s| {
+            let detail = proto::definition_error_from_status(&s)
+                .map(|d| format!("\n{}", d.rendered))
+                .unwrap_or_default();
+            anyhow::anyhow!("--policy {}{detail}", s.message())
+        })?;
+        for p in &policies {
+            eprintln!(
+                "hvprobe: policy {} ({} probes, {}) from {}",
+                p.name,
+                p.probes.len(),
+                if p.enabled { "enabled" } else { "disabled" },
+                p.source
+            );
+        }
+        loaded.lock().unwrap_or_else(|e| e.into_inner()).names = report.policies;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -307,6 +331,23 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
             flag.store(true, Ordering::SeqCst);
         });
     }
+    {
+        // SIGHUP reloads the --policy files, all or nothing (without any it
+        // only says so: `systemctl reload` must never end the guest).
+        let mut hup = rt
+            .block_on(async {
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            })
+            .context("installing the SIGHUP handler")?;
+        let (svc, paths, loaded) = (svc.clone(), opts.policies.clone(), loaded.clone());
+        rt.spawn(async move {
+            while hup.recv().await.is_some() {
+                let (svc, paths, loaded) = (svc.clone(), paths.clone(), loaded.clone());
+                let _ = tokio::task::spawn_blocking(move || reload_policies(&svc, &paths, &loaded))
+                    .await;
+            }
+        });
+    }
     let running = vm.start(engine.clone())?;
     guest.set_state(v1::GuestState::Running);
     let outcome = loop {
@@ -384,6 +425,63 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
         started.elapsed().as_secs_f64()
     );
     Ok(outcome.exit_code() as u8)
+}
+
+/// The policies the `--policy` files loaded last.
+#[derive(Default)]
+struct PolicySet {
+    names: Vec<String>,
+}
+
+/// SIGHUP: read and parse the `--policy` files again and apply them as one
+/// load (policies that left the files are deleted). Anything wrong leaves
+/// the running policies as they are, and says what and where.
+fn reload_policies(
+    svc: &service::HvProbeService,
+    paths: &[PathBuf],
+    loaded: &std::sync::Mutex<PolicySet>,
+) {
+    let mut set = loaded.lock().unwrap_or_else(|e| e.into_inner());
+    if paths.is_empty() {
+        eprintln!("hvprobe: reload: no --policy files, nothing to reload");
+        return;
+    }
+    let defs = match service::policy::doc::parse_files(paths) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("hvprobe: reload: {e}; the running policies are unchanged");
+            return;
+        }
+    };
+    let gone: Vec<String> = set
+        .names
+        .iter()
+        .filter(|n| !defs.iter().any(|d| &d.name == *n))
+        .cloned()
+        .collect();
+    // One that was deleted by DeletePolicy meanwhile is not deleted again.
+    let live: Vec<String> = svc
+        .list_policies()
+        .map(|v| v.into_iter().map(|p| p.name).collect())
+        .unwrap_or_default();
+    let gone: Vec<String> = gone.into_iter().filter(|n| live.contains(n)).collect();
+    match svc.apply_policies(&defs, &gone) {
+        Ok(r) => {
+            eprintln!(
+                "hvprobe: reload: {} policies ({} deleted): {} probes added, {} removed, {} unchanged",
+                r.policies.len(),
+                r.deleted_policies.len(),
+                r.added,
+                r.removed,
+                r.kept
+            );
+            set.names = r.policies;
+        }
+        Err(s) => eprintln!(
+            "hvprobe: reload: {}; the running policies are unchanged",
+            s.message()
+        ),
+    }
 }
 
 /// VM exits by kind, for `/metrics`.

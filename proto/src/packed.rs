@@ -379,6 +379,8 @@ impl<'a> PackedEvent<'a> {
             args: args.iter().map(v1::FetchedArg::from).collect(),
             ret,
             text: probe_spec::format_event_line(&s.event, &ip_text, &all),
+            policy: s.policy.clone(),
+            tags: s.tags.clone(),
         }
     }
 

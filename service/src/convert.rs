@@ -40,6 +40,11 @@ pub(crate) fn probe_info(r: &introspect::ProbeInfo, m: &ProbeMeta) -> v1::ProbeI
             .unwrap_or_default(),
         arg_names: m.args.iter().map(|(name, _)| name.clone()).collect(),
         site_address: r.site,
+        policy: m
+            .policy
+            .as_ref()
+            .map(|p| p.name.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -251,7 +256,23 @@ pub(crate) fn event(ev: Event, meta: Option<&ProbeMeta>, symbols: &Symbols) -> v
         args: at_return.iter().map(v1::FetchedArg::from).collect(),
         ret,
         text,
+        policy: policy_name(meta),
+        tags: policy_tags(meta),
     }
+}
+
+/// The name of the probe's policy, empty if none.
+pub(crate) fn policy_name(meta: Option<&ProbeMeta>) -> String {
+    meta.and_then(|m| m.policy.as_ref())
+        .map(|p| p.name.clone())
+        .unwrap_or_default()
+}
+
+/// The tags of the probe's policy now.
+pub(crate) fn policy_tags(meta: Option<&ProbeMeta>) -> std::collections::BTreeMap<String, String> {
+    meta.and_then(|m| m.policy.as_ref())
+        .map(|p| p.conf().tags.clone())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! hvprobe's gRPC server: the `hvprobe.v1.HvProbe` service over the probe
 //! engine ([`HvProbeService`]), served on a Unix socket or TCP with server
 //! reflection (v1 and v1alpha) and `grpc.health.v1` ([`listen::bind`]); the
-//! JSON-lines export file ([`export`]) and Prometheus metrics ([`metrics`]).
+//! JSON-lines export file ([`export`]), Prometheus metrics ([`metrics`]) and
+//! policy files ([`policy`]).
 //!
 //! ```no_run
 //! # async fn f(engine: std::sync::Arc<introspect::Engine>, vm: std::sync::Arc<dyn guest_access::VmControl>) {
@@ -21,6 +22,7 @@ mod kaslr;
 pub mod listen;
 pub mod metrics;
 mod packed;
+pub mod policy;
 mod server;
 mod snapshot;
 mod subscribe;
@@ -29,6 +31,7 @@ mod symbols;
 pub use export::{ExportConfig, ExportStats, Exporter};
 pub use listen::{Listen, ListenError, TlsFiles};
 pub use metrics::Metrics;
+pub use policy::{DocError, LoadReport, PolicyDef};
 pub use server::{BridgeInfoFn, Guest, HvProbeService, ServiceConfig};
 pub use snapshot::{SnapshotWriter, WrittenSnapshot};
 pub use symbols::{DwarfNames, SymbolError, Symbols};

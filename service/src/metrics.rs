@@ -7,8 +7,9 @@
 //! The values are read at each scrape from the counters the API reports
 //! (the engine's probe table, the streams, the exporter, the VMM), so a
 //! scrape and a `ListProbes` agree. Labels are bounded: a probe's id and
-//! `GROUP/EVENT` (at most `max_probes` of them), a fixed set of kinds and
-//! reasons; never a pid, comm or value.
+//! `GROUP/EVENT` (at most `max_probes` of them), a policy's name (at most
+//! 256 policies), a fixed set of kinds and reasons; never a pid, comm or
+//! value.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -254,6 +255,43 @@ impl Metrics {
                 g,
             );
         }
+        let pol = inner.policy_counters();
+        let per_policy = |f: &dyn Fn(&crate::policy::PolicyCounters) -> u64| {
+            pol.iter()
+                .map(|p| (vec![("policy", p.name.clone())], f(p)))
+                .collect::<Vec<_>>()
+        };
+        counter(
+            &mut reg,
+            "policy_hits",
+            "Hits of each policy's probes (those a reload removed included), as ListPolicies hits",
+            per_policy(&|p| p.hits),
+        );
+        counter(
+            &mut reg,
+            "policy_events",
+            "Events of each policy that passed its filter and rate limit, as ListPolicies events",
+            per_policy(&|p| p.events),
+        );
+        counter(
+            &mut reg,
+            "policy_rate_limited",
+            "Events each policy's rate limit dropped, as ListPolicies rate_limited",
+            per_policy(&|p| p.rate_limited),
+        );
+        let fam = Family::<Labels, Gauge>::default();
+        for p in &pol {
+            fam.get_or_create(&vec![("policy", p.name.clone())])
+                .set(clamp(p.probes));
+        }
+        reg.register("policy_probes", "Probes of each policy", fam);
+        let fam = Family::<Labels, Gauge>::default();
+        for p in &pol {
+            fam.get_or_create(&vec![("policy", p.name.clone())])
+                .set(i64::from(p.enabled));
+        }
+        reg.register("policy_enabled", "1 while a policy is enabled", fam);
+        gauge1(&mut reg, "policies", "Policies loaded", clamp(pol.len()));
         if let Some(f) = self.exits.get() {
             counter(
                 &mut reg,

@@ -62,6 +62,8 @@ fn schema(ev: &Event, meta: Option<&ProbeMeta>) -> v1::ProbeSchema {
             ip: ev.ip,
             ip_text: m.ip_text.clone(),
             fields: m.fields.clone(),
+            policy: crate::convert::policy_name(Some(m)),
+            tags: crate::convert::policy_tags(Some(m)),
         },
         None => v1::ProbeSchema {
             probe_id: ev.probe_id,

@@ -149,6 +149,16 @@ pub(crate) struct ProbeMeta {
     pub fields: Vec<v1::FieldSchema>,
     /// Held while its filter names `exe`: hits then read executable paths.
     pub _exe: Option<introspect::ExeInterest>,
+    /// The policy it belongs to (its rate limit, tags and counters).
+    pub policy: Option<Arc<crate::policy::PolicyRun>>,
+}
+
+impl ProbeMeta {
+    /// Whether its events need a look of their own on the event path (a
+    /// filter or a policy).
+    fn per_event(&self) -> bool {
+        self.filter.is_some() || self.policy.is_some()
+    }
 }
 
 /// Live probes plus recently deleted ones (their queued events still need
@@ -157,8 +167,9 @@ pub(crate) struct ProbeMeta {
 pub(crate) struct ProbeTable {
     pub live: BTreeMap<ProbeId, Arc<ProbeMeta>>,
     pub retired: HashMap<ProbeId, Arc<ProbeMeta>>,
-    /// Live probes with a filter of their own; read without the table's
-    /// lock by subscriptions, which skip per-event lookups while it is 0.
+    /// Live probes with a filter of their own or a policy; read without the
+    /// table's lock by subscriptions, which skip per-event lookups while it
+    /// is 0.
     pub filtered: Arc<AtomicUsize>,
     /// Highest probe id whose metadata is in the table (engine ids only
     /// grow). A probe hit between its registration and this mark reaches
@@ -171,8 +182,8 @@ impl ProbeTable {
         self.live.get(&id).or_else(|| self.retired.get(&id))
     }
 
-    fn insert(&mut self, m: ProbeMeta) {
-        if m.filter.is_some() {
+    pub(crate) fn insert(&mut self, m: ProbeMeta) {
+        if m.per_event() {
             self.filtered.fetch_add(1, Ordering::SeqCst);
         }
         let id = m.id;
@@ -180,9 +191,19 @@ impl ProbeTable {
         self.named_upto.fetch_max(id, Ordering::Release);
     }
 
-    fn retire(&mut self, id: ProbeId) {
+    /// Puts `m` in place of the live probe of its id (a new filter).
+    pub(crate) fn replace(&mut self, m: ProbeMeta) {
+        if let Some(old) = self.live.remove(&m.id) {
+            if old.per_event() {
+                self.filtered.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.insert(m);
+    }
+
+    pub(crate) fn retire(&mut self, id: ProbeId) {
         if let Some(m) = self.live.remove(&id) {
-            if m.filter.is_some() {
+            if m.per_event() {
                 self.filtered.fetch_sub(1, Ordering::SeqCst);
             }
             // Bounded: the oldest retired names go first.
@@ -212,6 +233,10 @@ pub(crate) struct Inner {
     pub admitted: Arc<Mutex<crate::subscribe::Admitted>>,
     /// Totals over every stream since the start (metrics).
     pub streams: StreamTotals,
+    /// Loaded policies by name.
+    pub policies: RwLock<BTreeMap<String, Arc<crate::policy::PolicyRun>>>,
+    /// Serialises policy loads (taken before `ops`).
+    pub policy_ops: Mutex<()>,
 }
 
 /// Counters of all event streams together (the export file's included),
@@ -243,9 +268,9 @@ pub const MAX_LOCATION_LEN: usize =
     probe_spec::limits::MODULE_NAME_LEN - 1 + 1 + probe_spec::limits::KSYM_NAME_LEN - 1 + 19;
 
 /// A definition checked and resolved, ready for the engine.
-struct Prepared {
-    request: ProbeRequest,
-    meta: ProbeMeta,
+pub(crate) struct Prepared {
+    pub request: ProbeRequest,
+    pub meta: ProbeMeta,
 }
 
 impl HvProbeService {
@@ -266,6 +291,8 @@ impl HvProbeService {
                 next_subscription: AtomicU64::new(1),
                 admitted: Arc::default(),
                 streams: StreamTotals::default(),
+                policies: RwLock::default(),
+                policy_ops: Mutex::new(()),
             }),
         }
     }
@@ -361,7 +388,11 @@ impl Inner {
         }
     }
 
-    fn prepare(&self, def: &v1::ProbeDefinition, index: Option<u32>) -> Result<Prepared, Status> {
+    pub(crate) fn prepare(
+        &self,
+        def: &v1::ProbeDefinition,
+        index: Option<u32>,
+    ) -> Result<Prepared, Status> {
         self.settle_slide()?;
         let prefix = |m: String| match index {
             Some(i) => format!("definitions[{i}]: {m}"),
@@ -452,6 +483,7 @@ impl Inner {
             ip_text,
             fields: crate::packed::fields_of(&pd),
             _exe: names_exe.get().then(|| self.engine.want_exe()),
+            policy: None,
         };
         let request = ProbeRequest {
             name: pd.full_name(),
@@ -614,7 +646,7 @@ impl Inner {
     }
 
     /// ProbeInfo messages for `ids` (all live probes if `None`), by id.
-    fn infos(&self, ids: Option<&[ProbeId]>) -> Result<Vec<v1::ProbeInfo>, Status> {
+    pub(crate) fn infos(&self, ids: Option<&[ProbeId]>) -> Result<Vec<v1::ProbeInfo>, Status> {
         let rows = self.engine.list();
         let t = self.probes.read().unwrap_or_else(|e| e.into_inner());
         Ok(rows
@@ -661,10 +693,9 @@ impl Inner {
         self.engine
             .unregister_batch(&ids)
             .map_err(|e| engine_op_error(&e))?;
-        let mut t = self.probes.write().unwrap_or_else(|e| e.into_inner());
-        for id in ids {
-            t.retire(id);
-        }
+        // A policy's probe deleted by itself: its hits stay the policy's.
+        let hits = before.iter().map(|p| (p.id, p.hits)).collect();
+        self.retire_ids(&ids, &hits);
         Ok(before)
     }
 
@@ -1061,6 +1092,62 @@ impl HvProbe for HvProbeService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn load_policy(
+        &self,
+        req: Request<v1::LoadPolicyRequest>,
+    ) -> Result<Response<v1::LoadPolicyResponse>, Status> {
+        let r = req.into_inner();
+        let defs = crate::policy::parse_request(&r)?;
+        let inner = self.inner.clone();
+        let (report, policies) = blocking(move || {
+            let report = inner.apply_policies(&defs, &[])?;
+            let infos = inner.policy_infos(&report.policies)?;
+            Ok((report, infos))
+        })
+        .await?;
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        Ok(Response::new(v1::LoadPolicyResponse {
+            policies,
+            probes_added: n(report.added),
+            probes_removed: n(report.removed),
+            probes_kept: n(report.kept),
+        }))
+    }
+
+    async fn list_policies(
+        &self,
+        req: Request<v1::ListPoliciesRequest>,
+    ) -> Result<Response<v1::ListPoliciesResponse>, Status> {
+        let names = req.into_inner().names;
+        if names.len() > crate::policy::doc::MAX_POLICIES {
+            return Err(Status::invalid_argument(format!(
+                "names: {} entries, more than the policy limit of {}",
+                names.len(),
+                crate::policy::doc::MAX_POLICIES
+            )));
+        }
+        let inner = self.inner.clone();
+        let policies = blocking(move || inner.policy_infos(&names)).await?;
+        Ok(Response::new(v1::ListPoliciesResponse { policies }))
+    }
+
+    async fn delete_policy(
+        &self,
+        req: Request<v1::DeletePolicyRequest>,
+    ) -> Result<Response<v1::DeletePolicyResponse>, Status> {
+        let name = req.into_inner().name;
+        check_len("name", &name, crate::policy::doc::MAX_NAME_LEN)?;
+        let inner = self.inner.clone();
+        let policy = blocking(move || {
+            let names = vec![name];
+            let before = inner.policy_infos(&names)?.pop();
+            inner.apply_policies(&[], &names)?;
+            Ok(before)
+        })
+        .await?;
+        Ok(Response::new(v1::DeletePolicyResponse { policy }))
     }
 
     type SubscribeStream = EventStream;

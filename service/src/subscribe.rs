@@ -160,7 +160,9 @@ pub(crate) fn start(
             t.get(id).is_some_and(|m| groups.contains(&m.group))
         }
     };
-    // By content: the probe's own filter, then the subscriber's.
+    // By content: the probe's own filter, its policy's rate limit (decided
+    // once per event, whichever subscriber asks first), then the
+    // subscriber's filter.
     let probes = inner.probes.clone();
     let filter = move |ev: &Event| -> bool {
         if filter.is_none() && filtered.load(Ordering::Relaxed) == 0 {
@@ -169,7 +171,8 @@ pub(crate) fn start(
         let t = probes.read().unwrap_or_else(|e| e.into_inner());
         let meta = t.get(ev.probe_id);
         let own = meta.and_then(|m| m.filter.as_ref());
-        if own.is_none() && filter.is_none() {
+        let policy = meta.and_then(|m| m.policy.as_ref());
+        if own.is_none() && filter.is_none() && policy.is_none() {
             return true;
         }
         let guessed;
@@ -181,7 +184,9 @@ pub(crate) fn start(
             }
         };
         let view = EventFieldsView { ev, fields };
-        own.is_none_or(|pf| pf.matches(&view)) && filter.as_ref().is_none_or(|f| f.matches(&view))
+        own.is_none_or(|pf| pf.matches(&view))
+            && policy.is_none_or(|p| p.admit(ev))
+            && filter.as_ref().is_none_or(|f| f.matches(&view))
     };
     let bell = Arc::new(Doorbell::default());
     let b = bell.clone();
