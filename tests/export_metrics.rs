@@ -17,60 +17,11 @@ use std::time::{Duration, Instant};
 use grpc_harness::{common, kvm_available, Harness};
 use proto::v1::{self, export_record::Record, subscribe_response::Payload};
 
-/// `hvprobe run` of the test guest (forever, 2 vCPUs) with a socket in
-/// `dir`; killed on drop.
-struct Run {
-    child: Option<Child>,
-    sock: PathBuf,
-    rt: tokio::runtime::Runtime,
-    stderr: PathBuf,
-}
+#[path = "common/run.rs"]
+mod run;
+use run::Run;
 
 impl Run {
-    fn start(dir: &Path, args: &[&str]) -> Run {
-        let sock = dir.join("hvprobe.sock");
-        let stderr = dir.join("stderr");
-        let k = test_guest::kernel_path().to_str().unwrap().to_string();
-        let child = Command::new(env!("CARGO_BIN_EXE_hvprobe"))
-            .args(["run", "--kernel", &k, "--cmdline"])
-            .arg(test_guest::cmdline(None, None, true))
-            .args(["--serial", dir.join("serial").to_str().unwrap()])
-            .args(["--listen", &format!("unix:{}", sock.display())])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !sock.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "no socket: {}",
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        Run {
-            child: Some(child),
-            sock,
-            rt,
-            stderr,
-        }
-    }
-
-    fn client(&self) -> v1::hv_probe_client::HvProbeClient<tonic::transport::Channel> {
-        self.rt
-            .block_on(service::client::connect(&service::Listen::Unix(
-                self.sock.clone(),
-            )))
-            .unwrap()
-    }
-
     fn list(&self) -> Vec<v1::ProbeInfo> {
         let mut c = self.client();
         self.rt
@@ -83,35 +34,6 @@ impl Run {
     fn disarm(&self) {
         let mut c = self.client();
         self.rt.block_on(c.disarm(v1::DisarmRequest {})).unwrap();
-    }
-
-    /// SIGTERM, as systemd stops it; its stderr after it exited.
-    fn terminate(&mut self) -> String {
-        let mut child = self.child.take().unwrap();
-        // SAFETY: kill(2) on the pid of a child this test spawned and has
-        // not reaped yet.
-        let pid = i32::try_from(child.id()).unwrap();
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                let err = std::fs::read_to_string(&self.stderr).unwrap();
-                assert!(s.success(), "hvprobe run exited {s}: {err}");
-                assert!(!err.contains("panicked"), "{err}");
-                return err;
-            }
-            assert!(Instant::now() < deadline, "hvprobe run did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 

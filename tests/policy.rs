@@ -12,69 +12,17 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use common::kvm_available;
 use proto::v1::{self, subscribe_response::Payload};
 
-type Client = v1::hv_probe_client::HvProbeClient<tonic::transport::Channel>;
-
-/// `hvprobe run` of the test guest (forever, 2 vCPUs) with a socket in
-/// `dir`; killed on drop.
-struct Run {
-    child: Option<Child>,
-    sock: PathBuf,
-    rt: tokio::runtime::Runtime,
-    stderr: PathBuf,
-}
+#[path = "common/run.rs"]
+mod run;
+use run::Run;
 
 impl Run {
-    fn start(dir: &Path, args: &[&str]) -> Run {
-        let sock = dir.join("hvprobe.sock");
-        let stderr = dir.join("stderr");
-        let k = test_guest::kernel_path().to_str().unwrap().to_string();
-        let child = Command::new(env!("CARGO_BIN_EXE_hvprobe"))
-            .args(["run", "--kernel", &k, "--cmdline"])
-            .arg(test_guest::cmdline(None, None, true))
-            .args(["--serial", dir.join("serial").to_str().unwrap()])
-            .args(["--listen", &format!("unix:{}", sock.display())])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !sock.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "no socket: {}",
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        Run {
-            child: Some(child),
-            sock,
-            rt,
-            stderr,
-        }
-    }
-
-    fn client(&self) -> Client {
-        self.rt
-            .block_on(service::client::connect(&service::Listen::Unix(
-                self.sock.clone(),
-            )))
-            .unwrap()
-    }
-
     fn server_arg(&self) -> String {
         format!("unix:{}", self.sock.display())
     }
@@ -115,16 +63,9 @@ impl Run {
             .map(tonic::Response::into_inner)
     }
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
     /// SIGHUP, then wait for the `n`th "hvprobe: reload:" line; returns it.
     fn hup(&self, n: usize) -> String {
-        let pid = i32::try_from(self.child.as_ref().unwrap().id()).unwrap();
-        // SAFETY: kill(2) on the pid of a child this test spawned and has
-        // not reaped yet.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+        self.signal(libc::SIGHUP);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let log = self.log();
@@ -137,34 +78,6 @@ impl Run {
             }
             assert!(Instant::now() < deadline, "no reload line {n}: {log}");
             std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM; its stderr after it exited with 0.
-    fn terminate(&mut self) -> String {
-        let mut child = self.child.take().unwrap();
-        let pid = i32::try_from(child.id()).unwrap();
-        // SAFETY: as in `hup`.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                let err = self.log();
-                assert!(s.success(), "hvprobe run exited {s}: {err}");
-                assert!(!err.contains("panicked"), "{err}");
-                return err;
-            }
-            assert!(Instant::now() < deadline, "hvprobe run did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
         }
     }
 }

@@ -134,9 +134,16 @@ fn rig() -> Rig {
 }
 
 impl Rig {
-    /// `n` hits of the probe at `symbol`'s entry.
+    /// `n` hits of the probe at `symbol`'s entry (its int3 is after the
+    /// entry's ftrace nop).
     fn hit(&self, symbol: &str, n: usize) {
-        let addr = self.symbols.lookup(symbol).unwrap();
+        let entry = self.symbols.lookup(symbol).unwrap();
+        let addr = self
+            .engine
+            .list()
+            .iter()
+            .find(|p| p.address == entry)
+            .map_or(entry, |p| p.site);
         for _ in 0..n {
             let mut vcpu = FakeVcpu(Regs {
                 rip: addr,
@@ -168,8 +175,11 @@ impl Rig {
             .collect()
     }
 
+    /// The byte where an entry probe on `symbol` has its int3: after the
+    /// function's 5-byte ftrace nop (the test guest's C functions all start
+    /// with one).
     fn byte_at(&self, symbol: &str) -> u8 {
-        let addr = self.symbols.lookup(symbol).unwrap();
+        let addr = self.symbols.lookup(symbol).unwrap() + 5;
         let mut b = [0u8];
         self.vm.0.read_phys(addr - KERNEL_TEXT_MAP, &mut b).unwrap();
         b[0]
