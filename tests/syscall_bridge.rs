@@ -82,6 +82,9 @@ fn check_user_run(vcpus: u8, n: u64) {
         assert!(status.active, "{status:?}");
         // Exactly the system calls user code made went through the VMM.
         assert_eq!(b.syscalls, made, "{b:?}");
+        // Each entry ran on the host up to the kernel stack (the guest's
+        // entry is Linux-shaped), so no interrupt can find the user stack.
+        assert_eq!(b.entries_on_host, made, "{b:?}");
         assert_eq!(b.int80, int80, "{b:?}");
         // The genuine faults: the demand-zero pages (the guest kernel takes no other).
         assert_eq!(b.faults_passed, faults, "{b:?}");

@@ -86,6 +86,11 @@ impl DebianGuest {
         }
     }
 
+    /// The VM's exit counters (the system-call bridge's among them).
+    pub fn exit_stats(&self) -> vmm::ExitStats {
+        self.control.exit_stats()
+    }
+
     pub fn console(&self) -> String {
         String::from_utf8_lossy(&self.serial.lock().unwrap()).into_owned()
     }

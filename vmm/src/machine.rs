@@ -78,6 +78,7 @@ pub(crate) struct VcpuStats {
     pub kicks: AtomicU64,
     pub gaps: AtomicU64,
     pub bridge_syscalls: AtomicU64,
+    pub bridge_entries_on_host: AtomicU64,
     pub bridge_int80: AtomicU64,
     pub bridge_faults_passed: AtomicU64,
     pub bridge_step_fallbacks: AtomicU64,
@@ -90,6 +91,9 @@ pub(crate) struct VcpuStats {
 pub struct BridgeStats {
     /// User `syscall`s completed by the VMM.
     pub syscalls: u64,
+    /// Of those, the ones whose entry the VMM ran up to the kernel stack
+    /// (all of them on Linux with PTI off; see [`crate::bridge`]).
+    pub entries_on_host: u64,
     /// User `int $0x80`s routed from #UD to the IDT[0x80] handler.
     pub int80: u64,
     /// Genuine #PF/#UD passed on to the guest's handler.
@@ -187,6 +191,7 @@ impl Machine {
             s.gap_instructions += v.gaps.load(Ordering::Relaxed);
             let b = &mut s.bridge;
             b.syscalls += v.bridge_syscalls.load(Ordering::Relaxed);
+            b.entries_on_host += v.bridge_entries_on_host.load(Ordering::Relaxed);
             b.int80 += v.bridge_int80.load(Ordering::Relaxed);
             b.faults_passed += v.bridge_faults_passed.load(Ordering::Relaxed);
             b.step_fallbacks += v.bridge_step_fallbacks.load(Ordering::Relaxed);

@@ -18,6 +18,18 @@ fn u64_at(b: &[u8], i: usize) -> u64 {
     u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().unwrap())
 }
 
+/// The entry prologue's view of guest memory: the vCPU's page tables.
+struct EntryMem<'a>(&'a mut VcpuRunner);
+
+impl EntryMemory for EntryMem<'_> {
+    fn read(&mut self, gva: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.0.read_virt(gva, buf)
+    }
+    fn write(&mut self, gva: u64, data: &[u8]) -> Result<(), String> {
+        self.0.write_virt(gva, data)
+    }
+}
+
 /// insn-emu's view of guest memory: the vCPU's current page tables.
 struct EmuMem<'a>(&'a mut VcpuRunner);
 
@@ -148,31 +160,42 @@ impl VcpuRunner {
         }
     }
 
-    fn msr3(&self) -> Result<(u64, u64, u64), String> {
+    /// STAR, LSTAR, SFMASK and KERNEL_GS_BASE, in one KVM_GET_MSRS.
+    fn syscall_msrs(&self) -> Result<[u64; 4], String> {
+        let entry = |index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        };
         let mut m = Msrs::from_entries(&[
-            kvm_msr_entry {
-                index: MSR_STAR,
-                ..Default::default()
-            },
-            kvm_msr_entry {
-                index: MSR_LSTAR,
-                ..Default::default()
-            },
-            kvm_msr_entry {
-                index: MSR_SFMASK,
-                ..Default::default()
-            },
+            entry(MSR_STAR),
+            entry(MSR_LSTAR),
+            entry(MSR_SFMASK),
+            entry(MSR_KERNEL_GS_BASE),
         ])
         .map_err(|e| format!("MSR list: {e:?}"))?;
         let n = self
             .fd
             .get_msrs(&mut m)
             .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
-        if n != 3 {
-            return Err(format!("KVM_GET_MSRS returned {n} of 3"));
+        if n != 4 {
+            return Err(format!("KVM_GET_MSRS returned {n} of 4"));
         }
         let e = m.as_slice();
-        Ok((e[0].data, e[1].data, e[2].data))
+        Ok([e[0].data, e[1].data, e[2].data, e[3].data])
+    }
+
+    fn set_kernel_gs_base(&self, value: u64) -> Result<(), String> {
+        let m = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_KERNEL_GS_BASE,
+            data: value,
+            ..Default::default()
+        }])
+        .map_err(|e| format!("MSR list: {e:?}"))?;
+        match self.fd.set_msrs(&m) {
+            Ok(1) => Ok(()),
+            Ok(n) => Err(format!("KVM_SET_MSRS(KERNEL_GS_BASE) set {n} of 1")),
+            Err(e) => Err(format!("KVM_SET_MSRS(KERNEL_GS_BASE): {e}")),
+        }
     }
 
     fn bridge_page_fault(&mut self, pc: u64) -> Result<(), String> {
@@ -188,22 +211,36 @@ impl VcpuRunner {
                 u64_at(&frame, 4),
             );
             if cs & 3 == 3 && is_user_fetch(err, sregs.efer, sregs.cr4) {
-                let (star, lstar, sfmask) = self.msr3()?;
+                let [star, lstar, sfmask, kernel_gs_base] = self.syscall_msrs()?;
                 if rip == lstar && sregs.cr2 == lstar {
                     let kcs = ((star >> 32) & 0xffff) as u16;
-                    regs.rip = lstar;
-                    regs.rsp = rsp;
                     regs.rflags = (rflags & !(sfmask | RFLAGS_RF)) | 2;
                     regs.r11 = (regs.r11 & USER_RFLAGS) | 2;
                     sregs.cs = flat_long_mode_segment(kcs, true, 0);
                     sregs.ss = flat_long_mode_segment(kcs.wrapping_add(8), false, 0);
+                    // The entry up to its kernel stack runs here, never in
+                    // the guest (see crate::bridge: an interrupt this host
+                    // delivers there would land on the user stack).
+                    let mut st = EntryState {
+                        rip: lstar,
+                        rsp,
+                        gs_base: sregs.gs.base,
+                        kernel_gs_base,
+                    };
+                    let done = run_entry_prologue(&mut EntryMem(self), &mut st);
+                    if st.kernel_gs_base != kernel_gs_base {
+                        self.set_kernel_gs_base(st.kernel_gs_base)?;
+                    }
+                    (regs.rip, regs.rsp, sregs.gs.base) = (st.rip, st.rsp, st.gs_base);
+                    let stats = &self.shared.stats[self.index];
+                    if done.on_kernel_stack {
+                        stats.bridge_entries_on_host.fetch_add(1, Ordering::Relaxed);
+                    }
                     self.fd.sync_regs_mut().regs = regs;
                     self.fd.sync_regs_mut().sregs = sregs;
                     self.fd.set_sync_dirty_reg(SyncReg::Register);
                     self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
-                    self.shared.stats[self.index]
-                        .bridge_syscalls
-                        .fetch_add(1, Ordering::Relaxed);
+                    stats.bridge_syscalls.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
             }
