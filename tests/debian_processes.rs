@@ -237,10 +237,7 @@ fn exec_parent_and_child_match_what_the_shell_printed() {
     assert_ne!(child, sh_pid, "sh forked hvopen");
 
     // hvopen printed READY and is on its way to block on stdin: wait until
-    // the task list shows it sleeping. The first walk waits a moment: each
-    // walk kicks the vCPUs, and kicks during the exec's burst of system
-    // calls can crash this guest (open bug, tests/debian_kicks.rs).
-    std::thread::sleep(Duration::from_secs(1));
+    // the task list shows it sleeping.
     let mut tasks = g.list_tasks();
     for _ in 0..120 {
         if tasks.iter().any(|t| t.pid == child && t.state == "S") {

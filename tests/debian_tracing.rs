@@ -32,7 +32,6 @@ fn hvopen(g: &mut DebianGuest, n: usize) -> i32 {
         g.wait_console("HVPROBE-CMD-DONE rc=", 120),
         "HVPROBE-CMD-DONE rc=0"
     );
-    g.settle();
     assert_eq!(field::<usize>(&done, "opened"), n, "{done}");
     field(&done, "pid")
 }
@@ -44,7 +43,6 @@ fn guest_count(g: &mut DebianGuest, pid: i32, what: &str) -> usize {
         "echo \"HVT-COUNT $(grep -c -e '-{pid} .*{what}' {T}/trace)\""
     ));
     let line = g.wait_console("HVT-COUNT ", 300);
-    g.settle();
     line["HVT-COUNT ".len()..].trim().parse().unwrap()
 }
 
@@ -53,7 +51,6 @@ fn trouble_lines(g: &mut DebianGuest) -> usize {
         "echo \"HVT-TROUBLE $(dmesg | grep -c {TROUBLE})\""
     ));
     let line = g.wait_console("HVT-TROUBLE ", 300);
-    g.settle();
     line["HVT-TROUBLE ".len()..].trim().parse().unwrap()
 }
 

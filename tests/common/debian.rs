@@ -158,20 +158,7 @@ impl DebianGuest {
         let tag = format!("HVPROBE-RC-{} ", self.commands);
         self.type_line(&format!("{cmd}; echo \"{tag}$?\""));
         let done = self.wait_console(&tag, secs);
-        self.settle();
         done[tag.len()..].trim().parse().unwrap()
-    }
-
-    /// Wait until the console loop is back in its `read` (both copies of
-    /// its next HVPROBE-CONSOLE-READY are out), so that what the host does
-    /// next does not land in the loop's own system calls. A host call kicks
-    /// the vCPUs, and kicks during a burst of system calls can crash this
-    /// guest (open bug, reproduced by tests/debian_kicks.rs); tests about
-    /// other things keep their host calls out of those bursts.
-    pub fn settle(&mut self) {
-        self.wait_console("HVPROBE-CONSOLE-READY", 120);
-        self.wait_console("HVPROBE-CONSOLE-READY", 120);
-        std::thread::sleep(Duration::from_millis(100));
     }
 
     /// Create probes through the API (all or nothing), each with a filter.
