@@ -764,3 +764,131 @@ fn now_ns() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_http_to_loopback_only() {
+        let ok = |k, u: &str| parse_url(k, u).unwrap().to_string();
+        assert_eq!(
+            ok(SinkKind::Webhook, "http://127.0.0.1:8080/a?b=c"),
+            "http://127.0.0.1:8080/a?b=c"
+        );
+        assert_eq!(
+            ok(SinkKind::Webhook, "http://localhost/"),
+            "http://127.0.0.1:80/"
+        );
+        assert_eq!(
+            ok(SinkKind::Webhook, "http://[::1]:9/x"),
+            "http://[::1]:9/x"
+        );
+        assert_eq!(
+            ok(SinkKind::Otlp, "http://127.0.0.1"),
+            "http://127.0.0.1:4318/v1/logs"
+        );
+        assert_eq!(
+            ok(SinkKind::Otlp, "http://127.0.0.2:4000/otlp/"),
+            "http://127.0.0.2:4000/otlp/v1/logs"
+        );
+        let err = |k, u: &str| parse_url(k, u).unwrap_err();
+        assert!(err(SinkKind::Webhook, "https://127.0.0.1/").contains("https is not supported"));
+        assert!(err(SinkKind::Webhook, "http://10.0.0.1/").contains("not a loopback address"));
+        assert!(err(SinkKind::Webhook, "http://example.com/").contains("not a loopback address"));
+        assert!(err(SinkKind::Webhook, "http://u:p@127.0.0.1/").contains("credentials"));
+        assert!(err(SinkKind::Otlp, "127.0.0.1:4318").starts_with("--otlp-endpoint 127.0.0.1:4318"));
+    }
+
+    #[test]
+    fn answers_are_retried_or_refused_as_each_protocol_says() {
+        let c = |k, code: u16| classify(k, StatusCode::from_u16(code).unwrap(), None, b"");
+        assert_eq!(c(SinkKind::Webhook, 204), Outcome::Ok { refused: 0 });
+        for code in [408, 429, 500, 502, 503] {
+            assert!(
+                matches!(c(SinkKind::Webhook, code), Outcome::Retry(..)),
+                "{code}"
+            );
+        }
+        for code in [400, 401, 404, 413] {
+            assert!(
+                matches!(c(SinkKind::Webhook, code), Outcome::Rejected(..)),
+                "{code}"
+            );
+        }
+        for code in [429, 502, 503, 504] {
+            assert!(
+                matches!(c(SinkKind::Otlp, code), Outcome::Retry(..)),
+                "{code}"
+            );
+        }
+        for code in [400, 500, 501] {
+            assert!(
+                matches!(c(SinkKind::Otlp, code), Outcome::Rejected(..)),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_batch_that_cannot_be_delivered_is_counted_and_owed_in_band() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port(); // closed when dropped: connections are refused
+        let mut cfg = SinkConfig::new(
+            SinkKind::Webhook,
+            &format!("http://127.0.0.1:{port}/"),
+            Default::default(),
+        )
+        .unwrap();
+        cfg.max_attempts = 3;
+        cfg.backoff = Duration::from_millis(1);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let stats = Arc::new(SinkStats::default());
+        let mut d = Deliverer::new(cfg, stats.clone(), Arc::new(AtomicBool::new(false)), &rt);
+        d.owed[DropReason::QueueFull as usize].add(4, 5, 6);
+        let mut batch = d.take_owed();
+        for ts in [10, 11, 12] {
+            batch.push((
+                d.record(String::new(), None, Record::Event(v1::Event::default())),
+                What::Event(ts),
+            ));
+        }
+        rt.block_on(d.deliver(batch));
+        assert_eq!(stats.dropped(DropReason::RetriesExhausted), 3);
+        assert_eq!(stats.retries.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.delivered.load(Ordering::Relaxed), 0);
+        // Owed again: the queue-full record (not counted twice) and the 3.
+        let owed = d.take_owed();
+        let lost: Vec<(i32, u64, u64, u64)> = owed
+            .iter()
+            .map(|(r, _)| match r.record.as_ref() {
+                Some(Record::Lost(l)) => (l.reason, l.count, l.since_ns, l.until_ns),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            lost,
+            [
+                (v1::LostReason::SubscriberQueueFull as i32, 4, 5, 6),
+                (v1::LostReason::SinkRetriesExhausted as i32, 3, 10, 12)
+            ]
+        );
+        // After the stop and the drain time: dropped as shutdown, not sent.
+        d.stop.store(true, Ordering::SeqCst);
+        d.cfg.drain = Duration::ZERO;
+        rt.block_on(d.deliver(owed));
+        let ev = vec![(
+            d.record(String::new(), None, Record::Event(v1::Event::default())),
+            What::Event(1),
+        )];
+        rt.block_on(d.deliver(ev));
+        assert_eq!(stats.dropped(DropReason::Shutdown), 1);
+        assert_eq!(stats.dropped_total(), 4);
+    }
+}
