@@ -9,9 +9,12 @@ use prost::Message;
 
 const PROTO: &str = "proto/hvprobe/v1/hvprobe.proto";
 const INCLUDE: &str = "proto";
+/// The official OTLP logs definitions (vendored, see proto/opentelemetry).
+const OTLP_LOGS: &str = "opentelemetry/proto/collector/logs/v1/logs_service.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO}");
+    println!("cargo:rerun-if-changed={INCLUDE}/opentelemetry");
 
     // Source info keeps the .proto comments, which become rustdoc and are
     // served by reflection; imports are included so the set is self-contained.
@@ -41,5 +44,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .emit_fields()
         .btree_map([".hvprobe.v1"])
         .build(&[".hvprobe.v1"])?;
+
+    // OTLP logs: messages only (the sink speaks OTLP/HTTP with protobuf
+    // bodies), written as opentelemetry.proto.*.v1.rs.
+    let otlp = protox::Compiler::new([INCLUDE])?
+        .include_imports(true)
+        .open_file(OTLP_LOGS)?
+        .file_descriptor_set();
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_fds(otlp)?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -105,6 +106,75 @@ struct ServeArgs {
     /// Allow --metrics on a non-loopback address.
     #[arg(long, requires = "metrics")]
     metrics_public: bool,
+    /// POST every event to this URL in batches: `http://HOST:PORT/PATH`
+    /// to a loopback address (no TLS yet). The body is a JSON array of
+    /// `hvprobe.v1.ExportRecord` (the export file's records); lost events
+    /// are records of their own.
+    #[arg(long, value_name = "URL")]
+    webhook_url: Option<String>,
+    /// The webhook's body: `json` (one JSON array a batch) or `ndjson`
+    /// (one record a line).
+    #[arg(long, value_name = "FORMAT", default_value = "json", value_parser = ["json", "ndjson"], requires = "webhook_url")]
+    webhook_format: String,
+    /// Events at most in one webhook request.
+    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=16384), requires = "webhook_url")]
+    webhook_batch: u32,
+    /// The webhook's queue in events: what a slow or dead receiver may
+    /// fall behind before events are dropped (and counted).
+    #[arg(long, value_name = "EVENTS", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..=1048576), requires = "webhook_url")]
+    webhook_queue: u32,
+    /// Bound of one webhook attempt (connect, send, answer): 5s, 500ms.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, requires = "webhook_url")]
+    webhook_timeout: Duration,
+    /// Attempts at most for one webhook batch (1: no retry).
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100), requires = "webhook_url")]
+    webhook_attempts: u32,
+    /// Pause before the first retry of a webhook batch, doubled each time
+    /// up to 5s (or the receiver's Retry-After within that).
+    #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = parse_duration, requires = "webhook_url")]
+    webhook_backoff: Duration,
+    /// Send every event as an OTLP log record to this OTLP/HTTP endpoint
+    /// (protobuf, POST ENDPOINT/v1/logs): `http://127.0.0.1:4318`,
+    /// loopback only (no TLS yet).
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// Log records at most in one OTLP request.
+    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=16384), requires = "otlp_endpoint")]
+    otlp_batch: u32,
+    /// The OTLP sink's queue in events.
+    #[arg(long, value_name = "EVENTS", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..=1048576), requires = "otlp_endpoint")]
+    otlp_queue: u32,
+    /// Bound of one OTLP attempt.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, requires = "otlp_endpoint")]
+    otlp_timeout: Duration,
+    /// Attempts at most for one OTLP batch (1: no retry).
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100), requires = "otlp_endpoint")]
+    otlp_attempts: u32,
+    /// Pause before the first retry of an OTLP batch, doubled up to 5s.
+    #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = parse_duration, requires = "otlp_endpoint")]
+    otlp_backoff: Duration,
+}
+
+/// `5s`, `250ms`, `2m`, or a number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration, e.g. 5s or 500ms"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(format!("{s:?}: expected a duration, e.g. 5s or 500ms")),
+    };
+    if d.is_zero() {
+        return Err("must be above 0".into());
+    }
+    Ok(d)
 }
 
 /// `123`, `64K`, `10M`, `1G` (binary units).
@@ -127,15 +197,49 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 impl ServeArgs {
-    fn export(&self, kernel: &std::path::Path) -> Option<service::ExportConfig> {
-        let path = self.export_file.clone()?;
+    fn vm_identity(&self, kernel: &std::path::Path) -> proto::v1::VmIdentity {
         let name = self.vm_name.clone().unwrap_or_else(|| {
             kernel
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         });
-        let mut c = service::ExportConfig::new(path, service::export::vm_identity(&name));
+        service::export::vm_identity(&name)
+    }
+
+    /// The push sinks asked for (their URLs checked).
+    fn sinks(&self, vm: &proto::v1::VmIdentity) -> Result<Vec<service::SinkConfig>, String> {
+        use service::sink::{SinkConfig, SinkKind, WebhookFormat};
+        let mut out = Vec::new();
+        if let Some(url) = &self.webhook_url {
+            let mut c = SinkConfig::new(SinkKind::Webhook, url, vm.clone())?;
+            c.format = if self.webhook_format == "ndjson" {
+                WebhookFormat::JsonLines
+            } else {
+                WebhookFormat::JsonArray
+            };
+            c.batch_events = self.webhook_batch;
+            c.queue_capacity = self.webhook_queue;
+            c.timeout = self.webhook_timeout;
+            c.max_attempts = self.webhook_attempts;
+            c.backoff = self.webhook_backoff;
+            out.push(c);
+        }
+        if let Some(url) = &self.otlp_endpoint {
+            let mut c = SinkConfig::new(SinkKind::Otlp, url, vm.clone())?;
+            c.batch_events = self.otlp_batch;
+            c.queue_capacity = self.otlp_queue;
+            c.timeout = self.otlp_timeout;
+            c.max_attempts = self.otlp_attempts;
+            c.backoff = self.otlp_backoff;
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    fn export(&self, kernel: &std::path::Path) -> Option<service::ExportConfig> {
+        let path = self.export_file.clone()?;
+        let mut c = service::ExportConfig::new(path, self.vm_identity(kernel));
         c.max_bytes = self.export_max_bytes;
         c.backups = self.export_backups;
         c.gzip = self.export_gzip;
@@ -304,13 +408,22 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            let export = serve.export(if kernel.as_os_str().is_empty() {
+            let named = if kernel.as_os_str().is_empty() {
                 restore.as_deref().unwrap_or(&kernel)
             } else {
                 &kernel
-            });
+            };
+            let export = serve.export(named);
+            let sinks = match serve.sinks(&serve.vm_identity(named)) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("hvprobe: error: {e}");
+                    return ExitCode::from(1);
+                }
+            };
             let opts = runner::RunOptions {
                 export,
+                sinks,
                 metrics,
                 tls: serve.tls(),
                 probes: serve.probes,
@@ -350,6 +463,7 @@ fn main() -> ExitCode {
                     print_events: true,
                     restore: None,
                     export: None,
+                    sinks: Vec::new(),
                     metrics: None,
                     policies: Vec::new(),
                 },

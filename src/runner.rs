@@ -25,6 +25,8 @@ pub struct RunOptions {
     pub restore: Option<RestoreOptions>,
     /// Write every event to a JSON-lines file.
     pub export: Option<service::ExportConfig>,
+    /// Push sinks (webhook, OTLP).
+    pub sinks: Vec<service::SinkConfig>,
     /// Serve Prometheus metrics here.
     pub metrics: Option<std::net::SocketAddr>,
     /// Policy files loaded before the guest starts and again on SIGHUP.
@@ -283,6 +285,15 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
         }
         None => None,
     };
+    let mut sinks = Vec::new();
+    for cfg in opts.sinks {
+        let what = format!("{} {}", cfg.kind.name(), cfg.uri);
+        let s = svc
+            .start_sink(cfg, rt.handle())
+            .map_err(|e| anyhow::anyhow!(e))?;
+        eprintln!("hvprobe: sending events to {what}");
+        sinks.push(s);
+    }
     let (metrics_stop, metrics_rx) = tokio::sync::oneshot::channel::<()>();
     let metrics_server = match metrics_listener {
         Some(listener) => {
@@ -291,6 +302,9 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
             m.set_exits(Box::new(move || exit_kinds(&vm.exit_stats())));
             if let Some(e) = &exporter {
                 m.set_export(e.stats());
+            }
+            for s in &sinks {
+                m.add_sink(s.kind(), s.stats());
             }
             let listener = {
                 let _enter = rt.enter();
@@ -394,6 +408,17 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
             l(&stats.bytes),
             l(&stats.rotations)
         );
+    }
+    // The sinks deliver what is left, each within its drain time, side by
+    // side.
+    let finishing: Vec<_> = sinks
+        .into_iter()
+        .map(|s| std::thread::spawn(move || s.finish()))
+        .collect();
+    for f in finishing {
+        if let Ok(line) = f.join() {
+            eprintln!("{line}");
+        }
     }
     let _ = metrics_stop.send(());
     if let Some(m) = metrics_server {

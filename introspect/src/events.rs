@@ -283,6 +283,14 @@ impl Subscription {
         self.queue.queue.capacity()
     }
 
+    /// A reader of [`Subscription::delivered_total`] that outlives any
+    /// borrow of the subscription (for a consumer behind a stream that
+    /// reports how far it is behind).
+    pub fn delivered_reader(&self) -> impl Fn() -> u64 + Send + Sync + 'static {
+        let q = self.queue.clone();
+        move || q.delivered.load(Ordering::Relaxed)
+    }
+
     pub fn len(&self) -> usize {
         self.queue.queue.len()
     }

@@ -17,6 +17,34 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/hvprobe.v1.serde.rs"));
 }
 
+/// The official OpenTelemetry protocol messages for logs (OTLP 1.10.0,
+/// vendored in `proto/opentelemetry`), for `hvprobe run --otlp-endpoint`.
+pub mod otlp {
+    #![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
+    pub mod common {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.common.v1");
+        }
+    }
+    pub mod resource {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.resource.v1");
+        }
+    }
+    pub mod logs {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.logs.v1");
+        }
+    }
+    pub mod collector {
+        pub mod logs {
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.collector.logs.v1");
+            }
+        }
+    }
+}
+
 mod convert;
 pub mod packed;
 pub use convert::{

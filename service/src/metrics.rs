@@ -29,6 +29,7 @@ use proto::v1;
 
 use crate::export::ExportStats;
 use crate::server::{HvProbeService, Inner};
+use crate::sink::{DropReason, SinkKind, SinkStats};
 
 /// VM exits by kind, from the VMM (the service does not know it).
 pub type ExitsFn = Box<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
@@ -40,6 +41,7 @@ pub struct Metrics {
     inner: Arc<Inner>,
     exits: OnceLock<ExitsFn>,
     export: OnceLock<Arc<ExportStats>>,
+    sinks: std::sync::Mutex<Vec<(SinkKind, Arc<SinkStats>)>>,
 }
 
 impl HvProbeService {
@@ -50,6 +52,7 @@ impl HvProbeService {
             inner: self.inner.clone(),
             exits: OnceLock::new(),
             export: OnceLock::new(),
+            sinks: std::sync::Mutex::new(Vec::new()),
         })
     }
 }
@@ -106,6 +109,89 @@ impl Metrics {
     /// Report the exporter's counters (set once).
     pub fn set_export(&self, s: Arc<ExportStats>) {
         let _ = self.export.set(s);
+    }
+
+    /// Report a push sink's counters (one per kind: the `sink` label).
+    pub fn add_sink(&self, kind: SinkKind, s: Arc<SinkStats>) {
+        let mut v = self.sinks.lock().unwrap_or_else(|e| e.into_inner());
+        v.retain(|(k, _)| *k != kind);
+        v.push((kind, s));
+    }
+
+    /// The push sinks' families, labelled by `sink` (webhook, otlp).
+    fn register_sinks(&self, reg: &mut Registry) {
+        let sinks = self.sinks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if sinks.is_empty() {
+            return;
+        }
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let by_sink = |f: &dyn Fn(&SinkStats) -> u64| {
+            sinks
+                .iter()
+                .map(|(k, s)| (vec![("sink", k.name().to_string())], f(s)))
+                .collect::<Vec<_>>()
+        };
+        counter(
+            reg,
+            "sink_delivered",
+            "Events each push sink's receiver acknowledged",
+            by_sink(&|s| l(&s.delivered)),
+        );
+        counter(
+            reg,
+            "sink_lost_records",
+            "In-band lost records each push sink's receiver acknowledged",
+            by_sink(&|s| l(&s.lost_records)),
+        );
+        counter(
+            reg,
+            "sink_requests",
+            "Requests (batches) each push sink's receiver acknowledged",
+            by_sink(&|s| l(&s.batches)),
+        );
+        counter(
+            reg,
+            "sink_dropped",
+            "Events each push sink dropped, by reason (queue_full: its queue was full; retries_exhausted: not delivered within its attempts; rejected: the receiver refused them; shutdown: not delivered when hvprobe stopped)",
+            sinks.iter().flat_map(|(k, s)| {
+                DropReason::ALL.iter().map(move |r| {
+                    (
+                        vec![
+                            ("sink", k.name().to_string()),
+                            ("reason", r.name().to_string()),
+                        ],
+                        s.dropped(*r),
+                    )
+                })
+            }),
+        );
+        counter(
+            reg,
+            "sink_retries",
+            "Attempts each push sink made after a batch's first",
+            by_sink(&|s| l(&s.retries)),
+        );
+        let fam = Family::<Labels, Gauge>::default();
+        for (k, s) in &sinks {
+            fam.get_or_create(&vec![("sink", k.name().to_string())])
+                .set(i64::try_from(s.queue_depth()).unwrap_or(i64::MAX));
+        }
+        reg.register(
+            "sink_queue_depth",
+            "Events in each push sink's queue or in flight (neither delivered nor dropped yet)",
+            fam,
+        );
+        let fam = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        for (k, s) in &sinks {
+            #[allow(clippy::cast_precision_loss)] // seconds with ns resolution
+            fam.get_or_create(&vec![("sink", k.name().to_string())])
+                .set(l(&s.last_success_ns) as f64 / 1e9);
+        }
+        reg.register(
+            "sink_last_success_timestamp_seconds",
+            "When each push sink's receiver last acknowledged a request (Unix time), 0: never",
+            fam,
+        );
     }
 
     /// The registry with the values of now.
@@ -255,6 +341,7 @@ impl Metrics {
                 g,
             );
         }
+        self.register_sinks(&mut reg);
         let pol = inner.policy_counters();
         let per_policy = |f: &dyn Fn(&crate::policy::PolicyCounters) -> u64| {
             pol.iter()

@@ -85,6 +85,25 @@ pub(crate) fn start(
     inner: Arc<Inner>,
     req: v1::SubscribeRequest,
 ) -> Result<ReceiverStream<Result<v1::SubscribeResponse, Status>>, Status> {
+    start_observed(inner, req).map(|(stream, _)| stream)
+}
+
+/// Events queued for a subscriber so far (taken into its queue; not those
+/// dropped at a full queue).
+pub(crate) type QueuedTotal = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// [`start`], with a reader of the events queued for this subscriber so
+/// far: a consumer that counts what it took out knows how many wait.
+pub(crate) fn start_observed(
+    inner: Arc<Inner>,
+    req: v1::SubscribeRequest,
+) -> Result<
+    (
+        ReceiverStream<Result<v1::SubscribeResponse, Status>>,
+        QueuedTotal,
+    ),
+    Status,
+> {
     let c = &inner.config;
     let batch = pick(
         req.max_batch_events,
@@ -196,6 +215,7 @@ pub(crate) fn start(
         filter: Some(Box::new(filter)),
         waker: Some(Box::new(move || b.ring())),
     });
+    let queued: QueuedTotal = Box::new(sub.delivered_reader());
     let id = inner.next_subscription.fetch_add(1, Ordering::Relaxed);
     inner.streams.started.fetch_add(1, Ordering::Relaxed);
     let params = Params {
@@ -224,7 +244,7 @@ pub(crate) fn start(
         let _exe = exe_interest;
         pump(inner, sub, bell, tx, params).await
     });
-    Ok(ReceiverStream::new(rx))
+    Ok((ReceiverStream::new(rx), queued))
 }
 
 /// Streams admitted and the sum of their queue capacities.
