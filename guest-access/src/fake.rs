@@ -262,7 +262,7 @@ impl<'a> PageTables<'a> {
     /// first page. The area is zeroed.
     pub fn new(mem: &'a FakeMemory, area: Range<u64>) -> Self {
         assert!(
-            area.start % PAGE == 0 && area.end >= area.start + PAGE,
+            area.start.is_multiple_of(PAGE) && area.end >= area.start + PAGE,
             "page-table area {area:x?} must be page aligned and hold a page"
         );
         let len = usize::try_from(area.end - area.start).expect("page-table area size");
@@ -286,7 +286,7 @@ impl<'a> PageTables<'a> {
     /// takes the new mapping.
     pub fn map(&mut self, gva: u64, gpa: u64, len: u64, perm: Perm) {
         assert!(
-            gva % PAGE == 0 && gpa % PAGE == 0,
+            gva.is_multiple_of(PAGE) && gpa.is_multiple_of(PAGE),
             "map {gva:#x} -> {gpa:#x}: not page aligned"
         );
         let mut off = 0;

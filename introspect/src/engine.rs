@@ -1362,18 +1362,24 @@ impl Engine {
             .probes
             .values()
             .any(|p| matches!(p.kind, ProbeType::Kretprobe { .. }));
+        // `addrs[i]` is the site of `reqs[i]`: a failure names that request.
         let addrs: Vec<u64> = ids.iter().map(|id| table.probes[id].site).collect();
-        let mut result = Ok(());
-        for a in &addrs {
-            if let Err(e) = self.sync_site(&table, *a) {
-                result = Err(e);
-                break;
+        let mut failed = addrs
+            .iter()
+            .enumerate()
+            .find_map(|(index, a)| self.sync_site(&table, *a).err().map(|e| (index, e)));
+        if failed.is_none() && need_trap {
+            if let Err(e) = self.plant_trap() {
+                // Planted already if an older kretprobe needed it, so it is
+                // for this batch's first one.
+                let index = reqs
+                    .iter()
+                    .position(|r| matches!(r.kind, ProbeType::Kretprobe { .. }))
+                    .unwrap_or(0);
+                failed = Some((index, e));
             }
         }
-        if result.is_ok() && need_trap {
-            result = self.plant_trap();
-        }
-        if let Err(error) = result {
+        if let Some((index, error)) = failed {
             // Roll back: remove what this batch added and restore its bytes.
             for id in &ids {
                 if let Some(p) = table.probes.remove(id) {
@@ -1391,7 +1397,7 @@ impl Engine {
                     }
                 }
             }
-            return Err(BatchError { index: 0, error });
+            return Err(BatchError { index, error });
         }
         Ok(ids)
     }
