@@ -450,6 +450,16 @@ fn gone_sites_are_listed_and_their_delete_writes_nothing() {
     r.engine.unregister_batch(&[poisoned, rewritten]).unwrap();
     assert_eq!(r.mem().take_writes(), [], "nothing written into gone code");
     assert_eq!(r.text(), after_guest);
+    // Code poisoned after the last listing: the delete itself sees it.
+    let late = r
+        .engine
+        .register(ProbeRequest::kprobe("t/d", F_LEA))
+        .unwrap();
+    r.mem().write_phys(gpa(F_LEA), &[INT3; 4]).unwrap();
+    r.mem().take_writes();
+    r.engine.unregister(late).unwrap();
+    assert_eq!(r.mem().take_writes(), [], "nothing written into gone code");
+    assert_eq!(r.mem().read_vec(gpa(F_LEA), 4), [INT3; 4]);
     // The live one is still restored as usual.
     r.engine.unregister(kept).unwrap();
     assert_eq!(
