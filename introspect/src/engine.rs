@@ -2313,7 +2313,7 @@ fn rank(h: Handling) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paging::tests::FakeRam;
+    use guest_access::fake::FakeMemory;
     use guest_access::GuestMemory;
 
     struct Layout;
@@ -2331,14 +2331,14 @@ mod tests {
 
     #[test]
     fn pid_and_comm_of_the_current_task() {
-        let ram = FakeRam::new(1 << 16);
+        let ram = FakeMemory::new(1 << 16);
         // per-CPU area at 0x1000; current_task -> task at 0x4000; pid 4242;
         // comm "kworker/0:1".
-        ram.put(0x1040, 0x4000);
+        ram.write_u64(0x1040, 0x4000);
         ram.write_phys(0x4080, &4242i32.to_le_bytes()).unwrap();
         ram.write_phys(0x4084, &4240i32.to_le_bytes()).unwrap();
         // real_parent -> task at 0x5000 with tgid 2.
-        ram.put(0x4090, 0x5000);
+        ram.write_u64(0x4090, 0x5000);
         ram.write_phys(0x5084, &2i32.to_le_bytes()).unwrap();
         ram.write_phys(0x4100, b"kworker/0:1\0").unwrap();
         let sregs = SystemRegs {
@@ -2367,7 +2367,7 @@ mod tests {
         let ctx = HitContext::new(Regs::default(), GuestVirt::new(&ram, sregs, 0), &NoSymbols);
         assert_eq!(ctx.comm(), None);
         // Nor when the task pointer leads nowhere.
-        ram.put(0x1040, 0xdead_0000_0000);
+        ram.write_u64(0x1040, 0xdead_0000_0000);
         let ctx = HitContext::new(Regs::default(), GuestVirt::new(&ram, sregs, 0), &Layout);
         assert_eq!(ctx.current_task(), None);
     }
