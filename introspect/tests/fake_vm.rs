@@ -96,6 +96,11 @@ impl Rig {
         self.mem().read_vec(gpa(addr), 1)[0]
     }
 
+    /// Register one probe; its id.
+    fn add(&self, req: ProbeRequest) -> ProbeId {
+        self.engine.register(req).unwrap()
+    }
+
     /// vCPU `index` (paging on) with these registers.
     fn vcpu(&self, index: usize, regs: Regs) -> FakeVcpu {
         let mut v = self.vm.vcpu(index);
@@ -143,10 +148,7 @@ const NOP5_SLOT: [u8; 6] = [0x0f, 0x1f, 0x44, 0x00, 0x00, INT3];
 fn a_batch_failing_in_its_third_definition_says_index_2_and_leaves_no_trace() {
     let r = rig();
     // A probe from before the batch stays as it was.
-    let old = r
-        .engine
-        .register(ProbeRequest::kprobe("t/old", F_LEA))
-        .unwrap();
+    let old = r.add(ProbeRequest::kprobe("t/old", F_LEA));
     let before = r.text();
     assert_eq!(before[0x30], INT3);
     // The int3 of the third definition cannot be written.
@@ -220,7 +222,7 @@ fn many_probes_at_one_address_count_their_own_hits_and_share_one_int3() {
     let sub = r.engine.subscribe(64, None, None);
     let ids: Vec<ProbeId> = ["t/p1", "t/p2", "t/p3"]
         .iter()
-        .map(|n| r.engine.register(ProbeRequest::kprobe(*n, F_PUSH)).unwrap())
+        .map(|n| r.add(ProbeRequest::kprobe(*n, F_PUSH)))
         .collect();
     assert_eq!(r.byte(F_PUSH), INT3);
     assert_eq!(r.engine.planted_bytes(), [(gpa(F_PUSH), PUSH_RBP)]);
@@ -276,10 +278,7 @@ fn many_probes_at_one_address_count_their_own_hits_and_share_one_int3() {
 fn kretprobe_counts_nmissed_exactly_and_recycles_stale_instances() {
     let r = rig();
     r.engine.set_return_trap(TRAP).unwrap();
-    let id = r
-        .engine
-        .register(ProbeRequest::kretprobe("t/ret", F_PUSH, Some(2)))
-        .unwrap();
+    let id = r.add(ProbeRequest::kretprobe("t/ret", F_PUSH, Some(2)));
     let sub = r.engine.subscribe(64, None, None);
     assert_eq!(r.byte(TRAP), INT3);
     // Four frames, each with its return address on top of the stack.
@@ -356,14 +355,14 @@ fn out_of_line_slots_are_freed_once_no_vcpu_can_be_inside() {
     let pad_before = pad(&r);
 
     // A slot nobody entered goes back at once.
-    let id = r.engine.register(out_of_line("t/x", F_NOP5)).unwrap();
+    let id = r.add(out_of_line("t/x", F_NOP5));
     assert_eq!(r.rows(), [(id, 0, 0, Handling::OutOfLine, false)]);
     assert_ne!(pad(&r), pad_before, "the slot is written in the padding");
     r.engine.unregister(id).unwrap();
     assert_eq!(r.text(), pristine);
 
     // Two vCPUs enter the slot; the probe is deleted while they are inside.
-    let id = r.engine.register(out_of_line("t/y", F_NOP5)).unwrap();
+    let id = r.add(out_of_line("t/y", F_NOP5));
     let enter = |index: usize| {
         let mut v = r.vcpu(
             index,
@@ -419,18 +418,9 @@ fn out_of_line_slots_are_freed_once_no_vcpu_can_be_inside() {
 #[test]
 fn gone_sites_are_listed_and_their_delete_writes_nothing() {
     let r = rig();
-    let poisoned = r
-        .engine
-        .register(ProbeRequest::kprobe("t/a", F_NOP5))
-        .unwrap();
-    let rewritten = r
-        .engine
-        .register(ProbeRequest::kprobe("t/b", F_PUSH))
-        .unwrap();
-    let kept = r
-        .engine
-        .register(ProbeRequest::kprobe("t/c", F_MOV))
-        .unwrap();
+    let poisoned = r.add(ProbeRequest::kprobe("t/a", F_NOP5));
+    let rewritten = r.add(ProbeRequest::kprobe("t/b", F_PUSH));
+    let kept = r.add(ProbeRequest::kprobe("t/c", F_MOV));
     // The guest frees the code under the first (poison over the whole
     // instruction: the int3 byte still reads 0xcc) and rewrites the second.
     r.mem().write_phys(gpa(F_NOP5), &[INT3; 6]).unwrap();
@@ -451,10 +441,7 @@ fn gone_sites_are_listed_and_their_delete_writes_nothing() {
     assert_eq!(r.mem().take_writes(), [], "nothing written into gone code");
     assert_eq!(r.text(), after_guest);
     // Code poisoned after the last listing: the delete itself sees it.
-    let late = r
-        .engine
-        .register(ProbeRequest::kprobe("t/d", F_LEA))
-        .unwrap();
+    let late = r.add(ProbeRequest::kprobe("t/d", F_LEA));
     r.mem().write_phys(gpa(F_LEA), &[INT3; 4]).unwrap();
     r.mem().take_writes();
     r.engine.unregister(late).unwrap();
@@ -475,13 +462,10 @@ fn gone_sites_are_listed_and_their_delete_writes_nothing() {
 fn a_site_moves_to_the_strictest_handling_its_probes_ask_for() {
     let r = rig();
     let pristine = r.text();
-    let e = r
-        .engine
-        .register(ProbeRequest::kprobe("t/e", F_NOP5))
-        .unwrap();
+    let e = r.add(ProbeRequest::kprobe("t/e", F_NOP5));
     assert_eq!(r.rows(), [(e, 0, 0, Handling::Emulated, false)]);
 
-    let o = r.engine.register(out_of_line("t/o", F_NOP5)).unwrap();
+    let o = r.add(out_of_line("t/o", F_NOP5));
     assert_eq!(
         r.rows(),
         [
@@ -495,13 +479,10 @@ fn a_site_moves_to_the_strictest_handling_its_probes_ask_for() {
         "slot written"
     );
 
-    let s = r
-        .engine
-        .register(ProbeRequest {
-            force_single_step: true,
-            ..ProbeRequest::kprobe("t/s", F_NOP5)
-        })
-        .unwrap();
+    let s = r.add(ProbeRequest {
+        force_single_step: true,
+        ..ProbeRequest::kprobe("t/s", F_NOP5)
+    });
     let site = |h| {
         [
             (e, 0, 0, h, false),
