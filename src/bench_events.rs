@@ -12,15 +12,13 @@
 //! records. The real test guest runs at the same time with a probe on
 //! `hv_add`, served and subscribed the same way.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use guest_access::{
-    AccessError, BreakpointAction, BreakpointHandler, GuestMemory, Regs, StopGuard, SystemRegs,
-    TrapKind, Vcpu, VcpuTask, VmControl,
-};
+use guest_access::fake::{FakeMemory, FakeVcpu, FakeVm};
+use guest_access::{BreakpointAction, GuestMemory, Regs, VmControl};
 use introspect::{Engine, EngineConfig, KERNEL_TEXT_MAP};
 use proto::v1::{self, subscribe_response::Payload};
 use service::{Guest, HvProbeService, Listen, ServiceConfig, Symbols, TlsFiles};
@@ -63,115 +61,15 @@ const FAKE_RAM: usize = 0x10000;
 const PATH: &[u8] = b"/etc/hvprobe/bench.conf";
 const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 
-/// Flat guest RAM. Bytes are atomics so that the engine's writes (planting)
-/// and the producers' reads need no lock, like real guest RAM.
-struct FakeMemory {
-    bytes: Box<[AtomicU8]>,
-}
-
-impl FakeMemory {
-    fn range(&self, gpa: u64, len: usize) -> Result<std::ops::Range<usize>, AccessError> {
-        let out = AccessError::OutOfRam { gpa, len };
-        let start = usize::try_from(gpa).map_err(|_| out.clone())?;
-        let end = start.checked_add(len).ok_or(out.clone())?;
-        if end > self.bytes.len() {
-            return Err(out);
-        }
-        Ok(start..end)
-    }
-}
-
-impl GuestMemory for FakeMemory {
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError> {
-        let r = self.range(gpa, buf.len())?;
-        for (b, m) in buf.iter_mut().zip(&self.bytes[r]) {
-            *b = m.load(Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), AccessError> {
-        let r = self.range(gpa, data.len())?;
-        for (b, m) in data.iter().zip(&self.bytes[r]) {
-            m.store(*b, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    fn ram_end(&self) -> u64 {
-        self.bytes.len() as u64
-    }
-}
-
-/// A VM whose vCPUs are the producer threads' [`FakeVcpu`]s: nothing runs
-/// guest code on its own, so there is nobody to stop.
-struct FakeVm {
-    mem: FakeMemory,
-    vcpus: usize,
-}
-
-impl FakeVm {
-    fn new(vcpus: usize) -> Result<Arc<Self>> {
-        let vm = FakeVm {
-            mem: FakeMemory {
-                bytes: (0..FAKE_RAM).map(|_| AtomicU8::new(0)).collect(),
-            },
-            vcpus,
-        };
-        vm.mem.write_phys(TEXT_GPA, &NOP5)?;
-        vm.mem.write_phys(TEXT_GPA + 5, &[0xc3])?;
-        vm.mem.write_phys(STRING_GPA, PATH)?;
-        Ok(Arc::new(vm))
-    }
-}
-
-impl VmControl for FakeVm {
-    fn memory(&self) -> &dyn GuestMemory {
-        &self.mem
-    }
-
-    fn vcpu_count(&self) -> usize {
-        self.vcpus
-    }
-
-    fn stop_others(&self, _except: Option<usize>) -> StopGuard<'_> {
-        StopGuard::new(|| {})
-    }
-
-    fn with_vcpu(&self, index: usize, _f: VcpuTask) -> Result<(), AccessError> {
-        // No vCPU thread: the engine then treats the guest as not yet booted
-        // (paging off, kernel text at its link address).
-        Err(AccessError::VcpuGone(index))
-    }
-}
-
-/// A vCPU stopped at the probe, paging off.
-struct FakeVcpu {
-    index: usize,
-    regs: Regs,
-}
-
-impl Vcpu for FakeVcpu {
-    fn index(&self) -> usize {
-        self.index
-    }
-    fn regs(&mut self) -> Result<Regs, AccessError> {
-        Ok(self.regs)
-    }
-    fn set_regs(&mut self, regs: &Regs) -> Result<(), AccessError> {
-        self.regs = *regs;
-        Ok(())
-    }
-    fn system_regs(&mut self) -> Result<SystemRegs, AccessError> {
-        Ok(SystemRegs::default())
-    }
-    fn single_step(&mut self) -> Result<(), AccessError> {
-        Err(AccessError::StepFailed {
-            vcpu: self.index,
-            rip: self.regs.rip,
-            why: "the benchmark's fake vCPU cannot execute".into(),
-        })
-    }
+/// The synthetic guest: flat RAM holding the probed `nop5` + `ret` and the
+/// fetched string, paging off (kernel text at its link address). Nothing
+/// runs guest code on its own: the producer threads are its vCPUs.
+fn fake_vm(vcpus: usize) -> Result<Arc<FakeVm>> {
+    let mem = FakeMemory::new(FAKE_RAM);
+    mem.write_phys(TEXT_GPA, &NOP5)?;
+    mem.write_phys(TEXT_GPA + 5, &[0xc3])?;
+    mem.write_phys(STRING_GPA, PATH)?;
+    Ok(Arc::new(FakeVm::new(mem, vcpus)))
 }
 
 /// What a client saw on one stream.
@@ -405,15 +303,12 @@ fn produce(
         rflags: 0x2,
         ..Default::default()
     };
-    let mut vcpu = FakeVcpu {
-        index,
-        regs: at_probe,
-    };
+    let mut vcpu = FakeVcpu::new(index, at_probe);
     let mut local = 0u64;
     while !stop.load(Ordering::Relaxed) {
         for _ in 0..256 {
             vcpu.regs = at_probe;
-            let action = engine.on_breakpoint(&mut vcpu, &*vm, TrapKind::EmulationFailure);
+            let action = vcpu.hit(&*engine, &*vm);
             if action != BreakpointAction::Resume || vcpu.regs.rip != addr + NOP5.len() as u64 {
                 bail!(
                     "producer {index}: the hit was not handled as an emulated nop5 ({action:?}, RIP {:#x})",
@@ -532,7 +427,7 @@ pub fn run(args: EventsArgs) -> Result<u8> {
         .context("starting the async runtime")?;
 
     // Synthetic load: an engine over the fake VM.
-    let fake = FakeVm::new(args.producers)?;
+    let fake = fake_vm(args.producers)?;
     let fake_symbols = Arc::new(Symbols::none());
     let fake_engine = Engine::new(
         fake.clone(),

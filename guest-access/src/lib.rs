@@ -8,8 +8,14 @@
 //! on the thread of the vCPU that trapped, with that vCPU stopped in its exit
 //! ([`Vcpu`]). Whole-VM actions (memory, stopping the other vCPUs) go through
 //! [`VmControl`], which is shared by all threads.
+//!
+//! With the cargo feature `fake`, [`fake`] implements these traits in memory
+//! (guest RAM, page tables, vCPUs a test drives) for tests without KVM.
 
 use std::fmt;
+
+#[cfg(feature = "fake")]
+pub mod fake;
 
 /// General-purpose registers, instruction pointer and flags of a vCPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

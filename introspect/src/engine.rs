@@ -1362,18 +1362,24 @@ impl Engine {
             .probes
             .values()
             .any(|p| matches!(p.kind, ProbeType::Kretprobe { .. }));
+        // `addrs[i]` is the site of `reqs[i]`: a failure names that request.
         let addrs: Vec<u64> = ids.iter().map(|id| table.probes[id].site).collect();
-        let mut result = Ok(());
-        for a in &addrs {
-            if let Err(e) = self.sync_site(&table, *a) {
-                result = Err(e);
-                break;
+        let mut failed = addrs
+            .iter()
+            .enumerate()
+            .find_map(|(index, a)| self.sync_site(&table, *a).err().map(|e| (index, e)));
+        if failed.is_none() && need_trap {
+            if let Err(e) = self.plant_trap() {
+                // Planted already if an older kretprobe needed it, so it is
+                // for this batch's first one.
+                let index = reqs
+                    .iter()
+                    .position(|r| matches!(r.kind, ProbeType::Kretprobe { .. }))
+                    .unwrap_or(0);
+                failed = Some((index, e));
             }
         }
-        if result.is_ok() && need_trap {
-            result = self.plant_trap();
-        }
-        if let Err(error) = result {
+        if let Some((index, error)) = failed {
             // Roll back: remove what this batch added and restore its bytes.
             for id in &ids {
                 if let Some(p) = table.probes.remove(id) {
@@ -1391,7 +1397,7 @@ impl Engine {
                     }
                 }
             }
-            return Err(BatchError { index: 0, error });
+            return Err(BatchError { index, error });
         }
         Ok(ids)
     }
@@ -2307,7 +2313,7 @@ fn rank(h: Handling) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paging::tests::FakeRam;
+    use guest_access::fake::FakeMemory;
     use guest_access::GuestMemory;
 
     struct Layout;
@@ -2325,14 +2331,14 @@ mod tests {
 
     #[test]
     fn pid_and_comm_of_the_current_task() {
-        let ram = FakeRam::new(1 << 16);
+        let ram = FakeMemory::new(1 << 16);
         // per-CPU area at 0x1000; current_task -> task at 0x4000; pid 4242;
         // comm "kworker/0:1".
-        ram.put(0x1040, 0x4000);
+        ram.write_u64(0x1040, 0x4000);
         ram.write_phys(0x4080, &4242i32.to_le_bytes()).unwrap();
         ram.write_phys(0x4084, &4240i32.to_le_bytes()).unwrap();
         // real_parent -> task at 0x5000 with tgid 2.
-        ram.put(0x4090, 0x5000);
+        ram.write_u64(0x4090, 0x5000);
         ram.write_phys(0x5084, &2i32.to_le_bytes()).unwrap();
         ram.write_phys(0x4100, b"kworker/0:1\0").unwrap();
         let sregs = SystemRegs {
@@ -2361,7 +2367,7 @@ mod tests {
         let ctx = HitContext::new(Regs::default(), GuestVirt::new(&ram, sregs, 0), &NoSymbols);
         assert_eq!(ctx.comm(), None);
         // Nor when the task pointer leads nowhere.
-        ram.put(0x1040, 0xdead_0000_0000);
+        ram.write_u64(0x1040, 0xdead_0000_0000);
         let ctx = HitContext::new(Regs::default(), GuestVirt::new(&ram, sregs, 0), &Layout);
         assert_eq!(ctx.current_task(), None);
     }

@@ -236,80 +236,30 @@ impl insn_emu::GuestMemory for GuestVirt<'_> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use guest_access::AccessError;
-    use std::sync::Mutex;
-
-    /// Flat fake guest RAM.
-    pub struct FakeRam(pub Mutex<Vec<u8>>);
-
-    impl FakeRam {
-        pub fn new(size: usize) -> Self {
-            FakeRam(Mutex::new(vec![0; size]))
-        }
-        pub fn put(&self, gpa: u64, v: u64) {
-            self.write_phys(gpa, &v.to_le_bytes()).unwrap();
-        }
-        pub fn get(&self, gpa: u64) -> u64 {
-            let mut b = [0u8; 8];
-            self.read_phys(gpa, &mut b).unwrap();
-            u64::from_le_bytes(b)
-        }
-    }
-
-    impl GuestMemory for FakeRam {
-        fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError> {
-            let m = self.0.lock().unwrap();
-            let s = gpa as usize;
-            let src = m.get(s..s + buf.len()).ok_or(AccessError::OutOfRam {
-                gpa,
-                len: buf.len(),
-            })?;
-            buf.copy_from_slice(src);
-            Ok(())
-        }
-        fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), AccessError> {
-            let mut m = self.0.lock().unwrap();
-            let s = gpa as usize;
-            let dst = m.get_mut(s..s + data.len()).ok_or(AccessError::OutOfRam {
-                gpa,
-                len: data.len(),
-            })?;
-            dst.copy_from_slice(data);
-            Ok(())
-        }
-        fn ram_end(&self) -> u64 {
-            self.0.lock().unwrap().len() as u64
-        }
-    }
+    use guest_access::fake::{self, FakeMemory};
 
     pub fn long_mode(cr3: u64, la57: bool) -> SystemRegs {
-        SystemRegs {
-            cr0: SystemRegs::CR0_PG | CR0_WP | 1,
-            cr3,
-            cr4: SystemRegs::CR4_PAE | if la57 { SystemRegs::CR4_LA57 } else { 0 },
-            efer: (1 << 8) | (1 << 10),
-            cpl: 0,
-            long_mode: true,
-            gs_base: 0,
-            kernel_gs_base: 0,
-            idt_base: 0,
+        let mut s = fake::long_mode(cr3);
+        if la57 {
+            s.cr4 |= SystemRegs::CR4_LA57;
         }
+        s
     }
 
     /// Tables: PML4 0x1000, PDPT 0x2000, PD 0x3000, PT 0x4000.
-    fn four_level() -> FakeRam {
-        let ram = FakeRam::new(64 << 20);
+    fn four_level() -> FakeMemory {
+        let ram = FakeMemory::new(64 << 20);
         // 0xffffffff81000000: PML4[511] -> PDPT[510] -> PD[8] 2 MiB page at 16 MiB (read-only)
-        ram.put(0x1000 + 511 * 8, 0x2000 | PRESENT | WRITABLE);
-        ram.put(0x2000 + 510 * 8, 0x3000 | PRESENT | WRITABLE);
-        ram.put(0x3000 + 8 * 8, 0x100_0000 | PRESENT | LARGE);
+        ram.write_u64(0x1000 + 511 * 8, 0x2000 | PRESENT | WRITABLE);
+        ram.write_u64(0x2000 + 510 * 8, 0x3000 | PRESENT | WRITABLE);
+        ram.write_u64(0x3000 + 8 * 8, 0x100_0000 | PRESENT | LARGE);
         // 0xffffffff81200000: a 4 KiB page table, page 0 -> 0x50000 writable, page 1 -> 0x7000
-        ram.put(0x3000 + 9 * 8, 0x4000 | PRESENT | WRITABLE);
-        ram.put(0x4000, 0x50000 | PRESENT | WRITABLE);
-        ram.put(0x4000 + 8, 0x7000 | PRESENT | WRITABLE);
+        ram.write_u64(0x3000 + 9 * 8, 0x4000 | PRESENT | WRITABLE);
+        ram.write_u64(0x4000, 0x50000 | PRESENT | WRITABLE);
+        ram.write_u64(0x4000 + 8, 0x7000 | PRESENT | WRITABLE);
         // 0xffff888000000000: PML4[273] -> PDPT[0] 1 GiB page at 0
-        ram.put(0x1000 + 273 * 8, 0x5000 | PRESENT | WRITABLE);
-        ram.put(0x5000, PRESENT | WRITABLE | LARGE | NX);
+        ram.write_u64(0x1000 + 273 * 8, 0x5000 | PRESENT | WRITABLE);
+        ram.write_u64(0x5000, PRESENT | WRITABLE | LARGE | NX);
         ram
     }
 
@@ -369,14 +319,14 @@ pub(crate) mod tests {
         v.read(gva, &mut r, Access::KernelRead).unwrap();
         assert_eq!(r, [1, 2, 3, 4, 5, 6, 7, 8]);
         // Dirty and accessed bits were set on both leaves.
-        assert_ne!(ram.get(0x4000) & DIRTY, 0);
-        assert_ne!(ram.get(0x4008) & ACCESSED, 0);
+        assert_ne!(ram.read_u64(0x4000) & DIRTY, 0);
+        assert_ne!(ram.read_u64(0x4008) & ACCESSED, 0);
     }
 
     #[test]
     fn write_is_all_or_nothing_across_pages() {
         let ram = four_level();
-        ram.put(0x4000 + 8, 0); // second page unmapped
+        ram.write_u64(0x4000 + 8, 0); // second page unmapped
         let v = GuestVirt::new(&ram, long_mode(0x1000, false), 0);
         assert!(v.write(0xffff_ffff_8120_0ffe, &[9, 9, 9, 9]).is_err());
         let mut b = [0u8; 2];
@@ -386,12 +336,12 @@ pub(crate) mod tests {
 
     #[test]
     fn five_level_walk() {
-        let ram = FakeRam::new(1 << 20);
+        let ram = FakeMemory::new(1 << 20);
         // PML5 0x1000 [511] -> PML4 0x2000 [511] -> PDPT 0x3000 [510] -> PD 0x4000 [8] 2M at 0x200000
-        ram.put(0x1000 + 511 * 8, 0x2000 | PRESENT);
-        ram.put(0x2000 + 511 * 8, 0x3000 | PRESENT);
-        ram.put(0x3000 + 510 * 8, 0x4000 | PRESENT);
-        ram.put(0x4000 + 8 * 8, 0x20_0000 | PRESENT | LARGE);
+        ram.write_u64(0x1000 + 511 * 8, 0x2000 | PRESENT);
+        ram.write_u64(0x2000 + 511 * 8, 0x3000 | PRESENT);
+        ram.write_u64(0x3000 + 510 * 8, 0x4000 | PRESENT);
+        ram.write_u64(0x4000 + 8 * 8, 0x20_0000 | PRESENT | LARGE);
         let v = GuestVirt::new(&ram, long_mode(0x1000, true), 0);
         let t = v.translate(0xffff_ffff_8100_0042, Access::Inspect).unwrap();
         assert_eq!(t.gpa, 0x20_0042);
@@ -404,11 +354,11 @@ pub(crate) mod tests {
 
     #[test]
     fn smap_blocks_user_pages_unless_ac() {
-        let ram = FakeRam::new(1 << 20);
-        ram.put(0x1000, 0x2000 | PRESENT | USER | WRITABLE);
-        ram.put(0x2000, 0x3000 | PRESENT | USER | WRITABLE);
-        ram.put(0x3000, 0x4000 | PRESENT | USER | WRITABLE);
-        ram.put(0x4000, 0x8000 | PRESENT | USER | WRITABLE);
+        let ram = FakeMemory::new(1 << 20);
+        ram.write_u64(0x1000, 0x2000 | PRESENT | USER | WRITABLE);
+        ram.write_u64(0x2000, 0x3000 | PRESENT | USER | WRITABLE);
+        ram.write_u64(0x3000, 0x4000 | PRESENT | USER | WRITABLE);
+        ram.write_u64(0x4000, 0x8000 | PRESENT | USER | WRITABLE);
         let mut s = long_mode(0x1000, false);
         s.cr4 |= CR4_SMAP;
         let v = GuestVirt::new(&ram, s, 0);
@@ -422,8 +372,27 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn walks_the_fake_vms_page_tables() {
+        let ram = FakeMemory::new(1 << 20);
+        let mut pt = fake::PageTables::new(&ram, 0x1000..0x8000);
+        pt.map(0xffff_ffff_8100_0000, 0x2_0000, 0x2000, fake::Perm::TEXT);
+        pt.map(0xffff_c900_0000_0000, 0x3_0000, 0x1000, fake::Perm::DATA);
+        let v = GuestVirt::new(&ram, fake::long_mode(pt.cr3()), 0);
+        let t = v.translate(0xffff_ffff_8100_1234, Access::Inspect).unwrap();
+        assert_eq!((t.gpa, t.writable, t.executable), (0x2_1234, false, true));
+        let t = v.translate(0xffff_c900_0000_0010, Access::Inspect).unwrap();
+        assert_eq!((t.gpa, t.writable, t.executable), (0x3_0010, true, false));
+        assert!(matches!(
+            v.translate(0xffff_ffff_8100_2000, Access::Inspect),
+            Err(PageFault::NotPresent { level: 1, .. })
+        ));
+        pt.unmap(0xffff_ffff_8100_1000);
+        assert!(v.translate(0xffff_ffff_8100_1234, Access::Inspect).is_err());
+    }
+
+    #[test]
     fn paging_off_is_identity() {
-        let ram = FakeRam::new(1 << 20);
+        let ram = FakeMemory::new(1 << 20);
         let v = GuestVirt::new(&ram, SystemRegs::default(), 0);
         assert_eq!(
             v.translate(0x1234, Access::KernelWrite).unwrap().gpa,

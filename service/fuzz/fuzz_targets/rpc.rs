@@ -18,7 +18,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use guest_access::{AccessError, GuestMemory, StopGuard, VcpuTask, VmControl};
+use guest_access::fake::FakeVm;
+use guest_access::{AccessError, GuestMemory};
 use introspect::{Engine, EngineConfig};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -129,26 +130,6 @@ impl GuestMemory for FakeRam {
     }
 }
 
-/// Two vCPUs that never run: nobody to stop, no thread to run tasks on.
-struct FakeVm {
-    ram: FakeRam,
-}
-
-impl VmControl for FakeVm {
-    fn memory(&self) -> &dyn GuestMemory {
-        &self.ram
-    }
-    fn vcpu_count(&self) -> usize {
-        2
-    }
-    fn stop_others(&self, _except: Option<usize>) -> StopGuard<'_> {
-        StopGuard::new(|| {})
-    }
-    fn with_vcpu(&self, index: usize, _f: VcpuTask) -> Result<(), AccessError> {
-        Err(AccessError::VcpuGone(index))
-    }
-}
-
 /// Small limits so that the limit paths are reachable by short inputs and
 /// a subscription's queue is cheap.
 fn config() -> ServiceConfig {
@@ -244,12 +225,12 @@ async fn run(svc: &HvProbeService, data: &[u8]) {
 
 fuzz_target!(|data: &[u8]| {
     let b = base();
-    let vm = Arc::new(FakeVm {
-        ram: FakeRam {
-            base: &b.bytes,
-            dirty: Mutex::new(HashMap::new()),
-        },
-    });
+    // Two vCPUs that never run: nobody to stop.
+    let ram = FakeRam {
+        base: &b.bytes,
+        dirty: Mutex::new(HashMap::new()),
+    };
+    let vm = Arc::new(FakeVm::new(ram, 2));
     let engine = Engine::new(vm.clone(), b.symbols.clone(), EngineConfig::for_vcpus(2));
     if let Some(trap) = b.symbols.return_trap_candidate() {
         engine.set_return_trap(trap).expect("return trap");
@@ -275,7 +256,7 @@ fuzz_target!(|data: &[u8]| {
     drop(rt);
     assert!(engine.list().is_empty(), "probes left after deleting all");
     assert!(
-        vm.ram.pristine(),
+        vm.mem().pristine(),
         "guest text not restored after deleting all probes"
     );
 });

@@ -4,12 +4,10 @@
 //! are the engine's own breakpoint handler run on a fake vCPU at the probe.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use guest_access::{
-    AccessError, BreakpointAction, BreakpointHandler, GuestMemory, Regs, StopGuard, SystemRegs,
-    TrapKind, Vcpu, VcpuTask, VmControl,
-};
+use guest_access::fake::{FakeMemory, FakeVcpu, FakeVm};
+use guest_access::{BreakpointAction, GuestMemory, Regs};
 use introspect::{Engine, EngineConfig, KERNEL_TEXT_MAP};
 use object::{Object, ObjectSegment};
 use proto::v1::{self, subscribe_response::Payload};
@@ -17,79 +15,6 @@ use tokio_stream::StreamExt;
 
 use super::doc;
 use crate::{Guest, HvProbeService, ServiceConfig, Symbols};
-
-struct FakeMemory(Mutex<Vec<u8>>);
-
-impl GuestMemory for FakeMemory {
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError> {
-        let m = self.0.lock().unwrap();
-        let s = usize::try_from(gpa).unwrap();
-        let src = m.get(s..s + buf.len()).ok_or(AccessError::OutOfRam {
-            gpa,
-            len: buf.len(),
-        })?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-
-    fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), AccessError> {
-        let mut m = self.0.lock().unwrap();
-        let s = usize::try_from(gpa).unwrap();
-        let dst = m.get_mut(s..s + data.len()).ok_or(AccessError::OutOfRam {
-            gpa,
-            len: data.len(),
-        })?;
-        dst.copy_from_slice(data);
-        Ok(())
-    }
-
-    fn ram_end(&self) -> u64 {
-        self.0.lock().unwrap().len() as u64
-    }
-}
-
-struct FakeVm(FakeMemory);
-
-impl VmControl for FakeVm {
-    fn memory(&self) -> &dyn GuestMemory {
-        &self.0
-    }
-    fn vcpu_count(&self) -> usize {
-        1
-    }
-    fn stop_others(&self, _except: Option<usize>) -> StopGuard<'_> {
-        StopGuard::new(|| {})
-    }
-    fn with_vcpu(&self, index: usize, _f: VcpuTask) -> Result<(), AccessError> {
-        // Not booted: paging off, kernel text at its link address.
-        Err(AccessError::VcpuGone(index))
-    }
-}
-
-struct FakeVcpu(Regs);
-
-impl Vcpu for FakeVcpu {
-    fn index(&self) -> usize {
-        0
-    }
-    fn regs(&mut self) -> Result<Regs, AccessError> {
-        Ok(self.0)
-    }
-    fn set_regs(&mut self, regs: &Regs) -> Result<(), AccessError> {
-        self.0 = *regs;
-        Ok(())
-    }
-    fn system_regs(&mut self) -> Result<SystemRegs, AccessError> {
-        Ok(SystemRegs::default())
-    }
-    fn single_step(&mut self) -> Result<(), AccessError> {
-        Err(AccessError::StepFailed {
-            vcpu: 0,
-            rip: self.0.rip,
-            why: "fake vCPU".into(),
-        })
-    }
-}
 
 struct Rig {
     svc: HvProbeService,
@@ -114,7 +39,9 @@ fn rig() -> Rig {
         let at = usize::try_from(gpa(s.address())).unwrap();
         ram[at..at + data.len()].copy_from_slice(data);
     }
-    let vm = Arc::new(FakeVm(FakeMemory(Mutex::new(ram))));
+    let mem = FakeMemory::new(ram.len());
+    mem.write_phys(0, &ram).unwrap();
+    let vm = Arc::new(FakeVm::new(mem, 1));
     let symbols = Arc::new(Symbols::from_vmlinux(test_guest::kernel_path()).unwrap());
     let engine = Engine::new(vm.clone(), symbols.clone(), EngineConfig::for_vcpus(1));
     let guest = Guest::new(vm.clone());
@@ -145,18 +72,19 @@ impl Rig {
             .find(|p| p.address == entry)
             .map_or(entry, |p| p.site);
         for _ in 0..n {
-            let mut vcpu = FakeVcpu(Regs {
-                rip: addr,
-                rdi: 5,
-                rsp: 0x8000,
-                rflags: 0x2,
-                ..Default::default()
-            });
-            let a = self
-                .engine
-                .on_breakpoint(&mut vcpu, &*self.vm, TrapKind::EmulationFailure);
+            let mut vcpu = FakeVcpu::new(
+                0,
+                Regs {
+                    rip: addr,
+                    rdi: 5,
+                    rsp: 0x8000,
+                    rflags: 0x2,
+                    ..Default::default()
+                },
+            );
+            let a = vcpu.hit(&*self.engine, &*self.vm);
             assert_eq!(a, BreakpointAction::Resume);
-            assert_ne!(vcpu.0.rip, addr, "the displaced instruction ran");
+            assert_ne!(vcpu.regs.rip, addr, "the displaced instruction ran");
         }
     }
 
@@ -180,9 +108,7 @@ impl Rig {
     /// with one).
     fn byte_at(&self, symbol: &str) -> u8 {
         let addr = self.symbols.lookup(symbol).unwrap() + 5;
-        let mut b = [0u8];
-        self.vm.0.read_phys(addr - KERNEL_TEXT_MAP, &mut b).unwrap();
-        b[0]
+        self.vm.mem().read_vec(addr - KERNEL_TEXT_MAP, 1)[0]
     }
 }
 
