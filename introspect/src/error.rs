@@ -1,6 +1,8 @@
 //! Why an engine operation was refused. Each error says what and where, in
 //! kernel terms (`sym+off`, the kernel's own error names in the service).
 
+use guest_access::AccessError;
+
 use crate::events::ProbeId;
 use crate::task;
 
@@ -57,8 +59,14 @@ pub enum ProbeError {
         state_addr: u64,
         why: String,
     },
+    #[error("the return trap at {addr:#x} is in use by live kretprobes")]
+    ReturnTrapInUse { addr: u64 },
+    /// A snapshot could not be taken, or its probe table does not fit the
+    /// requests it was restored with.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     #[error("guest access failed: {0}")]
-    Guest(String),
+    Guest(#[from] AccessError),
 }
 
 /// A failed batch: which request failed, why; nothing of the batch remains.
@@ -78,8 +86,4 @@ pub enum TaskListingError {
     NoPaging,
     #[error(transparent)]
     Walk(#[from] task::TaskListError),
-}
-
-pub(crate) fn guest_err(e: guest_access::AccessError) -> ProbeError {
-    ProbeError::Guest(e.to_string())
 }

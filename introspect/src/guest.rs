@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use guest_access::{SystemRegs, VmControl};
 
-use crate::error::{guest_err, ProbeError};
+use crate::error::ProbeError;
 use crate::paging::{Access, GuestVirt};
 use crate::symbols::{InitText, KernelSymbols, KERNEL_TEXT_MAP, SYSTEM_FREEING_INITMEM};
 
@@ -111,7 +111,7 @@ impl Guest {
     /// One byte of guest RAM.
     pub fn read_byte(&self, gpa: u64) -> Result<u8, ProbeError> {
         let mut b = [0u8; 1];
-        self.vm.memory().read_phys(gpa, &mut b).map_err(guest_err)?;
+        self.vm.memory().read_phys(gpa, &mut b)?;
         Ok(b[0])
     }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use guest_access::{SystemRegs, Vcpu, VmControl};
 
-use crate::error::{guest_err, BatchError, ProbeError, TaskListingError};
+use crate::error::{BatchError, ProbeError, TaskListingError};
 use crate::events::{EventBus, EventFilter, ProbeId, SubscribeOptions, Subscription, Waker};
 use crate::fetch::Reporter;
 use crate::guest::Guest;
@@ -170,10 +170,8 @@ impl Engine {
     pub fn set_return_trap(&self, addr: u64) -> Result<(), ProbeError> {
         let _api = self.api.lock().unwrap();
         let mut t = self.kret.trap.lock().unwrap();
-        if t.as_ref().is_some_and(|t| t.planted) {
-            return Err(ProbeError::Guest(
-                "the return trap is in use by live kretprobes".into(),
-            ));
+        if let Some(t) = t.as_ref().filter(|t| t.planted) {
+            return Err(ProbeError::ReturnTrapInUse { addr: t.addr });
         }
         if self.guest.init_text().is_some_and(|i| i.contains(addr)) {
             return Err(ProbeError::Blacklisted {
@@ -185,10 +183,7 @@ impl Engine {
         let sregs = self.kernel_system_regs();
         let gpa = self.guest.text_gpa(addr, sregs.as_ref())?;
         let mut b = [0u8; 1];
-        self.vm()
-            .memory()
-            .read_phys(gpa, &mut b)
-            .map_err(guest_err)?;
+        self.vm().memory().read_phys(gpa, &mut b)?;
         *t = Some(ReturnTrap {
             addr,
             gpa,
@@ -291,7 +286,7 @@ impl Engine {
             if given.len() != staged.len() || taken.is_some() {
                 return Err(BatchError {
                     index: taken.unwrap_or(0),
-                    error: ProbeError::Guest("restored probe ids collide or miscount".into()),
+                    error: ProbeError::Snapshot("restored probe ids collide or miscount".into()),
                 });
             }
         }

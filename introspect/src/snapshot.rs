@@ -133,7 +133,7 @@ impl Engine {
             // The world runs for a moment, so the vCPU in the way moves on.
             std::thread::sleep(Duration::from_millis(1));
         }
-        Err(ProbeError::Guest(format!(
+        Err(ProbeError::Snapshot(format!(
             "no clean point for a snapshot in {CLEAN_POINT_TRIES} tries: {why}"
         )))
     }
@@ -151,7 +151,7 @@ impl Engine {
         }
         let points = self.vcpu_points();
         if points.len() != self.vm().vcpu_count() {
-            return Err(ProbeError::Guest(format!(
+            return Err(ProbeError::Snapshot(format!(
                 "only {} of {} vCPUs answered: the guest is stopping or stopped",
                 points.len(),
                 self.vm().vcpu_count()
@@ -316,7 +316,7 @@ impl Engine {
     ) -> Result<Vec<ProbeId>, BatchError> {
         let bad = |index: usize, why: String| BatchError {
             index,
-            error: ProbeError::Guest(why),
+            error: ProbeError::Snapshot(why),
         };
         if requests.len() != state.probes.len() {
             return Err(bad(

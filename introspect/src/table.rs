@@ -16,7 +16,7 @@ use guest_access::SystemRegs;
 use insn_emu::Displaced;
 use probe_spec::ProbeDef;
 
-use crate::error::{guest_err, ProbeError};
+use crate::error::ProbeError;
 use crate::events::ProbeId;
 use crate::guest::Guest;
 use crate::xol::{Slots, XolSlot};
@@ -512,8 +512,7 @@ impl Prepare<'_> {
             self.guest
                 .vm
                 .memory()
-                .read_phys(gpa, &mut out[done..done + n])
-                .map_err(guest_err)?;
+                .read_phys(gpa, &mut out[done..done + n])?;
             done += n;
         }
         let inside = |a: u64| a >= addr && a < addr + len as u64;

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use guest_access::{GuestMemory, StopGuard, SystemRegs, Vcpu, VmControl};
 use insn_emu::Displaced;
 
-use crate::error::{guest_err, ProbeError};
+use crate::error::ProbeError;
 use crate::guest::Guest;
 use crate::kretprobe::Kretprobes;
 use crate::table::{Site, Table};
@@ -49,7 +49,7 @@ fn write_gpas(
     data: &[u8],
 ) -> Result<(), ProbeError> {
     for (gpa, b) in gpas.iter().zip(data) {
-        mem.write_phys(*gpa, &[*b]).map_err(guest_err)?;
+        mem.write_phys(*gpa, &[*b])?;
     }
     Ok(())
 }
