@@ -1,8 +1,82 @@
-//! The engine's view of guest symbols, backed by the `guest-symbols` crate.
+//! The engine's view of guest symbols: what it asks ([`KernelSymbols`]) and
+//! an answer backed by the `guest-symbols` crate ([`SymbolIndex`]).
 
 use guest_symbols::{Blacklist, SymbolTable};
 
-use crate::KernelSymbols;
+use crate::task::TaskLayout;
+
+/// Linux's (and the test guest's) kernel-text mapping: virtual
+/// `0xffffffff80000000 + x` is physical `x` when the kernel is not relocated.
+pub const KERNEL_TEXT_MAP: u64 = 0xffff_ffff_8000_0000;
+
+/// What the engine needs to know about guest symbols.
+pub trait KernelSymbols: Send + Sync {
+    /// The function containing `addr`: (name, start, end).
+    fn function_at(&self, addr: u64) -> Option<(String, u64, u64)>;
+    /// Why `addr` must not be probed, if it must not.
+    fn blacklisted(&self, _addr: u64) -> Option<String> {
+        None
+    }
+    /// `sym+0x5/0x40` for `addr`.
+    fn describe(&self, addr: u64) -> Option<String> {
+        self.function_at(addr)
+            .map(|(n, s, e)| format!("{n}+{:#x}/{:#x}", addr - s, e - s))
+    }
+    /// `[start, end)` kernel-text ranges the guest never executes (padding
+    /// between functions): room for out-of-line instruction slots.
+    fn scratch_ranges(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
+    /// Where Linux keeps the current task and its name (for `$comm`).
+    fn task_layout(&self) -> Option<TaskLayout> {
+        None
+    }
+    /// Whether `addr` is inside kernel text the guest runs (a sized text
+    /// symbol), like Linux's `kernel_text_address()`; None when there is no
+    /// symbol information to say (raw addresses are then taken on trust,
+    /// with the page-table checks only).
+    fn is_kernel_text(&self, _addr: u64) -> Option<bool> {
+        None
+    }
+    /// The kernel text the guest frees once it has booted, if it has any.
+    fn init_text(&self) -> Option<InitText> {
+        None
+    }
+}
+
+/// Kernel text the guest frees when it has booted: Linux's `__init` code,
+/// `[__init_begin, __init_end)`, which `free_initmem()` poisons with 0xcc and
+/// gives to the page allocator. `kernel_init()` sets `system_state` to
+/// SYSTEM_FREEING_INITMEM before it frees anything, and nothing runs init
+/// code after that, so a probe there is gone from that moment: from then on
+/// hvprobe writes nothing into the range (no restore, no plant, no
+/// snapshot overlay).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InitText {
+    pub start: u64,
+    pub end: u64,
+    /// Virtual address of the kernel's `system_state` (an `enum`, 4 bytes).
+    pub system_state: u64,
+}
+
+impl InitText {
+    pub fn contains(&self, addr: u64) -> bool {
+        addr >= self.start && addr < self.end
+    }
+}
+
+/// Linux's `enum system_states`: SYSTEM_BOOTING, SYSTEM_SCHEDULING, then
+/// SYSTEM_FREEING_INITMEM (2), SYSTEM_RUNNING, ...
+pub const SYSTEM_FREEING_INITMEM: u32 = 2;
+
+/// No symbols known: no boundary, entry or blacklist checks are possible.
+pub struct NoSymbols;
+
+impl KernelSymbols for NoSymbols {
+    fn function_at(&self, _: u64) -> Option<(String, u64, u64)> {
+        None
+    }
+}
 
 /// Function bounds, `sym+off/size` and the kprobe blacklist from a symbol
 /// table (vmlinux ELF, System.map, kallsyms).
@@ -92,9 +166,9 @@ impl KernelSymbols for SymbolIndex {
             .collect()
     }
 
-    fn init_text(&self) -> Option<crate::InitText> {
+    fn init_text(&self) -> Option<InitText> {
         let (start, end) = self.init_range()?;
-        Some(crate::InitText {
+        Some(InitText {
             start,
             end,
             system_state: self.table.lookup("system_state").ok()?,

@@ -3,6 +3,14 @@
 //! and traps once more; the host resumes it after the original instruction.
 //! Two exits, and no other vCPU has to stop, because the probe's own `int3`
 //! never leaves guest text.
+//!
+//! This file relocates and keeps the books: which padding is free
+//! ([`Scratch`]), what each slot holds ([`XolSlot`]), which are retired.
+//! Writing a slot into guest text, and putting the padding back, is
+//! `text.rs`'s (with the world stopped).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use iced_x86::{
     BlockEncoder, BlockEncoderOptions, Decoder, DecoderOptions, FlowControl, Instruction,
@@ -67,6 +75,74 @@ pub fn relocate(bytes: &[u8], ip: u64, slot_ip: u64) -> Option<Vec<u8>> {
     Some(out.code_buffer)
 }
 
+/// A relocated copy of a displaced instruction plus an int3, in guest padding.
+pub(crate) struct XolSlot {
+    pub addr: u64,
+    /// Relocated instruction followed by 0xcc.
+    pub code: Vec<u8>,
+    /// The padding bytes the slot replaced.
+    pub saved: Vec<u8>,
+    /// Guest-physical address of each slot byte, translated once when the
+    /// slot was written (so freeing it touches the same bytes).
+    pub gpas: Vec<u64>,
+    /// Where execution continues after the slot.
+    pub resume: u64,
+    /// vCPUs between entering the slot and its trailing int3.
+    pub in_flight: AtomicU32,
+}
+
+impl XolSlot {
+    /// The address of the trailing int3.
+    pub fn end(&self) -> u64 {
+        self.addr + self.code.len() as u64 - 1
+    }
+
+    /// Whether `addr` is one of the slot's bytes.
+    pub fn contains(&self, addr: u64) -> bool {
+        addr >= self.addr && addr <= self.end()
+    }
+
+    /// Whether a vCPU is between entering the slot and leaving it.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// Every live slot, by the address of its trailing int3, and the slots of
+/// removed sites that a vCPU may still be inside (retired: freed by the last
+/// vCPU to leave). Kept under the probe table's lock.
+#[derive(Default)]
+pub(crate) struct Slots {
+    pub by_end: std::collections::HashMap<u64, Arc<XolSlot>>,
+    pub retired: Vec<Arc<XolSlot>>,
+}
+
+impl Slots {
+    /// Live and retired slots.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<XolSlot>> {
+        self.by_end.values().chain(self.retired.iter())
+    }
+
+    pub fn is_retired(&self, slot: &Arc<XolSlot>) -> bool {
+        self.retired.iter().any(|s| Arc::ptr_eq(s, slot))
+    }
+
+    /// Retire `slot` if a vCPU is inside it (true), else leave it to be freed.
+    pub fn retire_if_busy(&mut self, slot: &Arc<XolSlot>) -> bool {
+        if slot.busy() {
+            self.retired.push(slot.clone());
+            return true;
+        }
+        false
+    }
+
+    /// Forget a slot that is being freed.
+    pub fn forget(&mut self, slot: &XolSlot) {
+        self.by_end.remove(&slot.end());
+        self.retired.retain(|s| !std::ptr::eq(&**s, slot));
+    }
+}
+
 /// Free host-owned byte ranges in guest text (function padding).
 #[derive(Debug, Default)]
 pub struct Scratch {
@@ -79,6 +155,26 @@ impl Scratch {
         ranges.retain(|r| r.1 > r.0);
         ranges.sort_unstable();
         Self { free: ranges }
+    }
+
+    /// The pool for out-of-line slots: the padding `ranges`, minus any in
+    /// `init` text (which the guest frees) and minus the return trap's byte.
+    pub fn for_padding(ranges: Vec<(u64, u64)>, init: Option<(u64, u64)>, trap: u64) -> Self {
+        let mut pool = Vec::new();
+        for (s, e) in ranges {
+            // Never in text the guest frees.
+            if init.is_some_and(|(is, ie)| s < ie && e > is) {
+                continue;
+            }
+            // Keep the return trap byte out of the pool.
+            if trap >= s && trap < e {
+                pool.push((s, trap));
+                pool.push((trap + 1, e));
+            } else {
+                pool.push((s, e));
+            }
+        }
+        Self::new(pool)
     }
 
     /// Candidate start addresses with at least `len` free bytes.

@@ -165,13 +165,10 @@ fn a_batch_failing_in_its_third_definition_says_index_2_and_leaves_no_trace() {
         err,
         BatchError {
             index: 2,
-            error: ProbeError::Guest(
-                AccessError::OutOfRam {
-                    gpa: gpa(F_PUSH),
-                    len: 1
-                }
-                .to_string()
-            ),
+            error: ProbeError::Guest(AccessError::OutOfRam {
+                gpa: gpa(F_PUSH),
+                len: 1
+            }),
         }
     );
     assert_eq!(r.text(), before, "guest text is byte-identical");

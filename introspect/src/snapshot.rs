@@ -16,9 +16,13 @@ use guest_access::{SystemRegs, Vcpu};
 use probe_spec::{EntryArgs, Value};
 use serde::{Deserialize, Serialize};
 
-use super::{BatchError, Engine, Instance, ProbeError, ProbeRequest, ProbeType, Table};
+use crate::error::{BatchError, ProbeError};
 use crate::events::ProbeId;
+use crate::kprobes::Engine;
+use crate::kretprobe::Instance;
 use crate::paging::{Access, GuestVirt};
+use crate::table::{ProbeRequest, ProbeType, Table};
+use crate::text::{self, World};
 
 /// How often a snapshot retries to find every vCPU outside hvprobe's own
 /// code (an out-of-line slot or the return trap) before giving up.
@@ -116,7 +120,7 @@ impl Engine {
         let mut why = String::new();
         for _ in 0..CLEAN_POINT_TRIES {
             {
-                let _world = self.vm.stop_others(None);
+                let _world = World::stop(self.vm(), None);
                 let table = self.table.read().unwrap();
                 match self.clean_point(&table)? {
                     Ok(points) => {
@@ -129,7 +133,7 @@ impl Engine {
             // The world runs for a moment, so the vCPU in the way moves on.
             std::thread::sleep(Duration::from_millis(1));
         }
-        Err(ProbeError::Guest(format!(
+        Err(ProbeError::Snapshot(format!(
             "no clean point for a snapshot in {CLEAN_POINT_TRIES} tries: {why}"
         )))
     }
@@ -146,11 +150,11 @@ impl Engine {
             return Ok(Err(format!("{in_handler} vCPU(s) inside probe handling")));
         }
         let points = self.vcpu_points();
-        if points.len() != self.vm.vcpu_count() {
-            return Err(ProbeError::Guest(format!(
+        if points.len() != self.vm().vcpu_count() {
+            return Err(ProbeError::Snapshot(format!(
                 "only {} of {} vCPUs answered: the guest is stopping or stopped",
                 points.len(),
-                self.vm.vcpu_count()
+                self.vm().vcpu_count()
             )));
         }
         Ok(match self.unclean(table, &points) {
@@ -160,10 +164,10 @@ impl Engine {
     }
 
     fn vcpu_points(&self) -> Vec<VcpuPoint> {
-        (0..self.vm.vcpu_count())
+        (0..self.vm().vcpu_count())
             .filter_map(|i| {
                 let (tx, rx) = std::sync::mpsc::channel();
-                let asked = self.vm.with_vcpu(
+                let asked = self.vm().with_vcpu(
                     i,
                     Box::new(move |v: &mut dyn Vcpu| {
                         let rip = v.regs().map(|r| r.rip).unwrap_or(0);
@@ -178,9 +182,9 @@ impl Engine {
 
     /// Why the stopped world is not a clean point for a snapshot, if it is not.
     fn unclean(&self, table: &Table, points: &[VcpuPoint]) -> Option<String> {
-        let trap = self.trap_addr.load(Ordering::SeqCst);
-        let slots = || table.slot_ends.values().chain(table.retired.iter());
-        if let Some(sl) = slots().find(|s| s.in_flight.load(Ordering::SeqCst) > 0) {
+        let trap = self.kret.trap_addr();
+        let slots = || table.slots.all();
+        if let Some(sl) = slots().find(|s| s.busy()) {
             return Some(format!(
                 "a vCPU is inside the out-of-line slot at {:#x}",
                 sl.addr
@@ -190,7 +194,7 @@ impl Engine {
             if trap != 0 && p.rip == trap {
                 return Some(format!("vCPU {i} is at the return trap"));
             }
-            if let Some(sl) = slots().find(|s| p.rip >= s.addr && p.rip <= s.end()) {
+            if let Some(sl) = slots().find(|s| s.contains(p.rip)) {
                 return Some(format!(
                     "vCPU {i} is inside the out-of-line slot at {:#x}",
                     sl.addr
@@ -204,22 +208,22 @@ impl Engine {
         let mut originals: Vec<(u64, Vec<u8>)> = table
             .sites
             .values()
-            .filter(|s| s.planted.load(Ordering::SeqCst) && !self.in_freed_init(s.addr))
+            .filter(|s| s.planted.load(Ordering::SeqCst) && !self.guest.in_freed_init(s.addr))
             .map(|s| (s.gpa, vec![s.original]))
             .collect();
-        let trap = self.trap.lock().unwrap();
+        let trap = self.kret.trap.lock().unwrap();
         if let Some(t) = trap.as_ref().filter(|t| t.planted) {
             originals.push((t.gpa, vec![t.original]));
         }
-        for sl in table.slot_ends.values().chain(table.retired.iter()) {
+        for sl in table.slots.all() {
             originals.extend(sl.gpas.iter().zip(&sl.saved).map(|(g, b)| (*g, vec![*b])));
         }
         let trap_addr = trap.as_ref().map(|t| t.addr);
         drop(trap);
         let mut instances = Vec::new();
-        let live = self.instances.lock().unwrap();
+        let live = self.kret.instances.lock().unwrap();
         if let (Some(trap_addr), Some(sregs)) = (trap_addr, sregs) {
-            let virt = GuestVirt::new(self.vm.memory(), *sregs, 0);
+            let virt = GuestVirt::new(self.vm().memory(), *sregs, 0);
             for (slot, list) in live.iter() {
                 let mut now = [0u8; 8];
                 if virt.read(*slot, &mut now, Access::Inspect).is_err()
@@ -312,7 +316,7 @@ impl Engine {
     ) -> Result<Vec<ProbeId>, BatchError> {
         let bad = |index: usize, why: String| BatchError {
             index,
-            error: ProbeError::Guest(why),
+            error: ProbeError::Snapshot(why),
         };
         if requests.len() != state.probes.len() {
             return Err(bad(
@@ -341,6 +345,8 @@ impl Engine {
         let ids: Vec<ProbeId> = state.probes.iter().map(|p| p.id).collect();
         self.register_batch_as(requests, Some(&ids))?;
         let _api = self.api.lock().unwrap();
+        // Nothing runs yet in a restored VM, but the trap's int3 is text.
+        let world = World::stop(self.vm(), None);
         let mut table = self.table.write().unwrap();
         table.next_id = table.next_id.max(state.next_id);
         for s in &state.probes {
@@ -367,22 +373,22 @@ impl Engine {
         ] {
             a.store(v, Ordering::Relaxed);
         }
-        self.restore_instances(state, &table);
+        self.restore_instances(&world, state, &table);
         Ok(ids)
     }
 
     /// Point each saved instance's stack slot at the trap again. A slot that
     /// no longer holds the real return address (it cannot change in a
     /// restored image, but the check costs nothing) is counted as recycled.
-    fn restore_instances(&self, state: &EngineState, table: &Table) {
+    fn restore_instances(&self, world: &World<'_>, state: &EngineState, table: &Table) {
         let Some(trap) = self.return_trap_address() else {
             return;
         };
         let Some(sregs) = self.kernel_system_regs() else {
             return;
         };
-        let virt = GuestVirt::new(self.vm.memory(), sregs, 0);
-        let mut live = self.instances.lock().unwrap();
+        let virt = GuestVirt::new(self.vm().memory(), sregs, 0);
+        let mut live = self.kret.instances.lock().unwrap();
         for i in &state.instances {
             let probe = table
                 .probes
@@ -414,7 +420,7 @@ impl Engine {
         }
         if !live.is_empty() {
             drop(live);
-            if let Err(e) = self.plant_trap() {
+            if let Err(e) = text::plant_trap(world, self.vm().memory(), &self.kret) {
                 tracing::warn!("restored kretprobe instances but cannot plant the trap: {e}");
             }
         }

@@ -1,0 +1,288 @@
+//! The breakpoint handler: every `int3` exit of the guest lands here, on the
+//! trapping vCPU's thread (`arch/x86/kernel/kprobes/core.c`'s
+//! `kprobe_int3_handler` and its resume paths). In order:
+//!
+//! 1. the return trap: a kretprobe's function returned ([`crate::kretprobe`]);
+//! 2. the trailing `int3` of an out-of-line slot: continue after the
+//!    original instruction ([`Engine::leave_slot`]);
+//! 3. one of our sites: report each enabled probe ([`crate::fetch`]), then
+//!    run the displaced instruction: emulated on the host (one exit), out
+//!    of line in a slot (two exits), or in place with the world stopped
+//!    and a single-step ([`crate::text::step_in_place`]);
+//! 4. not ours: the guest's own `int3` (delivered back as #BP) or a stale
+//!    trap at an `int3` removed meanwhile (resumed: the original runs).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use guest_access::{BreakpointAction, BreakpointHandler, Regs, TrapKind, Vcpu, VmControl};
+
+use crate::fetch::HitContext;
+use crate::kprobes::Engine;
+use crate::paging::{Access, GuestVirt};
+use crate::table::{Handling, ProbeType, Site};
+use crate::text::{self, World, INT3};
+use crate::xol::XolSlot;
+
+const RFLAGS_TF: u64 = 1 << 8;
+const RFLAGS_IF: u64 = 1 << 9;
+
+impl BreakpointHandler for Engine {
+    fn owns_address(&self, rip: u64) -> bool {
+        let trap = self.kret.trap_addr.load(Ordering::Relaxed);
+        if trap != 0 && rip == trap {
+            return true;
+        }
+        let table = self.table.read().unwrap();
+        table.slots.by_end.contains_key(&rip)
+            || table
+                .sites
+                .get(&rip)
+                .is_some_and(|s| s.planted.load(Ordering::Relaxed))
+    }
+
+    fn on_breakpoint(
+        &self,
+        vcpu: &mut dyn Vcpu,
+        vm: &dyn VmControl,
+        kind: TrapKind,
+    ) -> BreakpointAction {
+        self.in_handler.fetch_add(1, Ordering::SeqCst);
+        let action = self.handle_breakpoint(vcpu, vm, kind);
+        self.in_handler.fetch_sub(1, Ordering::SeqCst);
+        action
+    }
+}
+
+fn emu_regs(r: &Regs) -> insn_emu::Regs {
+    insn_emu::Regs {
+        gpr: r.gprs(),
+        rip: r.rip,
+        rflags: r.rflags,
+    }
+}
+
+impl Engine {
+    /// Dispatch one trap (see the module comment).
+    fn handle_breakpoint(
+        &self,
+        vcpu: &mut dyn Vcpu,
+        vm: &dyn VmControl,
+        _kind: TrapKind,
+    ) -> BreakpointAction {
+        let Ok(regs) = vcpu.regs() else {
+            return BreakpointAction::DeliverToGuest;
+        };
+        let rip = regs.rip;
+        let trap = self.kret.trap_addr.load(Ordering::Relaxed);
+        if trap != 0 && rip == trap {
+            return self.return_trap(vcpu, vm, regs);
+        }
+        let (site, resume) = {
+            let t = self.table.read().unwrap();
+            (
+                t.sites.get(&rip).cloned(),
+                t.slots.by_end.get(&rip).cloned(),
+            )
+        };
+        if let Some(slot) = resume {
+            return self.leave_slot(vcpu, vm, regs, &slot);
+        }
+        let Some(site) = site else {
+            return self.not_ours(vcpu, vm, rip);
+        };
+        if !site.planted.load(Ordering::SeqCst) {
+            self.counters.stale_traps.fetch_add(1, Ordering::Relaxed);
+            return BreakpointAction::Resume;
+        }
+        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        let sregs = vcpu.system_regs().unwrap_or_default();
+        let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
+        self.report_hit(&site, vcpu.index() as u32, virt, regs, trap);
+        let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
+        if site.handling == Handling::Emulated && self.emulate(&site, vcpu, virt, regs) {
+            return BreakpointAction::Resume;
+        }
+        if let (Handling::OutOfLine, Some(sl)) = (site.handling, &site.slot) {
+            if self.enter_slot(vcpu, regs, sl) {
+                return BreakpointAction::Resume;
+            }
+        }
+        self.step_over(&site, vcpu, vm)
+    }
+
+    /// Report a hit to every enabled probe at the site: kprobe events, and
+    /// an instance for each kretprobe.
+    fn report_hit(&self, site: &Site, vcpu: u32, virt: GuestVirt<'_>, regs: Regs, trap: u64) {
+        let ctx = HitContext::new(regs, virt, &*self.guest.symbols).with_exe(self.exe_for_hit());
+        let reporter = self.reporter();
+        let probes = site.probes.snapshot();
+        let armed = self.armed();
+        let mut returns = Vec::new();
+        for p in probes.iter() {
+            if !armed || !p.enabled.load(Ordering::Relaxed) {
+                continue;
+            }
+            p.hits.fetch_add(1, Ordering::Relaxed);
+            match p.kind {
+                ProbeType::Kprobe => reporter.kprobe_hit(p, &ctx, vcpu),
+                ProbeType::Kretprobe { .. } => returns.push(p.clone()),
+            }
+        }
+        if !returns.is_empty() && trap != 0 {
+            self.kret.entry(&returns, &ctx, trap, &reporter);
+        }
+    }
+
+    /// Emulate the displaced instruction on the host; false when the
+    /// emulator declines (counted as a fallback: the caller steps instead).
+    fn emulate(
+        &self,
+        site: &Site,
+        vcpu: &mut dyn Vcpu,
+        mut virt: GuestVirt<'_>,
+        regs: Regs,
+    ) -> bool {
+        let mut er = emu_regs(&regs);
+        match site.displaced.emulate(&mut er, &mut virt) {
+            Ok(_) => {
+                let mut out = regs;
+                out.set_gprs(er.gpr);
+                out.rip = er.rip;
+                out.rflags = er.rflags;
+                if vcpu.set_regs(&out).is_ok() {
+                    self.counters.emulated.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+            }
+            Err(e) => tracing::debug!("emulation declined at {:#x}: {e}", regs.rip),
+        }
+        self.counters
+            .emulation_fallbacks
+            .fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
+    /// Send the vCPU into the site's out-of-line slot; false when it must
+    /// step instead (TF set: the guest's own #DB must see the real RIP).
+    fn enter_slot(&self, vcpu: &mut dyn Vcpu, regs: Regs, sl: &XolSlot) -> bool {
+        if regs.rflags & RFLAGS_TF != 0 {
+            return false;
+        }
+        // Interrupts stay masked in the slot, so no interrupt frame can ever
+        // point into it (it may be freed later).
+        let mut r = regs;
+        r.rip = sl.addr;
+        r.rflags &= !RFLAGS_IF;
+        self.xol_if[vcpu.index()].store(regs.rflags & RFLAGS_IF != 0, Ordering::SeqCst);
+        sl.in_flight.fetch_add(1, Ordering::SeqCst);
+        if vcpu.set_regs(&r).is_ok() {
+            self.counters.out_of_line.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        sl.in_flight.fetch_sub(1, Ordering::SeqCst);
+        false
+    }
+
+    /// Back from an out-of-line slot: restore IF and continue after the
+    /// original instruction; free the slot if it was retired meanwhile.
+    fn leave_slot(
+        &self,
+        vcpu: &mut dyn Vcpu,
+        vm: &dyn VmControl,
+        regs: Regs,
+        slot: &Arc<XolSlot>,
+    ) -> BreakpointAction {
+        let mut r = regs;
+        r.rip = slot.resume;
+        if self.xol_if[vcpu.index()].load(Ordering::SeqCst) {
+            r.rflags |= RFLAGS_IF;
+        }
+        let left = slot.in_flight.fetch_sub(1, Ordering::SeqCst) == 1;
+        if vcpu.set_regs(&r).is_err() {
+            return BreakpointAction::DeliverToGuest;
+        }
+        if left && self.table.read().unwrap().slots.is_retired(slot) {
+            let world = World::stop(vm, Some(vcpu.index()));
+            let mut table = self.table.write().unwrap();
+            if !slot.busy() {
+                text::free_slot(&world, &self.guest, slot, &mut table.slots, &self.pool);
+            }
+        }
+        BreakpointAction::Resume
+    }
+
+    /// The guest returned into the trap: report and continue at the real
+    /// return address. The guest's `ret` already ran, so no emulation is needed.
+    fn return_trap(
+        &self,
+        vcpu: &mut dyn Vcpu,
+        vm: &dyn VmControl,
+        mut regs: Regs,
+    ) -> BreakpointAction {
+        self.counters.return_traps.fetch_add(1, Ordering::Relaxed);
+        let sregs = vcpu.system_regs().unwrap_or_default();
+        let ctx = HitContext::new(
+            regs,
+            GuestVirt::new(vm.memory(), sregs, regs.rflags),
+            &*self.guest.symbols,
+        )
+        .with_exe(self.exe_for_hit());
+        let returned = self
+            .kret
+            .returned(&ctx, vcpu.index() as u32, &self.reporter());
+        let Some(return_to) = returned else {
+            // Nothing to return to: let the guest see the int3 (it will oops
+            // with a clear backtrace rather than run off somewhere).
+            return BreakpointAction::DeliverToGuest;
+        };
+        regs.rip = return_to;
+        if vcpu.set_regs(&regs).is_err() {
+            return BreakpointAction::DeliverToGuest;
+        }
+        if self.kret.retire_due() {
+            // The last orphaned instance came home: give the byte back.
+            let world = World::stop(vm, Some(vcpu.index()));
+            let table = self.table.read().unwrap();
+            text::retire_trap_if_unused(&world, vm.memory(), &table, &self.kret);
+        }
+        BreakpointAction::Resume
+    }
+
+    /// The trap was not at one of our sites.
+    fn not_ours(&self, vcpu: &mut dyn Vcpu, vm: &dyn VmControl, rip: u64) -> BreakpointAction {
+        let sregs = vcpu.system_regs().unwrap_or_default();
+        let virt = GuestVirt::new(vm.memory(), sregs, 0);
+        let mut b = [0u8; 1];
+        match virt.read(rip, &mut b, Access::Inspect) {
+            Ok(()) if b[0] == INT3 => {
+                self.counters.guest_int3.fetch_add(1, Ordering::Relaxed);
+                BreakpointAction::DeliverToGuest
+            }
+            _ => {
+                // Our int3 was removed after the vCPU trapped: run the original.
+                self.counters.stale_traps.fetch_add(1, Ordering::Relaxed);
+                BreakpointAction::Resume
+            }
+        }
+    }
+
+    /// Stop the world, restore, step, re-plant.
+    fn step_over(&self, site: &Site, vcpu: &mut dyn Vcpu, vm: &dyn VmControl) -> BreakpointAction {
+        self.counters.single_stepped.fetch_add(1, Ordering::Relaxed);
+        let world = World::stop(vm, Some(vcpu.index()));
+        // While this vCPU waited to stop the world (it counts as parked
+        // then), an API call may have removed the site or rebuilt it as a
+        // new object. Act on what the table holds now, never on the stale
+        // copy: re-planting from a removed site would leave an int3 nobody
+        // owns, which the guest would then receive as its own #BP and
+        // resume one byte into the instruction.
+        let current = self.table.read().unwrap().sites.get(&site.addr).cloned();
+        let Some(current) = current else {
+            // Gone: the original byte is back; run it natively.
+            return BreakpointAction::Resume;
+        };
+        text::step_in_place(&world, vm.memory(), &current, vcpu);
+        BreakpointAction::Resume
+    }
+}
