@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use proto::v1::{self, export_record::Record, subscribe_response::Payload};
 use tokio_stream::StreamExt;
 
-use crate::server::HvProbeService;
+use crate::subscribe::{self, Streams};
 
 /// Version of the [`v1::ExportRecord`] envelope written.
 pub const EXPORT_VERSION: u32 = 1;
@@ -151,20 +151,19 @@ pub fn check(cfg: &ExportConfig) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", cfg.path.display()))
 }
 
-impl HvProbeService {
-    /// Starts exporting every event to `cfg.path`. The file is opened (and
-    /// its directory checked) here, so a bad path is an error now. `rt`
-    /// runs the stream; the writing happens on a thread of its own.
-    pub fn start_export(
-        &self,
+impl Exporter {
+    /// Starts exporting every event of `streams` to `cfg.path` (see
+    /// `HvProbeService::start_export`).
+    pub(crate) fn start(
+        streams: Arc<Streams>,
         cfg: ExportConfig,
         rt: &tokio::runtime::Handle,
     ) -> Result<Exporter, String> {
         let rotator = Rotator::open(&cfg).map_err(|e| format!("{}: {e}", cfg.path.display()))?;
         let stream = {
             let _enter = rt.enter();
-            crate::subscribe::start(
-                self.inner.clone(),
+            subscribe::start(
+                streams,
                 v1::SubscribeRequest {
                     queue_capacity: cfg.queue_capacity,
                     ..Default::default()

@@ -14,14 +14,15 @@
 //! # }
 //! ```
 
+mod catalog;
 pub mod client;
-mod convert;
+mod config;
+mod encode;
 mod errors;
 pub mod export;
 mod kaslr;
 pub mod listen;
 pub mod metrics;
-mod packed;
 pub mod policy;
 mod server;
 pub mod sink;
@@ -29,11 +30,12 @@ mod snapshot;
 mod subscribe;
 mod symbols;
 
+pub use config::ServiceConfig;
 pub use export::{ExportConfig, ExportStats, Exporter};
 pub use listen::{Listen, ListenError, TlsFiles};
 pub use metrics::Metrics;
 pub use policy::{DocError, LoadReport, PolicyDef};
-pub use server::{BridgeInfoFn, Guest, HvProbeService, ServiceConfig};
+pub use server::{BridgeInfoFn, Guest, HvProbeService};
 pub use sink::{Sink, SinkConfig, SinkKind, SinkStats};
 pub use snapshot::{SnapshotWriter, WrittenSnapshot};
 pub use symbols::{DwarfNames, SymbolError, Symbols};

@@ -262,7 +262,7 @@ impl Metrics {
             "Events dropped at full subscriber queues (all subscribers, all probes)",
             st.events_dropped,
         );
-        let s = &inner.streams;
+        let s = &inner.streams.totals;
         counter1(
             &mut reg,
             "stream_events",
@@ -281,11 +281,7 @@ impl Metrics {
             "Event streams started",
             s.started.load(Ordering::Relaxed),
         );
-        let open = inner
-            .admitted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .streams();
+        let open = inner.streams.open();
         gauge1(&mut reg, "streams", "Event streams open", clamp(open));
         if let Some(e) = self.export.get() {
             let l = |a: &AtomicU64| a.load(Ordering::Relaxed);

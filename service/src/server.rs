@@ -1,8 +1,8 @@
 //! The `hvprobe.v1.HvProbe` service over the probe engine.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use guest_access::VmControl;
@@ -12,51 +12,13 @@ use proto::v1::{self, hv_probe_server::HvProbe};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::convert;
+use crate::catalog::{self, ProbeMeta, ProbeTable};
+use crate::config::ServiceConfig;
 use crate::errors::{check_len, engine_error, engine_op_error, parse_error, quote};
-use crate::subscribe;
+use crate::export::{ExportConfig, Exporter};
+use crate::sink::{Sink, SinkConfig};
+use crate::subscribe::{self, Streams};
 use crate::symbols::Symbols;
-
-/// Limits and defaults of the service.
-#[derive(Clone, Debug)]
-pub struct ServiceConfig {
-    /// Most probes defined at once (RESOURCE_EXHAUSTED beyond).
-    pub max_probes: usize,
-    /// Most concurrent subscriptions (RESOURCE_EXHAUSTED beyond).
-    pub max_subscribers: usize,
-    /// Subscriber queue size when the request leaves it 0.
-    pub default_queue_capacity: u32,
-    /// Largest subscriber queue a client may ask for.
-    pub max_queue_capacity: u32,
-    /// Sum of all subscribers' queue capacities (events). A full queue of
-    /// events with strings costs ~150 bytes an event, so the default
-    /// (4 Mi events) bounds the queues together near 600 MiB.
-    pub max_queued_events_total: u64,
-    /// Events per batch when the request leaves it 0.
-    pub default_batch_events: u32,
-    /// Largest batch a client may ask for.
-    pub max_batch_events: u32,
-    /// Batching delay when the request leaves it 0.
-    pub default_batch_delay_ms: u32,
-    /// Longest batching delay a client may ask for.
-    pub max_batch_delay_ms: u32,
-}
-
-impl Default for ServiceConfig {
-    fn default() -> Self {
-        ServiceConfig {
-            max_probes: 4096,
-            max_subscribers: 64,
-            default_queue_capacity: 16384,
-            max_queue_capacity: 1 << 20,
-            max_queued_events_total: 1 << 22,
-            default_batch_events: 512,
-            max_batch_events: 16384,
-            default_batch_delay_ms: 20,
-            max_batch_delay_ms: 10_000,
-        }
-    }
-}
 
 /// The guest's lifecycle as the runner reports it, plus the VM for reads.
 pub struct Guest {
@@ -126,97 +88,6 @@ impl Guest {
     }
 }
 
-/// What the service knows about a probe beyond the engine's table.
-pub(crate) struct ProbeMeta {
-    pub id: ProbeId,
-    pub group: String,
-    pub event: String,
-    pub kind: v1::ProbeKind,
-    pub symbol: String,
-    pub offset: u64,
-    pub module: String,
-    pub location: String,
-    pub definition: String,
-    pub filter: Option<Filter>,
-    /// The filter as written (empty: none), saved with snapshots.
-    pub filter_text: String,
-    /// Argument names in definition order, with their filter field types
-    /// (`None`: not filterable, e.g. arrays), resolved once at creation.
-    pub args: Vec<(String, Option<FieldKind>)>,
-    /// `sym+0x0/0x40` of the probed address, for trace lines.
-    pub ip_text: String,
-    /// The fields of its events as packed streams send them.
-    pub fields: Vec<v1::FieldSchema>,
-    /// Held while its filter names `exe`: hits then read executable paths.
-    pub _exe: Option<introspect::ExeInterest>,
-    /// The policy it belongs to (its rate limit, tags and counters).
-    pub policy: Option<Arc<crate::policy::PolicyRun>>,
-}
-
-impl ProbeMeta {
-    /// Whether its events need a look of their own on the event path (a
-    /// filter or a policy).
-    fn per_event(&self) -> bool {
-        self.filter.is_some() || self.policy.is_some()
-    }
-}
-
-/// Live probes plus recently deleted ones (their queued events still need
-/// names after the probe is gone).
-#[derive(Default)]
-pub(crate) struct ProbeTable {
-    pub live: BTreeMap<ProbeId, Arc<ProbeMeta>>,
-    pub retired: HashMap<ProbeId, Arc<ProbeMeta>>,
-    /// Live probes with a filter of their own or a policy; read without the
-    /// table's lock by subscriptions, which skip per-event lookups while it
-    /// is 0.
-    pub filtered: Arc<AtomicUsize>,
-    /// Highest probe id whose metadata is in the table (engine ids only
-    /// grow). A probe hit between its registration and this mark reaches
-    /// no stream: a stream must never name its fields by guesswork.
-    pub named_upto: Arc<AtomicU64>,
-}
-
-impl ProbeTable {
-    pub fn get(&self, id: ProbeId) -> Option<&Arc<ProbeMeta>> {
-        self.live.get(&id).or_else(|| self.retired.get(&id))
-    }
-
-    pub(crate) fn insert(&mut self, m: ProbeMeta) {
-        if m.per_event() {
-            self.filtered.fetch_add(1, Ordering::SeqCst);
-        }
-        let id = m.id;
-        self.live.insert(id, Arc::new(m));
-        self.named_upto.fetch_max(id, Ordering::Release);
-    }
-
-    /// Puts `m` in place of the live probe of its id (a new filter).
-    pub(crate) fn replace(&mut self, m: ProbeMeta) {
-        if let Some(old) = self.live.remove(&m.id) {
-            if old.per_event() {
-                self.filtered.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
-        self.insert(m);
-    }
-
-    pub(crate) fn retire(&mut self, id: ProbeId) {
-        if let Some(m) = self.live.remove(&id) {
-            if m.per_event() {
-                self.filtered.fetch_sub(1, Ordering::SeqCst);
-            }
-            // Bounded: the oldest retired names go first.
-            if self.retired.len() >= 4096 {
-                if let Some(&old) = self.retired.keys().min() {
-                    self.retired.remove(&old);
-                }
-            }
-            self.retired.insert(id, m);
-        }
-    }
-}
-
 pub(crate) struct Inner {
     pub engine: Arc<Engine>,
     pub symbols: Arc<Symbols>,
@@ -227,28 +98,12 @@ pub(crate) struct Inner {
     pub probes: Arc<RwLock<ProbeTable>>,
     /// Serialises create/delete so the limit check and the table agree.
     ops: Mutex<()>,
-    pub next_subscription: AtomicU64,
-    /// Streams admitted and their queue capacities, counted under one lock
-    /// so that concurrent subscribes cannot pass the limits together.
-    pub admitted: Arc<Mutex<crate::subscribe::Admitted>>,
-    /// Totals over every stream since the start (metrics).
-    pub streams: StreamTotals,
+    /// The event streams (gRPC subscribers, export file, sinks).
+    pub streams: Arc<Streams>,
     /// Loaded policies by name.
     pub policies: RwLock<BTreeMap<String, Arc<crate::policy::PolicyRun>>>,
     /// Serialises policy loads (taken before `ops`).
     pub policy_ops: Mutex<()>,
-}
-
-/// Counters of all event streams together (the export file's included),
-/// for `/metrics`: a stream's own numbers are in its `lost` records.
-#[derive(Debug, Default)]
-pub(crate) struct StreamTotals {
-    /// Events handed to streams.
-    pub events: AtomicU64,
-    /// Events counted in `lost` records (the subscribers' queues were full).
-    pub lost: AtomicU64,
-    /// Streams ever started.
-    pub started: AtomicU64,
 }
 
 /// The gRPC service. Cheap to clone.
@@ -280,17 +135,22 @@ impl HvProbeService {
         guest: Arc<Guest>,
         config: ServiceConfig,
     ) -> Self {
+        let probes = Arc::new(RwLock::new(ProbeTable::default()));
+        let streams = Arc::new(Streams::new(
+            Box::new(engine.clone()),
+            probes.clone(),
+            symbols.clone(),
+            config.clone(),
+        ));
         HvProbeService {
             inner: Arc::new(Inner {
                 engine,
                 symbols,
                 guest,
                 config,
-                probes: Arc::new(RwLock::new(ProbeTable::default())),
+                probes,
                 ops: Mutex::new(()),
-                next_subscription: AtomicU64::new(1),
-                admitted: Arc::default(),
-                streams: StreamTotals::default(),
+                streams,
                 policies: RwLock::default(),
                 policy_ops: Mutex::new(()),
             }),
@@ -314,6 +174,24 @@ impl HvProbeService {
         self.inner.create(defs, true)
     }
 
+    /// Starts exporting every event to `cfg.path`. The file is opened (and
+    /// its directory checked) here, so a bad path is an error now. `rt`
+    /// runs the stream; the writing happens on a thread of its own.
+    pub fn start_export(
+        &self,
+        cfg: ExportConfig,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<Exporter, String> {
+        Exporter::start(self.inner.streams.clone(), cfg, rt)
+    }
+
+    /// Starts a push sink: subscribes with its own queue now (so nothing
+    /// produced after this returns is missed) and delivers on a thread of
+    /// its own. `rt` runs the subscription's pump.
+    pub fn start_sink(&self, cfg: SinkConfig, rt: &tokio::runtime::Handle) -> Result<Sink, String> {
+        Sink::start(self.inner.streams.clone(), cfg, rt)
+    }
+
     /// The event stream `Subscribe` serves, for in-process consumers (the
     /// demo). Must be called inside a tokio runtime.
     pub fn subscribe_stream(
@@ -321,7 +199,7 @@ impl HvProbeService {
         req: v1::SubscribeRequest,
     ) -> Result<impl Stream<Item = Result<v1::SubscribeResponse, Status>> + Send + 'static, Status>
     {
-        subscribe::start(self.inner.clone(), req)
+        subscribe::start(self.inner.streams.clone(), req)
     }
 }
 
@@ -436,7 +314,7 @@ impl Inner {
         let args: Vec<(String, Option<FieldKind>)> = pd
             .args
             .iter()
-            .map(|a| (a.name.clone(), convert::arg_field_kind(&a.ty)))
+            .map(|a| (a.name.clone(), catalog::arg_field_kind(&a.ty)))
             .collect();
         let filter_text = probe_spec::trim_line(&def.filter);
         let names_exe = std::cell::Cell::new(false);
@@ -447,7 +325,7 @@ impl Inner {
             let is_return = pd.kind.is_return();
             f.check(&|name: &str| {
                 names_exe.set(names_exe.get() || name == "exe");
-                probe_field_kind(&args, is_return, name)
+                catalog::probe_field_kind(&args, is_return, name)
             })
             .map_err(|e| parse_error(&e, index))?;
             Some(f)
@@ -481,7 +359,7 @@ impl Inner {
             filter_text: def.filter.trim().to_string(),
             args,
             ip_text,
-            fields: crate::packed::fields_of(&pd),
+            fields: catalog::fields_of(&pd),
             _exe: names_exe.get().then(|| self.engine.want_exe()),
             policy: None,
         };
@@ -652,7 +530,7 @@ impl Inner {
         Ok(rows
             .iter()
             .filter(|r| ids.is_none_or(|ids| ids.contains(&r.id)))
-            .filter_map(|r| t.live.get(&r.id).map(|m| convert::probe_info(r, m)))
+            .filter_map(|r| t.live.get(&r.id).map(|m| catalog::probe_info(r, m)))
             .collect())
     }
 
@@ -828,31 +706,6 @@ impl Inner {
             probe_count: u32::try_from(self.engine.list().len()).unwrap_or(u32::MAX),
             syscall_bridge: self.guest.bridge_info(),
         }
-    }
-}
-
-/// Type of a field a probe's own filter may name.
-fn probe_field_kind(
-    args: &[(String, Option<FieldKind>)],
-    is_return: bool,
-    name: &str,
-) -> Option<FieldKind> {
-    match args.iter().find(|(n, _)| n == name) {
-        Some((_, kind)) => *kind,
-        None => common_field_kind(name, is_return),
-    }
-}
-
-/// Fields every event has: the vCPU, the guest task (`common_pid`, `comm`:
-/// known when the guest's DWARF gives `task_struct`'s layout; without it
-/// predicates on them are false), and the return value of return probes.
-pub(crate) fn common_field_kind(name: &str, is_return: bool) -> Option<FieldKind> {
-    match name {
-        "cpu" => Some(FieldKind::Unsigned),
-        "common_pid" | "tgid" | "ppid" => Some(FieldKind::Signed),
-        "comm" | "exe" => Some(FieldKind::String),
-        "retval" if is_return => Some(FieldKind::Unsigned),
-        _ => None,
     }
 }
 
@@ -1156,7 +1009,7 @@ impl HvProbe for HvProbeService {
         &self,
         req: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let stream = subscribe::start(self.inner.clone(), req.into_inner())?;
+        let stream = subscribe::start(self.inner.streams.clone(), req.into_inner())?;
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -610,14 +610,14 @@ policies:
                 let args: Vec<(String, Option<probe_spec::FieldKind>)> = pd
                     .args
                     .iter()
-                    .map(|a| (a.name.clone(), crate::convert::arg_field_kind(&a.ty)))
+                    .map(|a| (a.name.clone(), crate::catalog::arg_field_kind(&a.ty)))
                     .collect();
                 let ret = pd.kind.is_return();
                 f.check(&|name: &str| {
                     args.iter()
                         .find(|(n, _)| n == name)
                         .and_then(|(_, k)| *k)
-                        .or_else(|| crate::server::common_field_kind(name, ret))
+                        .or_else(|| crate::catalog::common_field_kind(name, ret))
                 })
                 .unwrap_or_else(|e| panic!("{}: {e:?}", d.probe_context(i)));
             }

@@ -345,12 +345,12 @@ impl Inner {
         let mut prepared: Vec<Option<crate::server::Prepared>> =
             prepared.into_iter().map(Some).collect();
         let mut ids: Vec<Option<ProbeId>> = vec![None; adds.len()];
-        let mut metas: Vec<Option<crate::server::ProbeMeta>> =
+        let mut metas: Vec<Option<crate::catalog::ProbeMeta>> =
             (0..adds.len()).map(|_| None).collect();
         let register = |which: &[usize],
                         prepared: &mut Vec<Option<crate::server::Prepared>>,
                         ids: &mut Vec<Option<ProbeId>>,
-                        metas: &mut Vec<Option<crate::server::ProbeMeta>>|
+                        metas: &mut Vec<Option<crate::catalog::ProbeMeta>>|
          -> Result<(), Status> {
             if which.is_empty() {
                 return Ok(());
@@ -520,7 +520,7 @@ impl Inner {
     /// and fresh counters (their hits so far go to their policies), and
     /// their policies point at the new ids.
     fn restore_replaced(&self, old: &[ProbeId], hits: &HashMap<ProbeId, u64>) {
-        let metas: Vec<Arc<crate::server::ProbeMeta>> = {
+        let metas: Vec<Arc<crate::catalog::ProbeMeta>> = {
             let t = self.probes.read().unwrap_or_else(|e| e.into_inner());
             old.iter()
                 .filter_map(|id| t.live.get(id).cloned())

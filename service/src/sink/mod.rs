@@ -41,8 +41,7 @@ use proto::v1::{self, export_record::Record, subscribe_response::Payload};
 use tokio_stream::StreamExt;
 
 use crate::export::{rfc3339, EXPORT_VERSION};
-use crate::server::HvProbeService;
-use crate::subscribe::QueuedTotal;
+use crate::subscribe::{self, QueuedTotal, Streams};
 
 /// Which sink.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -334,15 +333,17 @@ impl Drop for Sink {
     }
 }
 
-impl HvProbeService {
-    /// Starts a push sink: subscribes with its own queue now (so nothing
-    /// produced after this returns is missed) and delivers on a thread of
-    /// its own. `rt` runs the subscription's pump.
-    pub fn start_sink(&self, cfg: SinkConfig, rt: &tokio::runtime::Handle) -> Result<Sink, String> {
+impl Sink {
+    /// Starts a push sink over `streams` (see `HvProbeService::start_sink`).
+    pub(crate) fn start(
+        streams: Arc<Streams>,
+        cfg: SinkConfig,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<Sink, String> {
         let (stream, queued) = {
             let _enter = rt.enter();
-            crate::subscribe::start_observed(
-                self.inner.clone(),
+            subscribe::start_observed(
+                streams,
                 v1::SubscribeRequest {
                     queue_capacity: cfg.queue_capacity,
                     max_batch_events: cfg.batch_events,
