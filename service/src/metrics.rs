@@ -28,8 +28,9 @@ use prometheus_client::registry::Registry;
 use proto::v1;
 
 use crate::export::ExportStats;
-use crate::server::{HvProbeService, Inner};
+use crate::server::HvProbeService;
 use crate::sink::{DropReason, SinkKind, SinkStats};
+use crate::state::Inner;
 
 /// VM exits by kind, from the VMM (the service does not know it).
 pub type ExitsFn = Box<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
