@@ -151,9 +151,6 @@ impl Inner {
         })
     }
 
-    /// The kernel's banner, and whether guest memory holds it at the
-    /// link-time address (the test guest and `nokaslr` kernels are not
-    /// relocated): equal bytes verify a zero slide.
     /// The image's banner, and whether the guest has the same bytes at the
     /// (slid) `linux_banner`: read through a vCPU's page tables once the
     /// kernel runs, else at the unrelocated physical address.

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use introspect::events::SubscribeOptions;
 use introspect::{Engine, Event, ExeInterest, ProbeId, Subscription};
@@ -22,6 +22,7 @@ use crate::config::ServiceConfig;
 use crate::encode::Batch;
 use crate::errors::parse_error;
 use crate::symbols::Symbols;
+use crate::time::now_ns;
 
 /// What a subscription needs of the probe engine: a queue of its events,
 /// and the reading of executable paths while someone filters on them.
@@ -114,12 +115,6 @@ fn pick(asked: u32, default: u32, max: u32, what: &str) -> Result<u32, Status> {
         ))),
         n => Ok(n),
     }
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Checks the request, subscribes to the engine and spawns the task that
