@@ -185,7 +185,7 @@ pub(crate) fn fields_of(def: &ProbeDef) -> Vec<v1::FieldSchema> {
 
 /// Column and width of a fetch type.
 fn kind_of(t: &FetchType) -> (PackedKind, u32) {
-    let bits = 8 * t.base.size() as u32;
+    let bits = u32::try_from(8 * t.base.size()).unwrap_or(u32::MAX);
     match t.base {
         BaseType::U8 | BaseType::U16 | BaseType::U32 | BaseType::U64 => {
             (PackedKind::Unsigned, bits)
@@ -221,7 +221,7 @@ pub(crate) fn guess_fields(ev: &Event) -> Vec<v1::FieldSchema> {
             let (kind, bits, count) = match v {
                 Value::Array { elements } => {
                     let (k, b) = packed_kind_of_value(elements.first());
-                    (k, b, elements.len() as u32)
+                    (k, b, u32::try_from(elements.len()).unwrap_or(u32::MAX))
                 }
                 v => {
                     let (k, b) = packed_kind_of_value(Some(v));

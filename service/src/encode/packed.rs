@@ -82,7 +82,7 @@ impl PackedEncoder {
         match &ev.task {
             Some(t) => {
                 b.pid.push(t.pid);
-                let next = b.comms.len() as u32;
+                let next = u32::try_from(b.comms.len()).unwrap_or(u32::MAX);
                 let i = *self.comms.entry(t.comm).or_insert_with(|| {
                     b.comms.push(String::from_utf8_lossy(t.comm()).into_owned());
                     next
@@ -92,10 +92,10 @@ impl PackedEncoder {
                 b.ppid.push(t.ppid);
                 let e = match &t.exe {
                     Some(path) => match b.exes.iter().position(|x| x[..] == path[..]) {
-                        Some(e) => e as u32,
+                        Some(e) => u32::try_from(e).unwrap_or(u32::MAX),
                         None => {
                             b.exes.push(path.to_vec());
-                            (b.exes.len() - 1) as u32
+                            u32::try_from(b.exes.len() - 1).unwrap_or(u32::MAX)
                         }
                     },
                     None => 0,

@@ -80,8 +80,10 @@ impl ExportConfig {
 /// per start (start time and process id).
 pub fn vm_identity(name: &str) -> v1::VmIdentity {
     let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname writes at most
-    // that many bytes.
+    // SAFETY: `buf` is a local array, exclusively borrowed for the call, and
+    // gethostname(2) writes at most `buf.len()` bytes into it and keeps no
+    // pointer after returning. A truncated name may lack its NUL, which the
+    // search for the end below allows for (it then takes the whole buffer).
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
     let host = if rc == 0 {
         let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
