@@ -336,11 +336,13 @@ pub(crate) fn probe_info(r: &introspect::ProbeInfo, m: &ProbeMeta) -> v1::ProbeI
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use introspect::GuestTask;
 
-    fn return_event() -> Event {
+    /// A return event of probe 1 with a task, an entry-time string and a
+    /// value fetched at return.
+    pub(crate) fn return_event() -> Event {
         Event {
             probe_id: 1,
             seq: 0,

@@ -35,9 +35,10 @@
 //!    the per-probe and per-subscriber filters run on vCPU threads, and the
 //!    pump that batches, encodes and reports losses. It sees the engine only
 //!    through `EventSource`.
-//! 5. Stream consumers: `export/` (JSON-lines file: `writer.rs`,
-//!    `rotate.rs`) and `sink/` (webhook and OTLP: `config.rs`, `stats.rs`,
-//!    `deliver.rs`, `webhook.rs`, `otlp.rs`), each over `Streams`.
+//! 5. Stream consumers, each over `Streams`: `export/` (JSON-lines file:
+//!    `config.rs`, `writer.rs`, `rotate.rs`, and `record.rs`, the record
+//!    envelope and owed losses the sinks share) and `sink/` (webhook and
+//!    OTLP: `config.rs`, `stats.rs`, `deliver.rs`, `webhook.rs`, `otlp.rs`).
 //! 6. `state.rs` (`Inner`: the shared state and its lock order) and what
 //!    it does, one file a concern: `probes.rs` (create, delete, restore,
 //!    probe references), `kernel.rs` (KASLR slide, banner, ResolveSymbol,

@@ -214,14 +214,7 @@ impl Inner {
             let p = &state.probes[e.index.min(state.probes.len().saturating_sub(1))];
             engine_error(&e.error, &p.definition, u32::try_from(e.index).ok())
         })?;
-        {
-            let mut t = self.probes.write().unwrap_or_else(|e| e.into_inner());
-            for (id, mut m) in ids.iter().zip(metas) {
-                m.id = *id;
-                t.insert(m);
-            }
-        }
-        self.infos(Some(&ids))
+        self.name_registered(&ids, metas)
     }
 
     /// Creates every definition or none.
@@ -266,6 +259,17 @@ impl Inner {
                 batch.then(|| u32::try_from(e.index).unwrap_or(u32::MAX)),
             )
         })?;
+        self.name_registered(&ids, metas)
+    }
+
+    /// Puts the metadata of probes the engine just registered (as `ids`, in
+    /// request order) in the table, which names their events from now on;
+    /// their ProbeInfo messages.
+    fn name_registered(
+        &self,
+        ids: &[ProbeId],
+        metas: Vec<ProbeMeta>,
+    ) -> Result<Vec<v1::ProbeInfo>, Status> {
         {
             let mut t = self.probes.write().unwrap_or_else(|e| e.into_inner());
             for (id, mut m) in ids.iter().zip(metas) {
@@ -273,7 +277,7 @@ impl Inner {
                 t.insert(m);
             }
         }
-        self.infos(Some(&ids))
+        self.infos(Some(ids))
     }
 
     /// ProbeInfo messages for `ids` (all live probes if `None`), by id.

@@ -116,39 +116,7 @@ pub(crate) fn event(ev: Event, meta: Option<&ProbeMeta>, symbols: &Symbols) -> v
 #[cfg(test)]
 mod tests {
     use super::*;
-    use introspect::GuestTask;
-    use probe_spec::Value;
-
-    fn return_event() -> Event {
-        Event {
-            probe_id: 1,
-            seq: 0,
-            vcpu: 3,
-            time_ns: 10,
-            ip: 0,
-            kind: EventKind::Return {
-                func: 0,
-                return_to: 0,
-                retval: 7,
-                duration_ns: 4,
-                entry_args: vec![Value::Str {
-                    bytes: b"/etc".to_vec(),
-                    truncated: false,
-                }],
-            },
-            task: Some(GuestTask {
-                pid: 77,
-                tgid: 70,
-                ppid: 1,
-                comm: *b"cat\0\0\0\0\0\0\0\0\0\0\0\0\0",
-                exe: Some(b"/bin/cat".to_vec().into()),
-            }),
-            args: vec![Value::Signed {
-                bits: 32,
-                value: -1,
-            }],
-        }
-    }
+    use crate::catalog::tests::return_event;
 
     #[test]
     fn events_of_unknown_probes_get_generated_names() {

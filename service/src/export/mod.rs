@@ -18,16 +18,18 @@
 //! rotated file that cannot be compressed (no space for the `.gz`) stays as
 //! it is instead of being lost.
 //!
-//! Files: this one (configuration, counters, the export thread and the
-//! record envelope's time stamps), [`writer`] (stream messages to records
-//! and lines, and the lost-record accounting) and [`rotate`] (the file,
-//! its rotation and gzip of backups).
+//! Files: this one (the export thread), `config.rs`, `record.rs` (the
+//! record envelope and the losses owed, shared with the push sinks),
+//! `writer.rs` (stream messages to records and lines, the lost-record
+//! accounting, the counters) and `rotate.rs` (the file, its rotation and
+//! gzip of backups).
 
+mod config;
+pub(crate) mod record;
 mod rotate;
 mod writer;
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,93 +37,12 @@ use proto::v1;
 use tokio_stream::StreamExt;
 
 use crate::subscribe::{self, Streams};
-use crate::time::now_ns;
 pub use crate::time::rfc3339;
+pub use config::ExportConfig;
+pub use record::{vm_identity, EXPORT_VERSION};
 use rotate::Rotator;
+pub use writer::ExportStats;
 use writer::Writer;
-
-/// Version of the [`v1::ExportRecord`] envelope written.
-pub const EXPORT_VERSION: u32 = 1;
-
-/// Where and how to export.
-#[derive(Clone, Debug)]
-pub struct ExportConfig {
-    /// The file written; rotated ones are `PATH.1` (newest) .. `PATH.K`,
-    /// with `.gz` when compressed.
-    pub path: PathBuf,
-    /// Rotate before a write would make the file larger than this (a
-    /// record longer than the limit gets a file of its own).
-    pub max_bytes: u64,
-    /// Rotated files kept (0: the file is started anew at the limit).
-    pub backups: u32,
-    /// Compress rotated files with gzip.
-    pub gzip: bool,
-    /// The exporter's queue in events (0: the service default).
-    pub queue_capacity: u32,
-    /// Identity written into every record.
-    pub vm: v1::VmIdentity,
-}
-
-impl ExportConfig {
-    /// Defaults: 100 MiB files, 5 backups, no compression.
-    pub fn new(path: PathBuf, vm: v1::VmIdentity) -> Self {
-        ExportConfig {
-            path,
-            max_bytes: 100 << 20,
-            backups: 5,
-            gzip: false,
-            queue_capacity: 0,
-            vm,
-        }
-    }
-}
-
-/// The identity of this run: host name, the given VM name, and an id unique
-/// per start (start time and process id).
-pub fn vm_identity(name: &str) -> v1::VmIdentity {
-    let mut buf = [0u8; 256];
-    // SAFETY: `buf` is a local array, exclusively borrowed for the call, and
-    // gethostname(2) writes at most `buf.len()` bytes into it and keeps no
-    // pointer after returning. A truncated name may lack its NUL, which the
-    // search for the end below allows for (it then takes the whole buffer).
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let host = if rc == 0 {
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        String::from_utf8_lossy(&buf[..end]).into_owned()
-    } else {
-        String::new()
-    };
-    v1::VmIdentity {
-        host,
-        name: name.to_string(),
-        instance: format!("{:x}-{}", now_ns(), std::process::id()),
-    }
-}
-
-/// Counters of the exporter, read by `/metrics`.
-#[derive(Debug, Default)]
-pub struct ExportStats {
-    /// Event records written.
-    pub events: AtomicU64,
-    /// Lost records written.
-    pub lost_records: AtomicU64,
-    /// Events lost because the exporter's queue was full.
-    pub lost_queue_full: AtomicU64,
-    /// Events lost because writing them failed.
-    pub lost_write_failed: AtomicU64,
-    /// Bytes written (whole lines only).
-    pub bytes: AtomicU64,
-    /// Host CLOCK_REALTIME (ns) of the last successful write, 0: none yet.
-    pub last_write_ns: AtomicU64,
-    /// Rotations done.
-    pub rotations: AtomicU64,
-    /// Failed writes (each loses one batch).
-    pub write_errors: AtomicU64,
-    /// Failed rotations (the file goes on growing).
-    pub rotate_errors: AtomicU64,
-    /// Rotated files left uncompressed because gzip failed.
-    pub gzip_errors: AtomicU64,
-}
 
 /// A running exporter. [`Exporter::finish`] writes what is queued and stops.
 pub struct Exporter {
@@ -216,31 +137,3 @@ impl Exporter {
 
 /// How long the writer waits for the stream before looking at its flags.
 const IDLE: Duration = Duration::from_millis(100);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::fs::File;
-    use std::io::Read;
-    use std::path::Path;
-
-    pub(super) fn cfg(dir: &Path, max: u64, backups: u32, gzip: bool) -> ExportConfig {
-        let mut c = ExportConfig::new(dir.join("ev.jsonl"), v1::VmIdentity::default());
-        c.max_bytes = max;
-        c.backups = backups;
-        c.gzip = gzip;
-        c
-    }
-
-    pub(super) fn read(p: &Path) -> String {
-        let mut s = String::new();
-        if p.extension().is_some_and(|e| e == "gz") {
-            flate2::read::GzDecoder::new(File::open(p).unwrap())
-                .read_to_string(&mut s)
-                .unwrap();
-        } else {
-            File::open(p).unwrap().read_to_string(&mut s).unwrap();
-        }
-        s
-    }
-}

@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::ExportConfig;
+use super::config::ExportConfig;
 
 /// Mode of every file the exporter creates.
 const FILE_MODE: u32 = 0o600;
@@ -169,9 +169,31 @@ fn gzip_file(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
-    use crate::export::tests::{cfg, read};
+    use proto::v1;
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+
+    pub(crate) fn cfg(dir: &Path, max: u64, backups: u32, gzip: bool) -> ExportConfig {
+        let mut c = ExportConfig::new(dir.join("ev.jsonl"), v1::VmIdentity::default());
+        c.max_bytes = max;
+        c.backups = backups;
+        c.gzip = gzip;
+        c
+    }
+
+    pub(crate) fn read(p: &Path) -> String {
+        let mut s = String::new();
+        if p.extension().is_some_and(|e| e == "gz") {
+            flate2::read::GzDecoder::new(File::open(p).unwrap())
+                .read_to_string(&mut s)
+                .unwrap();
+        } else {
+            File::open(p).unwrap().read_to_string(&mut s).unwrap();
+        }
+        s
+    }
 
     #[test]
     fn rotates_between_lines_keeps_k_backups_gzipped_and_private() {

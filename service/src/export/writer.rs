@@ -2,34 +2,38 @@
 //! loss a `lost` record, and what could not be written (a failing disk)
 //! owed and reported in band once a write works again.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use proto::v1::{self, export_record::Record, subscribe_response::Payload};
 
+use super::record::{envelope, Owed};
 use super::rotate::Rotator;
-use super::{now_ns, rfc3339, ExportStats, EXPORT_VERSION};
+use crate::time::{now_ns, rfc3339};
 
-/// Lost events not yet reported in the file (their record could not be
-/// written), by reason.
-#[derive(Clone, Copy, Debug, Default)]
-struct Unreported {
-    count: u64,
-    since_ns: u64,
-    until_ns: u64,
-}
-
-impl Unreported {
-    fn add(&mut self, count: u64, since_ns: u64, until_ns: u64) {
-        if count == 0 {
-            return;
-        }
-        if self.count == 0 || since_ns < self.since_ns {
-            self.since_ns = since_ns;
-        }
-        self.until_ns = self.until_ns.max(until_ns);
-        self.count += count;
-    }
+/// Counters of the exporter, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    /// Event records written.
+    pub events: AtomicU64,
+    /// Lost records written.
+    pub lost_records: AtomicU64,
+    /// Events lost because the exporter's queue was full.
+    pub lost_queue_full: AtomicU64,
+    /// Events lost because writing them failed.
+    pub lost_write_failed: AtomicU64,
+    /// Bytes written (whole lines only).
+    pub bytes: AtomicU64,
+    /// Host CLOCK_REALTIME (ns) of the last successful write, 0: none yet.
+    pub last_write_ns: AtomicU64,
+    /// Rotations done.
+    pub rotations: AtomicU64,
+    /// Failed writes (each loses one batch).
+    pub write_errors: AtomicU64,
+    /// Failed rotations (the file goes on growing).
+    pub rotate_errors: AtomicU64,
+    /// Rotated files left uncompressed because gzip failed.
+    pub gzip_errors: AtomicU64,
 }
 
 const REASONS: [v1::LostReason; 2] = [
@@ -43,13 +47,13 @@ pub(super) struct Writer {
     vm: v1::VmIdentity,
     record_seq: u64,
     /// By `REASONS` index.
-    unreported: [Unreported; 2],
+    unreported: [Owed; 2],
 }
 
 /// A line waiting to be written: its bytes and what it stands for.
 enum Line {
     Event(u64),
-    Lost(usize, Unreported),
+    Lost(usize, Owed),
 }
 
 impl Writer {
@@ -59,7 +63,7 @@ impl Writer {
             stats,
             vm,
             record_seq: 0,
-            unreported: [Unreported::default(), Unreported::default()],
+            unreported: [Owed::default(), Owed::default()],
         }
     }
 
@@ -76,7 +80,7 @@ impl Writer {
                     });
                     let ts = ev.timestamp_ns;
                     lines.push((
-                        self.record(time, process, Record::Event(ev)),
+                        envelope(&self.vm, time, process, Record::Event(ev)),
                         Line::Event(ts),
                     ));
                 }
@@ -108,34 +112,10 @@ impl Writer {
             if u.count == 0 {
                 continue;
             }
-            let lost = v1::LostEvents {
-                count: u.count,
-                since_ns: u.since_ns,
-                until_ns: u.until_ns,
-                probe_ids: Vec::new(),
-                reason: *reason as i32,
-            };
-            let line = self.record(rfc3339(u.until_ns), None, Record::Lost(lost));
+            let line = envelope(&self.vm, rfc3339(u.until_ns), None, u.lost(*reason));
             lines.push((line, Line::Lost(i, u)));
         }
         lines
-    }
-
-    /// A record, numbered when it is written.
-    fn record(
-        &self,
-        time: String,
-        process: Option<v1::GuestProcess>,
-        r: Record,
-    ) -> v1::ExportRecord {
-        v1::ExportRecord {
-            version: EXPORT_VERSION,
-            time,
-            vm: Some(self.vm.clone()),
-            process,
-            record_seq: 0,
-            record: Some(r),
-        }
     }
 
     /// The record as a line, with the next record number.
@@ -224,9 +204,10 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::config::ExportConfig;
+    use crate::export::record::EXPORT_VERSION;
     use crate::export::rotate::create_private;
-    use crate::export::tests::{cfg, read};
-    use crate::export::ExportConfig;
+    use crate::export::rotate::tests::{cfg, read};
     use std::fs::File;
     use std::path::PathBuf;
 

@@ -17,7 +17,8 @@ use tokio_stream::StreamExt;
 use super::config::{SinkConfig, SinkKind};
 use super::stats::{DropReason, SinkStats};
 use super::{otlp, webhook};
-use crate::export::{rfc3339, EXPORT_VERSION};
+use crate::export::record::{envelope, Owed};
+use crate::export::rfc3339;
 use crate::time::now_ns;
 
 /// How long the deliverer waits for the stream before looking at its flags
@@ -26,27 +27,6 @@ const IDLE: Duration = Duration::from_millis(100);
 
 /// Most of a receiver's answer read (an OTLP partial success is small).
 const MAX_ANSWER: usize = 1 << 20;
-
-/// Dropped events not yet reported in band.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Owed {
-    count: u64,
-    since_ns: u64,
-    until_ns: u64,
-}
-
-impl Owed {
-    fn add(&mut self, count: u64, since_ns: u64, until_ns: u64) {
-        if count == 0 {
-            return;
-        }
-        if self.count == 0 || since_ns < self.since_ns {
-            self.since_ns = since_ns;
-        }
-        self.until_ns = self.until_ns.max(until_ns);
-        self.count += count;
-    }
-}
 
 /// What a record in a batch stands for.
 #[derive(Clone, Copy, Debug)]
@@ -186,7 +166,7 @@ impl Deliverer {
                         comm: ev.comm.clone(),
                     });
                     batch.push((
-                        self.record(rfc3339(ts), process, Record::Event(ev)),
+                        envelope(&self.cfg.vm, rfc3339(ts), process, Record::Event(ev)),
                         What::Event(ts),
                     ));
                 }
@@ -219,35 +199,17 @@ impl Deliverer {
             if o.count == 0 {
                 continue;
             }
-            let lost = v1::LostEvents {
-                count: o.count,
-                since_ns: o.since_ns,
-                until_ns: o.until_ns,
-                probe_ids: Vec::new(),
-                reason: reason.lost_reason() as i32,
-            };
             out.push((
-                self.record(rfc3339(o.until_ns), None, Record::Lost(lost)),
+                envelope(
+                    &self.cfg.vm,
+                    rfc3339(o.until_ns),
+                    None,
+                    o.lost(reason.lost_reason()),
+                ),
                 What::Lost(reason, o),
             ));
         }
         out
-    }
-
-    fn record(
-        &self,
-        time: String,
-        process: Option<v1::GuestProcess>,
-        r: Record,
-    ) -> v1::ExportRecord {
-        v1::ExportRecord {
-            version: EXPORT_VERSION,
-            time,
-            vm: Some(self.cfg.vm.clone()),
-            process,
-            record_seq: 0,
-            record: Some(r),
-        }
     }
 
     /// Events of a batch that is given up are dropped for `reason`; its lost
@@ -465,7 +427,12 @@ mod tests {
         let mut batch = d.take_owed();
         for ts in [10, 11, 12] {
             batch.push((
-                d.record(String::new(), None, Record::Event(v1::Event::default())),
+                envelope(
+                    &d.cfg.vm,
+                    String::new(),
+                    None,
+                    Record::Event(v1::Event::default()),
+                ),
                 What::Event(ts),
             ));
         }
@@ -494,7 +461,12 @@ mod tests {
         d.cfg.drain = Duration::ZERO;
         rt.block_on(d.deliver(owed));
         let ev = vec![(
-            d.record(String::new(), None, Record::Event(v1::Event::default())),
+            envelope(
+                &d.cfg.vm,
+                String::new(),
+                None,
+                Record::Event(v1::Event::default()),
+            ),
             What::Event(1),
         )];
         rt.block_on(d.deliver(ev));
