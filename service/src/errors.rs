@@ -138,7 +138,10 @@ mod tests {
         assert_eq!(st.code(), Code::FailedPrecondition);
         let d = proto::definition_error_from_status(&st).expect("details");
         assert_eq!(d.code, "RETVAL_ON_PROBE");
-        assert_eq!(d.position as usize, "p:a/b hv_fib x=".len());
+        assert_eq!(
+            usize::try_from(d.position).unwrap(),
+            "p:a/b hv_fib x=".len()
+        );
     }
 
     #[test]

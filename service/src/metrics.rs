@@ -28,8 +28,9 @@ use prometheus_client::registry::Registry;
 use proto::v1;
 
 use crate::export::ExportStats;
-use crate::server::{HvProbeService, Inner};
+use crate::server::HvProbeService;
 use crate::sink::{DropReason, SinkKind, SinkStats};
+use crate::state::Inner;
 
 /// VM exits by kind, from the VMM (the service does not know it).
 pub type ExitsFn = Box<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
@@ -262,7 +263,7 @@ impl Metrics {
             "Events dropped at full subscriber queues (all subscribers, all probes)",
             st.events_dropped,
         );
-        let s = &inner.streams;
+        let s = &inner.streams.totals;
         counter1(
             &mut reg,
             "stream_events",
@@ -281,11 +282,7 @@ impl Metrics {
             "Event streams started",
             s.started.load(Ordering::Relaxed),
         );
-        let open = inner
-            .admitted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .streams();
+        let open = inner.streams.open();
         gauge1(&mut reg, "streams", "Event streams open", clamp(open));
         if let Some(e) = self.export.get() {
             let l = |a: &AtomicU64| a.load(Ordering::Relaxed);

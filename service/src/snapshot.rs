@@ -1,6 +1,6 @@
 //! Snapshots through the API: the probe table saved beside the VMM's state
 //! and put back on restore. The service does not know the VMM; the runner
-//! gives it a [`SnapshotWriter`].
+//! gives it a [`SnapshotWriter`] through the [`crate::Guest`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,34 +11,8 @@ use proto::v1;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
 
-use crate::server::{HvProbeService, Inner};
-
-/// What a written snapshot took (see `vmm::snapshot::SnapshotReport`).
-#[derive(Clone, Debug, Default)]
-pub struct WrittenSnapshot {
-    pub memory_bytes: u64,
-    pub written_bytes: u64,
-    pub capture_us: u64,
-    pub write_us: u64,
-}
-
-/// Writes the VMM's part of a snapshot; implemented by the runner over the VMM.
-pub trait SnapshotWriter: Send + Sync {
-    /// Called with every vCPU parked at a clean point: write the VM's state
-    /// and memory into `dir`, with `originals` (guest-physical address,
-    /// the guest's own bytes) overlaid in the image, and `probes` stored
-    /// beside it. Errors are one line.
-    fn write(
-        &self,
-        dir: &Path,
-        originals: &[(u64, Vec<u8>)],
-        guest_banner: &str,
-        probes: &[u8],
-    ) -> Result<WrittenSnapshot, String>;
-
-    /// Stop the guest (`CreateSnapshot` with `stop`).
-    fn stop_guest(&self);
-}
+use crate::guest::SnapshotWriter;
+use crate::state::Inner;
 
 /// The probe table file of a snapshot (`probes.json`).
 #[derive(Serialize, Deserialize)]
@@ -115,24 +89,10 @@ impl Inner {
             restored_bytes: n(bytes),
         })
     }
-}
 
-impl HvProbeService {
-    /// Write a snapshot of the running guest into `dir` (see the
-    /// `CreateSnapshot` RPC).
-    pub fn create_snapshot(
-        &self,
-        dir: &Path,
-        stop: bool,
-    ) -> Result<v1::CreateSnapshotResponse, Status> {
-        self.inner.create_snapshot(dir, stop)
-    }
-
-    /// Put a snapshot's probe table (`probes.json`) back before the
-    /// restored guest runs: every probe is resolved again from its
-    /// definition and keeps its id, filter, enabled state and counters;
-    /// live kretprobe instances are taken back. All or nothing.
-    pub fn restore_probes(&self, json: &[u8]) -> Result<Vec<v1::ProbeInfo>, Status> {
+    /// Puts a snapshot's probe table (`probes.json`) back (see
+    /// `HvProbeService::restore_probes`).
+    pub(crate) fn restore_probe_table(&self, json: &[u8]) -> Result<Vec<v1::ProbeInfo>, Status> {
         let file: ProbeTableFile = serde_json::from_slice(json)
             .map_err(|e| Status::invalid_argument(format!("probe table of the snapshot: {e}")))?;
         if file.format > PROBE_TABLE_FORMAT {
@@ -141,6 +101,6 @@ impl HvProbeService {
                 file.format
             )));
         }
-        self.inner.restore(&file.engine, &file.filters)
+        self.restore(&file.engine, &file.filters)
     }
 }

@@ -4,22 +4,99 @@
 //! does not fit the queue, and the task notices the loss on its next drain.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use introspect::events::SubscribeOptions;
-use introspect::{Event, ProbeId, Subscription};
+use introspect::{Engine, Event, ExeInterest, ProbeId, Subscription};
 use probe_spec::{FieldKind, Filter};
 use proto::v1::{self, subscribe_response::Payload};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::convert::{self, EventFieldsView};
+use crate::catalog::{common_field_kind, guess_fields, EventFieldsView, ProbeMeta, ProbeTable};
+use crate::config::ServiceConfig;
+use crate::encode::Batch;
 use crate::errors::parse_error;
-use crate::packed::PackedEncoder;
-use crate::server::{common_field_kind, Inner, ProbeMeta};
+use crate::symbols::Symbols;
+use crate::time::now_ns;
+
+/// What a subscription needs of the probe engine: a queue of its events,
+/// and the reading of executable paths while someone filters on them.
+pub(crate) trait EventSource: Send + Sync {
+    fn subscribe_with(&self, opts: SubscribeOptions) -> Subscription;
+    fn want_exe(&self) -> ExeInterest;
+}
+
+impl EventSource for Arc<Engine> {
+    fn subscribe_with(&self, opts: SubscribeOptions) -> Subscription {
+        Engine::subscribe_with(self, opts)
+    }
+
+    fn want_exe(&self) -> ExeInterest {
+        Engine::want_exe(self)
+    }
+}
+
+/// Every event stream of the service (gRPC subscribers, the export file,
+/// the push sinks): what they read (the engine's queues, the probe
+/// catalog, the symbols for trace lines), their limits and their counters.
+pub(crate) struct Streams {
+    source: Box<dyn EventSource>,
+    /// Never held while the engine stops the world: the filters read it on
+    /// vCPU threads.
+    probes: Arc<RwLock<ProbeTable>>,
+    symbols: Arc<Symbols>,
+    config: ServiceConfig,
+    next_subscription: AtomicU64,
+    /// Streams admitted and their queue capacities, counted under one lock
+    /// so that concurrent subscribes cannot pass the limits together.
+    admitted: Arc<Mutex<Admitted>>,
+    /// Totals over every stream since the start (metrics).
+    pub totals: StreamTotals,
+}
+
+/// Counters of all event streams together (the export file's included),
+/// for `/metrics`: a stream's own numbers are in its `lost` records.
+#[derive(Debug, Default)]
+pub(crate) struct StreamTotals {
+    /// Events handed to streams.
+    pub events: AtomicU64,
+    /// Events counted in `lost` records (the subscribers' queues were full).
+    pub lost: AtomicU64,
+    /// Streams ever started.
+    pub started: AtomicU64,
+}
+
+impl Streams {
+    pub fn new(
+        source: Box<dyn EventSource>,
+        probes: Arc<RwLock<ProbeTable>>,
+        symbols: Arc<Symbols>,
+        config: ServiceConfig,
+    ) -> Self {
+        Streams {
+            source,
+            probes,
+            symbols,
+            config,
+            next_subscription: AtomicU64::new(1),
+            admitted: Arc::default(),
+            totals: StreamTotals::default(),
+        }
+    }
+
+    /// Streams open now.
+    pub fn open(&self) -> usize {
+        self.admitted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .streams
+    }
+}
 
 /// Effective parameters of one subscription.
 #[derive(Clone, Copy, Debug)]
@@ -28,39 +105,6 @@ struct Params {
     delay: Duration,
     capacity: usize,
     packed: bool,
-}
-
-/// The batch being built, in the subscription's encoding.
-enum Batch {
-    Full(Vec<v1::Event>),
-    Packed(Box<PackedEncoder>),
-}
-
-impl Batch {
-    fn len(&self) -> usize {
-        match self {
-            Batch::Full(v) => v.len(),
-            Batch::Packed(p) => p.len(),
-        }
-    }
-
-    fn push(&mut self, ev: Event, meta: Option<&ProbeMeta>, symbols: &crate::Symbols) {
-        match self {
-            Batch::Full(v) => v.push(convert::event(ev, meta, symbols)),
-            Batch::Packed(p) => p.push(ev, meta),
-        }
-    }
-
-    /// The messages that send the batch, leaving it empty.
-    fn take(&mut self, capacity: usize) -> Vec<Payload> {
-        match self {
-            Batch::Full(v) if v.is_empty() => Vec::new(),
-            Batch::Full(v) => vec![Payload::Events(v1::EventBatch {
-                events: std::mem::replace(v, Vec::with_capacity(capacity)),
-            })],
-            Batch::Packed(p) => p.take(),
-        }
-    }
 }
 
 fn pick(asked: u32, default: u32, max: u32, what: &str) -> Result<u32, Status> {
@@ -73,19 +117,13 @@ fn pick(asked: u32, default: u32, max: u32, what: &str) -> Result<u32, Status> {
     }
 }
 
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
 /// Checks the request, subscribes to the engine and spawns the task that
 /// feeds the returned stream.
 pub(crate) fn start(
-    inner: Arc<Inner>,
+    streams: Arc<Streams>,
     req: v1::SubscribeRequest,
 ) -> Result<ReceiverStream<Result<v1::SubscribeResponse, Status>>, Status> {
-    start_observed(inner, req).map(|(stream, _)| stream)
+    start_observed(streams, req).map(|(stream, _)| stream)
 }
 
 /// Events queued for a subscriber so far (taken into its queue; not those
@@ -95,7 +133,7 @@ pub(crate) type QueuedTotal = Box<dyn Fn() -> u64 + Send + Sync>;
 /// [`start`], with a reader of the events queued for this subscriber so
 /// far: a consumer that counts what it took out knows how many wait.
 pub(crate) fn start_observed(
-    inner: Arc<Inner>,
+    streams: Arc<Streams>,
     req: v1::SubscribeRequest,
 ) -> Result<
     (
@@ -104,7 +142,7 @@ pub(crate) fn start_observed(
     ),
     Status,
 > {
-    let c = &inner.config;
+    let c = &streams.config;
     let batch = pick(
         req.max_batch_events,
         c.default_batch_events,
@@ -144,15 +182,15 @@ pub(crate) fn start_observed(
             )));
         }
     }
-    let admission = Admission::take(&inner, capacity)?;
-    let filter = parse_filter(&inner, &req)?;
+    let admission = Admission::take(&streams, capacity)?;
+    let filter = parse_filter(&streams, &req)?;
     // Over-approximates (a quoted "exe" counts too): at worst hits read
     // paths nobody looks at.
     let names_exe = req
         .filter
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .any(|w| w == "exe");
-    let exe_interest = (req.with_exe || names_exe).then(|| inner.engine.want_exe());
+    let exe_interest = (req.with_exe || names_exe).then(|| streams.source.want_exe());
     // Sorted: a handful of ids is searched faster than hashed.
     let mut ids: Vec<ProbeId> = req.probe_ids.clone();
     ids.sort_unstable();
@@ -163,10 +201,10 @@ pub(crate) fn start_observed(
     // By probe, before anything is fetched: hits of other probes cost this
     // subscriber nothing, and a full queue drops without fetching.
     let (named_upto, filtered) = {
-        let t = inner.probes.read().unwrap_or_else(|e| e.into_inner());
+        let t = streams.probes.read().unwrap_or_else(|e| e.into_inner());
         (t.named_upto.clone(), t.filtered.clone())
     };
-    let probes = inner.probes.clone();
+    let probes = streams.probes.clone();
     let select = move |id: ProbeId| -> bool {
         if id > named_upto.load(Ordering::Acquire) {
             return false;
@@ -182,7 +220,7 @@ pub(crate) fn start_observed(
     // By content: the probe's own filter, its policy's rate limit (decided
     // once per event, whichever subscriber asks first), then the
     // subscriber's filter.
-    let probes = inner.probes.clone();
+    let probes = streams.probes.clone();
     let filter = move |ev: &Event| -> bool {
         if filter.is_none() && filtered.load(Ordering::Relaxed) == 0 {
             return true;
@@ -198,7 +236,7 @@ pub(crate) fn start_observed(
         let fields = match meta {
             Some(m) => &m.fields[..],
             None => {
-                guessed = convert::guess_fields(ev);
+                guessed = guess_fields(ev);
                 &guessed[..]
             }
         };
@@ -209,15 +247,15 @@ pub(crate) fn start_observed(
     };
     let bell = Arc::new(Doorbell::default());
     let b = bell.clone();
-    let sub = inner.engine.subscribe_with(SubscribeOptions {
+    let sub = streams.source.subscribe_with(SubscribeOptions {
         capacity: capacity as usize,
         select: Some(Box::new(select)),
         filter: Some(Box::new(filter)),
         waker: Some(Box::new(move || b.ring())),
     });
     let queued: QueuedTotal = Box::new(sub.delivered_reader());
-    let id = inner.next_subscription.fetch_add(1, Ordering::Relaxed);
-    inner.streams.started.fetch_add(1, Ordering::Relaxed);
+    let id = streams.next_subscription.fetch_add(1, Ordering::Relaxed);
+    streams.totals.started.fetch_add(1, Ordering::Relaxed);
     let params = Params {
         batch: batch as usize,
         delay: Duration::from_millis(u64::from(delay)),
@@ -242,37 +280,30 @@ pub(crate) fn start_observed(
         // stream's task ends.
         let _admission = admission;
         let _exe = exe_interest;
-        pump(inner, sub, bell, tx, params).await
+        pump(streams, sub, bell, tx, params).await
     });
     Ok((ReceiverStream::new(rx), queued))
 }
 
 /// Streams admitted and the sum of their queue capacities.
 #[derive(Debug, Default)]
-pub struct Admitted {
+struct Admitted {
     streams: usize,
     queued_events: u64,
 }
 
-impl Admitted {
-    /// Streams open now.
-    pub fn streams(&self) -> usize {
-        self.streams
-    }
-}
-
 /// One admitted stream; dropping it gives its share back.
 struct Admission {
-    admitted: Arc<std::sync::Mutex<Admitted>>,
+    admitted: Arc<Mutex<Admitted>>,
     capacity: u64,
 }
 
 impl Admission {
     /// Check both limits and count this stream in one step (a check and a
     /// later subscribe let 65 of 64 streams in when they raced).
-    fn take(inner: &Inner, capacity: u32) -> Result<Self, Status> {
-        let c = &inner.config;
-        let mut a = inner.admitted.lock().unwrap_or_else(|e| e.into_inner());
+    fn take(streams: &Streams, capacity: u32) -> Result<Self, Status> {
+        let c = &streams.config;
+        let mut a = streams.admitted.lock().unwrap_or_else(|e| e.into_inner());
         if a.streams >= c.max_subscribers {
             return Err(Status::resource_exhausted(format!(
                 "too many subscribers (limit {})",
@@ -290,7 +321,7 @@ impl Admission {
         a.streams += 1;
         a.queued_events += capacity;
         Ok(Admission {
-            admitted: inner.admitted.clone(),
+            admitted: streams.admitted.clone(),
             capacity,
         })
     }
@@ -306,12 +337,12 @@ impl Drop for Admission {
 
 /// Parses the subscriber's filter and checks its fields against the
 /// selected probes (when there are any yet).
-fn parse_filter(inner: &Inner, req: &v1::SubscribeRequest) -> Result<Option<Filter>, Status> {
+fn parse_filter(streams: &Streams, req: &v1::SubscribeRequest) -> Result<Option<Filter>, Status> {
     if req.filter.trim().is_empty() {
         return Ok(None);
     }
     let f = Filter::parse(&req.filter).map_err(|e| parse_error(&e, None))?;
-    let t = inner.probes.read().unwrap_or_else(|e| e.into_inner());
+    let t = streams.probes.read().unwrap_or_else(|e| e.into_inner());
     let selected: Vec<&Arc<ProbeMeta>> = t
         .live
         .values()
@@ -377,12 +408,14 @@ impl Doorbell {
 
 /// Drains the subscription into the stream until the client goes away.
 /// Dropping `sub` at the end frees the engine-side queue.
-async fn pump(inner: Arc<Inner>, mut sub: Subscription, bell: Arc<Doorbell>, tx: Tx, p: Params) {
-    let mut pending = if p.packed {
-        Batch::Packed(Box::default())
-    } else {
-        Batch::Full(Vec::with_capacity(p.batch))
-    };
+async fn pump(
+    streams: Arc<Streams>,
+    mut sub: Subscription,
+    bell: Arc<Doorbell>,
+    tx: Tx,
+    p: Params,
+) {
+    let mut pending = Batch::new(p.packed, p.batch);
     let mut batch_started: Option<tokio::time::Instant> = None;
     let mut last_ts = now_ns();
     'serve: loop {
@@ -395,14 +428,14 @@ async fn pump(inner: Arc<Inner>, mut sub: Subscription, bell: Arc<Doorbell>, tx:
         if !evs.is_empty() {
             batch_started.get_or_insert_with(tokio::time::Instant::now);
             last_ts = evs.last().map_or(last_ts, |e| e.time_ns);
-            inner
-                .streams
+            streams
+                .totals
                 .events
                 .fetch_add(evs.len() as u64, Ordering::Relaxed);
-            let t = inner.probes.read().unwrap_or_else(|e| e.into_inner());
+            let t = streams.probes.read().unwrap_or_else(|e| e.into_inner());
             for ev in evs {
                 let meta = t.get(ev.probe_id).map(|m| &**m);
-                pending.push(ev, meta, &inner.symbols);
+                pending.push(ev, meta, &streams.symbols);
             }
         }
         let due = batch_started.is_some_and(|t| t.elapsed() >= p.delay);
@@ -418,7 +451,7 @@ async fn pump(inner: Arc<Inner>, mut sub: Subscription, bell: Arc<Doorbell>, tx:
             }
         }
         if lost > 0 {
-            inner.streams.lost.fetch_add(lost, Ordering::Relaxed);
+            streams.totals.lost.fetch_add(lost, Ordering::Relaxed);
             let msg = v1::SubscribeResponse {
                 payload: Some(Payload::Lost(v1::LostEvents {
                     count: lost,

@@ -197,7 +197,7 @@ mod tests {
     #[test]
     fn keys_are_bounded() {
         let l = Limiter::new(1, S, Scope::Task);
-        for pid in 0..(MAX_KEYS as i32 + 100) {
+        for pid in 0..(i32::try_from(MAX_KEYS).unwrap() + 100) {
             l.admit(0, Some(&task(pid, pid)));
         }
         assert!(l.keys() <= MAX_KEYS + 1, "{}", l.keys());

@@ -13,7 +13,7 @@ use object::{Object, ObjectSegment};
 use proto::v1::{self, subscribe_response::Payload};
 use tokio_stream::StreamExt;
 
-use super::doc;
+use super::{doc, PolicyDef};
 use crate::{Guest, HvProbeService, ServiceConfig, Symbols};
 
 struct Rig {
@@ -394,4 +394,98 @@ policies:
     ] {
         assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
     }
+}
+
+/// Every probe of `text` parses, and its filter names only its fields
+/// (what a load checks before it resolves symbols).
+fn check_definitions(source: &str, text: &str) -> Vec<PolicyDef> {
+    let defs = doc::parse(source, text).unwrap_or_else(|e| panic!("{e}"));
+    for d in &defs {
+        for (i, p) in d.probes.iter().enumerate() {
+            let line = match &p.definition.definition {
+                Some(v1::probe_definition::Definition::KprobeEvents(l)) => l.clone(),
+                Some(v1::probe_definition::Definition::Spec(s)) => proto::spec_to_line(s).unwrap(),
+                None => unreachable!(),
+            };
+            let pd = match probe_spec::parse_command(&line) {
+                Ok(probe_spec::Command::Add(pd)) => pd,
+                other => panic!("{}: {line}: {other:?}", d.probe_context(i)),
+            };
+            if p.definition.filter.is_empty() {
+                continue;
+            }
+            let f = probe_spec::Filter::parse(&p.definition.filter)
+                .unwrap_or_else(|e| panic!("{}: {e:?}", d.probe_context(i)));
+            let args: Vec<(String, Option<probe_spec::FieldKind>)> = pd
+                .args
+                .iter()
+                .map(|a| (a.name.clone(), crate::catalog::arg_field_kind(&a.ty)))
+                .collect();
+            let ret = pd.kind.is_return();
+            f.check(&|name: &str| crate::catalog::probe_field_kind(&args, ret, name))
+                .unwrap_or_else(|e| panic!("{}: {e:?}", d.probe_context(i)));
+        }
+    }
+    defs
+}
+
+#[test]
+fn the_deploy_example_is_a_valid_policy_file() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/policy-example.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let defs = check_definitions(path, &text);
+    let names: Vec<&str> = defs.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["etc-opens", "failed-opens", "execs"]);
+    assert_eq!(
+        defs[0].rate_limit.map(|r| r.scope),
+        Some(super::Scope::Process)
+    );
+    assert_eq!(
+        defs[1].rate_limit.map(|r| r.scope),
+        Some(super::Scope::Global)
+    );
+    assert!(!defs[2].enabled);
+}
+
+#[test]
+fn the_kubernetes_config_map_holds_the_deploy_example() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/");
+    let k8s = std::fs::read_to_string(format!("{dir}kubernetes.yaml")).unwrap();
+    let docs: Vec<serde_json::Value> = k8s
+        .split("\n---\n")
+        .skip(1)
+        .map(|d| serde_saphyr::from_str(d).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(kinds, ["ConfigMap", "Deployment"]);
+    let text = docs[0]["data"]["policy.yaml"].as_str().unwrap();
+    let in_map = check_definitions("policy.yaml", text);
+    let example = std::fs::read_to_string(format!("{dir}policy-example.yaml")).unwrap();
+    let example = doc::parse("policy.yaml", &example).unwrap();
+    let strip = |v: Vec<PolicyDef>| -> Vec<PolicyDef> {
+        v.into_iter()
+            .map(|mut d| {
+                d.pos = None;
+                d.probes.iter_mut().for_each(|p| p.pos = None);
+                d
+            })
+            .collect()
+    };
+    assert_eq!(strip(in_map), strip(example));
+    // The Deployment passes the ConfigMap's file with --policy.
+    let c = &docs[1]["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(
+        args.contains(&"--policy=/etc/hvprobe/policy/policy.yaml"),
+        "{args:?}"
+    );
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    assert!(mounts
+        .iter()
+        .any(|m| m["mountPath"] == "/etc/hvprobe/policy"));
 }

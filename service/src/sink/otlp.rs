@@ -180,7 +180,7 @@ pub fn log_record(r: &v1::ExportRecord, observed_ns: u64) -> LogRecord {
 
 /// The request for `records` of the VM `vm`, encoded.
 pub fn encode(records: &[&v1::ExportRecord], vm: &v1::VmIdentity) -> (Bytes, &'static str) {
-    let now = super::now_ns();
+    let now = crate::time::now_ns();
     let req = ExportLogsServiceRequest {
         resource_logs: vec![ResourceLogs {
             resource: Some(Resource {

@@ -6,7 +6,14 @@
 use hyper::body::Bytes;
 use proto::v1;
 
-use super::WebhookFormat;
+/// The webhook's body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebhookFormat {
+    /// One JSON array of records (`application/json`).
+    JsonArray,
+    /// One record a line (`application/x-ndjson`).
+    JsonLines,
+}
 
 /// The body and its content type.
 pub fn encode(records: &[&v1::ExportRecord], format: WebhookFormat) -> (Bytes, &'static str) {

@@ -7,49 +7,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use introspect::{Event, EventKind, ProbeId};
-use probe_spec::{BaseType, FetchType, ProbeDef, Value};
+use probe_spec::Value;
 use prost::bytes::Bytes;
 use proto::v1::{self, PackedKind};
 
-use crate::server::ProbeMeta;
-
-/// The packed fields of a definition: entry-time ones first for return
-/// probes, the order the engine reports them in.
-pub(crate) fn fields_of(def: &ProbeDef) -> Vec<v1::FieldSchema> {
-    let is_return = def.kind.is_return();
-    let field = |a: &probe_spec::FetchArg| {
-        let (kind, bits) = kind_of(&a.ty);
-        v1::FieldSchema {
-            name: a.name.clone(),
-            r#type: a.ty.to_string(),
-            kind: kind as i32,
-            count: a.ty.array.unwrap_or(1),
-            bits,
-            at_entry: is_return && !a.uses_retval(),
-        }
-    };
-    if !is_return {
-        return def.args.iter().map(field).collect();
-    }
-    let entry = def.args.iter().filter(|a| !a.uses_retval()).map(field);
-    let at_return = def.args.iter().filter(|a| a.uses_retval()).map(field);
-    entry.chain(at_return).collect()
-}
-
-/// Column and width of a fetch type.
-fn kind_of(t: &FetchType) -> (PackedKind, u32) {
-    let bits = 8 * t.base.size() as u32;
-    match t.base {
-        BaseType::U8 | BaseType::U16 | BaseType::U32 | BaseType::U64 => {
-            (PackedKind::Unsigned, bits)
-        }
-        BaseType::S8 | BaseType::S16 | BaseType::S32 | BaseType::S64 => (PackedKind::Signed, bits),
-        BaseType::X8 | BaseType::X16 | BaseType::X32 | BaseType::X64 => (PackedKind::Hex, bits),
-        BaseType::Char => (PackedKind::Char, 8),
-        BaseType::String | BaseType::UString | BaseType::SymStr => (PackedKind::String, 0),
-        BaseType::Symbol => (PackedKind::Symbol, 64),
-    }
-}
+use crate::catalog::{guess_fields, policy_name, policy_tags, ProbeMeta};
 
 /// The schema of `ev`'s probe.
 fn schema(ev: &Event, meta: Option<&ProbeMeta>) -> v1::ProbeSchema {
@@ -62,8 +24,8 @@ fn schema(ev: &Event, meta: Option<&ProbeMeta>) -> v1::ProbeSchema {
             ip: ev.ip,
             ip_text: m.ip_text.clone(),
             fields: m.fields.clone(),
-            policy: crate::convert::policy_name(Some(m)),
-            tags: crate::convert::policy_tags(Some(m)),
+            policy: policy_name(Some(m)),
+            tags: policy_tags(Some(m)),
         },
         None => v1::ProbeSchema {
             probe_id: ev.probe_id,
@@ -74,7 +36,7 @@ fn schema(ev: &Event, meta: Option<&ProbeMeta>) -> v1::ProbeSchema {
             } as i32,
             ip: ev.ip,
             ip_text: format!("0x{:x}", ev.ip),
-            fields: crate::convert::guess_fields(ev),
+            fields: guess_fields(ev),
             ..Default::default()
         },
     }
@@ -120,7 +82,7 @@ impl PackedEncoder {
         match &ev.task {
             Some(t) => {
                 b.pid.push(t.pid);
-                let next = b.comms.len() as u32;
+                let next = u32::try_from(b.comms.len()).unwrap_or(u32::MAX);
                 let i = *self.comms.entry(t.comm).or_insert_with(|| {
                     b.comms.push(String::from_utf8_lossy(t.comm()).into_owned());
                     next
@@ -130,10 +92,10 @@ impl PackedEncoder {
                 b.ppid.push(t.ppid);
                 let e = match &t.exe {
                     Some(path) => match b.exes.iter().position(|x| x[..] == path[..]) {
-                        Some(e) => e as u32,
+                        Some(e) => u32::try_from(e).unwrap_or(u32::MAX),
                         None => {
                             b.exes.push(path.to_vec());
-                            (b.exes.len() - 1) as u32
+                            u32::try_from(b.exes.len() - 1).unwrap_or(u32::MAX)
                         }
                     },
                     None => 0,
@@ -335,22 +297,6 @@ mod tests {
             bytes: s.as_bytes().to_vec(),
             truncated: false,
         }
-    }
-
-    #[test]
-    fn fields_of_a_return_probe_put_entry_args_first() {
-        let def = probe_spec::parse_probe(
-            "r:g/e f ret=$retval:s32 path=+0($arg2):string c=+0(%di):char[2] s=%si:symbol",
-        )
-        .unwrap();
-        let f = fields_of(&def);
-        let names: Vec<_> = f.iter().map(|f| f.name.as_str()).collect();
-        assert_eq!(names, ["path", "c", "s", "ret"]);
-        assert!(f[0].at_entry && !f[3].at_entry);
-        assert_eq!(f[1].kind, PackedKind::Char as i32);
-        assert_eq!((f[1].count, f[1].bits), (2, 8));
-        assert_eq!(f[2].kind, PackedKind::Symbol as i32);
-        assert_eq!((f[3].kind, f[3].bits), (PackedKind::Signed as i32, 32));
     }
 
     #[test]
