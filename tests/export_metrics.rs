@@ -672,13 +672,7 @@ fn unusable_export_and_metrics_flags_are_one_line_errors() {
     // Refused before the VM is created or anything is served (a socket of
     // its own all the same: never the default one).
     let tmp = tempfile::tempdir().unwrap();
-    let sock = format!("unix:{}", tmp.path().join("s.sock").display());
-    let k = test_guest::kernel_path().to_str().unwrap();
-    let run = |extra: &[&str]| {
-        let mut args = vec!["run", "--kernel", k, "--listen", sock.as_str()];
-        args.extend_from_slice(extra);
-        common::hvprobe_cli(&args)
-    };
+    let run = |extra: &[&str]| common::hvprobe_run_test_guest(tmp.path(), extra);
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = format!("tcp:{}", taken.local_addr().unwrap());
     let (code, _, err) = run(&["--metrics", &taken]);

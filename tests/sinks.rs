@@ -557,13 +557,7 @@ fn otlp_log_records_match_the_hits_while_a_dead_webhook_drops_beside_it() {
 #[test]
 fn unusable_sink_urls_are_one_line_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let sock = format!("unix:{}", tmp.path().join("s.sock").display());
-    let k = test_guest::kernel_path().to_str().unwrap();
-    let run = |extra: &[&str]| {
-        let mut args = vec!["run", "--kernel", k, "--listen", sock.as_str()];
-        args.extend_from_slice(extra);
-        common::hvprobe_cli(&args)
-    };
+    let run = |extra: &[&str]| common::hvprobe_run_test_guest(tmp.path(), extra);
     for (args, want) in [
         (
             ["--webhook-url", "https://127.0.0.1:9/x"],

@@ -210,6 +210,17 @@ pub fn hvprobe_cli(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `hvprobe run` of the bundled test guest, on a socket of its own in `dir`
+/// (never the default one), with `extra` flags: for flags that must be
+/// refused before the VM is created. (exit code, stdout, stderr)
+pub fn hvprobe_run_test_guest(dir: &std::path::Path, extra: &[&str]) -> (i32, String, String) {
+    let sock = format!("unix:{}", dir.join("s.sock").display());
+    let k = test_guest::kernel_path().to_str().unwrap();
+    let mut args = vec!["run", "--kernel", k, "--listen", sock.as_str()];
+    args.extend_from_slice(extra);
+    hvprobe_cli(&args)
+}
+
 /// Exactly one non-empty stderr line, an `hvprobe: error:` containing `needle`.
 pub fn assert_one_line_error(stderr: &str, needle: &str) {
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
