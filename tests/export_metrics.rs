@@ -22,15 +22,6 @@ mod run;
 use run::Run;
 
 impl Run {
-    fn list(&self) -> Vec<v1::ProbeInfo> {
-        let mut c = self.client();
-        self.rt
-            .block_on(c.list_probes(v1::ListProbesRequest::default()))
-            .unwrap()
-            .into_inner()
-            .probes
-    }
-
     fn disarm(&self) {
         let mut c = self.client();
         self.rt.block_on(c.disarm(v1::DisarmRequest {})).unwrap();

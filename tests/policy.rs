@@ -28,12 +28,7 @@ impl Run {
     }
 
     fn probes(&self) -> BTreeMap<String, v1::ProbeInfo> {
-        let mut c = self.client();
-        self.rt
-            .block_on(c.list_probes(v1::ListProbesRequest::default()))
-            .unwrap()
-            .into_inner()
-            .probes
+        self.list()
             .into_iter()
             .map(|p| (format!("{}/{}", p.group, p.event), p))
             .collect()

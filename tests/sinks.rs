@@ -29,17 +29,8 @@ mod run;
 use run::Run;
 
 impl Run {
-    fn probes(&self) -> Vec<v1::ProbeInfo> {
-        let mut c = self.client();
-        self.rt
-            .block_on(c.list_probes(v1::ListProbesRequest::default()))
-            .unwrap()
-            .into_inner()
-            .probes
-    }
-
     fn hits(&self) -> u64 {
-        self.probes().iter().map(|p| p.hits).sum()
+        self.list().iter().map(|p| p.hits).sum()
     }
 
     /// Probe hits per second over `window`: the guest's calls of the
@@ -463,7 +454,7 @@ fn otlp_log_records_match_the_hits_while_a_dead_webhook_drops_beside_it() {
     );
     std::thread::sleep(Duration::from_secs(3));
     run.disarm();
-    let probes = run.probes();
+    let probes = run.list();
     let hits = probes[0].hits;
     assert!(hits > 0);
     let deadline = Instant::now() + Duration::from_secs(20);

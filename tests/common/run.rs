@@ -55,6 +55,16 @@ impl Run {
         }
     }
 
+    /// ListProbes: every probe of the running server.
+    pub fn list(&self) -> Vec<v1::ProbeInfo> {
+        let mut c = self.client();
+        self.rt
+            .block_on(c.list_probes(v1::ListProbesRequest::default()))
+            .unwrap()
+            .into_inner()
+            .probes
+    }
+
     pub fn client(&self) -> Client {
         self.rt
             .block_on(service::client::connect(&service::Listen::Unix(
