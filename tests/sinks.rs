@@ -48,6 +48,16 @@ impl Run {
     }
 }
 
+/// The tests that run receivers take turns: a receiver that goes down
+/// gives its port back, and a port the other test picked meanwhile (its
+/// receiver, or its dead webhook) could be that one (seen once: AddrInUse
+/// when the receiver came back up, and 0 OTLP records).
+static RECEIVERS: Mutex<()> = Mutex::new(());
+
+fn receivers_turn() -> std::sync::MutexGuard<'static, ()> {
+    RECEIVERS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -281,6 +291,7 @@ fn webhook_delivers_or_counts_every_event_through_a_bad_receiver_at_the_guests_p
     if !kvm_available() {
         return;
     }
+    let _turn = receivers_turn();
     let tmp = tempfile::tempdir().unwrap();
     let recv = Receiver::start();
     let mport = free_port();
@@ -431,6 +442,7 @@ fn otlp_log_records_match_the_hits_while_a_dead_webhook_drops_beside_it() {
     if !kvm_available() {
         return;
     }
+    let _turn = receivers_turn();
     let tmp = tempfile::tempdir().unwrap();
     let recv = Receiver::start();
     let dead = format!("http://127.0.0.1:{}/dead", free_port());
