@@ -47,11 +47,13 @@ if [ "${HVPROBE_SKIP_FETCH:-0}" != 1 ]; then
 fi
 
 # Release build: the DWARF tests read a 600 MB vmlinux and the KVM tests time
-# guest runs; both are much faster optimised.
+# guest runs; both are much faster optimised. --no-fail-fast: one failing
+# test binary must not hide whether the others pass (the exit status is
+# still non-zero).
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --release 2>&1 | tee "$log"
+cargo test --workspace --release --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # cargo prints one result line per test binary (the last is usually an empty
