@@ -35,6 +35,55 @@ pub fn snapshot_dir_from(var: &str) -> Option<PathBuf> {
     }
 }
 
+/// The records in one console line: the line itself, and each kernel-log
+/// copy in it, which starts after a "[   12.345678] " timestamp. The tty and
+/// the kernel log share the serial port, so a kernel-log line can land in
+/// the middle of a tty line (seen: "HVPROBE-CMD-DONE[  608.041542]
+/// HVPROBE-CMD-DONE rc=0"). A typed command's echo carries no timestamp,
+/// so a marker inside it is never taken for the marker itself.
+fn console_records(line: &str) -> impl Iterator<Item = &str> {
+    let mut starts = vec![0];
+    let mut from = 0;
+    while let Some(open) = line[from..].find('[').map(|i| from + i) {
+        let Some(close) = line[open..].find("] ").map(|i| open + i) else {
+            break;
+        };
+        let stamp = line[open + 1..close].trim_start();
+        let is_time = stamp.split_once('.').is_some_and(|(s, us)| {
+            !s.is_empty()
+                && !us.is_empty()
+                && s.bytes().all(|b| b.is_ascii_digit())
+                && us.bytes().all(|b| b.is_ascii_digit())
+        });
+        if is_time {
+            if open == 0 {
+                starts[0] = close + 2;
+            } else {
+                starts.push(close + 2);
+            }
+        }
+        from = open + 1;
+    }
+    starts.into_iter().map(move |i| &line[i..])
+}
+
+#[test]
+fn console_records_split_interleaved_kernel_log_lines() {
+    let r: Vec<_> =
+        console_records("HVPROBE-CMD-DONE[  608.041542] HVPROBE-CMD-DONE rc=0").collect();
+    assert_eq!(
+        r,
+        [
+            "HVPROBE-CMD-DONE[  608.041542] HVPROBE-CMD-DONE rc=0",
+            "HVPROBE-CMD-DONE rc=0"
+        ]
+    );
+    let r: Vec<_> = console_records("[   12.345678] HVPROBE-X a=1").collect();
+    assert_eq!(r, ["HVPROBE-X a=1"]);
+    let r: Vec<_> = console_records("cat x; echo \"HVPROBE-RC-1 $?\" [not a time] y").collect();
+    assert_eq!(r.len(), 1);
+}
+
 pub struct DebianGuest {
     pub engine: Arc<Engine>,
     pub service: HvProbeService,
@@ -123,14 +172,9 @@ impl DebianGuest {
                 }
                 at += line.len();
                 let l = line.trim_end_matches(['\r', '\n']);
-                // Kernel-log copies carry a "[   12.345678] " prefix.
-                let l = match l.find("] ") {
-                    Some(i) if l.starts_with('[') => &l[i + 2..],
-                    _ => l,
-                };
-                if l.starts_with(prefix) {
+                if let Some(found) = console_records(l).find(|r| r.starts_with(prefix)) {
                     self.seen += at;
-                    return l.to_string();
+                    return found.to_string();
                 }
             }
             assert!(
