@@ -62,29 +62,86 @@ pub enum SerialOutput {
 /// Writes to the chosen sink and, when capturing, to a shared buffer.
 pub struct ConsoleWriter {
     sink: Box<dyn Write + Send>,
+    /// For stdout only: the guest's current, unfinished line. The 16550
+    /// hands us one byte at a time while other threads (the demo's event
+    /// printer) print whole lines to the same stdout; writing the console
+    /// a line at a time under the stdout lock keeps both readable
+    /// (a CI run saw `hvtescpu0 open: ...` split a guest line).
+    line: Option<Vec<u8>>,
 }
+
+/// A partial line longer than this is written out anyway.
+const MAX_HELD_LINE: usize = 4096;
 
 impl ConsoleWriter {
     pub fn new(out: &SerialOutput) -> std::io::Result<Self> {
-        let sink: Box<dyn Write + Send> = match out {
-            SerialOutput::Stdout => Box::new(std::io::stdout()),
-            SerialOutput::File(p) => Box::new(std::fs::File::create(p)?),
-            SerialOutput::Capture(buf) => Box::new(CaptureWriter(buf.clone())),
-            SerialOutput::Discard => Box::new(std::io::sink()),
+        Ok(match out {
+            SerialOutput::Stdout => Self::line_buffered(Box::new(std::io::stdout())),
+            SerialOutput::File(p) => Self::unbuffered(Box::new(std::fs::File::create(p)?)),
+            SerialOutput::Capture(buf) => Self::unbuffered(Box::new(CaptureWriter(buf.clone()))),
+            SerialOutput::Discard => Self::unbuffered(Box::new(std::io::sink())),
+        })
+    }
+
+    fn unbuffered(sink: Box<dyn Write + Send>) -> Self {
+        Self { sink, line: None }
+    }
+
+    fn line_buffered(sink: Box<dyn Write + Send>) -> Self {
+        Self {
+            sink,
+            line: Some(Vec::new()),
+        }
+    }
+
+    /// Writes the held bytes up to and including the last newline (all of
+    /// them when `everything`) in one call.
+    fn write_held(&mut self, everything: bool) -> std::io::Result<()> {
+        let Some(line) = self.line.as_mut() else {
+            return Ok(());
         };
-        Ok(Self { sink })
+        let upto = if everything || line.len() >= MAX_HELD_LINE {
+            line.len()
+        } else {
+            match line.iter().rposition(|&b| b == b'\n') {
+                Some(i) => i + 1,
+                None => return Ok(()),
+            }
+        };
+        if upto == 0 {
+            return Ok(());
+        }
+        let done: Vec<u8> = line.drain(..upto).collect();
+        self.sink.write_all(&done)?;
+        self.sink.flush()
     }
 }
 
 impl Write for ConsoleWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(line) = self.line.as_mut() {
+            line.extend_from_slice(buf);
+            self.write_held(false)?;
+            return Ok(buf.len());
+        }
         // Flush per write so a crashed guest's last words are not lost.
         let n = self.sink.write(buf)?;
         self.sink.flush()?;
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
+        if self.line.is_some() {
+            return self.write_held(false);
+        }
         self.sink.flush()
+    }
+}
+
+impl Drop for ConsoleWriter {
+    /// A guest that stops mid-line (a crash, a prompt) still has its last
+    /// words printed.
+    fn drop(&mut self) {
+        let _ = self.write_held(true);
     }
 }
 
@@ -207,6 +264,29 @@ mod tests {
             assert_eq!(b.write(SERIAL_BASE, &[*c]), PortAction::None);
         }
         assert_eq!(&*buf.lock().unwrap(), b"hi\n");
+    }
+
+    #[test]
+    fn stdout_console_writes_whole_lines_and_its_last_words_on_drop() {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let mut w = ConsoleWriter::line_buffered(Box::new(CaptureWriter(buf.clone())));
+        for c in b"hvtest: user ok\nhal" {
+            w.write_all(&[*c]).unwrap();
+            w.flush().unwrap();
+            let seen = buf.lock().unwrap().clone();
+            assert!(
+                seen.is_empty() || seen == b"hvtest: user ok\n",
+                "partial line written: {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+        }
+        assert_eq!(&*buf.lock().unwrap(), b"hvtest: user ok\n");
+        // A line that never ends is not held forever.
+        w.write_all(&[b'x'; MAX_HELD_LINE]).unwrap();
+        assert_eq!(buf.lock().unwrap().len(), 16 + 3 + MAX_HELD_LINE);
+        w.write_all(b"panic").unwrap();
+        drop(w);
+        assert!(buf.lock().unwrap().ends_with(b"xpanic"));
     }
 
     #[test]
