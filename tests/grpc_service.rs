@@ -329,10 +329,14 @@ fn slow_subscriber_loses_counted_events_and_guest_keeps_pace() {
         rounds.join(", ")
     );
     assert!(read_sum > 0.0 && h.alive());
-    // Losing events costs the guest nothing measurable; 0.75 leaves room
-    // for the noise of a shared 2-core machine (rounds above vary ±15%).
+    // An engine that waited for the consumer would stop the guest within
+    // a few hundred events of a stall (a rate near 0 for 1.5 s). Losing
+    // events instead costs the guest nothing measurable, but on a loaded
+    // 2-core machine single rounds swing 3x (seen: 4586/1777 with
+    // load 11), so the bound is a quarter of the reading rate: far from
+    // noise, far from a stall.
     assert!(
-        stall_sum >= 0.75 * read_sum,
+        stall_sum >= 0.25 * read_sum,
         "the guest slowed down with a stalled subscriber: {stall_sum:.0} against {read_sum:.0} calls/s (sums of 3 rounds)"
     );
 
