@@ -45,6 +45,9 @@ enum Mode {
     /// Like a single-step probe: put the original byte back, single-step
     /// it on KVM, plant the int3 again.
     Step,
+    /// Like a hardware-breakpoint probe that steps: nothing to restore,
+    /// single-step on KVM (the VMM leaves the breakpoint out for it).
+    StepInPlace,
 }
 
 /// Records every call; owns the addresses in `owned`.
@@ -72,6 +75,10 @@ impl BreakpointHandler for Recorder {
             Some(Mode::Emulate) => {
                 regs.rip += 1;
                 vcpu.set_regs(&regs).unwrap();
+                BreakpointAction::Resume
+            }
+            Some(Mode::StepInPlace) => {
+                vcpu.single_step().unwrap();
                 BreakpointAction::Resume
             }
             Some(Mode::Step) => {
@@ -409,5 +416,79 @@ fn hardware_breakpoint_debug_exit_goes_to_the_bridge_slot() {
             assert!(reason.contains("slot 2 has no owner"), "{reason}")
         }
         other => panic!("{other:?}"),
+    }
+}
+
+/// Run the vCPU for real until its next trap exit (serving nothing else).
+fn run_to_trap(r: &mut VcpuRunner) -> TrapExit {
+    for _ in 0..16 {
+        match r.fd.run() {
+            Ok(VcpuExit::Debug(arch)) => {
+                r.exits += 1;
+                return TrapExit::Debug(arch);
+            }
+            Ok(other) => panic!("unexpected exit {other:?}"),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => panic!("KVM_RUN: {e}"),
+        }
+    }
+    panic!("no trap exit");
+}
+
+#[test]
+fn engine_hardware_breakpoint_fires_for_real_and_goes_to_the_handler() {
+    for mode in [Mode::Emulate, Mode::StepInPlace] {
+        let Some(mut rig) = rig(0x90, &[(HW_BP_ADDR, mode)]) else {
+            return;
+        };
+        let machine = rig.runner.shared.clone();
+        let slot = machine
+            .claim_hw_breakpoint(HW_BP_ADDR, "probe t/hw")
+            .unwrap();
+        assert_eq!(
+            machine.hw_slots(),
+            vec![guest_access::HwSlotUse {
+                slot,
+                owner: "probe t/hw".into(),
+                addr: Some(HW_BP_ADDR)
+            }]
+        );
+        let mut regs = rig.runner.regs().unwrap();
+        regs.rip = HW_BP_ADDR;
+        rig.runner.set_regs(&regs).unwrap();
+        // As run_once does before KVM_RUN.
+        rig.runner.engine_slots_refresh();
+        let exit = run_to_trap(&mut rig.runner);
+        let TrapExit::Debug(arch) = exit else {
+            unreachable!()
+        };
+        assert_eq!((arch.exception, arch.pc), (1, HW_BP_ADDR), "{arch:?}");
+        assert_eq!(rip(&mut rig.runner), HW_BP_ADDR, "a fault: not yet run");
+        assert_eq!(rig.runner.dispatch(exit), Next::Continue);
+        assert_eq!(
+            calls(&rig),
+            vec![(TrapKind::HardwareBreakpoint, HW_BP_ADDR)],
+            "{mode:?}"
+        );
+        assert_eq!(rip(&mut rig.runner), HW_BP_ADDR + 1, "{mode:?}");
+        assert_eq!(rig.runner.exit_stats_bridge_faults(), 0);
+        assert_eq!(run_to_port(&mut rig.runner), PORT_AFTER_HW);
+        // Released: the next pass over the address runs natively.
+        machine.release_hw_breakpoint(slot);
+        rig.runner.engine_slots_refresh();
+        assert!(!rig.runner.debug.engine[slot]);
+        assert_eq!(rig.runner.debug.hw[slot], None);
+        let mut regs = rig.runner.regs().unwrap();
+        regs.rip = HW_BP_ADDR;
+        rig.runner.set_regs(&regs).unwrap();
+        rig.runner.flush_dirty_regs().unwrap();
+        assert_eq!(run_to_port(&mut rig.runner), PORT_AFTER_HW);
+        assert_eq!(calls(&rig).len(), 1);
+    }
+}
+
+impl VcpuRunner {
+    fn exit_stats_bridge_faults(&self) -> u64 {
+        self.shared.exit_stats().bridge.faults_passed
     }
 }
