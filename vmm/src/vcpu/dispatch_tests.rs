@@ -492,3 +492,58 @@ impl VcpuRunner {
         self.shared.exit_stats().bridge.faults_passed
     }
 }
+
+/// Does a debug-register *data* breakpoint (DR7 R/W = 01, write) fire for
+/// guest CPL0 code on this host? The tiny guest (real mode, CPL0) stores a
+/// byte to a watched address and then writes a port. Where the CPU runs the
+/// guest, a data breakpoint is a trap: #DB after the store, RIP at the next
+/// instruction. On the emulating KVM here it does not fire at all (found
+/// with this test: the store completes and the port write is the next
+/// exit), so hvprobe watches guest data with write-protected pages instead.
+/// Either way the store must land and the guest go on.
+#[test]
+fn data_write_breakpoint_on_cpl0_code_fires_trap_style_or_not_at_all() {
+    const CODE: u64 = 0x4000;
+    const DATA: u16 = 0x5000;
+    const PORT_AFTER_STORE: u16 = 0x9d;
+    let Some(mut rig) = rig(0x90, &[]) else {
+        return;
+    };
+    let [lo, hi] = DATA.to_le_bytes();
+    // mov al, 0x5a ; mov [DATA], al ; out 0x9d, al
+    let code = [0xb0, 0x5a, 0xa2, lo, hi, 0xe6, imm8(PORT_AFTER_STORE)];
+    guest_access::GuestMemory::write_phys(&rig.runner.shared.ram, CODE, &code).unwrap();
+    let mut regs = rig.runner.regs().unwrap();
+    regs.rip = CODE;
+    rig.runner.set_regs(&regs).unwrap();
+    rig.runner.flush_dirty_regs().unwrap();
+    let mut dbg = rig.runner.debug.control();
+    dbg.control |= kvm_bindings::KVM_GUESTDBG_USE_HW_BP;
+    dbg.arch.debugreg[0] = u64::from(DATA);
+    // L0|G0, R/W0 = 01 (data writes), LEN0 = 00 (1 byte).
+    dbg.arch.debugreg[7] = 0x3 | (0b01 << 16);
+    rig.runner.fd.set_guest_debug(&dbg).unwrap();
+    let fired = loop {
+        match rig.runner.fd.run() {
+            Ok(VcpuExit::Debug(arch)) => break Some(arch),
+            Ok(VcpuExit::IoOut(port, _)) => {
+                assert_eq!(port, PORT_AFTER_STORE);
+                break None;
+            }
+            Ok(other) => panic!("unexpected exit {other:?}"),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => panic!("KVM_RUN: {e}"),
+        }
+    };
+    let mut b = [0u8; 1];
+    guest_access::GuestMemory::read_phys(&rig.runner.shared.ram, u64::from(DATA), &mut b).unwrap();
+    assert_eq!(b[0], 0x5a, "the store ran");
+    eprintln!("data write breakpoint on CPL0 code: {fired:?}");
+    if let Some(arch) = fired {
+        assert_eq!(arch.exception, 1, "{arch:?}");
+        assert_ne!(arch.dr6 & 1, 0, "B0 set: {arch:?}");
+        assert_eq!(arch.pc, CODE + 5, "trap-style: RIP after the store");
+        rig.runner.apply_debug().unwrap();
+        assert_eq!(run_to_port(&mut rig.runner), PORT_AFTER_STORE);
+    }
+}
