@@ -267,3 +267,91 @@ fn mixing_an_int3_and_a_hardware_breakpoint_at_one_address_is_refused() {
     s.engine.set_enabled(h, true).unwrap();
     assert_eq!(s.free_slots(), before);
 }
+
+/// Hostile: hardware probes registered, enabled, disabled, disarmed and
+/// deleted in a loop (with more asked for than there are registers) while
+/// two vCPUs run through the probed functions. The guest's own checks must
+/// pass, text must never change, hits may not outnumber calls, and every
+/// register must come back.
+#[test]
+fn hardware_probe_churn_while_two_vcpus_run() {
+    if !kvm_available() {
+        return;
+    }
+    let mut s = setup(2, "hvtest.iters=400");
+    let free = s.free_slots();
+    let text = text_range();
+    let before = hash_range(s.control.memory(), text);
+    let funcs = [
+        "hv_add",
+        "hv_fib",
+        "hv_checksum",
+        "hv_many_args",
+        "hv_work_item",
+    ];
+    let engine = s.engine.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let churn = std::thread::spawn(move || {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let (mut ops, mut refused, mut n) = (0u64, 0u64, 0u64);
+        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+            let mut ids = Vec::new();
+            // One more than the free registers: the last one is refused.
+            for i in 0..=free {
+                n += 1;
+                let f = funcs[(next() as usize + i) % funcs.len()];
+                let mut r = hw_kprobe(&format!("c/{f}_{n}"), f);
+                r.force_single_step = next() % 3 == 0;
+                match engine.register(r) {
+                    Ok(id) => ids.push(id),
+                    Err(ProbeError::NoHwSlot { .. }) => refused += 1,
+                    // Two probes at one address in a round: a second site
+                    // is no new register, so nothing to refuse there.
+                    Err(e) => panic!("unexpected refusal: {e}"),
+                }
+            }
+            for id in &ids {
+                match next() % 3 {
+                    0 => engine.set_enabled(*id, false).unwrap(),
+                    1 => engine.set_armed(false).and(engine.set_armed(true)).unwrap(),
+                    _ => {}
+                }
+            }
+            std::thread::sleep(Duration::from_millis(next() % 4));
+            engine.unregister_batch(&ids).unwrap();
+            ops += 1;
+        }
+        (ops, refused)
+    });
+    let o = s.run_watching(|s| {
+        assert_eq!(before, hash_range(s.control.memory(), text), "text changed");
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ops, refused) = churn.join().unwrap();
+    s.assert_ok(&o);
+    let st = s.engine.stats();
+    eprintln!("{ops} rounds, {refused} refused; {st:?}");
+    assert!(ops > 3, "only {ops} churn rounds");
+    assert!(refused > 0, "never asked for more than the free registers");
+    assert!(st.hardware_hits > 0);
+    // A site hit counts once, whatever number of probes it carries.
+    let calls: u64 = funcs
+        .iter()
+        .map(|f| guest_counter(s.control.memory(), f))
+        .sum();
+    assert!(
+        st.hardware_hits <= calls,
+        "{} hits > {calls} calls",
+        st.hardware_hits
+    );
+    assert_eq!(s.free_slots(), free, "every register came back");
+    assert!(s.engine.list().is_empty());
+    assert_eq!(before, hash_range(s.control.memory(), text));
+}
