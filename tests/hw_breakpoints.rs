@@ -260,6 +260,18 @@ fn mixing_an_int3_and_a_hardware_breakpoint_at_one_address_is_refused() {
     assert_eq!(err.index, 1, "{err}");
     assert_eq!(s.free_slots(), before);
     assert_eq!(s.engine.list().len(), 1);
+    // A batch that needs one register more than are free: the registers
+    // its first probes took are given back.
+    let funcs = ["hv_fib", "hv_checksum", "hv_many_args", "hv_work_item"];
+    let batch = funcs[..=before]
+        .iter()
+        .map(|f| hw_kprobe(&format!("t/{f}_b"), f))
+        .collect();
+    let err = s.engine.register_batch(batch).unwrap_err();
+    assert_eq!(err.index, before, "{err}");
+    assert!(matches!(err.error, ProbeError::NoHwSlot { .. }), "{err}");
+    assert_eq!(s.free_slots(), before);
+    assert_eq!(s.engine.list().len(), 1);
     // Disabling gives the register back; enabling takes it again.
     s.engine.set_enabled(h, false).unwrap();
     assert_eq!(s.free_slots(), before + 1);
