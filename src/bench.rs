@@ -62,6 +62,8 @@ enum Setup {
     Kprobe,
     KprobeSingleStep,
     KprobeOutOfLine,
+    /// A `%hw` kprobe: a debug register, no int3.
+    KprobeHardware,
     Kretprobe,
     Unhit,
     /// No probe; the guest also runs N minimal user system calls.
@@ -163,6 +165,12 @@ fn run_once(args: &BenchArgs, setup: Setup) -> Result<Sample> {
             engine.register(r)?;
             probes_armed = 1;
         }
+        Setup::KprobeHardware => {
+            let mut r = ProbeRequest::kprobe("bench/hw", target);
+            r.hardware = true;
+            engine.register(r)?;
+            probes_armed = 1;
+        }
         Setup::Kretprobe => {
             engine.register(ProbeRequest::kretprobe("bench/r", target, None))?;
             probes_armed = 1;
@@ -232,6 +240,7 @@ pub fn run(args: BenchArgs) -> Result<u8> {
         Setup::Kretprobe,
         Setup::Unhit,
         Setup::KprobeOutOfLine,
+        Setup::KprobeHardware,
     ];
     // With the bridge off, user system calls fail on hosts that need it.
     if args.syscall_bridge != vmm::BridgeMode::Off {
@@ -287,7 +296,8 @@ pub fn run(args: BenchArgs) -> Result<u8> {
     report("kprobe hit, single-step fallback:", 2, 2.5);
     report("kprobe hit, out of line (2 exits, no stop):", 5, 2.5);
     report("kretprobe entry + return:", 3, 2.4);
-    if let Some(sys) = samples.get(6) {
+    report("kprobe hit, debug register (%hw), emulated:", 6, 1.2);
+    if let Some(sys) = samples.get(7) {
         let rt = median(sys.iter().filter_map(|s| s.syscall_s).collect());
         let active = sys[0].bridge_active;
         // N timed calls, two markers, the exit.

@@ -186,7 +186,7 @@ pub fn probe(server: &ServerArg, action: ProbeAction) -> Result<u8> {
                     );
                     for p in &r.probes {
                         println!(
-                            "{:>4}  {:<24} {:<4} {:<28} {:<9} {:>10} {:>8} {:>8}  {}",
+                            "{:>4}  {:<24} {:<4} {:<28} {:<9} {:>10} {:>8} {:>8}  {}{}",
                             p.id,
                             format!("{}/{}", p.group, p.event),
                             kind_name(p.kind),
@@ -196,6 +196,7 @@ pub fn probe(server: &ServerArg, action: ProbeAction) -> Result<u8> {
                             p.misses,
                             p.dropped,
                             handling_name(p.handling),
+                            hw_note(p),
                         );
                         if p.site_address != p.address && p.site_address != 0 {
                             // The int3 is after the function's ftrace site.
@@ -358,6 +359,16 @@ fn state(p: &v1::ProbeInfo) -> &'static str {
     }
 }
 
+/// " HW:DR2" for a `%hw` probe holding a debug register, " HW:unarmed"
+/// for one that holds none now (disabled or disarmed); empty for an int3.
+fn hw_note(p: &v1::ProbeInfo) -> String {
+    match (p.hardware, p.hw_slot) {
+        (true, Some(slot)) => format!(" HW:DR{slot}"),
+        (true, None) => " HW:unarmed".into(),
+        (false, _) => String::new(),
+    }
+}
+
 fn probe_json(p: &v1::ProbeInfo) -> Json {
     json!({
         "id": p.id, "group": p.group, "event": p.event, "kind": kind_name(p.kind),
@@ -366,6 +377,7 @@ fn probe_json(p: &v1::ProbeInfo) -> Json {
         "state": state(p), "hits": p.hits, "misses": p.misses, "dropped": p.dropped,
         "handling": handling_name(p.handling), "maxactive": p.maxactive,
         "definition": p.definition, "filter": p.filter, "policy": p.policy,
+        "hardware": p.hardware, "hw_slot": p.hw_slot,
     })
 }
 

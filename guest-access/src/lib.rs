@@ -113,6 +113,34 @@ pub enum AccessError {
     StepFailed { vcpu: usize, rip: u64, why: String },
 }
 
+/// Why no debug-register slot could be had for a hardware breakpoint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HwSlotError {
+    /// Every slot is held; `holders` names each ("DR0: system-call bridge, ...").
+    #[error(
+        "no free debug register for a hardware breakpoint at {addr:#x}: all {total} are in use ({holders})"
+    )]
+    NoneFree {
+        addr: u64,
+        total: usize,
+        holders: String,
+    },
+    /// The VM offers no debug-register breakpoints.
+    #[error("this VM offers no debug-register breakpoints")]
+    Unsupported,
+}
+
+/// One held debug-register slot (DR0..DR3), for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HwSlotUse {
+    pub slot: usize,
+    /// "system-call bridge", or what the engine named when it claimed it.
+    pub owner: String,
+    /// The breakpoint's address (None for the bridge, whose address
+    /// follows each vCPU's IDT).
+    pub addr: Option<u64>,
+}
+
 /// Guest-physical memory, shared by all threads.
 pub trait GuestMemory: Send + Sync {
     /// Read `buf.len()` bytes at guest-physical `gpa`.
@@ -186,6 +214,25 @@ pub trait VmControl: Send + Sync {
     fn saved_system_regs(&self) -> Option<SystemRegs> {
         None
     }
+
+    /// Claim a debug-register slot for an execute breakpoint at `addr` on
+    /// every vCPU. Call with the world stopped: each vCPU arms it before it
+    /// next enters the guest. A hit arrives as [`TrapKind::HardwareBreakpoint`]
+    /// with RIP at `addr` and the instruction not yet run (the handler must
+    /// run it, e.g. emulate it; resuming at `addr` traps again).
+    fn claim_hw_breakpoint(&self, addr: u64, _owner: &str) -> Result<usize, HwSlotError> {
+        let _ = addr;
+        Err(HwSlotError::Unsupported)
+    }
+
+    /// Give back a slot from [`VmControl::claim_hw_breakpoint`] (world
+    /// stopped; each vCPU disarms it before it next enters the guest).
+    fn release_hw_breakpoint(&self, _slot: usize) {}
+
+    /// Every held debug-register slot.
+    fn hw_slots(&self) -> Vec<HwSlotUse> {
+        Vec::new()
+    }
 }
 
 /// What the VMM does after a breakpoint handler returns.
@@ -206,6 +253,9 @@ pub enum TrapKind {
     DebugExit,
     /// KVM_EXIT_INTERNAL_ERROR emulation failure at an `int3` (emulating KVM).
     EmulationFailure,
+    /// A #DB from a debug-register execute breakpoint the handler claimed
+    /// ([`VmControl::claim_hw_breakpoint`]); guest text holds no `int3`.
+    HardwareBreakpoint,
 }
 
 /// Receives every `int3` trap of the guest. Implemented by the probe engine.

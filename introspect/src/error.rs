@@ -59,6 +59,19 @@ pub enum ProbeError {
         state_addr: u64,
         why: String,
     },
+    /// The trap mechanism asked for cannot be had at this address.
+    #[error("{addr:#x} ({location}): {why}")]
+    Mechanism {
+        addr: u64,
+        location: String,
+        why: String,
+    },
+    /// No debug register was free for a hardware-breakpoint probe.
+    #[error("probe {name}: {source}")]
+    NoHwSlot {
+        name: String,
+        source: guest_access::HwSlotError,
+    },
     #[error("the return trap at {addr:#x} is in use by live kretprobes")]
     ReturnTrapInUse { addr: u64 },
     /// A snapshot could not be taken, or its probe table does not fit the

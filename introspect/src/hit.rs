@@ -18,6 +18,7 @@ use std::sync::Arc;
 use guest_access::{BreakpointAction, BreakpointHandler, Regs, TrapKind, Vcpu, VmControl};
 
 use crate::fetch::HitContext;
+use crate::hwbp;
 use crate::kprobes::Engine;
 use crate::paging::{Access, GuestVirt};
 use crate::table::{Handling, ProbeType, Site};
@@ -68,11 +69,14 @@ impl Engine {
         &self,
         vcpu: &mut dyn Vcpu,
         vm: &dyn VmControl,
-        _kind: TrapKind,
+        kind: TrapKind,
     ) -> BreakpointAction {
         let Ok(regs) = vcpu.regs() else {
             return BreakpointAction::DeliverToGuest;
         };
+        if kind == TrapKind::HardwareBreakpoint {
+            return self.hardware_hit(vcpu, vm, regs);
+        }
         let rip = regs.rip;
         let trap = self.kret.trap_addr.load(Ordering::Relaxed);
         if trap != 0 && rip == trap {
@@ -109,6 +113,54 @@ impl Engine {
             }
         }
         self.step_over(&site, vcpu, vm)
+    }
+
+    /// A debug-register breakpoint fired: RIP at the site, its instruction
+    /// not yet run (a fault-style #DB). Report, then run the instruction:
+    /// emulated, or single-stepped in place with the debug registers left
+    /// out (no text to restore, so no other vCPU stops). Resuming at RIP
+    /// unchanged would trap again, so every path moves the vCPU on.
+    fn hardware_hit(
+        &self,
+        vcpu: &mut dyn Vcpu,
+        vm: &dyn VmControl,
+        regs: Regs,
+    ) -> BreakpointAction {
+        let site = self.table.read().unwrap().sites.get(&regs.rip).cloned();
+        let live = site.filter(|s| s.hardware && s.armed_hw_slot().is_some());
+        let Some(site) = live.filter(|s| !s.gone.load(Ordering::SeqCst)) else {
+            // Released after this vCPU trapped (it drops the register
+            // before it next enters the guest): run the instruction as is.
+            self.counters.stale_traps.fetch_add(1, Ordering::Relaxed);
+            return self.step_hardware_site(vcpu, regs.rip);
+        };
+        if !hwbp::intact(&self.guest, &site) {
+            // The guest rewrote or freed the code: never emulate what is no
+            // longer there. The register goes back at the next sync.
+            site.gone.store(true, Ordering::SeqCst);
+            return self.step_hardware_site(vcpu, regs.rip);
+        }
+        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        self.counters.hardware_hits.fetch_add(1, Ordering::Relaxed);
+        let trap = self.kret.trap_addr.load(Ordering::Relaxed);
+        let sregs = vcpu.system_regs().unwrap_or_default();
+        let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
+        self.report_hit(&site, vcpu.index() as u32, virt, regs, trap);
+        let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
+        if site.handling == Handling::Emulated && self.emulate(&site, vcpu, virt, regs) {
+            return BreakpointAction::Resume;
+        }
+        self.counters.single_stepped.fetch_add(1, Ordering::Relaxed);
+        self.step_hardware_site(vcpu, regs.rip)
+    }
+
+    /// Single-step the instruction under a debug register (the VMM leaves
+    /// the registers out for the step).
+    fn step_hardware_site(&self, vcpu: &mut dyn Vcpu, rip: u64) -> BreakpointAction {
+        if let Err(e) = vcpu.single_step() {
+            tracing::warn!("single-step at the hardware breakpoint {rip:#x} failed: {e}");
+        }
+        BreakpointAction::Resume
     }
 
     /// Report a hit to every enabled probe at the site: kprobe events, and

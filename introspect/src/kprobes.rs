@@ -14,6 +14,7 @@ use crate::error::{BatchError, ProbeError, TaskListingError};
 use crate::events::{EventBus, EventFilter, ProbeId, SubscribeOptions, Subscription, Waker};
 use crate::fetch::Reporter;
 use crate::guest::Guest;
+use crate::hwbp;
 use crate::kretprobe::{Kretprobes, ReturnTrap};
 use crate::paging::{Access, GuestVirt};
 use crate::stats::{Counters, EngineStats};
@@ -356,6 +357,19 @@ impl Engine {
             let mut s = check
                 .prepare(req)
                 .map_err(|error| BatchError { index, error })?;
+            if let Some((p, _)) = staged
+                .iter()
+                .find(|(p, _)| p.site == s.0.site && p.hardware != req.hardware)
+            {
+                return Err(BatchError {
+                    index,
+                    error: crate::table::mechanism_conflict(
+                        req.address,
+                        self.guest.location(req.address),
+                        p.hardware,
+                    ),
+                });
+            }
             // Two new probes at one new address share one site.
             if s.1.is_some()
                 && staged
@@ -382,7 +396,7 @@ impl Engine {
     ) {
         if let Some(text) = site {
             let want = probe.wanted_handling(&text.displaced);
-            let s = self.new_site(world, table, probe.site, text, want, sregs, Vec::new());
+            let s = self.new_site(world, table, probe, text, want, sregs, Vec::new());
             table.sites.insert(probe.site, Arc::new(s));
         }
         let site = table.sites[&probe.site].clone();
@@ -391,9 +405,11 @@ impl Engine {
         if want.rank() > site.handling.rank() {
             text::release_slot(world, &self.guest, &site, &mut table.slots, &self.pool);
             let probes = site.probes.snapshot().to_vec();
-            let s2 = self.new_site(world, table, site.addr, site.text(), want, sregs, probes);
+            let s2 = self.new_site(world, table, probe, site.text(), want, sregs, probes);
             s2.planted
                 .store(site.planted.load(Ordering::SeqCst), Ordering::SeqCst);
+            s2.hw_slot
+                .store(site.hw_slot.load(Ordering::SeqCst), Ordering::SeqCst);
             table.sites.insert(site.addr, Arc::new(s2));
         }
     }
@@ -405,7 +421,7 @@ impl Engine {
         &self,
         world: &World<'_>,
         table: &mut Table,
-        addr: u64,
+        probe: &Probe,
         text: SiteText,
         want: Handling,
         sregs: Option<&SystemRegs>,
@@ -426,7 +442,7 @@ impl Engine {
         if let Some(sl) = &slot {
             table.slots.by_end.insert(sl.end(), sl.clone());
         }
-        Site::new(addr, text, want, slot, probes)
+        Site::new(probe.site, text, want, slot, probes, probe.hardware)
     }
 
     /// Undo a failed batch: remove what it added and restore its bytes.
@@ -449,9 +465,15 @@ impl Engine {
         }
     }
 
-    /// Plant or remove the int3 at `addr` to match the probes' state.
+    /// Plant or remove the int3 (or arm or release the debug register) at
+    /// `addr` to match the probes' state.
     fn sync(&self, world: &World<'_>, table: &Table, addr: u64) -> Result<(), ProbeError> {
-        text::sync_site(world, &self.guest, table, addr, self.armed())
+        match table.sites.get(&addr) {
+            Some(site) if site.hardware => {
+                hwbp::sync_hw_site(world, &self.guest, site, self.armed())
+            }
+            _ => text::sync_site(world, &self.guest, table, addr, self.armed()),
+        }
     }
 
     /// Unregister one probe.

@@ -11,6 +11,7 @@
 //! | `kretprobe.rs` | kretprobe instances, the return trap, recycling                   |
 //! | `fetch.rs`     | a hit's context (registers, current task) and building events     |
 //! | `text.rs`      | every write of guest text, each taking a `World` (world stopped)  |
+//! | `hwbp.rs`      | hardware-breakpoint sites: claiming and releasing debug registers |
 //! | `table.rs`     | probes, sites (one `int3`, many probes), checking a request       |
 //! | `xol.rs`       | out-of-line slots: relocation, padding allocation, retirement     |
 //! | `guest.rs`     | reading guest text and data; init text freed or not               |
@@ -34,7 +35,7 @@
 //! ```text
 //! hit, snapshot, list         impl blocks on Engine: the handler, freeze/restore, listing
 //! kprobes                     Engine and its public operations
-//! text                        writes of guest text (World token)
+//! text, hwbp                  writes of guest text (World token); debug-register sites
 //! kretprobe                   instances, return trap state
 //! fetch                       HitContext, Reporter
 //! table                       Probe, Site, Table, Prepare
@@ -49,6 +50,7 @@ pub mod events;
 mod fetch;
 mod guest;
 mod hit;
+mod hwbp;
 mod kprobes;
 mod kretprobe;
 mod list;

@@ -34,6 +34,10 @@ pub struct ProbeInfo {
     /// kretprobes: the effective maxactive.
     pub maxactive: u32,
     pub definition: String,
+    /// Traps with a debug register (`%hw`) instead of an `int3`.
+    pub hardware: bool,
+    /// The debug register (0..=3 for DR0..DR3) it holds while armed.
+    pub hw_slot: Option<usize>,
 }
 
 impl std::fmt::Display for ProbeInfo {
@@ -58,7 +62,12 @@ impl std::fmt::Display for ProbeInfo {
             Handling::OutOfLine => "OUT-OF-LINE",
             Handling::SingleStep => "SINGLESTEP",
         };
-        write!(f, " [{how}: {}]", self.instruction)
+        write!(f, " [{how}: {}]", self.instruction)?;
+        match (self.hardware, self.hw_slot) {
+            (true, Some(slot)) => write!(f, " [HW: DR{slot}]"),
+            (true, None) => f.write_str(" [HW: unarmed]"),
+            (false, _) => Ok(()),
+        }
     }
 }
 
@@ -124,6 +133,8 @@ impl Engine {
                         .map_or(String::new(), |s| s.displaced.disassembly().to_string()),
                     maxactive: p.maxactive,
                     definition: p.definition.clone(),
+                    hardware: p.hardware,
+                    hw_slot: site.and_then(|s| s.armed_hw_slot()),
                 }
             })
             .collect();

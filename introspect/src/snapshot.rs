@@ -40,6 +40,9 @@ pub struct SavedProbe {
     pub enabled: bool,
     pub force_single_step: bool,
     pub force_out_of_line: bool,
+    /// A `%hw` probe (absent in snapshots from before they existed).
+    #[serde(default)]
+    pub hardware: bool,
     pub hits: u64,
     pub missed: u64,
     pub dropped: u64,
@@ -273,6 +276,7 @@ impl Engine {
                 enabled: p.enabled.load(Ordering::SeqCst),
                 force_single_step: p.force_single_step,
                 force_out_of_line: p.force_out_of_line,
+                hardware: p.hardware,
                 hits: get(&p.hits),
                 missed: get(&p.missed),
                 dropped: get(&p.dropped),

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
     pub hits: u64,
+    /// Of `hits`, those trapped by a debug register (`%hw` probes).
+    pub hardware_hits: u64,
     pub emulated: u64,
     pub single_stepped: u64,
     pub out_of_line: u64,
@@ -27,6 +29,7 @@ pub struct EngineStats {
 #[derive(Default)]
 pub(crate) struct Counters {
     pub hits: AtomicU64,
+    pub hardware_hits: AtomicU64,
     pub emulated: AtomicU64,
     pub single_stepped: AtomicU64,
     pub out_of_line: AtomicU64,
@@ -45,6 +48,7 @@ impl Counters {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         EngineStats {
             hits: get(&self.hits),
+            hardware_hits: get(&self.hardware_hits),
             emulated: get(&self.emulated),
             single_stepped: get(&self.single_stepped),
             out_of_line: get(&self.out_of_line),

@@ -9,7 +9,7 @@
 //! `text.rs`'s, with the world stopped.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use guest_access::SystemRegs;
@@ -68,6 +68,9 @@ pub struct ProbeRequest {
     pub force_single_step: bool,
     /// Force out-of-line execution even if the instruction is emulable.
     pub force_out_of_line: bool,
+    /// Trap with a debug register instead of an `int3`: guest text is never
+    /// written for it (the return trap of a kretprobe still is).
+    pub hardware: bool,
     /// The definition as the user wrote it (for listings).
     pub definition: String,
 }
@@ -82,6 +85,7 @@ impl ProbeRequest {
             enabled: true,
             force_single_step: false,
             force_out_of_line: false,
+            hardware: false,
             definition: String::new(),
         }
     }
@@ -108,6 +112,8 @@ pub(crate) struct Probe {
     pub definition: String,
     pub force_single_step: bool,
     pub force_out_of_line: bool,
+    /// Its site is a debug-register breakpoint.
+    pub hardware: bool,
     pub enabled: AtomicBool,
     /// Cleared when unregistered (a hit or return may still hold it).
     pub registered: AtomicBool,
@@ -122,6 +128,16 @@ pub(crate) struct Probe {
 impl Probe {
     /// The handling this probe asks for at a site displacing `d`.
     pub fn wanted_handling(&self, d: &Displaced) -> Handling {
+        if self.hardware {
+            // Out of line would write a slot into guest text; stepping in
+            // place needs no text change (the VMM leaves the debug
+            // registers out for the one step).
+            return if self.force_single_step || !d.is_emulated() {
+                Handling::SingleStep
+            } else {
+                Handling::Emulated
+            };
+        }
         if self.force_single_step {
             Handling::SingleStep
         } else if self.force_out_of_line || !d.is_emulated() {
@@ -167,7 +183,11 @@ impl SiteProbes {
     }
 }
 
-/// One `int3` in guest text and the probes behind it.
+/// [`Site::hw_slot`] when no debug register is held.
+pub(crate) const NO_HW_SLOT: usize = usize::MAX;
+
+/// One `int3` in guest text (or one debug-register breakpoint) and the
+/// probes behind it.
 pub(crate) struct Site {
     pub addr: u64,
     pub gpa: u64,
@@ -187,6 +207,11 @@ pub(crate) struct Site {
     pub probes: SiteProbes,
     /// The out-of-line slot, for [`Handling::OutOfLine`].
     pub slot: Option<Arc<XolSlot>>,
+    /// A debug-register site: `planted` stays false, `hw_slot` holds the
+    /// slot while armed ([`NO_HW_SLOT`] otherwise). Changed only by the
+    /// world's stopper, like `planted`.
+    pub hardware: bool,
+    pub hw_slot: AtomicUsize,
 }
 
 impl Site {
@@ -198,6 +223,7 @@ impl Site {
         want: Handling,
         slot: Option<Arc<XolSlot>>,
         probes: Vec<Arc<Probe>>,
+        hardware: bool,
     ) -> Site {
         let handling = match (want, &slot) {
             (Handling::OutOfLine, None) => Handling::SingleStep,
@@ -214,7 +240,14 @@ impl Site {
             gone: AtomicBool::new(false),
             probes: SiteProbes::new(probes),
             slot,
+            hardware,
+            hw_slot: AtomicUsize::new(NO_HW_SLOT),
         }
+    }
+
+    /// The debug-register slot armed for this site, if any.
+    pub fn armed_hw_slot(&self) -> Option<usize> {
+        Some(self.hw_slot.load(Ordering::SeqCst)).filter(|s| *s != NO_HW_SLOT)
     }
 
     /// The bytes the site was built on (to build it again).
@@ -276,6 +309,24 @@ pub(crate) struct Prepare<'a> {
     pub trap_addr: u64,
     /// The return trap's original byte while its int3 is planted.
     pub planted_trap: Option<(u64, u8)>,
+}
+
+/// Probes at one address share one trap: an `int3` and a debug register
+/// there cannot both be had.
+pub(crate) fn mechanism_conflict(addr: u64, location: String, existing_hw: bool) -> ProbeError {
+    let (have, want) = if existing_hw {
+        ("a hardware breakpoint (%hw)", "an int3")
+    } else {
+        ("an int3", "a hardware breakpoint (%hw)")
+    };
+    ProbeError::Mechanism {
+        addr,
+        location,
+        why: format!(
+            "the probes already there trap with {have}; one address has one trap, so it cannot \
+             also use {want}"
+        ),
+    }
 }
 
 impl Prepare<'_> {
@@ -389,6 +440,22 @@ impl Prepare<'_> {
             }
         }
         self.guest.check_init_text(site_addr, self.sregs)?;
+        if req.hardware && req.force_out_of_line {
+            return Err(ProbeError::Mechanism {
+                addr,
+                location: self.location(addr),
+                why: "a hardware-breakpoint probe cannot run out of line (the slot would be \
+                      written into guest text)"
+                    .into(),
+            });
+        }
+        if let Some(s) = table
+            .sites
+            .get(&site_addr)
+            .filter(|s| s.hardware != req.hardware)
+        {
+            return Err(mechanism_conflict(addr, self.location(addr), s.hardware));
+        }
         let site = if table.sites.contains_key(&site_addr) {
             None
         } else {
@@ -405,6 +472,7 @@ impl Prepare<'_> {
             definition: req.definition.clone(),
             force_single_step: req.force_single_step,
             force_out_of_line: req.force_out_of_line,
+            hardware: req.hardware,
             enabled: AtomicBool::new(req.enabled),
             registered: AtomicBool::new(true),
             hits: AtomicU64::new(0),

@@ -98,6 +98,9 @@ pub struct ProbeDef {
     pub event_generated: bool,
     /// Probe point.
     pub target: ProbeTarget,
+    /// `%hw` on the probe point: a debug-register breakpoint instead of an
+    /// `int3` (hvprobe's own suffix; guest text is never written).
+    pub hardware: bool,
     /// Fetch arguments.
     pub args: Vec<FetchArg>,
 }
@@ -154,6 +157,9 @@ impl fmt::Display for ProbeDef {
             }
         }
         write!(f, ":{}/{} {}", self.group, self.event, self.target)?;
+        if self.hardware {
+            f.write_str("%hw")?;
+        }
         for a in &self.args {
             write!(f, " {a}")?;
         }

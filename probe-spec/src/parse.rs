@@ -289,13 +289,27 @@ impl<'a> Parser<'a> {
                 .detail("missing probe point"));
         };
         let mut target_text = w1.text;
+        let mut hardware = false;
+        // Suffixes: the kernel's `%return`, and hvprobe's `%hw` (a debug
+        // register instead of an int3), in either order, each at most once.
         if let Some(pct) = target_text.find('%') {
-            if &target_text[pct..] == "%return" {
-                is_return = true;
-                target_text = &target_text[..pct];
-            } else {
-                return Err(self.err(E::BAD_ADDR_SUFFIX, w1.pos + pct, 1));
+            let mut at = pct;
+            let mut saw_return = false;
+            for suffix in target_text[pct + 1..].split('%') {
+                let seen = match suffix {
+                    "return" => std::mem::replace(&mut saw_return, true),
+                    "hw" => std::mem::replace(&mut hardware, true),
+                    _ => return Err(self.err(E::BAD_ADDR_SUFFIX, w1.pos + at, 1)),
+                };
+                if seen {
+                    return Err(self
+                        .err(E::BAD_ADDR_SUFFIX, w1.pos + at, 1)
+                        .detail("a suffix given twice"));
+                }
+                at += suffix.len() + 1;
             }
+            is_return |= saw_return;
+            target_text = &target_text[..pct];
         }
         let target = self.target(target_text, w1.pos)?;
         if is_return {
@@ -339,6 +353,7 @@ impl<'a> Parser<'a> {
             event,
             event_generated,
             target,
+            hardware,
             args,
         })
     }

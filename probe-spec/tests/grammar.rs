@@ -579,3 +579,24 @@ fn error_display_has_caret_under_position() {
     let caret = lines[2].find('^').unwrap();
     assert_eq!(&lines[1][caret..caret + 5], "%rsi)");
 }
+
+#[test]
+fn hw_suffix_asks_for_a_debug_register() {
+    let d = ok("p:t/a hv_add%hw x=%di:u64");
+    assert!(d.hardware && !d.kind.is_return());
+    assert_eq!(d.to_string(), "p:t/a hv_add%hw x=%di:u64");
+    assert_eq!(ok(&d.to_string()), d, "the listing's line parses back");
+    let r = ok("r8:t/b hv_add%hw $retval");
+    assert!(r.hardware && r.kind.is_return());
+    // With %return, in either order; an address works too.
+    for line in ["p:t/c hv_add%return%hw", "p:t/c hv_add%hw%return"] {
+        let d = ok(line);
+        assert!(d.hardware && d.kind.is_return(), "{line}");
+    }
+    assert!(ok("p 0xffffffff81000000%hw").hardware);
+    assert!(!ok("p:t/d hv_add").hardware);
+    let e = parse_command("p foo%hw%hw").unwrap_err();
+    assert_eq!((e.code.as_str(), e.pos), ("BAD_ADDR_SUFFIX", 8), "{e}");
+    err_at("p foo%hw%hx", "BAD_ADDR_SUFFIX", Some("%hx"), Some(1));
+    err_at("p foo+4%hw%return", "BAD_RETPROBE", Some("foo"), Some(1));
+}

@@ -181,6 +181,9 @@ pub fn spec_to_line(spec: &v1::ProbeSpec) -> Result<String, String> {
         Some(v1::probe_spec::Location::Address(a)) => line.push_str(&format!("0x{a:x}")),
         None => return Err("location: missing (symbol or address)".into()),
     }
+    if spec.hardware {
+        line.push_str("%hw");
+    }
     for (i, a) in spec.args.iter().enumerate() {
         if has_space(&a.name) || has_space(&a.expression) || has_space(&a.r#type) {
             return Err(format!("args[{i}]: whitespace is not allowed"));
@@ -323,6 +326,7 @@ mod tests {
                     r#type: "s64".into(),
                 },
             ],
+            hardware: false,
         };
         let line = spec_to_line(&spec).unwrap();
         assert_eq!(
@@ -332,6 +336,17 @@ mod tests {
         let def = probe_spec::parse_probe(&line).unwrap();
         assert_eq!(def.full_name(), "fs/open");
         assert_eq!(def.args.len(), 2);
+
+        let hw = v1::ProbeSpec {
+            hardware: true,
+            ..spec.clone()
+        };
+        let line = spec_to_line(&hw).unwrap();
+        assert_eq!(
+            line,
+            "r16:fs/open do_sys_openat2%hw path=+0($arg2):string $retval:s64"
+        );
+        assert!(probe_spec::parse_probe(&line).unwrap().hardware);
 
         let mut bad = spec.clone();
         bad.location = None;

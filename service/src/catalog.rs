@@ -332,6 +332,8 @@ pub(crate) fn probe_info(r: &introspect::ProbeInfo, m: &ProbeMeta) -> v1::ProbeI
             .as_ref()
             .map(|p| p.name.clone())
             .unwrap_or_default(),
+        hardware: r.hardware,
+        hw_slot: r.hw_slot.and_then(|s| u32::try_from(s).ok()),
     }
 }
 

@@ -72,6 +72,8 @@ fn classify(e: &ProbeError) -> (Code, &'static str) {
         ProbeError::BadMaxactive { .. } => (Code::InvalidArgument, "BAD_MAXACT"),
         ProbeError::InitTextFreed { .. } => (Code::FailedPrecondition, "INIT_TEXT_FREED"),
         ProbeError::InitStateUnknown { .. } => (Code::FailedPrecondition, "BAD_PROBE_ADDR"),
+        ProbeError::Mechanism { .. } => (Code::FailedPrecondition, "HW_MECHANISM"),
+        ProbeError::NoHwSlot { .. } => (Code::ResourceExhausted, "NO_HW_SLOT"),
         ProbeError::Guest(_) | ProbeError::ReturnTrapInUse { .. } | ProbeError::Snapshot(_) => {
             (Code::Unavailable, "GUEST")
         }

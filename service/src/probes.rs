@@ -120,6 +120,7 @@ impl Inner {
             _exe: names_exe.get().then(|| self.engine.want_exe()),
             policy: None,
         };
+        let hardware = pd.hardware;
         let request = ProbeRequest {
             name: pd.full_name(),
             address,
@@ -128,6 +129,7 @@ impl Inner {
             enabled: !def.create_disabled,
             force_single_step: false,
             force_out_of_line: false,
+            hardware,
             definition: line,
         };
         Ok(Prepared { request, meta })

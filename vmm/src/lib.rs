@@ -18,7 +18,7 @@
 //! | `vcpu/bridge_exit.rs` | the system-call bridge's exits (IDT tracking, #PF/#UD completion) |
 //! | `bridge.rs` | bridge configuration, gate decoding, per-vCPU bridge state |
 //! | `gaps.rs` | instructions KVM's emulator lacks, completed by the VMM |
-//! | `debug.rs` | the one owner of a vCPU's KVM_SET_GUEST_DEBUG state |
+//! | `debug.rs` | the one owner of a vCPU's KVM_SET_GUEST_DEBUG state; the VM-wide DR0..DR3 allocator |
 //! | `devices.rs` | the port bus: 16550 console, exit/marker ports, ACPI PM ports |
 //! | `memory.rs`, `layout.rs` | guest RAM and the guest-physical layout |
 //! | `loader.rs`, `cpu.rs`, `acpi.rs` | kernel/initrd loading, CPUID and boot registers, ACPI tables |

@@ -7,10 +7,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
-use guest_access::{AccessError, BreakpointHandler, GuestMemory, StopGuard, VcpuTask, VmControl};
+use guest_access::{
+    AccessError, BreakpointHandler, GuestMemory, HwSlotError, HwSlotUse, StopGuard, VcpuTask,
+    VmControl,
+};
 
 use crate::bridge::BridgeStatus;
 use crate::control::{self, VcpuRunState, VcpuSlot, World};
+use crate::debug::HwSlots;
 use crate::devices;
 use crate::memory::GuestRam;
 
@@ -144,6 +148,8 @@ pub struct Machine {
     pub(crate) bridge: BridgeStatus,
     /// vCPU 0's system registers from a snapshot, until its thread runs.
     pub(crate) saved_sregs: Option<guest_access::SystemRegs>,
+    /// DR0..DR3: the bridge's and the engine's (see [`crate::debug`]).
+    pub(crate) hw_slots: HwSlots,
 }
 
 impl Machine {
@@ -303,6 +309,20 @@ impl VmControl for Machine {
     fn saved_system_regs(&self) -> Option<guest_access::SystemRegs> {
         self.saved_sregs
     }
+
+    fn claim_hw_breakpoint(&self, addr: u64, owner: &str) -> Result<usize, HwSlotError> {
+        // The engine claims with the world stopped: every vCPU picks the
+        // slot up before it next enters the guest (run_once).
+        self.hw_slots.claim(addr, owner)
+    }
+
+    fn release_hw_breakpoint(&self, slot: usize) {
+        self.hw_slots.release(slot);
+    }
+
+    fn hw_slots(&self) -> Vec<HwSlotUse> {
+        self.hw_slots.uses()
+    }
 }
 
 pub(crate) struct MachineParts {
@@ -328,6 +348,11 @@ pub(crate) fn new_machine(p: MachineParts) -> Arc<Machine> {
         handler: OnceLock::new(),
         blockirq_flag: p.blockirq_flag,
         markers: Mutex::new(Vec::new()),
+        hw_slots: HwSlots::new(if p.bridge.active {
+            &[crate::bridge::PF_SLOT, crate::bridge::UD_SLOT]
+        } else {
+            &[]
+        }),
         bridge: p.bridge,
         saved_sregs: p.saved_sregs,
     })

@@ -146,6 +146,25 @@ impl VcpuRunner {
         self.apply_debug()
     }
 
+    /// Copy the engine's hardware breakpoints in when they changed (one
+    /// atomic load otherwise). Runs before every KVM_RUN of the run loop;
+    /// the engine changes them with the world stopped, so no vCPU enters
+    /// the guest with a stale set.
+    pub(crate) fn engine_slots_refresh(&mut self) {
+        if self.shared.hw_slots.generation() == self.debug.engine_generation {
+            return;
+        }
+        let (slots, generation) = self.shared.hw_slots.engine_slots();
+        if self.debug.take_engine_slots(slots, generation) {
+            if let Err(e) = self.apply_debug() {
+                tracing::warn!(
+                    "vCPU {}: cannot arm the hardware breakpoints: {e}",
+                    self.index
+                );
+            }
+        }
+    }
+
     /// Single-step the instruction at `pc` with the hardware breakpoints
     /// left out (one of them sits on it), then put them back.
     pub(crate) fn step_without_hw_breakpoints(&mut self, pc: u64) -> Result<(), AccessError> {
@@ -262,6 +281,7 @@ impl VcpuRunner {
         if shared.bridge.active {
             self.bridge_refresh();
         }
+        self.engine_slots_refresh();
         let exit = self.fd.run();
         self.exits += 1;
         let stats = &shared.stats[self.index];
@@ -337,7 +357,11 @@ impl VcpuRunner {
                 if arch.exception == u32::from(BP_VECTOR) {
                     ExitKind::Breakpoint(TrapKind::DebugExit)
                 } else if let Some(slot) = self.debug.slot_at(arch.pc) {
-                    ExitKind::Bridge(slot, arch.pc)
+                    if self.debug.engine[slot] {
+                        ExitKind::Breakpoint(TrapKind::HardwareBreakpoint)
+                    } else {
+                        ExitKind::Bridge(slot, arch.pc)
+                    }
                 } else {
                     // A stray single-step trap (e.g. after a step was cut short).
                     return Next::Continue;
@@ -622,8 +646,15 @@ impl Vcpu for VcpuRunner {
 
     fn single_step(&mut self) -> Result<(), AccessError> {
         let start_rip = self.regs()?.rip;
-        self.set_step(true)?;
-        let result = self.step_until_db(start_rip);
+        // An execute breakpoint on the instruction would fire before it
+        // runs (RF does not suppress it on this host): leave them out for
+        // the one step.
+        let over_hw = self.debug.slot_at(start_rip).is_some();
+        self.debug.hw_suppressed = over_hw;
+        let result = self
+            .set_step(true)
+            .and_then(|()| self.step_until_db(start_rip));
+        self.debug.hw_suppressed = false;
         let restore = self.set_step(false);
         self.shared.stats[self.index]
             .single_steps
