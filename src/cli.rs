@@ -206,6 +206,10 @@ pub fn probe(server: &ServerArg, action: ProbeAction) -> Result<u8> {
                                 p.site_address.wrapping_sub(p.address)
                             );
                         }
+                        if !p.module_error.is_empty() {
+                            // Not armed at its module's last load.
+                            println!("{:>4}  [NOT ARMED: {}]", "", p.module_error);
+                        }
                     }
                 }
             }
@@ -349,7 +353,9 @@ fn handling_name(h: i32) -> &'static str {
 }
 
 fn state(p: &v1::ProbeInfo) -> &'static str {
-    if p.gone {
+    if p.pending {
+        "pending"
+    } else if p.gone {
         "gone"
     } else if p.enabled {
         "enabled"
@@ -366,6 +372,7 @@ fn probe_json(p: &v1::ProbeInfo) -> Json {
         "state": state(p), "hits": p.hits, "misses": p.misses, "dropped": p.dropped,
         "handling": handling_name(p.handling), "maxactive": p.maxactive,
         "definition": p.definition, "filter": p.filter, "policy": p.policy,
+        "module": p.module, "module_error": p.module_error,
     })
 }
 

@@ -15,6 +15,7 @@ use crate::events::{EventBus, EventFilter, ProbeId, SubscribeOptions, Subscripti
 use crate::fetch::Reporter;
 use crate::guest::Guest;
 use crate::kretprobe::{Kretprobes, ReturnTrap};
+use crate::module_watch::ModuleAddress;
 use crate::paging::{Access, GuestVirt};
 use crate::stats::{Counters, EngineStats};
 use crate::symbols::KernelSymbols;
@@ -298,7 +299,9 @@ impl Engine {
             };
             table.next_id = table.next_id.max(probe.id + 1);
             let probe = Arc::new(probe);
-            self.add_to_site(&world, &mut table, &probe, site, sregs.as_ref());
+            if !probe.is_pending() {
+                self.add_to_site(&world, &mut table, &probe, site, sregs.as_ref());
+            }
             ids.push(probe.id);
             table.probes.insert(probe.id, probe);
         }
@@ -353,9 +356,13 @@ impl Engine {
                     },
                 });
             }
-            let mut s = check
-                .prepare(req)
-                .map_err(|error| BatchError { index, error })?;
+            let mut s = match self.module_address(req, sregs) {
+                Ok(ModuleAddress::NotModule) => check.prepare(req),
+                Ok(ModuleAddress::At(addr)) => check.prepare_at(req, addr, None),
+                Ok(ModuleAddress::NotLoaded) => check.prepare_pending(req).map(|p| (p, None)),
+                Err(e) => Err(e),
+            }
+            .map_err(|error| BatchError { index, error })?;
             // Two new probes at one new address share one site.
             if s.1.is_some()
                 && staged
@@ -372,7 +379,7 @@ impl Engine {
     /// Put `probe` on its site: a new one from `site`, or the existing one,
     /// rebuilt when the probe asks for a stricter handling than it has (no
     /// handler runs on it while we hold the world).
-    fn add_to_site(
+    pub(crate) fn add_to_site(
         &self,
         world: &World<'_>,
         table: &mut Table,
@@ -392,6 +399,8 @@ impl Engine {
             text::release_slot(world, &self.guest, &site, &mut table.slots, &self.pool);
             let probes = site.probes.snapshot().to_vec();
             let s2 = self.new_site(world, table, site.addr, site.text(), want, sregs, probes);
+            let mut s2 = s2;
+            s2.hook = site.hook;
             s2.planted
                 .store(site.planted.load(Ordering::SeqCst), Ordering::SeqCst);
             table.sites.insert(site.addr, Arc::new(s2));
@@ -441,7 +450,11 @@ impl Engine {
         }
         for a in addrs {
             let _ = self.sync(world, table, *a);
-            if table.sites.get(a).is_some_and(|s| s.probes.is_empty()) {
+            if table
+                .sites
+                .get(a)
+                .is_some_and(|s| s.probes.is_empty() && s.hook.is_none())
+            {
                 if let Some(site) = table.sites.remove(a) {
                     text::release_slot(world, &self.guest, &site, &mut table.slots, &self.pool);
                 }
@@ -450,7 +463,12 @@ impl Engine {
     }
 
     /// Plant or remove the int3 at `addr` to match the probes' state.
-    fn sync(&self, world: &World<'_>, table: &Table, addr: u64) -> Result<(), ProbeError> {
+    pub(crate) fn sync(
+        &self,
+        world: &World<'_>,
+        table: &Table,
+        addr: u64,
+    ) -> Result<(), ProbeError> {
         text::sync_site(world, &self.guest, table, addr, self.armed())
     }
 
@@ -474,8 +492,10 @@ impl Engine {
             };
             p.registered.store(false, Ordering::SeqCst);
             let addr = p.site;
-            let empty = match table.sites.get(&addr) {
-                Some(s) => s.probes.remove(*id),
+            // A module probe whose module went away has no site: nothing to
+            // write (and another probe's site may be at its old address).
+            let empty = match table.sites.get(&addr).filter(|s| s.addr == addr) {
+                Some(s) => s.probes.remove(*id) && s.hook.is_none(),
                 None => false,
             };
             if let Err(e) = self.sync(&world, &table, addr) {

@@ -72,6 +72,9 @@ fn classify(e: &ProbeError) -> (Code, &'static str) {
         ProbeError::BadMaxactive { .. } => (Code::InvalidArgument, "BAD_MAXACT"),
         ProbeError::InitTextFreed { .. } => (Code::FailedPrecondition, "INIT_TEXT_FREED"),
         ProbeError::InitStateUnknown { .. } => (Code::FailedPrecondition, "BAD_PROBE_ADDR"),
+        ProbeError::ModulesUnavailable(_) => (Code::FailedPrecondition, "NO_MODULES"),
+        ProbeError::ModuleSymbolNotFound { .. } => (Code::NotFound, "BAD_PROBE_ADDR"),
+        ProbeError::ModuleOffsetOutside { .. } => (Code::InvalidArgument, "BAD_PROBE_ADDR"),
         ProbeError::Guest(_) | ProbeError::ReturnTrapInUse { .. } | ProbeError::Snapshot(_) => {
             (Code::Unavailable, "GUEST")
         }
