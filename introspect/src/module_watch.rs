@@ -104,6 +104,12 @@ impl Engine {
         Ok(())
     }
 
+    /// The guest's `modules` list now (None before [`Self::watch_modules`]
+    /// or when it does not read).
+    pub fn loaded_modules(&self) -> Option<Vec<LoadedModule>> {
+        self.guest.read_module_list()
+    }
+
     /// The two hooks' sites, for tests and listings.
     pub fn module_hooks(&self) -> Vec<u64> {
         let table = self.table.read().unwrap();
