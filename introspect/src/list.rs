@@ -118,10 +118,9 @@ impl Engine {
             .map(|p| {
                 // A module probe's site leaves the table when its module is
                 // freed (and another probe's may come to its address).
-                let site = table
-                    .sites
-                    .get(&p.site)
-                    .filter(|s| s.probes.snapshot().iter().any(|q| q.id == p.id));
+                let site = table.sites.get(&p.site).filter(|s| {
+                    p.module.is_none() || s.probes.snapshot().iter().any(|q| q.id == p.id)
+                });
                 let pending = p.is_pending();
                 ProbeInfo {
                     id: p.id,
