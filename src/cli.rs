@@ -207,6 +207,10 @@ pub fn probe(server: &ServerArg, action: ProbeAction) -> Result<u8> {
                                 p.site_address.wrapping_sub(p.address)
                             );
                         }
+                        if !p.module_error.is_empty() {
+                            // Not armed at its module's last load.
+                            println!("{:>4}  [NOT ARMED: {}]", "", p.module_error);
+                        }
                     }
                 }
             }
@@ -350,7 +354,9 @@ fn handling_name(h: i32) -> &'static str {
 }
 
 fn state(p: &v1::ProbeInfo) -> &'static str {
-    if p.gone {
+    if p.pending {
+        "pending"
+    } else if p.gone {
         "gone"
     } else if p.enabled {
         "enabled"
@@ -378,6 +384,7 @@ fn probe_json(p: &v1::ProbeInfo) -> Json {
         "handling": handling_name(p.handling), "maxactive": p.maxactive,
         "definition": p.definition, "filter": p.filter, "policy": p.policy,
         "hardware": p.hardware, "hw_slot": p.hw_slot,
+        "module": p.module, "module_error": p.module_error,
     })
 }
 

@@ -62,6 +62,18 @@ fn errors_map_to_codes_with_positions() {
             s.message()
         );
 
+        // The test guest has no modules (no `modules` list, no struct
+        // module in its DWARF): a module probe says so, naming the point.
+        let s = err(c.create_probe(create("p:t/mod ext4:ext4_sync_fs")).await);
+        assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+        assert!(
+            s.message().contains("NO_MODULES")
+                && s.message().contains("'ext4:ext4_sync_fs'")
+                && s.message().contains("module"),
+            "{}",
+            s.message()
+        );
+
         let s = err(c.create_probe(create("p:t/rv hv_fib r=$retval")).await);
         assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
         assert_eq!(

@@ -78,6 +78,13 @@ pub enum ProbeError {
     /// requests it was restored with.
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// Module probes need the module layout (DWARF) and a readable list.
+    #[error("module probes are not available: {0}")]
+    ModulesUnavailable(String),
+    #[error("module {module} is loaded but has no function {symbol} in its kallsyms")]
+    ModuleSymbolNotFound { module: String, symbol: String },
+    #[error("{target} is outside the function ({size} bytes)")]
+    ModuleOffsetOutside { target: String, size: u64 },
     #[error("guest access failed: {0}")]
     Guest(#[from] AccessError),
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use guest_access::{SystemRegs, VmControl};
 
 use crate::error::ProbeError;
+use crate::guest_modules::ModulesLock;
 use crate::paging::{Access, GuestVirt};
 use crate::symbols::{InitText, KernelSymbols, KERNEL_TEXT_MAP, SYSTEM_FREEING_INITMEM};
 
@@ -25,6 +26,8 @@ pub(crate) struct Guest {
     system_state_gpa: OnceLock<u64>,
     /// The guest has freed its init text (never goes back).
     init_freed: AtomicBool,
+    /// Loaded modules (see `guest_modules.rs`).
+    pub(crate) modules: ModulesLock,
 }
 
 impl Guest {
@@ -36,13 +39,14 @@ impl Guest {
             init_text: OnceLock::new(),
             system_state_gpa: OnceLock::new(),
             init_freed: AtomicBool::new(false),
+            modules: ModulesLock::default(),
         }
     }
 
     /// `sym+0x5/0x40`, or the bare address.
     pub fn location(&self, addr: u64) -> String {
-        self.symbols
-            .describe(addr)
+        self.module_location(addr)
+            .or_else(|| self.symbols.describe(addr))
             .unwrap_or_else(|| format!("{addr:#x}"))
     }
 
@@ -214,9 +218,9 @@ impl Guest {
     /// A call at a function's entry into `__fentry__`, ftrace's own code or
     /// a trampoline outside the kernel's text (ftrace allocates those).
     pub fn is_ftrace_target(&self, target: u64) -> bool {
-        match self.symbols.function_at(target) {
+        match self.function_at(target) {
             Some((name, _, _)) => name == "__fentry__" || name.starts_with("ftrace_"),
-            None => self.symbols.is_kernel_text(target) != Some(true),
+            None => self.is_kernel_text(target) != Some(true),
         }
     }
 }

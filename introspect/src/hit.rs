@@ -99,10 +99,17 @@ impl Engine {
             self.counters.stale_traps.fetch_add(1, Ordering::Relaxed);
             return BreakpointAction::Resume;
         }
-        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        if site.hook.is_none() || !site.probes.is_empty() {
+            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        }
         let sregs = vcpu.system_regs().unwrap_or_default();
         let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
         self.report_hit(&site, vcpu.index() as u32, virt, regs, trap);
+        if let Some(hook) = site.hook {
+            // A module loads or goes: arm or disarm its probes before the
+            // vCPU runs on (the argument is the `struct module *`).
+            self.on_module_hook(hook, regs.rdi, vcpu, vm);
+        }
         let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
         if site.handling == Handling::Emulated && self.emulate(&site, vcpu, virt, regs) {
             return BreakpointAction::Resume;

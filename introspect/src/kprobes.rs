@@ -16,6 +16,7 @@ use crate::fetch::Reporter;
 use crate::guest::Guest;
 use crate::hwbp;
 use crate::kretprobe::{Kretprobes, ReturnTrap};
+use crate::module_watch::ModuleAddress;
 use crate::paging::{Access, GuestVirt};
 use crate::stats::{Counters, EngineStats};
 use crate::symbols::KernelSymbols;
@@ -299,7 +300,9 @@ impl Engine {
             };
             table.next_id = table.next_id.max(probe.id + 1);
             let probe = Arc::new(probe);
-            self.add_to_site(&world, &mut table, &probe, site, sregs.as_ref());
+            if !probe.is_pending() {
+                self.add_to_site(&world, &mut table, &probe, site, sregs.as_ref());
+            }
             ids.push(probe.id);
             table.probes.insert(probe.id, probe);
         }
@@ -354,9 +357,13 @@ impl Engine {
                     },
                 });
             }
-            let mut s = check
-                .prepare(req)
-                .map_err(|error| BatchError { index, error })?;
+            let mut s = match self.module_address(req, sregs) {
+                Ok(ModuleAddress::NotModule) => check.prepare(req),
+                Ok(ModuleAddress::At(addr)) => check.prepare_at(req, addr, None),
+                Ok(ModuleAddress::NotLoaded) => check.prepare_pending(req).map(|p| (p, None)),
+                Err(e) => Err(e),
+            }
+            .map_err(|error| BatchError { index, error })?;
             if let Some((p, _)) = staged
                 .iter()
                 .find(|(p, _)| p.site == s.0.site && p.hardware != req.hardware)
@@ -386,7 +393,7 @@ impl Engine {
     /// Put `probe` on its site: a new one from `site`, or the existing one,
     /// rebuilt when the probe asks for a stricter handling than it has (no
     /// handler runs on it while we hold the world).
-    fn add_to_site(
+    pub(crate) fn add_to_site(
         &self,
         world: &World<'_>,
         table: &mut Table,
@@ -405,7 +412,8 @@ impl Engine {
         if want.rank() > site.handling.rank() {
             text::release_slot(world, &self.guest, &site, &mut table.slots, &self.pool);
             let probes = site.probes.snapshot().to_vec();
-            let s2 = self.new_site(world, table, probe, site.text(), want, sregs, probes);
+            let mut s2 = self.new_site(world, table, probe, site.text(), want, sregs, probes);
+            s2.hook = site.hook;
             s2.planted
                 .store(site.planted.load(Ordering::SeqCst), Ordering::SeqCst);
             s2.hw_slot
@@ -457,7 +465,11 @@ impl Engine {
         }
         for a in addrs {
             let _ = self.sync(world, table, *a);
-            if table.sites.get(a).is_some_and(|s| s.probes.is_empty()) {
+            if table
+                .sites
+                .get(a)
+                .is_some_and(|s| s.probes.is_empty() && s.hook.is_none())
+            {
                 if let Some(site) = table.sites.remove(a) {
                     text::release_slot(world, &self.guest, &site, &mut table.slots, &self.pool);
                 }
@@ -467,7 +479,12 @@ impl Engine {
 
     /// Plant or remove the int3 (or arm or release the debug register) at
     /// `addr` to match the probes' state.
-    fn sync(&self, world: &World<'_>, table: &Table, addr: u64) -> Result<(), ProbeError> {
+    pub(crate) fn sync(
+        &self,
+        world: &World<'_>,
+        table: &Table,
+        addr: u64,
+    ) -> Result<(), ProbeError> {
         match table.sites.get(&addr) {
             Some(site) if site.hardware => {
                 hwbp::sync_hw_site(world, &self.guest, site, self.armed())
@@ -496,8 +513,10 @@ impl Engine {
             };
             p.registered.store(false, Ordering::SeqCst);
             let addr = p.site;
-            let empty = match table.sites.get(&addr) {
-                Some(s) => s.probes.remove(*id),
+            // A module probe whose module went away has no site: nothing to
+            // write (and another probe's site may be at its old address).
+            let empty = match table.sites.get(&addr).filter(|s| s.addr == addr) {
+                Some(s) => s.probes.remove(*id) && s.hook.is_none(),
                 None => false,
             };
             if let Err(e) = self.sync(&world, &table, addr) {

@@ -15,6 +15,9 @@
 //! | `table.rs`     | probes, sites (one `int3`, many probes), checking a request       |
 //! | `xol.rs`       | out-of-line slots: relocation, padding allocation, retirement     |
 //! | `guest.rs`     | reading guest text and data; init text freed or not               |
+//! | `modules.rs`   | the guest's `modules` list and each module's kallsyms             |
+//! | `guest_modules.rs` | loaded modules as the table sees them; unloaded text is gone  |
+//! | `module_watch.rs`  | `MOD:SYM` probes: pending, armed at load, gone at unload      |
 //! | `list.rs`      | the probe listing and the bytes hvprobe changed (read-only)       |
 //! | `snapshot.rs`  | the probe table in a snapshot: freeze and restore                 |
 //! | `events.rs`    | events, bounded subscriber queues, filters                        |
@@ -34,26 +37,30 @@
 //!
 //! ```text
 //! hit, snapshot, list         impl blocks on Engine: the handler, freeze/restore, listing
+//! module_watch                impl block on Engine: module loads and unloads
 //! kprobes                     Engine and its public operations
 //! text, hwbp                  writes of guest text (World token); debug-register sites
 //! kretprobe                   instances, return trap state
 //! fetch                       HitContext, Reporter
 //! table                       Probe, Site, Table, Prepare
-//! guest                       reads of guest text and data
+//! guest, guest_modules        reads of guest text and data, loaded modules
 //! xol                         relocation, Scratch, XolSlot, Slots
 //! stats, error, events        counters, errors, the event bus
-//! symbols, paging, task       leaves
+//! symbols, paging, task, modules  leaves
 //! ```
 
 mod error;
 pub mod events;
 mod fetch;
 mod guest;
+mod guest_modules;
 mod hit;
 mod hwbp;
 mod kprobes;
 mod kretprobe;
 mod list;
+mod module_watch;
+pub mod modules;
 pub mod paging;
 mod snapshot;
 mod stats;
@@ -72,5 +79,5 @@ pub use stats::EngineStats;
 pub use symbols::{
     InitText, KernelSymbols, NoSymbols, SymbolIndex, KERNEL_TEXT_MAP, SYSTEM_FREEING_INITMEM,
 };
-pub use table::{Handling, ProbeRequest, ProbeType, MAXACTIVE_MAX};
+pub use table::{Handling, ModuleTarget, ProbeRequest, ProbeType, MAXACTIVE_MAX};
 pub use task::{ProcessLayout, TaskInfo, TaskLayout};

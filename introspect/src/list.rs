@@ -22,7 +22,14 @@ pub struct ProbeInfo {
     pub site: u64,
     pub location: String,
     pub enabled: bool,
+    /// The code went away: init text freed, or its module unloaded (a
+    /// module probe is armed again when the module loads again).
     pub gone: bool,
+    /// A `MOD:SYM` probe whose module has not been loaded since it was
+    /// created (address 0).
+    pub pending: bool,
+    /// Why a module probe was not armed at its module's last load.
+    pub module_error: Option<String>,
     pub hits: u64,
     /// kretprobes: entries with no free instance (nmissed).
     pub missed: u64,
@@ -50,6 +57,9 @@ impl std::fmt::Display for ProbeInfo {
         write!(f, "{:016x}  {k}  {}", self.address, self.location)?;
         if !self.enabled {
             f.write_str(" [DISABLED]")?;
+        }
+        if self.pending {
+            return write!(f, " [PENDING: module not loaded]");
         }
         if self.gone {
             f.write_str(" [GONE]")?;
@@ -86,7 +96,7 @@ impl Engine {
                 .values()
                 .filter(|s| s.planted.load(Ordering::SeqCst) && !s.gone.load(Ordering::SeqCst))
                 .filter(|s| {
-                    if self.guest.in_freed_init(s.addr) {
+                    if self.guest.code_gone(s.addr) {
                         return true;
                     }
                     let mut b = [0u8; 1];
@@ -115,16 +125,26 @@ impl Engine {
             .probes
             .values()
             .map(|p| {
-                let site = table.sites.get(&p.site);
+                // A module probe's site leaves the table when its module is
+                // freed (and another probe's may come to its address).
+                let site = table.sites.get(&p.site).filter(|s| {
+                    p.module.is_none() || s.probes.snapshot().iter().any(|q| q.id == p.id)
+                });
+                let pending = p.is_pending();
                 ProbeInfo {
                     id: p.id,
                     name: p.name.clone(),
                     kind: p.kind,
                     address: p.address,
                     site: p.site,
-                    location: self.guest.location(p.address),
+                    location: match &p.module {
+                        Some(t) if pending => t.to_string(),
+                        _ => self.guest.location(p.address),
+                    },
                     enabled: p.enabled.load(Ordering::SeqCst),
-                    gone: site.is_some_and(|s| s.gone.load(Ordering::SeqCst)),
+                    gone: !pending && site.is_none_or(|s| s.gone.load(Ordering::SeqCst)),
+                    pending,
+                    module_error: p.module_error.lock().unwrap().clone(),
                     hits: p.hits.load(Ordering::Relaxed),
                     missed: p.missed.load(Ordering::Relaxed),
                     dropped: p.dropped.load(Ordering::Relaxed),

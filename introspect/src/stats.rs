@@ -23,6 +23,8 @@ pub struct EngineStats {
     /// kretprobe instances reclaimed from frames that never returned.
     pub recycled_instances: u64,
     pub events_dropped: u64,
+    /// Module loads and unloads the host's internal hooks saw.
+    pub module_events: u64,
 }
 
 /// The live counters behind [`EngineStats`], plus the event sequence number.
@@ -39,6 +41,7 @@ pub(crate) struct Counters {
     pub guest_int3: AtomicU64,
     pub recycled: AtomicU64,
     pub dropped: AtomicU64,
+    pub module_events: AtomicU64,
     /// The next event's sequence number (a gap is a loss).
     pub seq: AtomicU64,
 }
@@ -59,6 +62,7 @@ impl Counters {
             live_instances,
             recycled_instances: get(&self.recycled),
             events_dropped: get(&self.dropped),
+            module_events: get(&self.module_events),
         }
     }
 }

@@ -73,6 +73,37 @@ pub struct ProbeRequest {
     pub hardware: bool,
     /// The definition as the user wrote it (for listings).
     pub definition: String,
+    /// `MOD:SYM+off`: resolved from the guest's module list, armed when the
+    /// module loads (`address` is ignored).
+    pub module: Option<ModuleTarget>,
+}
+
+/// A probe point in a module, `MOD:SYM+off`, resolved from guest memory
+/// each time the module loads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleTarget {
+    pub module: String,
+    pub symbol: String,
+    pub offset: u64,
+}
+
+impl std::fmt::Display for ModuleTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.module, self.symbol)?;
+        if self.offset != 0 {
+            write!(f, "+{:#x}", self.offset)?;
+        }
+        Ok(())
+    }
+}
+
+/// Which kernel function a host-internal site watches ([`Site::hook`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ModuleHook {
+    /// `do_init_module(mod)`: the module's text is final; arm its probes.
+    Loaded,
+    /// `free_module(mod)`: its text is still mapped; disarm its probes.
+    Freed,
 }
 
 impl ProbeRequest {
@@ -87,6 +118,7 @@ impl ProbeRequest {
             force_out_of_line: false,
             hardware: false,
             definition: String::new(),
+            module: None,
         }
     }
 
@@ -102,6 +134,7 @@ impl ProbeRequest {
 pub(crate) struct Probe {
     pub id: ProbeId,
     pub name: String,
+    /// 0 while a module probe waits for its module ([`Probe::is_pending`]).
     pub address: u64,
     /// Where its int3 is: `address`, or the instruction after the function's
     /// ftrace site for a probe on a function entry (see [`Prepare::placement`]).
@@ -123,9 +156,44 @@ pub(crate) struct Probe {
     pub dropped: AtomicU64,
     /// kretprobes: live instances.
     pub active: AtomicU32,
+    /// `MOD:SYM+off` probes: where to arm again when the module loads.
+    pub module: Option<ModuleTarget>,
+    /// Why a module probe could not be armed at the module's last load.
+    pub module_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Probe {
+    /// A module probe whose module has not been loaded since it was created.
+    pub fn is_pending(&self) -> bool {
+        self.module.is_some() && self.address == 0
+    }
+
+    /// The same probe (id, settings, counters) at `address`, its int3 at `site`.
+    pub fn rebound(&self, address: u64, site: u64) -> Probe {
+        let copy = |a: &AtomicU64| AtomicU64::new(a.load(Ordering::SeqCst));
+        Probe {
+            id: self.id,
+            name: self.name.clone(),
+            address,
+            site,
+            kind: self.kind,
+            maxactive: self.maxactive,
+            fetch: self.fetch.clone(),
+            definition: self.definition.clone(),
+            force_single_step: self.force_single_step,
+            force_out_of_line: self.force_out_of_line,
+            hardware: self.hardware,
+            enabled: AtomicBool::new(self.enabled.load(Ordering::SeqCst)),
+            registered: AtomicBool::new(true),
+            hits: copy(&self.hits),
+            missed: copy(&self.missed),
+            dropped: copy(&self.dropped),
+            active: AtomicU32::new(0),
+            module: self.module.clone(),
+            module_error: Default::default(),
+        }
+    }
+
     /// The handling this probe asks for at a site displacing `d`.
     pub fn wanted_handling(&self, d: &Displaced) -> Handling {
         if self.hardware {
@@ -212,6 +280,10 @@ pub(crate) struct Site {
     /// world's stopper, like `planted`.
     pub hardware: bool,
     pub hw_slot: AtomicUsize,
+    /// A host-internal site watching module loads or unloads: planted
+    /// whatever the probes behind it (none, or users' own) and the global
+    /// arm switch say, and never removed.
+    pub hook: Option<ModuleHook>,
 }
 
 impl Site {
@@ -242,6 +314,7 @@ impl Site {
             slot,
             hardware,
             hw_slot: AtomicUsize::new(NO_HW_SLOT),
+            hook: None,
         }
     }
 
@@ -262,12 +335,13 @@ impl Site {
 
     /// Whether any probe here wants the int3 (given the global arm switch).
     pub fn wanted(&self, armed: bool) -> bool {
-        armed
-            && self
-                .probes
-                .snapshot()
-                .iter()
-                .any(|p| p.enabled.load(Ordering::SeqCst))
+        self.hook.is_some()
+            || armed
+                && self
+                    .probes
+                    .snapshot()
+                    .iter()
+                    .any(|p| p.enabled.load(Ordering::SeqCst))
     }
 }
 
@@ -294,6 +368,31 @@ pub(crate) struct Table {
 impl Table {
     pub fn any_kretprobe(&self) -> bool {
         self.probes.values().any(|p| p.is_kretprobe())
+    }
+}
+
+/// A new probe for `req` at `address`, its int3 at `site` (maxactive 0).
+fn new_probe(req: &ProbeRequest, address: u64, site: u64) -> Probe {
+    Probe {
+        id: 0,
+        name: req.name.clone(),
+        address,
+        site,
+        kind: req.kind,
+        maxactive: 0,
+        fetch: req.fetch.clone(),
+        definition: req.definition.clone(),
+        force_single_step: req.force_single_step,
+        force_out_of_line: req.force_out_of_line,
+        hardware: req.hardware,
+        enabled: AtomicBool::new(req.enabled),
+        registered: AtomicBool::new(true),
+        hits: AtomicU64::new(0),
+        missed: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
+        active: AtomicU32::new(0),
+        module: req.module.clone(),
+        module_error: Default::default(),
     }
 }
 
@@ -336,9 +435,58 @@ impl Prepare<'_> {
 
     /// Check a request and build its site data (without planting).
     pub fn prepare(&self, req: &ProbeRequest) -> Result<(Probe, NewSite), ProbeError> {
-        let addr = req.address;
+        self.prepare_at(req, req.address, None)
+    }
+
+    /// A module probe whose module is not loaded: checked as far as it can
+    /// be without its text, no site.
+    pub fn prepare_pending(&self, req: &ProbeRequest) -> Result<Probe, ProbeError> {
+        if let Some(p) = self.table.probes.values().find(|p| p.name == req.name) {
+            return Err(ProbeError::AlreadyExists {
+                name: req.name.clone(),
+                id: p.id,
+            });
+        }
+        let maxactive = self.maxactive(req)?;
+        Ok(Probe {
+            address: 0,
+            site: 0,
+            maxactive,
+            ..new_probe(req, 0, 0)
+        })
+    }
+
+    fn maxactive(&self, req: &ProbeRequest) -> Result<u32, ProbeError> {
+        match req.kind {
+            ProbeType::Kprobe => Ok(0),
+            ProbeType::Kretprobe { maxactive } => {
+                let m = maxactive.unwrap_or(self.default_maxactive);
+                if m == 0 || m > MAXACTIVE_MAX {
+                    return Err(ProbeError::BadMaxactive {
+                        got: m,
+                        max: MAXACTIVE_MAX,
+                    });
+                }
+                if self.trap_addr == 0 {
+                    return Err(ProbeError::NoReturnTrap);
+                }
+                Ok(m)
+            }
+        }
+    }
+
+    /// Check `req` placed at `addr` and build its site data; `rebinding`
+    /// names the probe being armed again (its own name and point are no
+    /// clash).
+    pub fn prepare_at(
+        &self,
+        req: &ProbeRequest,
+        addr: u64,
+        rebinding: Option<ProbeId>,
+    ) -> Result<(Probe, NewSite), ProbeError> {
         let table = self.table;
-        if let Some(p) = table.probes.values().find(|p| p.name == req.name) {
+        let others = || table.probes.values().filter(|p| Some(p.id) != rebinding);
+        if let Some(p) = others().find(|p| p.name == req.name) {
             return Err(ProbeError::AlreadyExists {
                 name: req.name.clone(),
                 id: p.id,
@@ -346,7 +494,7 @@ impl Prepare<'_> {
         }
         // Like the kernel's SAME_PROBE: the same point with the same
         // definition again. Other probes at one address are welcome.
-        if let Some(p) = table.probes.values().find(|p| {
+        if let Some(p) = others().find(|p| {
             p.address == addr
                 && p.kind == req.kind
                 && p.fetch == req.fetch
@@ -379,23 +527,8 @@ impl Prepare<'_> {
         // Before the page-table checks: freed init text is also unmapped or
         // NX by then, and this says why.
         self.guest.check_init_text(addr, self.sregs)?;
-        let maxactive = match req.kind {
-            ProbeType::Kprobe => 0,
-            ProbeType::Kretprobe { maxactive } => {
-                let m = maxactive.unwrap_or(self.default_maxactive);
-                if m == 0 || m > MAXACTIVE_MAX {
-                    return Err(ProbeError::BadMaxactive {
-                        got: m,
-                        max: MAXACTIVE_MAX,
-                    });
-                }
-                if self.trap_addr == 0 {
-                    return Err(ProbeError::NoReturnTrap);
-                }
-                m
-            }
-        };
-        let func = self.guest.symbols.function_at(addr);
+        let maxactive = self.maxactive(req)?;
+        let func = self.guest.function_at(addr);
         if let ProbeType::Kretprobe { .. } = req.kind {
             if let Some((_, start, _)) = &func {
                 if *start != addr {
@@ -406,7 +539,7 @@ impl Prepare<'_> {
                 }
             }
         }
-        if self.guest.symbols.is_kernel_text(addr) == Some(false) {
+        if self.guest.is_kernel_text(addr) == Some(false) {
             // An unmapped address says so first.
             self.guest.text_gpa(addr, self.sregs)?;
             return Err(ProbeError::NotKernelText {
@@ -462,23 +595,8 @@ impl Prepare<'_> {
             Some(self.site_text(site_addr)?)
         };
         let probe = Probe {
-            id: 0,
-            name: req.name.clone(),
-            address: addr,
-            site: site_addr,
-            kind: req.kind,
             maxactive,
-            fetch: req.fetch.clone(),
-            definition: req.definition.clone(),
-            force_single_step: req.force_single_step,
-            force_out_of_line: req.force_out_of_line,
-            hardware: req.hardware,
-            enabled: AtomicBool::new(req.enabled),
-            registered: AtomicBool::new(true),
-            hits: AtomicU64::new(0),
-            missed: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            active: AtomicU32::new(0),
+            ..new_probe(req, addr, site_addr)
         };
         Ok((probe, site))
     }
@@ -515,7 +633,7 @@ impl Prepare<'_> {
 
     /// The bytes of a new site at `addr`: its address in guest memory and
     /// the instruction it displaces, byte by byte.
-    fn site_text(&self, addr: u64) -> Result<SiteText, ProbeError> {
+    pub fn site_text(&self, addr: u64) -> Result<SiteText, ProbeError> {
         let gpa = self.guest.text_gpa(addr, self.sregs)?;
         let bytes = self.original_bytes(addr, 15)?;
         let displaced = insn_emu::prepare(&bytes, addr).map_err(|e| ProbeError::Undecodable {
@@ -546,7 +664,11 @@ impl Prepare<'_> {
     /// kernel's own: the registers there are the entry's (the nop changes
     /// nothing, ftrace's call returns with them restored) and the return
     /// address is still on top of the stack.
-    fn placement(&self, addr: u64, func: Option<&(String, u64, u64)>) -> Result<u64, ProbeError> {
+    pub fn placement(
+        &self,
+        addr: u64,
+        func: Option<&(String, u64, u64)>,
+    ) -> Result<u64, ProbeError> {
         const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
         const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
         let Some((_, start, end)) = func else {

@@ -73,7 +73,7 @@ pub(crate) fn sync_site(
     let have = site.planted.load(Ordering::SeqCst);
     if want && !have {
         let b = guest.read_byte(site.gpa)?;
-        if b != site.original || !guest.holds(&site.tail) || guest.in_freed_init(site.addr) {
+        if b != site.original || !guest.holds(&site.tail) || guest.code_gone(site.addr) {
             // The code changed since registration, or the guest freed it.
             site.gone.store(true, Ordering::SeqCst);
             return Ok(());
@@ -90,13 +90,25 @@ pub(crate) fn sync_site(
 /// instruction around it (then the memory is no longer that code).
 fn restore_site(world: &World<'_>, guest: &Guest, site: &Site) -> Result<(), ProbeError> {
     let b = guest.read_byte(site.gpa)?;
-    if b == INT3 && guest.holds(&site.tail) && !guest.in_freed_init(site.addr) {
+    if b == INT3 && guest.holds(&site.tail) && !guest.code_gone(site.addr) {
         write_gpas(world, guest.vm.memory(), &[site.gpa], &[site.original])?;
     } else {
         site.gone.store(true, Ordering::SeqCst);
     }
     site.planted.store(false, Ordering::SeqCst);
     Ok(())
+}
+
+/// Take a site out of guest text for good (its probes are gone or its
+/// module is about to be freed): the original byte goes back only where
+/// the int3 is still ours and the code still there.
+pub(crate) fn remove_site(world: &World<'_>, guest: &Guest, site: &Site) {
+    if site.planted.load(Ordering::SeqCst) && !site.gone.load(Ordering::SeqCst) {
+        if let Err(e) = restore_site(world, guest, site) {
+            tracing::warn!("removing the site at {:#x}: {e}", site.addr);
+        }
+    }
+    site.planted.store(false, Ordering::SeqCst);
 }
 
 /// Restore the displaced byte, single-step the trapping vCPU over it, plant

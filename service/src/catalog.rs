@@ -307,6 +307,8 @@ pub(crate) fn probe_info(r: &introspect::ProbeInfo, m: &ProbeMeta) -> v1::ProbeI
         location: m.location.clone(),
         enabled: r.enabled,
         gone: r.gone,
+        pending: r.pending,
+        module_error: r.module_error.clone().unwrap_or_default(),
         hits: r.hits,
         misses: r.missed,
         dropped: r.dropped,

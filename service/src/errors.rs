@@ -74,6 +74,9 @@ fn classify(e: &ProbeError) -> (Code, &'static str) {
         ProbeError::InitStateUnknown { .. } => (Code::FailedPrecondition, "BAD_PROBE_ADDR"),
         ProbeError::Mechanism { .. } => (Code::FailedPrecondition, "HW_MECHANISM"),
         ProbeError::NoHwSlot { .. } => (Code::ResourceExhausted, "NO_HW_SLOT"),
+        ProbeError::ModulesUnavailable(_) => (Code::FailedPrecondition, "NO_MODULES"),
+        ProbeError::ModuleSymbolNotFound { .. } => (Code::NotFound, "BAD_PROBE_ADDR"),
+        ProbeError::ModuleOffsetOutside { .. } => (Code::InvalidArgument, "BAD_PROBE_ADDR"),
         ProbeError::Guest(_) | ProbeError::ReturnTrapInUse { .. } | ProbeError::Snapshot(_) => {
             (Code::Unavailable, "GUEST")
         }

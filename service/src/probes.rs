@@ -98,10 +98,24 @@ impl Inner {
         } else {
             format!("{symbol}+{offset}")
         };
-        let ip_text = self
-            .symbols
-            .sym_off(address)
-            .map_or_else(|| format!("0x{address:x}"), |s| s.to_string());
+        // kprobe_events spells a module's point MOD:SYM[+offs].
+        let location = if module.is_empty() || address != 0 {
+            location
+        } else {
+            format!("{module}:{location}")
+        };
+        let ip_text = if module.is_empty() {
+            self.symbols
+                .sym_off(address)
+                .map_or_else(|| format!("0x{address:x}"), |s| s.to_string())
+        } else {
+            location.clone()
+        };
+        let module_target = (!module.is_empty()).then(|| introspect::ModuleTarget {
+            module: module.clone(),
+            symbol: symbol.clone(),
+            offset,
+        });
         let meta = ProbeMeta {
             id: 0,
             group: pd.group.clone(),
@@ -131,6 +145,7 @@ impl Inner {
             force_out_of_line: false,
             hardware,
             definition: line,
+            module: module_target,
         };
         Ok(Prepared { request, meta })
     }
@@ -154,10 +169,16 @@ impl Inner {
                 offset,
             } => {
                 if let Some(m) = module.as_deref().filter(|m| *m != "vmlinux") {
-                    return Err(Status::not_found(at(format!(
-                        "BAD_PROBE_ADDR: module '{}' is not loaded (only vmlinux symbols are known)",
-                        quote(m)
-                    ))));
+                    // Resolved by the engine from the guest's module list
+                    // (pending until the module loads).
+                    self.watch_modules().map_err(|why| {
+                        Status::failed_precondition(at(format!(
+                            "NO_MODULES: module probes ('{}:{}') are not available: {why}",
+                            quote(m),
+                            quote(symbol)
+                        )))
+                    })?;
+                    return Ok((0, symbol.clone(), *offset, m.to_string()));
                 }
                 let base = self.symbols.lookup(symbol).map_err(|e| match e {
                     guest_symbols::LookupError::NotFound(_) => Status::not_found(at(format!(
@@ -179,6 +200,12 @@ impl Inner {
                 Ok((*a, symbol, offset, module))
             }
         }
+    }
+
+    /// Starts watching the guest's module loads and unloads (once).
+    fn watch_modules(&self) -> Result<(), String> {
+        let layout = self.symbols.module_layout()?;
+        self.engine.watch_modules(layout).map_err(|e| e.to_string())
     }
 
     /// Puts a saved probe table back (see `HvProbeService::restore_probes`).

@@ -200,6 +200,42 @@ impl Symbols {
     }
 }
 
+impl Symbols {
+    /// Where the guest keeps its modules (`modules`, `struct module`'s
+    /// `core_layout` as in Linux 6.1, `struct mod_kallsyms`) and the two
+    /// functions hvprobe watches for loads and unloads, at runtime
+    /// addresses; the reason when the DWARF or a symbol is missing.
+    pub fn module_layout(&self) -> Result<introspect::modules::ModuleLayout, String> {
+        let dwarf = self
+            .dwarf
+            .as_ref()
+            .ok_or("they need the kernel's DWARF (load a vmlinux with debug info)")?;
+        let off = |path: &str| {
+            dwarf
+                .member_offset(path)
+                .map_err(|e| format!("no {path} in the kernel's DWARF: {e}"))
+        };
+        let sym = |name: &str| {
+            self.lookup(name)
+                .map_err(|e| format!("no symbol {name} in the kernel: {e}"))
+        };
+        Ok(introspect::modules::ModuleLayout {
+            modules: sym("modules")?,
+            list_offset: off("module.list")?,
+            name_offset: off("module.name")?,
+            state_offset: off("module.state")?,
+            core_base_offset: off("module.core_layout.base")?,
+            core_text_size_offset: off("module.core_layout.text_size")?,
+            kallsyms_offset: off("module.kallsyms")?,
+            symtab_offset: off("mod_kallsyms.symtab")?,
+            num_symtab_offset: off("mod_kallsyms.num_symtab")?,
+            strtab_offset: off("mod_kallsyms.strtab")?,
+            load_hook: sym("do_init_module")?,
+            free_hook: sym("free_module")?,
+        })
+    }
+}
+
 /// The engine sees runtime addresses: each goes back to link time for the
 /// table and blacklist, and what comes out is slid again.
 impl introspect::KernelSymbols for Symbols {

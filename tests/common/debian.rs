@@ -226,6 +226,32 @@ impl DebianGuest {
         resp.into_inner().probes.iter().map(|p| p.id).collect()
     }
 
+    /// Create one probe through the API and expect a refusal: its status.
+    pub fn create_refused(&self, line: &str) -> tonic::Status {
+        let req = v1::CreateProbeRequest {
+            definition: Some(v1::ProbeDefinition {
+                definition: Some(v1::probe_definition::Definition::KprobeEvents(line.into())),
+                ..Default::default()
+            }),
+        };
+        self.rt
+            .block_on(self.service.create_probe(tonic::Request::new(req)))
+            .map(|r| panic!("{line} was accepted: {:?}", r.into_inner()))
+            .unwrap_err()
+    }
+
+    /// ListProbes through the API.
+    pub fn list(&self) -> Vec<v1::ProbeInfo> {
+        self.rt
+            .block_on(
+                self.service
+                    .list_probes(tonic::Request::new(v1::ListProbesRequest::default())),
+            )
+            .unwrap_or_else(|s| panic!("ListProbes: {s:?}"))
+            .into_inner()
+            .probes
+    }
+
     /// GetGuestInfo through the API.
     pub fn info(&self) -> v1::GetGuestInfoResponse {
         self.rt
