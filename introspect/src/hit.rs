@@ -16,11 +16,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use guest_access::{BreakpointAction, BreakpointHandler, Regs, TrapKind, Vcpu, VmControl};
+use smallvec::SmallVec;
 
 use crate::fetch::HitContext;
 use crate::kprobes::Engine;
 use crate::paging::{Access, GuestVirt};
-use crate::table::{Handling, ProbeType, Site};
+use crate::table::{Handling, Probe, ProbeType, Site};
 use crate::text::{self, World, INT3};
 use crate::xol::XolSlot;
 
@@ -97,9 +98,10 @@ impl Engine {
         }
         self.counters.hits.fetch_add(1, Ordering::Relaxed);
         let sregs = vcpu.system_regs().unwrap_or_default();
+        // One walker for the fetches and the emulation: its leaf cache
+        // serves both (the stack page, typically).
         let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
-        self.report_hit(&site, vcpu.index() as u32, virt, regs, trap);
-        let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
+        self.report_hit(&site, vcpu.index() as u32, &virt, regs, trap);
         if site.handling == Handling::Emulated && self.emulate(&site, vcpu, virt, regs) {
             return BreakpointAction::Resume;
         }
@@ -113,12 +115,13 @@ impl Engine {
 
     /// Report a hit to every enabled probe at the site: kprobe events, and
     /// an instance for each kretprobe.
-    fn report_hit(&self, site: &Site, vcpu: u32, virt: GuestVirt<'_>, regs: Regs, trap: u64) {
+    fn report_hit(&self, site: &Site, vcpu: u32, virt: &GuestVirt<'_>, regs: Regs, trap: u64) {
         let ctx = HitContext::new(regs, virt, &*self.guest.symbols).with_exe(self.exe_for_hit());
         let reporter = self.reporter();
         let probes = site.probes.snapshot();
         let armed = self.armed();
-        let mut returns = Vec::new();
+        // On the stack for any usual number of kretprobes at one address.
+        let mut returns: SmallVec<[&Arc<Probe>; 4]> = SmallVec::new();
         for p in probes.iter() {
             if !armed || !p.enabled.load(Ordering::Relaxed) {
                 continue;
@@ -126,7 +129,7 @@ impl Engine {
             p.hits.fetch_add(1, Ordering::Relaxed);
             match p.kind {
                 ProbeType::Kprobe => reporter.kprobe_hit(p, &ctx, vcpu),
-                ProbeType::Kretprobe { .. } => returns.push(p.clone()),
+                ProbeType::Kretprobe { .. } => returns.push(p),
             }
         }
         if !returns.is_empty() && trap != 0 {
@@ -222,12 +225,8 @@ impl Engine {
     ) -> BreakpointAction {
         self.counters.return_traps.fetch_add(1, Ordering::Relaxed);
         let sregs = vcpu.system_regs().unwrap_or_default();
-        let ctx = HitContext::new(
-            regs,
-            GuestVirt::new(vm.memory(), sregs, regs.rflags),
-            &*self.guest.symbols,
-        )
-        .with_exe(self.exe_for_hit());
+        let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
+        let ctx = HitContext::new(regs, &virt, &*self.guest.symbols).with_exe(self.exe_for_hit());
         let returned = self
             .kret
             .returned(&ctx, vcpu.index() as u32, &self.reporter());

@@ -1,0 +1,79 @@
+//! The engine's own cost per probe hit on the fake VM (no KVM, one thread,
+//! no contention), per probe shape, with a subscriber that takes every
+//! event, with one whose filter drops them all, and with none. The events
+//! are drained outside the timed part: this is the producer's cost.
+//!
+//! `cargo bench -p introspect --bench hit_path -- --warm-up-time 1 --measurement-time 3`
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use introspect::Event;
+
+#[path = "../tests/common/hit_rig.rs"]
+mod hit_rig;
+
+use hit_rig::{rig, Hitter, Shape};
+
+/// Hits between two drains of the subscriber's queue.
+const BATCH: u64 = 512;
+
+#[derive(Clone, Copy)]
+enum Consumer {
+    None,
+    All,
+    FilterRejects,
+}
+
+fn bench_shape(c: &mut Criterion, shape: Shape, consumer: Consumer) {
+    let r = rig();
+    shape.register(&r);
+    let sub = match consumer {
+        Consumer::None => None,
+        Consumer::All => Some(r.engine.subscribe(4 * BATCH as usize, None, None)),
+        Consumer::FilterRejects => Some(r.engine.subscribe(
+            4 * BATCH as usize,
+            Some(Box::new(|e: &Event| e.probe_id == u64::MAX)),
+            None,
+        )),
+    };
+    let mut h = Hitter::new(&r, shape);
+    let label = match consumer {
+        Consumer::None => "no_subscriber",
+        Consumer::All => "subscriber",
+        Consumer::FilterRejects => "filter_rejects",
+    };
+    c.bench_function(&format!("{}/{label}", shape.name()), |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            let mut done = 0;
+            while done < iters {
+                let n = BATCH.min(iters - done);
+                let start = Instant::now();
+                for _ in 0..n {
+                    h.hit(&r);
+                }
+                spent += start.elapsed();
+                done += n;
+                if let Some(s) = &sub {
+                    drop(s.drain(usize::MAX));
+                }
+            }
+            spent
+        })
+    });
+    if let Some(s) = &sub {
+        assert_eq!(s.dropped_total(), 0, "the bench lost events");
+    }
+}
+
+fn hit_path(c: &mut Criterion) {
+    for shape in Shape::ALL {
+        for consumer in [Consumer::All, Consumer::FilterRejects, Consumer::None] {
+            bench_shape(c, shape, consumer);
+        }
+    }
+}
+
+criterion_group!(benches, hit_path);
+criterion_main!(benches);
