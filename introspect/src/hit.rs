@@ -101,8 +101,8 @@ impl Engine {
         // One walker for the fetches and the emulation: its leaf cache
         // serves both (the stack page, typically).
         let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
-        self.report_hit(&site, vcpu.index() as u32, &virt, regs, trap);
-        if site.handling == Handling::Emulated && self.emulate(&site, vcpu, virt, regs) {
+        self.report_hit(&site, vcpu.index() as u32, &virt, &regs, trap);
+        if site.handling == Handling::Emulated && self.emulate(&site, vcpu, virt, &regs) {
             return BreakpointAction::Resume;
         }
         if let (Handling::OutOfLine, Some(sl)) = (site.handling, &site.slot) {
@@ -115,7 +115,7 @@ impl Engine {
 
     /// Report a hit to every enabled probe at the site: kprobe events, and
     /// an instance for each kretprobe.
-    fn report_hit(&self, site: &Site, vcpu: u32, virt: &GuestVirt<'_>, regs: Regs, trap: u64) {
+    fn report_hit(&self, site: &Site, vcpu: u32, virt: &GuestVirt<'_>, regs: &Regs, trap: u64) {
         let ctx = HitContext::new(regs, virt, &*self.guest.symbols).with_exe(self.exe_for_hit());
         let reporter = self.reporter();
         let probes = site.probes.snapshot();
@@ -144,12 +144,12 @@ impl Engine {
         site: &Site,
         vcpu: &mut dyn Vcpu,
         mut virt: GuestVirt<'_>,
-        regs: Regs,
+        regs: &Regs,
     ) -> bool {
-        let mut er = emu_regs(&regs);
+        let mut er = emu_regs(regs);
         match site.displaced.emulate(&mut er, &mut virt) {
             Ok(_) => {
-                let mut out = regs;
+                let mut out = *regs;
                 out.set_gprs(er.gpr);
                 out.rip = er.rip;
                 out.rflags = er.rflags;
@@ -226,10 +226,12 @@ impl Engine {
         self.counters.return_traps.fetch_add(1, Ordering::Relaxed);
         let sregs = vcpu.system_regs().unwrap_or_default();
         let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
-        let ctx = HitContext::new(regs, &virt, &*self.guest.symbols).with_exe(self.exe_for_hit());
-        let returned = self
-            .kret
-            .returned(&ctx, vcpu.index() as u32, &self.reporter());
+        let returned = {
+            let ctx =
+                HitContext::new(&regs, &virt, &*self.guest.symbols).with_exe(self.exe_for_hit());
+            self.kret
+                .returned(&ctx, vcpu.index() as u32, &self.reporter())
+        };
         let Some(return_to) = returned else {
             // Nothing to return to: let the guest see the int3 (it will oops
             // with a clear backtrace rather than run off somewhere).

@@ -223,7 +223,7 @@ impl Kretprobes {
         vcpu: u32,
         reporter: &Reporter<'_>,
     ) -> Option<u64> {
-        let regs: &Regs = &ctx.regs;
+        let regs: &Regs = ctx.regs;
         let slot = regs.rsp.wrapping_sub(8);
         let found = self.instances.lock().unwrap().remove(&slot);
         let Some(instances) = found else {

@@ -17,7 +17,7 @@
 //! | `list.rs`      | the probe listing and the bytes hvprobe changed (read-only)       |
 //! | `snapshot.rs`  | the probe table in a snapshot: freeze and restore                 |
 //! | `events.rs`    | events, bounded subscriber queues, filters                        |
-//! | `stats.rs`, `error.rs`, `symbols.rs`, `paging.rs`, `task.rs`: counters, errors, what the engine asks of symbols, the guest page walk, guest tasks |
+//! | `stats.rs`, `error.rs`, `symbols.rs`, `paging.rs`, `task.rs`, `addr_map.rs`: counters, errors, what the engine asks of symbols, the guest page walk, guest tasks, the address-keyed map of the hit's lookups |
 //!
 //! # The path of a hit
 //!
@@ -41,9 +41,11 @@
 //! guest                       reads of guest text and data
 //! xol                         relocation, Scratch, XolSlot, Slots
 //! stats, error, events        counters, errors, the event bus
-//! symbols, paging, task       leaves
+//! symbols, paging, task,      leaves
+//!   addr_map
 //! ```
 
+mod addr_map;
 mod error;
 pub mod events;
 mod fetch;
