@@ -1,11 +1,13 @@
 //! The engine's own cost per probe hit on the fake VM (no KVM, one thread,
 //! no contention), per probe shape, with a subscriber that takes every
 //! event, with one whose filter drops them all, and with none. The events
-//! are drained outside the timed part: this is the producer's cost.
+//! are drained outside the timed part: this is the producer's cost. Time
+//! is the thread's CPU time (CLOCK_THREAD_CPUTIME_ID), so other builds on a
+//! shared machine do not count while they hold the CPU.
 //!
 //! `cargo bench -p introspect --bench hit_path -- --warm-up-time 1 --measurement-time 3`
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use introspect::Event;
@@ -14,6 +16,18 @@ use introspect::Event;
 mod hit_rig;
 
 use hit_rig::{rig, Hitter, Shape};
+
+/// CPU time of the calling thread.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
 
 /// Hits between two drains of the subscriber's queue.
 const BATCH: u64 = 512;
@@ -49,11 +63,11 @@ fn bench_shape(c: &mut Criterion, shape: Shape, consumer: Consumer) {
             let mut done = 0;
             while done < iters {
                 let n = BATCH.min(iters - done);
-                let start = Instant::now();
+                let start = thread_cpu_time();
                 for _ in 0..n {
                     h.hit(&r);
                 }
-                spent += start.elapsed();
+                spent += thread_cpu_time() - start;
                 done += n;
                 if let Some(s) = &sub {
                     drop(s.drain(usize::MAX));
