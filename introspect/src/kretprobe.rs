@@ -162,7 +162,7 @@ impl Kretprobes {
         let mut taken = live.list();
         for &p in probes {
             if p.active.load(Ordering::SeqCst) >= p.maxactive {
-                recycle_stale(&mut live, p, &ctx.virt, trap, counters);
+                recycle_stale(&mut live, p, ctx.virt, trap, counters);
             }
             if p.active.load(Ordering::SeqCst) >= p.maxactive {
                 p.missed.fetch_add(1, Ordering::Relaxed);
