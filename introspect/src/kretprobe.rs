@@ -170,9 +170,14 @@ impl Kretprobes {
             }
             p.active.fetch_add(1, Ordering::SeqCst);
             let (mut entry_args, mut saved) = live.args();
-            if let Some(def) = &p.fetch {
-                reporter.fetch_into(def, ctx, |a| !a.uses_retval(), &mut entry_args);
-                saved.recapture(def, ctx);
+            match &p.fetch {
+                Some(def) => {
+                    reporter.fetch_into(def, ctx, |a| !a.uses_retval(), &mut entry_args);
+                    saved.recapture(def, ctx);
+                }
+                // Nothing of an earlier instance's arguments stays (a
+                // snapshot would save them).
+                None => saved = EntryArgs::default(),
             }
             taken.push(Instance {
                 probe: p.clone(),
