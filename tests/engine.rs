@@ -719,3 +719,44 @@ fn guest_ftrace_patches_a_probed_entry_and_never_finds_an_int3() {
         50
     );
 }
+
+/// Emulated, out-of-line and kretprobe hits cost the VMM no ioctl (the
+/// registers travel in kvm_run's sync area), and every breakpoint exit's
+/// host time is booked (`ExitStats::hit_cost`, what `hvprobe bench` shows).
+#[test]
+fn emulated_out_of_line_and_kretprobe_hits_make_no_ioctl() {
+    if !kvm_available() {
+        return;
+    }
+    let mut s = setup(2, "hvtest.iters=40");
+    s.engine
+        .register(ProbeRequest::kprobe("t/add", symbol("hv_add")))
+        .unwrap();
+    let mut xol = ProbeRequest::kprobe("t/fib_xol", symbol("hv_fib"));
+    xol.force_out_of_line = true;
+    s.engine.register(xol).unwrap();
+    let mut r = ProbeRequest::kretprobe("t/work_r", symbol("hv_work_item"), None);
+    r.fetch = Some(probe_spec::parse_probe("r:t/work_r hv_work_item ret=$retval:s64").unwrap());
+    s.engine.register(r).unwrap();
+    let _sub = s.engine.subscribe(1 << 16, None, None);
+    let o = s.run_to_end();
+    assert_ok(&o, &s);
+    let stats = s.engine.stats();
+    let cost = s.control.exit_stats().hit_cost;
+    let hits: u64 = s.engine.list().iter().map(|p| p.hits).sum();
+    assert!(hits > 0, "no probe hit");
+    assert_eq!(stats.single_stepped, 0, "{stats:?}");
+    // Each hit traps once; an out-of-line hit and a kretprobe hit twice;
+    // the test guest's own int3 (its self-test) traps too.
+    assert_eq!(
+        cost.hits,
+        stats.hits + stats.out_of_line + stats.return_traps + stats.guest_int3 + stats.stale_traps,
+        "{cost:?} {stats:?}"
+    );
+    // Only the guest's own int3 costs ioctls (at most four: KVM_TRANSLATE
+    // to read the byte at RIP, then to hand it back, pushing the registers,
+    // reading and setting the vCPU's events).
+    assert!(hits > 100, "{hits}");
+    assert!(cost.ioctls <= 4 * stats.guest_int3, "{cost:?} {stats:?}");
+    assert!(cost.host_ns > 0 && cost.step_runs == 0, "{cost:?}");
+}

@@ -25,8 +25,10 @@ pub(crate) fn now_ns() -> u64 {
 
 /// Fetch-argument context of a hit: registers plus a page walk.
 pub(crate) struct HitContext<'a> {
-    pub regs: Regs,
-    pub virt: GuestVirt<'a>,
+    /// Borrowed, as the walker: a hit copies neither (copies of the
+    /// register file showed in the hit path's profile).
+    pub regs: &'a Regs,
+    pub virt: &'a GuestVirt<'a>,
     symbols: &'a dyn KernelSymbols,
     /// The current task, read at most once per hit (event and `$comm`).
     task: OnceCell<Option<GuestTask>>,
@@ -35,7 +37,7 @@ pub(crate) struct HitContext<'a> {
 }
 
 impl<'a> HitContext<'a> {
-    pub fn new(regs: Regs, virt: GuestVirt<'a>, symbols: &'a dyn KernelSymbols) -> Self {
+    pub fn new(regs: &'a Regs, virt: &'a GuestVirt<'a>, symbols: &'a dyn KernelSymbols) -> Self {
         HitContext {
             regs,
             virt,
@@ -77,7 +79,7 @@ impl<'a> HitContext<'a> {
 
 impl FetchContext for HitContext<'_> {
     fn reg(&self, r: Reg) -> u64 {
-        let g = &self.regs;
+        let g = self.regs;
         match r {
             Reg::R15 => g.r15,
             Reg::R14 => g.r14,
@@ -183,6 +185,26 @@ impl Reporter<'_> {
             .collect()
     }
 
+    /// [`Self::fetch`] into `out` (cleared first), reusing its capacity.
+    pub fn fetch_into<C: FetchContext + ?Sized>(
+        &self,
+        def: &ProbeDef,
+        ctx: &C,
+        pick: impl Fn(&probe_spec::FetchArg) -> bool,
+        out: &mut Vec<Value>,
+    ) {
+        let opts = EvalOptions {
+            max_string_len: self.max_string_len,
+        };
+        out.clear();
+        out.extend(
+            def.args
+                .iter()
+                .filter(|a| pick(a))
+                .map(|a| probe_spec::evaluate_value(a, ctx, &opts)),
+        );
+    }
+
     /// A kprobe hit: its entry event, if anyone wants it.
     pub fn kprobe_hit(&self, probe: &Probe, ctx: &HitContext<'_>, vcpu: u32) {
         if !self.wants_event(probe) {
@@ -244,7 +266,9 @@ mod tests {
             gs_base: 0x1000,
             ..Default::default()
         };
-        let ctx = HitContext::new(Regs::default(), GuestVirt::new(&ram, sregs, 0), &Layout);
+        let regs = Regs::default();
+        let virt = GuestVirt::new(&ram, sregs, 0);
+        let ctx = HitContext::new(&regs, &virt, &Layout);
         assert_eq!(ctx.comm().as_deref(), Some("kworker/0:1"));
         let task = ctx.current_task().unwrap();
         assert_eq!(
@@ -255,19 +279,17 @@ mod tests {
         ram.write_phys(0x4080, &7i32.to_le_bytes()).unwrap();
         assert_eq!(ctx.current_task().unwrap().pid, 4242);
         // Without a GS base (user GS before swapgs) there is no answer.
-        let ctx = HitContext::new(
-            Regs::default(),
-            GuestVirt::new(&ram, SystemRegs::default(), 0),
-            &Layout,
-        );
+        let no_gs = GuestVirt::new(&ram, SystemRegs::default(), 0);
+        let ctx = HitContext::new(&regs, &no_gs, &Layout);
         assert_eq!(ctx.comm(), None);
         assert_eq!(ctx.current_task(), None);
         // And none without a layout (e.g. System.map only).
-        let ctx = HitContext::new(Regs::default(), GuestVirt::new(&ram, sregs, 0), &NoSymbols);
+        let ctx = HitContext::new(&regs, &virt, &NoSymbols);
         assert_eq!(ctx.comm(), None);
         // Nor when the task pointer leads nowhere.
         ram.write_u64(0x1040, 0xdead_0000_0000);
-        let ctx = HitContext::new(Regs::default(), GuestVirt::new(&ram, sregs, 0), &Layout);
+        let virt = GuestVirt::new(&ram, sregs, 0);
+        let ctx = HitContext::new(&regs, &virt, &Layout);
         assert_eq!(ctx.current_task(), None);
     }
 }

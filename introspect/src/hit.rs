@@ -16,12 +16,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use guest_access::{BreakpointAction, BreakpointHandler, Regs, TrapKind, Vcpu, VmControl};
+use smallvec::SmallVec;
 
 use crate::fetch::HitContext;
 use crate::hwbp;
 use crate::kprobes::Engine;
 use crate::paging::{Access, GuestVirt};
-use crate::table::{Handling, ProbeType, Site};
+use crate::table::{Handling, Probe, ProbeType, Site};
 use crate::text::{self, World, INT3};
 use crate::xol::XolSlot;
 
@@ -103,15 +104,21 @@ impl Engine {
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
         }
         let sregs = vcpu.system_regs().unwrap_or_default();
+        // One walker for the fetches and the emulation: its leaf cache
+        // serves both (the stack page, typically).
         let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
-        self.report_hit(&site, vcpu.index() as u32, virt, regs, trap);
-        if let Some(hook) = site.hook {
+        self.report_hit(&site, vcpu.index() as u32, &virt, &regs, trap);
+        let virt = match site.hook {
             // A module loads or goes: arm or disarm its probes before the
-            // vCPU runs on (the argument is the `struct module *`).
-            self.on_module_hook(hook, regs.rdi, vcpu, vm);
-        }
-        let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
-        if site.handling == Handling::Emulated && self.emulate(&site, vcpu, virt, regs) {
+            // vCPU runs on (the argument is the `struct module *`). That
+            // stops the world, so the walker starts afresh.
+            Some(hook) => {
+                self.on_module_hook(hook, regs.rdi, vcpu, vm);
+                GuestVirt::new(vm.memory(), sregs, regs.rflags)
+            }
+            None => virt,
+        };
+        if site.handling == Handling::Emulated && self.emulate(&site, vcpu, virt, &regs) {
             return BreakpointAction::Resume;
         }
         if let (Handling::OutOfLine, Some(sl)) = (site.handling, &site.slot) {
@@ -152,9 +159,8 @@ impl Engine {
         let trap = self.kret.trap_addr.load(Ordering::Relaxed);
         let sregs = vcpu.system_regs().unwrap_or_default();
         let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
-        self.report_hit(&site, vcpu.index() as u32, virt, regs, trap);
-        let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
-        if site.handling == Handling::Emulated && self.emulate(&site, vcpu, virt, regs) {
+        self.report_hit(&site, vcpu.index() as u32, &virt, &regs, trap);
+        if site.handling == Handling::Emulated && self.emulate(&site, vcpu, virt, &regs) {
             return BreakpointAction::Resume;
         }
         self.counters.single_stepped.fetch_add(1, Ordering::Relaxed);
@@ -172,12 +178,13 @@ impl Engine {
 
     /// Report a hit to every enabled probe at the site: kprobe events, and
     /// an instance for each kretprobe.
-    fn report_hit(&self, site: &Site, vcpu: u32, virt: GuestVirt<'_>, regs: Regs, trap: u64) {
+    fn report_hit(&self, site: &Site, vcpu: u32, virt: &GuestVirt<'_>, regs: &Regs, trap: u64) {
         let ctx = HitContext::new(regs, virt, &*self.guest.symbols).with_exe(self.exe_for_hit());
         let reporter = self.reporter();
         let probes = site.probes.snapshot();
         let armed = self.armed();
-        let mut returns = Vec::new();
+        // On the stack for any usual number of kretprobes at one address.
+        let mut returns: SmallVec<[&Arc<Probe>; 4]> = SmallVec::new();
         for p in probes.iter() {
             if !armed || !p.enabled.load(Ordering::Relaxed) {
                 continue;
@@ -185,7 +192,7 @@ impl Engine {
             p.hits.fetch_add(1, Ordering::Relaxed);
             match p.kind {
                 ProbeType::Kprobe => reporter.kprobe_hit(p, &ctx, vcpu),
-                ProbeType::Kretprobe { .. } => returns.push(p.clone()),
+                ProbeType::Kretprobe { .. } => returns.push(p),
             }
         }
         if !returns.is_empty() && trap != 0 {
@@ -200,12 +207,12 @@ impl Engine {
         site: &Site,
         vcpu: &mut dyn Vcpu,
         mut virt: GuestVirt<'_>,
-        regs: Regs,
+        regs: &Regs,
     ) -> bool {
-        let mut er = emu_regs(&regs);
+        let mut er = emu_regs(regs);
         match site.displaced.emulate(&mut er, &mut virt) {
             Ok(_) => {
-                let mut out = regs;
+                let mut out = *regs;
                 out.set_gprs(er.gpr);
                 out.rip = er.rip;
                 out.rflags = er.rflags;
@@ -281,15 +288,13 @@ impl Engine {
     ) -> BreakpointAction {
         self.counters.return_traps.fetch_add(1, Ordering::Relaxed);
         let sregs = vcpu.system_regs().unwrap_or_default();
-        let ctx = HitContext::new(
-            regs,
-            GuestVirt::new(vm.memory(), sregs, regs.rflags),
-            &*self.guest.symbols,
-        )
-        .with_exe(self.exe_for_hit());
-        let returned = self
-            .kret
-            .returned(&ctx, vcpu.index() as u32, &self.reporter());
+        let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
+        let returned = {
+            let ctx =
+                HitContext::new(&regs, &virt, &*self.guest.symbols).with_exe(self.exe_for_hit());
+            self.kret
+                .returned(&ctx, vcpu.index() as u32, &self.reporter())
+        };
         let Some(return_to) = returned else {
             // Nothing to return to: let the guest see the int3 (it will oops
             // with a clear backtrace rather than run off somewhere).

@@ -39,6 +39,60 @@ pub(crate) struct ReturnTrap {
     pub planted: bool,
 }
 
+/// Live instances by guest stack slot (the map, through `Deref`), and the
+/// buffers of instances that returned, kept for the next entries: a steady
+/// stream of calls and returns allocates nothing on the host.
+#[derive(Default)]
+pub(crate) struct Live {
+    by_slot: HashMap<u64, Vec<Instance>>,
+    spare_lists: Vec<Vec<Instance>>,
+    spare_args: Vec<(Vec<Value>, EntryArgs)>,
+}
+
+/// Spare buffers kept at most (beyond that they are freed): enough for
+/// every instance of a few busy kretprobes.
+const SPARE_MAX: usize = 4096;
+
+impl Live {
+    /// An empty instance list, from the spares if there is one.
+    fn list(&mut self) -> Vec<Instance> {
+        self.spare_lists.pop().unwrap_or_default()
+    }
+
+    /// Entry-argument buffers (empty), from the spares if there are some.
+    fn args(&mut self) -> (Vec<Value>, EntryArgs) {
+        self.spare_args.pop().unwrap_or_default()
+    }
+
+    /// Keep the buffers of `list`'s instances and the list itself; the
+    /// instances (and their probe references) are dropped.
+    fn recycle(&mut self, mut list: Vec<Instance>) {
+        for i in list.drain(..) {
+            if self.spare_args.len() < SPARE_MAX {
+                let (mut args, saved) = (i.entry_args, i.saved);
+                args.clear();
+                self.spare_args.push((args, saved));
+            }
+        }
+        if self.spare_lists.len() < SPARE_MAX {
+            self.spare_lists.push(list);
+        }
+    }
+}
+
+impl std::ops::Deref for Live {
+    type Target = HashMap<u64, Vec<Instance>>;
+    fn deref(&self) -> &Self::Target {
+        &self.by_slot
+    }
+}
+
+impl std::ops::DerefMut for Live {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.by_slot
+    }
+}
+
 /// Live instances by guest stack slot, and the return trap.
 ///
 /// Lock order: `trap` and `instances` are never held together; both come
@@ -48,7 +102,7 @@ pub(crate) struct Kretprobes {
     pub trap: Mutex<Option<ReturnTrap>>,
     /// Address of the return trap, readable without the lock on the hit path.
     pub trap_addr: AtomicU64,
-    pub instances: Mutex<HashMap<u64, Vec<Instance>>>,
+    pub instances: Mutex<Live>,
     /// No kretprobe is left but instances were live: the last return removes the trap.
     pub retire_pending: AtomicBool,
 }
@@ -79,7 +133,7 @@ impl Kretprobes {
     /// kretprobe entry: take an instance and redirect the return address.
     pub fn entry(
         &self,
-        probes: &[Arc<Probe>],
+        probes: &[&Arc<Probe>],
         ctx: &HitContext<'_>,
         trap: u64,
         reporter: &Reporter<'_>,
@@ -98,29 +152,33 @@ impl Kretprobes {
         // A new call at a slot with live instances: those frames were abandoned.
         if return_to != trap {
             if let Some(stale) = live.remove(&slot) {
-                for i in stale {
+                for i in &stale {
                     i.probe.active.fetch_sub(1, Ordering::SeqCst);
                     counters.recycled.fetch_add(1, Ordering::Relaxed);
                 }
+                live.recycle(stale);
             }
         }
-        let mut taken = Vec::new();
-        for p in probes {
+        let mut taken = live.list();
+        for &p in probes {
             if p.active.load(Ordering::SeqCst) >= p.maxactive {
-                recycle_stale(&mut live, p, &ctx.virt, trap, counters);
+                recycle_stale(&mut live, p, ctx.virt, trap, counters);
             }
             if p.active.load(Ordering::SeqCst) >= p.maxactive {
                 p.missed.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             p.active.fetch_add(1, Ordering::SeqCst);
-            let (entry_args, saved) = match &p.fetch {
-                Some(def) => (
-                    reporter.fetch(def, ctx, |a| !a.uses_retval()),
-                    EntryArgs::capture(def, ctx),
-                ),
-                None => (Vec::new(), EntryArgs::default()),
-            };
+            let (mut entry_args, mut saved) = live.args();
+            match &p.fetch {
+                Some(def) => {
+                    reporter.fetch_into(def, ctx, |a| !a.uses_retval(), &mut entry_args);
+                    saved.recapture(def, ctx);
+                }
+                // Nothing of an earlier instance's arguments stays (a
+                // snapshot would save them).
+                None => saved = EntryArgs::default(),
+            }
             taken.push(Instance {
                 probe: p.clone(),
                 return_to,
@@ -131,6 +189,7 @@ impl Kretprobes {
             });
         }
         if taken.is_empty() {
+            live.recycle(taken);
             return;
         }
         let real_return = live
@@ -138,16 +197,24 @@ impl Kretprobes {
             .and_then(|v| v.first().map(|i| i.return_to))
             .unwrap_or(return_to);
         if ctx.virt.write(slot, &trap.to_le_bytes()).is_err() {
-            for i in taken {
+            for i in &taken {
                 i.probe.active.fetch_sub(1, Ordering::SeqCst);
                 i.probe.missed.fetch_add(1, Ordering::Relaxed);
             }
+            live.recycle(taken);
             return;
         }
-        let entry = live.entry(slot).or_default();
-        for mut i in taken {
+        for i in taken.iter_mut() {
             i.return_to = real_return;
-            entry.push(i);
+        }
+        match live.get_mut(&slot) {
+            Some(list) => {
+                list.append(&mut taken);
+                live.recycle(taken);
+            }
+            None => {
+                live.insert(slot, taken);
+            }
         }
     }
 
@@ -161,7 +228,7 @@ impl Kretprobes {
         vcpu: u32,
         reporter: &Reporter<'_>,
     ) -> Option<u64> {
-        let regs: &Regs = &ctx.regs;
+        let regs: &Regs = ctx.regs;
         let slot = regs.rsp.wrapping_sub(8);
         let found = self.instances.lock().unwrap().remove(&slot);
         let Some(instances) = found else {
@@ -176,8 +243,9 @@ impl Kretprobes {
         // left it (nothing of hvprobe's stays in guest memory, snapshots
         // included). Best effort: the slot is below RSP, free stack.
         let _ = ctx.virt.write(slot, &return_to.to_le_bytes());
+        let mut instances = instances;
         if reporter.has_subscribers() {
-            for i in &instances {
+            for i in instances.iter_mut() {
                 if !i.probe.registered.load(Ordering::SeqCst) || !reporter.wants_event(&i.probe) {
                     continue;
                 }
@@ -202,7 +270,9 @@ impl Kretprobes {
                         return_to,
                         retval: regs.rax,
                         duration_ns: i.entered.elapsed().as_nanos() as u64,
-                        entry_args: i.entry_args.clone(),
+                        // The event owns them now; the next entry
+                        // fills a new buffer.
+                        entry_args: std::mem::take(&mut i.entry_args),
                     },
                     task: ctx.current_task(),
                     args,
@@ -213,6 +283,7 @@ impl Kretprobes {
         for i in &instances {
             i.probe.active.fetch_sub(1, Ordering::SeqCst);
         }
+        self.instances.lock().unwrap().recycle(instances);
         Some(return_to)
     }
 
@@ -225,7 +296,7 @@ impl Kretprobes {
 /// Free instances of `p` whose stack slot no longer holds the trap address
 /// (the frame is gone without returning).
 fn recycle_stale(
-    live: &mut HashMap<u64, Vec<Instance>>,
+    live: &mut Live,
     p: &Arc<Probe>,
     virt: &GuestVirt<'_>,
     trap: u64,

@@ -21,7 +21,7 @@
 //! | `list.rs`      | the probe listing and the bytes hvprobe changed (read-only)       |
 //! | `snapshot.rs`  | the probe table in a snapshot: freeze and restore                 |
 //! | `events.rs`    | events, bounded subscriber queues, filters                        |
-//! | `stats.rs`, `error.rs`, `symbols.rs`, `paging.rs`, `task.rs`: counters, errors, what the engine asks of symbols, the guest page walk, guest tasks |
+//! | `stats.rs`, `error.rs`, `symbols.rs`, `paging.rs`, `task.rs`, `addr_map.rs`: counters, errors, what the engine asks of symbols, the guest page walk, guest tasks, the address-keyed map of the hit's lookups |
 //!
 //! # The path of a hit
 //!
@@ -46,9 +46,11 @@
 //! guest, guest_modules        reads of guest text and data, loaded modules
 //! xol                         relocation, Scratch, XolSlot, Slots
 //! stats, error, events        counters, errors, the event bus
-//! symbols, paging, task, modules  leaves
+//! symbols, paging, task,      leaves
+//!   modules, addr_map
 //! ```
 
+mod addr_map;
 mod error;
 pub mod events;
 mod fetch;

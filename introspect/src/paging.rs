@@ -1,7 +1,10 @@
 //! Guest virtual memory: x86-64 page walks (4 and 5 levels, 2 MiB and 1 GiB
 //! pages) from a vCPU's CR3, and reads/writes that cross page boundaries.
 
+use std::cell::Cell;
+
 use guest_access::{GuestMemory, SystemRegs};
+use smallvec::SmallVec;
 
 const PRESENT: u64 = 1;
 const WRITABLE: u64 = 1 << 1;
@@ -75,7 +78,25 @@ pub struct GuestVirt<'a> {
     pub sregs: SystemRegs,
     /// RFLAGS of the vCPU (for SMAP's AC override).
     pub rflags: u64,
+    /// The last leaf this walker found: the fetches of one hit mostly read
+    /// the same page or two, and a walk costs four or five reads of guest
+    /// RAM. Lives as long as the walker, which is built per hit (or per
+    /// operation): like the stopped vCPU's TLB, never reused across hits,
+    /// where the guest may have changed its page tables without an exit.
+    last_leaf: Cell<Option<Leaf>>,
 }
+
+/// A cached leaf: the page `[va, va + size)` and its translation at `va`.
+#[derive(Clone, Copy)]
+struct Leaf {
+    va: u64,
+    size: u64,
+    at_va: Translation,
+}
+
+/// The pieces of one access, each inside one page: two for every access of
+/// up to a page, without a heap allocation.
+type Pieces = SmallVec<[(u64, usize, Translation); 2]>;
 
 fn read_entry(mem: &dyn GuestMemory, gva: u64, gpa: u64) -> Result<u64, PageFault> {
     let mut b = [0u8; 8];
@@ -86,7 +107,23 @@ fn read_entry(mem: &dyn GuestMemory, gva: u64, gpa: u64) -> Result<u64, PageFaul
 
 impl<'a> GuestVirt<'a> {
     pub fn new(mem: &'a dyn GuestMemory, sregs: SystemRegs, rflags: u64) -> Self {
-        Self { mem, sregs, rflags }
+        Self {
+            mem,
+            sregs,
+            rflags,
+            last_leaf: Cell::new(None),
+        }
+    }
+
+    /// The cached leaf's translation of `gva`, if `gva` is in its page.
+    fn cached(&self, gva: u64) -> Option<Translation> {
+        let leaf = self.last_leaf.get()?;
+        let off = gva.wrapping_sub(leaf.va);
+        (off < leaf.size).then_some(Translation {
+            gpa: leaf.at_va.gpa + off,
+            page_left: leaf.size - off,
+            ..leaf.at_va
+        })
     }
 
     /// Translate `gva` for `access`.
@@ -103,6 +140,10 @@ impl<'a> GuestVirt<'a> {
         }
         if self.sregs.efer & (1 << 10) == 0 {
             return Err(PageFault::Unsupported { gva });
+        }
+        if let Some(t) = self.cached(gva) {
+            self.check(gva, access, &t)?;
+            return Ok(t);
         }
         let levels: u8 = if self.sregs.la57() { 5 } else { 4 };
         let top_bit = 12 + 9 * u32::from(levels) - 1;
@@ -138,6 +179,15 @@ impl<'a> GuestVirt<'a> {
                     user,
                     leaf_entry: Some(entry_gpa),
                 };
+                self.last_leaf.set(Some(Leaf {
+                    va: gva - off,
+                    size: page_size,
+                    at_va: Translation {
+                        gpa: base,
+                        page_left: page_size,
+                        ..t
+                    },
+                }));
                 self.check(gva, access, &t)?;
                 return Ok(t);
             }
@@ -160,13 +210,8 @@ impl<'a> GuestVirt<'a> {
     }
 
     /// Translate every page of `[gva, gva+len)` first, so an access is all or nothing.
-    fn pieces(
-        &self,
-        gva: u64,
-        len: usize,
-        access: Access,
-    ) -> Result<Vec<(u64, usize, Translation)>, PageFault> {
-        let mut out = Vec::with_capacity(2);
+    fn pieces(&self, gva: u64, len: usize, access: Access) -> Result<Pieces, PageFault> {
+        let mut out = Pieces::new();
         let mut done = 0usize;
         while done < len {
             let va = gva.wrapping_add(done as u64);
@@ -332,6 +377,37 @@ pub(crate) mod tests {
         let mut b = [0u8; 2];
         ram.read_phys(0x50ffe, &mut b).unwrap();
         assert_eq!(b, [0, 0], "first page must be untouched");
+    }
+
+    #[test]
+    fn one_walker_reuses_its_leaf_and_a_new_one_walks_again() {
+        let ram = four_level();
+        let gva = 0xffff_ffff_8120_0010; // the 4 KiB page at 0x50000
+        let v = GuestVirt::new(&ram, long_mode(0x1000, false), 0);
+        let first = v.translate(gva, Access::Inspect).unwrap();
+        // The guest remaps the page: this walker (one hit) keeps its leaf,
+        // like the stopped vCPU's TLB...
+        ram.write_u64(0x4000, 0x60000 | PRESENT);
+        assert_eq!(
+            v.translate(gva + 8, Access::Inspect).unwrap().gpa,
+            first.gpa + 8
+        );
+        // The next hit's walker sees the new mapping.
+        let next = GuestVirt::new(&ram, long_mode(0x1000, false), 0);
+        assert_eq!(next.translate(gva, Access::Inspect).unwrap().gpa, 0x60010);
+        // A miss walks and caches the other page; large pages are cached whole.
+        let big = 0xffff_ffff_8100_1234;
+        assert_eq!(
+            next.translate(big, Access::Inspect).unwrap().gpa,
+            0x100_1234
+        );
+        let t = next.translate(big + 0x10_0000, Access::Inspect).unwrap();
+        assert_eq!((t.gpa, t.page_left), (0x110_1234, 0x10_0000 - 0x1234));
+        // A cached leaf still checks each access against its permissions.
+        assert!(matches!(
+            next.write(big, &[1]),
+            Err(PageFault::ReadOnly { .. })
+        ));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use guest_access::SystemRegs;
 use insn_emu::Displaced;
 use probe_spec::ProbeDef;
 
+use crate::addr_map::AddrMap;
 use crate::error::ProbeError;
 use crate::events::ProbeId;
 use crate::guest::Guest;
@@ -359,7 +360,7 @@ pub(crate) type NewSite = Option<SiteText>;
 /// Sites by address, probes by id, and the out-of-line slots.
 #[derive(Default)]
 pub(crate) struct Table {
-    pub sites: HashMap<u64, Arc<Site>>,
+    pub sites: AddrMap<Arc<Site>>,
     pub probes: HashMap<ProbeId, Arc<Probe>>,
     pub next_id: ProbeId,
     pub slots: Slots,

@@ -113,7 +113,7 @@ impl XolSlot {
 /// vCPU to leave). Kept under the probe table's lock.
 #[derive(Default)]
 pub(crate) struct Slots {
-    pub by_end: std::collections::HashMap<u64, Arc<XolSlot>>,
+    pub by_end: crate::addr_map::AddrMap<Arc<XolSlot>>,
     pub retired: Vec<Arc<XolSlot>>,
 }
 

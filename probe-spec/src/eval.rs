@@ -620,6 +620,23 @@ impl EntryArgs {
                 .collect(),
         }
     }
+
+    /// [`Self::capture`] into these (reused) buffers: no allocation when
+    /// they are large enough.
+    pub fn recapture<C: FetchContext + ?Sized>(&mut self, def: &ProbeDef, ctx: &C) {
+        self.values.clear();
+        for a in &def.args {
+            a.expr.visit(&mut |e| {
+                if let FetchExpr::Arg(n) = e {
+                    let n = n - 1;
+                    if !self.values.iter().any(|(m, _)| *m == n) {
+                        self.values.push((n, ctx.arg(n)));
+                    }
+                }
+            });
+        }
+        self.values.sort_unstable_by_key(|(n, _)| *n);
+    }
 }
 
 /// A context at function return whose `arg()` answers from [`EntryArgs`].

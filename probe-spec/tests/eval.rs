@@ -314,6 +314,14 @@ fn return_probes_use_entry_args() {
     };
     let v = evaluate(&def, &ctx, &EvalOptions::default());
     assert!(matches!(v[0].value, Value::Unavailable { .. }));
+
+    // Capturing into reused buffers saves the same, and nothing of before.
+    let def = parse_probe("r f b=$arg3:s32 a=+8($arg1):u8 again=$arg3:x32 r=$retval").unwrap();
+    entry.set(Reg::Dx, 5);
+    let mut reused = saved.clone();
+    reused.recapture(&def, &entry);
+    assert_eq!(reused, EntryArgs::capture(&def, &entry));
+    assert_ne!(reused, saved);
 }
 
 #[test]

@@ -81,7 +81,7 @@ pub use loader::{BootEntry, KernelFormat, LoadError, LoadedKernel};
 pub use memory::GuestRam;
 
 pub use control::VcpuRunState;
-pub use machine::{BridgeStats, ExitStats, Machine, RunOutcome};
+pub use machine::{BridgeStats, ExitStats, HitCost, Machine, RunOutcome};
 
 use machine::CURRENT_VCPU;
 use snapshot::KvmFds;

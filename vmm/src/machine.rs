@@ -88,6 +88,23 @@ pub(crate) struct VcpuStats {
     pub bridge_step_fallbacks: AtomicU64,
     pub bridge_rearms: AtomicU64,
     pub bridge_no_pf_handler: AtomicU64,
+    /// Every ioctl of this vCPU's thread on its fd but KVM_RUN.
+    pub ioctls: AtomicU64,
+    /// Breakpoint exits whose host time below was measured.
+    pub hits_timed: AtomicU64,
+    /// Host time from entering the trap exit's handling to the next
+    /// KVM_RUN, summed over breakpoint exits, without the KVM_RUNs of
+    /// single-steps inside the handling (those are `step_run_ns`).
+    pub hit_host_ns: AtomicU64,
+    /// ioctls made during those breakpoint exits.
+    pub hit_ioctls: AtomicU64,
+    /// KVM_RUNs of single-steps, and their time.
+    pub step_runs: AtomicU64,
+    pub step_run_ns: AtomicU64,
+    /// Stops of the world this vCPU asked for, and the time each waited
+    /// for the other vCPUs to park.
+    pub world_stops: AtomicU64,
+    pub world_stop_ns: AtomicU64,
 }
 
 /// What the system-call bridge did, summed over vCPUs.
@@ -126,6 +143,29 @@ pub struct ExitStats {
     pub gap_instructions: u64,
     /// The system-call bridge (all zero when it is off).
     pub bridge: BridgeStats,
+    /// Host-side cost of breakpoint exits (what a probe hit costs the VMM
+    /// and the engine, outside the kernel); see [`HitCost`].
+    pub hit_cost: HitCost,
+}
+
+/// The host's share of breakpoint exits, summed over vCPUs: measured from
+/// the start of a trap exit's handling to the next KVM_RUN.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HitCost {
+    /// Breakpoint exits measured.
+    pub hits: u64,
+    /// Host time of those, without the single-steps' own KVM_RUNs.
+    pub host_ns: u64,
+    /// ioctls (other than KVM_RUN) made while handling them.
+    pub ioctls: u64,
+    /// KVM_RUNs of single-steps and their time.
+    pub step_runs: u64,
+    pub step_run_ns: u64,
+    /// Stops of the world asked by vCPUs, and the time spent parking the others.
+    pub world_stops: u64,
+    pub world_stop_ns: u64,
+    /// ioctls of the vCPU threads at all (other than KVM_RUN).
+    pub all_ioctls: u64,
 }
 
 /// A VM's machine state, shared by its vCPU threads and every handle on it
@@ -203,6 +243,15 @@ impl Machine {
             b.step_fallbacks += v.bridge_step_fallbacks.load(Ordering::Relaxed);
             b.rearms += v.bridge_rearms.load(Ordering::Relaxed);
             b.no_pf_handler += v.bridge_no_pf_handler.load(Ordering::Relaxed);
+            let h = &mut s.hit_cost;
+            h.hits += v.hits_timed.load(Ordering::Relaxed);
+            h.host_ns += v.hit_host_ns.load(Ordering::Relaxed);
+            h.ioctls += v.hit_ioctls.load(Ordering::Relaxed);
+            h.step_runs += v.step_runs.load(Ordering::Relaxed);
+            h.step_run_ns += v.step_run_ns.load(Ordering::Relaxed);
+            h.world_stops += v.world_stops.load(Ordering::Relaxed);
+            h.world_stop_ns += v.world_stop_ns.load(Ordering::Relaxed);
+            h.all_ioctls += v.ioctls.load(Ordering::Relaxed);
         }
         s
     }
@@ -275,7 +324,13 @@ impl VmControl for Machine {
 
     fn stop_others(&self, except: Option<usize>) -> StopGuard<'_> {
         let me = except.or_else(|| CURRENT_VCPU.with(|c| c.get()));
+        let started = std::time::Instant::now();
         self.world.stop(me, &self.slots, &self.stopping);
+        if let Some(stats) = me.and_then(|i| self.stats.get(i)) {
+            stats.world_stops.fetch_add(1, Ordering::Relaxed);
+            let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            stats.world_stop_ns.fetch_add(ns, Ordering::Relaxed);
+        }
         StopGuard::new(move || self.world.resume())
     }
 

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use guest_access::{AccessError, BreakpointAction, GuestMemory, Regs, SystemRegs, TrapKind, Vcpu};
 use kvm_bindings::{
@@ -42,6 +43,12 @@ pub(crate) struct VcpuRunner {
     pub(crate) debug: GuestDebug,
     /// The system-call bridge's view of the guest IDT (unused when inactive).
     pub(crate) bridge: BridgeState,
+    /// When the current trap exit's handling began, and the ioctl count then.
+    trap_began: Option<(Instant, u64)>,
+    /// Set by a breakpoint exit: its cost is booked before the next KVM_RUN.
+    hit_open: Option<(Instant, u64)>,
+    /// Time of single-step KVM_RUNs since the trap began (not host time).
+    step_ns_in_trap: u64,
 }
 
 /// What serving a device exit asks of the loop that got it.
@@ -121,8 +128,34 @@ impl VcpuRunner {
                 ..Default::default()
             },
             bridge: BridgeState::default(),
+            trap_began: None,
+            hit_open: None,
+            step_ns_in_trap: 0,
             shared,
         }
+    }
+
+    /// Count one ioctl on the fd (other than KVM_RUN), before making it.
+    pub(crate) fn count_ioctl(&self) {
+        self.shared.stats[self.index]
+            .ioctls
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Book the host cost of the breakpoint exit just handled: called right
+    /// before the next KVM_RUN.
+    fn book_hit(&mut self) {
+        let Some((began, ioctls)) = self.hit_open.take() else {
+            return;
+        };
+        let stats = &self.shared.stats[self.index];
+        let ns = u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        stats.hits_timed.fetch_add(1, Ordering::Relaxed);
+        stats
+            .hit_host_ns
+            .fetch_add(ns.saturating_sub(self.step_ns_in_trap), Ordering::Relaxed);
+        let now = stats.ioctls.load(Ordering::Relaxed);
+        stats.hit_ioctls.fetch_add(now - ioctls, Ordering::Relaxed);
     }
 
     fn kvm_err(&self, op: &'static str, e: kvm_ioctls::Error) -> AccessError {
@@ -135,6 +168,7 @@ impl VcpuRunner {
 
     /// Push the composed guest-debug state to KVM.
     pub(crate) fn apply_debug(&self) -> Result<(), AccessError> {
+        self.count_ioctl();
         self.fd
             .set_guest_debug(&self.debug.control())
             .map_err(|e| self.kvm_err("KVM_SET_GUEST_DEBUG", e))
@@ -281,6 +315,9 @@ impl VcpuRunner {
         if shared.bridge.active {
             self.bridge_refresh();
         }
+        // Booked before the slot refresh: a changed register set (rare, at
+        // a probe's arming) is not the cost of the hit that came before.
+        self.book_hit();
         self.engine_slots_refresh();
         let exit = self.fd.run();
         self.exits += 1;
@@ -352,6 +389,9 @@ impl VcpuRunner {
     /// Map a trap exit to what it means and handle it: the part of the exit
     /// handling after KVM_RUN that tests drive with synthetic exits.
     pub(crate) fn dispatch(&mut self, exit: TrapExit) -> Next {
+        let ioctls = self.shared.stats[self.index].ioctls.load(Ordering::Relaxed);
+        self.trap_began = Some((Instant::now(), ioctls));
+        self.step_ns_in_trap = 0;
         let kind = match exit {
             TrapExit::Debug(arch) => {
                 if arch.exception == u32::from(BP_VECTOR) {
@@ -447,6 +487,7 @@ impl VcpuRunner {
         self.shared.stats[self.index]
             .breakpoints
             .fetch_add(1, Ordering::Relaxed);
+        self.hit_open = self.trap_began;
         let shared = self.shared.clone();
         let slot = &shared.slots[self.index];
         slot.set(VcpuRunState::InHandler);
@@ -485,6 +526,7 @@ impl VcpuRunner {
             self.flush_dirty_regs()?;
             let mut dbg = self.debug.control();
             dbg.control |= KVM_GUESTDBG_INJECT_BP;
+            self.count_ioctl();
             return self
                 .fd
                 .set_guest_debug(&dbg)
@@ -494,6 +536,7 @@ impl VcpuRunner {
         regs.rip += 1;
         self.set_regs(&regs)?;
         self.flush_dirty_regs()?;
+        self.count_ioctl();
         let mut ev = self
             .fd
             .get_vcpu_events()
@@ -503,6 +546,7 @@ impl VcpuRunner {
         ev.exception.has_error_code = 0;
         ev.exception.error_code = 0;
         ev.flags = 0;
+        self.count_ioctl();
         self.fd
             .set_vcpu_events(&ev)
             .map_err(|e| self.kvm_err("KVM_SET_VCPU_EVENTS", e))
@@ -515,6 +559,7 @@ impl VcpuRunner {
         if run.kvm_dirty_regs & u64::from(kvm_bindings::KVM_SYNC_X86_REGS) != 0 {
             let regs = self.fd.sync_regs().regs;
             self.fd.clear_sync_dirty_reg(SyncReg::Register);
+            self.count_ioctl();
             self.fd
                 .set_regs(&regs)
                 .map_err(|e| self.kvm_err("KVM_SET_REGS", e))?;
@@ -548,6 +593,7 @@ impl VcpuRunner {
         if sregs.cr0 & SystemRegs::CR0_PG == 0 {
             return Ok(gva);
         }
+        self.count_ioctl();
         match self.fd.translate_gva(gva) {
             Ok(t) if t.valid != 0 => Ok(t.physical_address),
             _ => Err(format!("{gva:#x} is not mapped")),
@@ -573,6 +619,7 @@ impl VcpuRunner {
         if self.sync_valid() {
             Ok(self.fd.sync_regs().sregs)
         } else {
+            self.count_ioctl();
             self.fd
                 .get_sregs()
                 .map_err(|e| format!("KVM_GET_SREGS on vCPU {}: {e}", self.index))
@@ -613,6 +660,7 @@ impl Vcpu for VcpuRunner {
         if self.sync_valid() {
             Ok(to_regs(&self.fd.sync_regs().regs))
         } else {
+            self.count_ioctl();
             let r = self
                 .fd
                 .get_regs()
@@ -627,6 +675,7 @@ impl Vcpu for VcpuRunner {
             self.fd.set_sync_dirty_reg(SyncReg::Register);
             Ok(())
         } else {
+            self.count_ioctl();
             self.fd
                 .set_regs(&to_kvm_regs(regs))
                 .map_err(|e| self.kvm_err("KVM_SET_REGS", e))
@@ -637,6 +686,7 @@ impl Vcpu for VcpuRunner {
         let s = if self.sync_valid() {
             self.fd.sync_regs().sregs
         } else {
+            self.count_ioctl();
             self.fd
                 .get_sregs()
                 .map_err(|e| self.kvm_err("KVM_GET_SREGS", e))?
@@ -673,7 +723,16 @@ impl VcpuRunner {
         };
         let shared = self.shared.clone();
         for _ in 0..64 {
+            let began = Instant::now();
             let exit = self.fd.run();
+            let ns = u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.step_ns_in_trap += ns;
+            shared.stats[self.index]
+                .step_runs
+                .fetch_add(1, Ordering::Relaxed);
+            shared.stats[self.index]
+                .step_run_ns
+                .fetch_add(ns, Ordering::Relaxed);
             self.exits += 1;
             let stats = &shared.stats[self.index];
             stats.exits.fetch_add(1, Ordering::Relaxed);
@@ -751,10 +810,12 @@ impl gaps::GapCpu for VcpuRunner {
     }
 
     fn fpu(&mut self) -> Result<kvm_bindings::kvm_fpu, String> {
+        self.count_ioctl();
         self.fd.get_fpu().map_err(|e| format!("KVM_GET_FPU: {e}"))
     }
 
     fn set_fpu(&mut self, fpu: &kvm_bindings::kvm_fpu) -> Result<(), String> {
+        self.count_ioctl();
         self.fd
             .set_fpu(fpu)
             .map_err(|e| format!("KVM_SET_FPU: {e}"))

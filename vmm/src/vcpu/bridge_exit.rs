@@ -173,6 +173,7 @@ impl VcpuRunner {
             entry(MSR_KERNEL_GS_BASE),
         ])
         .map_err(|e| format!("MSR list: {e:?}"))?;
+        self.count_ioctl();
         let n = self
             .fd
             .get_msrs(&mut m)
@@ -191,6 +192,7 @@ impl VcpuRunner {
             ..Default::default()
         }])
         .map_err(|e| format!("MSR list: {e:?}"))?;
+        self.count_ioctl();
         match self.fd.set_msrs(&m) {
             Ok(1) => Ok(()),
             Ok(n) => Err(format!("KVM_SET_MSRS(KERNEL_GS_BASE) set {n} of 1")),
