@@ -59,6 +59,14 @@ pub enum ProbeError {
         state_addr: u64,
         why: String,
     },
+    /// A probe's action cannot be had there (not an entry, a return
+    /// probe, a second override of one function, ...).
+    #[error("action refused at {addr:#x} ({location}): {why}")]
+    ActionRefused {
+        addr: u64,
+        location: String,
+        why: String,
+    },
     #[error("the return trap at {addr:#x} is in use by live kretprobes")]
     ReturnTrapInUse { addr: u64 },
     /// A snapshot could not be taken, or its probe table does not fit the

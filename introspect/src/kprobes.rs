@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use guest_access::{SystemRegs, Vcpu, VmControl};
 
+use crate::action::Action;
 use crate::error::{BatchError, ProbeError, TaskListingError};
 use crate::events::{EventBus, EventFilter, ProbeId, SubscribeOptions, Subscription, Waker};
 use crate::fetch::Reporter;
@@ -82,6 +83,9 @@ pub struct Engine {
     /// Live [`ExeInterest`]s: hits read `mm->exe_file` only while some
     /// subscriber or filter wants it (three more reads per hit).
     pub(crate) exe_interest: AtomicUsize,
+    /// Freeze and snapshot actions' holds on the vCPUs (`hold.rs`).
+    pub(crate) holds: crate::action::Holds,
+    pub(crate) action_sink: Mutex<Option<Arc<dyn crate::action::ActionSink>>>,
 }
 
 /// Held while a subscriber or filter wants executable paths on events.
@@ -117,6 +121,8 @@ impl Engine {
             in_handler: AtomicU32::new(0),
             exe_cache: task::ExeCache::default(),
             exe_interest: AtomicUsize::new(0),
+            holds: Default::default(),
+            action_sink: Mutex::new(None),
         })
     }
 
@@ -356,6 +362,23 @@ impl Engine {
             let mut s = check
                 .prepare(req)
                 .map_err(|error| BatchError { index, error })?;
+            let overrides = |p: &Probe| matches!(p.action, Some(Action::Override { .. }));
+            if overrides(&s.0)
+                && staged
+                    .iter()
+                    .any(|(p, _)| p.address == s.0.address && overrides(p))
+            {
+                return Err(BatchError {
+                    index,
+                    error: ProbeError::ActionRefused {
+                        addr: req.address,
+                        location: self.guest.location(req.address),
+                        why: "another probe of this batch already overrides this function \
+                              (one override per function)"
+                            .into(),
+                    },
+                });
+            }
             // Two new probes at one new address share one site.
             if s.1.is_some()
                 && staged

@@ -206,6 +206,7 @@ impl Kretprobes {
                     },
                     task: ctx.current_task(),
                     args,
+                    action: None,
                 };
                 reporter.publish(&i.probe, ev);
             }

@@ -8,6 +8,8 @@
 //! |----------------|-------------------------------------------------------------------|
 //! | `kprobes.rs`   | [`Engine`] (lock order on the struct) and its public operations   |
 //! | `hit.rs`       | the breakpoint handler: dispatch, emulate, out-of-line, step      |
+//! | `action.rs`    | probe actions (override, freeze, snapshot) and the override return |
+//! | `hold.rs`      | freeze/snapshot holds on the vCPUs, thaw                          |
 //! | `kretprobe.rs` | kretprobe instances, the return trap, recycling                   |
 //! | `fetch.rs`     | a hit's context (registers, current task) and building events     |
 //! | `text.rs`      | every write of guest text, each taking a `World` (world stopped)  |
@@ -32,11 +34,12 @@
 //! A module uses only modules below it in this list (no circles):
 //!
 //! ```text
-//! hit, snapshot, list         impl blocks on Engine: the handler, freeze/restore, listing
+//! hit, snapshot, list, hold   impl blocks on Engine: the handler, freeze/restore, listing, holds
 //! kprobes                     Engine and its public operations
 //! text                        writes of guest text (World token)
 //! kretprobe                   instances, return trap state
 //! fetch                       HitContext, Reporter
+//! action                      Action, the holds' state, the override return (beside events: gates read an Event, an Event says the action taken)
 //! table                       Probe, Site, Table, Prepare
 //! guest                       reads of guest text and data
 //! xol                         relocation, Scratch, XolSlot, Slots
@@ -44,11 +47,13 @@
 //! symbols, paging, task       leaves
 //! ```
 
+mod action;
 mod error;
 pub mod events;
 mod fetch;
 mod guest;
 mod hit;
+mod hold;
 mod kprobes;
 mod kretprobe;
 mod list;
@@ -61,8 +66,10 @@ pub mod task;
 mod text;
 mod xol;
 
+pub use action::{Action, ActionGate, ActionSink, ActionTaken, FreezeInfo};
 pub use error::{BatchError, ProbeError, TaskListingError};
 pub use events::{Event, EventFilter, EventKind, GuestTask, ProbeId, Subscription, Waker};
+pub use hold::SNAPSHOT_ACTION_INTERVAL;
 pub use kprobes::{Engine, EngineConfig, ExeInterest};
 pub use list::ProbeInfo;
 pub use snapshot::{EngineState, Frozen, SavedCounters, SavedInstance, SavedProbe};
@@ -70,5 +77,5 @@ pub use stats::EngineStats;
 pub use symbols::{
     InitText, KernelSymbols, NoSymbols, SymbolIndex, KERNEL_TEXT_MAP, SYSTEM_FREEING_INITMEM,
 };
-pub use table::{Handling, ProbeRequest, ProbeType, MAXACTIVE_MAX};
+pub use table::{Gate, Handling, ProbeRequest, ProbeType, MAXACTIVE_MAX};
 pub use task::{ProcessLayout, TaskInfo, TaskLayout};

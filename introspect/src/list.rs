@@ -34,6 +34,9 @@ pub struct ProbeInfo {
     /// kretprobes: the effective maxactive.
     pub maxactive: u32,
     pub definition: String,
+    /// What a hit does beyond reporting, and how many hits it ran for.
+    pub action: Option<crate::action::Action>,
+    pub actions: u64,
 }
 
 impl std::fmt::Display for ProbeInfo {
@@ -124,6 +127,8 @@ impl Engine {
                         .map_or(String::new(), |s| s.displaced.disassembly().to_string()),
                     maxactive: p.maxactive,
                     definition: p.definition.clone(),
+                    action: p.action.clone(),
+                    actions: p.actions.load(Ordering::Relaxed),
                 }
             })
             .collect();

@@ -21,6 +21,10 @@ pub struct EngineStats {
     /// kretprobe instances reclaimed from frames that never returned.
     pub recycled_instances: u64,
     pub events_dropped: u64,
+    /// `freeze` actions that froze the guest.
+    pub freezes: u64,
+    /// `snapshot` actions skipped for the rate limit.
+    pub snapshots_rate_limited: u64,
 }
 
 /// The live counters behind [`EngineStats`], plus the event sequence number.
@@ -36,6 +40,8 @@ pub(crate) struct Counters {
     pub guest_int3: AtomicU64,
     pub recycled: AtomicU64,
     pub dropped: AtomicU64,
+    pub freezes: AtomicU64,
+    pub snapshots_rate_limited: AtomicU64,
     /// The next event's sequence number (a gap is a loss).
     pub seq: AtomicU64,
 }
@@ -55,6 +61,8 @@ impl Counters {
             live_instances,
             recycled_instances: get(&self.recycled),
             events_dropped: get(&self.dropped),
+            freezes: get(&self.freezes),
+            snapshots_rate_limited: get(&self.snapshots_rate_limited),
         }
     }
 }

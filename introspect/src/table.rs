@@ -16,6 +16,7 @@ use guest_access::SystemRegs;
 use insn_emu::Displaced;
 use probe_spec::ProbeDef;
 
+use crate::action::{Action, ActionGate};
 use crate::error::ProbeError;
 use crate::events::ProbeId;
 use crate::guest::Guest;
@@ -70,6 +71,20 @@ pub struct ProbeRequest {
     pub force_out_of_line: bool,
     /// The definition as the user wrote it (for listings).
     pub definition: String,
+    /// What a hit does beyond reporting (see [`crate::action`]).
+    pub action: Option<Action>,
+    /// Which hits the action runs for (none: every hit).
+    pub action_gate: Option<Gate>,
+}
+
+/// An [`ActionGate`] that prints as its presence (requests are `Debug`).
+#[derive(Clone)]
+pub struct Gate(pub ActionGate);
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Gate")
+    }
 }
 
 impl ProbeRequest {
@@ -83,6 +98,8 @@ impl ProbeRequest {
             force_single_step: false,
             force_out_of_line: false,
             definition: String::new(),
+            action: None,
+            action_gate: None,
         }
     }
 
@@ -108,6 +125,10 @@ pub(crate) struct Probe {
     pub definition: String,
     pub force_single_step: bool,
     pub force_out_of_line: bool,
+    pub action: Option<Action>,
+    pub action_gate: Option<Gate>,
+    /// Hits whose action ran.
+    pub actions: AtomicU64,
     pub enabled: AtomicBool,
     /// Cleared when unregistered (a hit or return may still hold it).
     pub registered: AtomicBool,
@@ -345,6 +366,7 @@ impl Prepare<'_> {
             }
         };
         let func = self.guest.symbols.function_at(addr);
+        self.check_action(req, func.as_ref())?;
         if let ProbeType::Kretprobe { .. } = req.kind {
             if let Some((_, start, _)) = &func {
                 if *start != addr {
@@ -405,6 +427,9 @@ impl Prepare<'_> {
             definition: req.definition.clone(),
             force_single_step: req.force_single_step,
             force_out_of_line: req.force_out_of_line,
+            action: req.action.clone(),
+            action_gate: req.action_gate.clone(),
+            actions: AtomicU64::new(0),
             enabled: AtomicBool::new(req.enabled),
             registered: AtomicBool::new(true),
             hits: AtomicU64::new(0),
@@ -413,6 +438,60 @@ impl Prepare<'_> {
             active: AtomicU32::new(0),
         };
         Ok((probe, site))
+    }
+
+    /// Actions are for kprobes; `override` only at a function's first
+    /// byte (its int3 may sit after the ftrace nop, which changes nothing)
+    /// and only one per site: two could not both decide the return value.
+    fn check_action(
+        &self,
+        req: &ProbeRequest,
+        func: Option<&(String, u64, u64)>,
+    ) -> Result<(), ProbeError> {
+        let Some(action) = &req.action else {
+            return Ok(());
+        };
+        let addr = req.address;
+        let refuse = |why: String| ProbeError::ActionRefused {
+            addr,
+            location: self.location(addr),
+            why,
+        };
+        if req.kind != ProbeType::Kprobe {
+            return Err(refuse(
+                "actions belong on kprobes ('p:'); a return probe runs after the function did"
+                    .into(),
+            ));
+        }
+        if let Action::Override { .. } = action {
+            match func {
+                Some((_, start, _)) if *start == addr => {}
+                Some((name, start, _)) => {
+                    return Err(refuse(format!(
+                        "override only at a function's entry; this is {name}+{:#x}",
+                        addr - start
+                    )))
+                }
+                None => {
+                    return Err(refuse(
+                        "override only at a function's entry, and no function of the \
+                         symbol table starts here"
+                            .into(),
+                    ))
+                }
+            }
+            let other =
+                self.table.probes.values().find(|p| {
+                    p.address == addr && matches!(p.action, Some(Action::Override { .. }))
+                });
+            if let Some(p) = other {
+                return Err(refuse(format!(
+                    "probe {} ({}) already overrides this function (one override per function)",
+                    p.id, p.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Refuse `addr` unless an instruction starts there: decode from the

@@ -72,6 +72,7 @@ fn classify(e: &ProbeError) -> (Code, &'static str) {
         ProbeError::BadMaxactive { .. } => (Code::InvalidArgument, "BAD_MAXACT"),
         ProbeError::InitTextFreed { .. } => (Code::FailedPrecondition, "INIT_TEXT_FREED"),
         ProbeError::InitStateUnknown { .. } => (Code::FailedPrecondition, "BAD_PROBE_ADDR"),
+        ProbeError::ActionRefused { .. } => (Code::FailedPrecondition, "BAD_ACTION"),
         ProbeError::Guest(_) | ProbeError::ReturnTrapInUse { .. } | ProbeError::Snapshot(_) => {
             (Code::Unavailable, "GUEST")
         }

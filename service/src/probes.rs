@@ -87,6 +87,19 @@ impl Inner {
             .map_err(|e| parse_error(&e, index))?;
             Some(f)
         };
+        let fields = catalog::fields_of(&pd);
+        let checked = self.check_action(
+            def.action.as_ref(),
+            &crate::actions::Target {
+                symbol: &symbol,
+                offset,
+                address,
+                is_return: pd.kind.is_return(),
+            },
+            filter.as_ref(),
+            &fields,
+            &prefix,
+        )?;
         let kind = match pd.kind {
             probe_spec::ProbeKind::Kprobe => ProbeType::Kprobe,
             probe_spec::ProbeKind::Kretprobe { maxactive } => ProbeType::Kretprobe { maxactive },
@@ -116,9 +129,10 @@ impl Inner {
             filter_text: def.filter.trim().to_string(),
             args,
             ip_text,
-            fields: catalog::fields_of(&pd),
+            fields,
             _exe: names_exe.get().then(|| self.engine.want_exe()),
             policy: None,
+            action: checked.as_ref().map(|c| c.message.clone()),
         };
         let request = ProbeRequest {
             name: pd.full_name(),
@@ -129,6 +143,8 @@ impl Inner {
             force_single_step: false,
             force_out_of_line: false,
             definition: line,
+            action: checked.as_ref().map(|c| c.action.clone()),
+            action_gate: checked.and_then(|c| c.gate),
         };
         Ok(Prepared { request, meta })
     }
@@ -193,6 +209,9 @@ impl Inner {
                 )),
                 filter: filters.get(&p.id).cloned().unwrap_or_default(),
                 create_disabled: !p.enabled,
+                // Actions are not saved: a restored guest never starts
+                // overriding, freezing or snapshotting by itself.
+                action: None,
             };
             let mut pr = self
                 .prepare(&def, Some(u32::try_from(i).unwrap_or(u32::MAX)))

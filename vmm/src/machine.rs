@@ -144,6 +144,8 @@ pub struct Machine {
     pub(crate) bridge: BridgeStatus,
     /// vCPU 0's system registers from a snapshot, until its thread runs.
     pub(crate) saved_sregs: Option<guest_access::SystemRegs>,
+    /// Every vCPU stays at its checkpoint while set ([`VmControl::hold_all`]).
+    pub(crate) held: AtomicBool,
 }
 
 impl Machine {
@@ -303,6 +305,25 @@ impl VmControl for Machine {
     fn saved_system_regs(&self) -> Option<guest_access::SystemRegs> {
         self.saved_sregs
     }
+
+    fn hold_all(&self) -> bool {
+        self.held.store(true, Ordering::SeqCst);
+        // A vCPU in KVM_RUN leaves it at once; the others see the flag at
+        // their next checkpoint (a kick on the caller's own thread only
+        // costs it one empty KVM_RUN later).
+        control::kick_all(&self.slots, CURRENT_VCPU.with(|c| c.get()));
+        true
+    }
+
+    fn release_all(&self) {
+        let _st = self.world.lock();
+        self.held.store(false, Ordering::SeqCst);
+        self.world.cv.notify_all();
+    }
+
+    fn is_held(&self) -> bool {
+        self.held.load(Ordering::SeqCst)
+    }
 }
 
 pub(crate) struct MachineParts {
@@ -330,5 +351,6 @@ pub(crate) fn new_machine(p: MachineParts) -> Arc<Machine> {
         markers: Mutex::new(Vec::new()),
         bridge: p.bridge,
         saved_sregs: p.saved_sregs,
+        held: AtomicBool::new(false),
     })
 }
