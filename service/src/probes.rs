@@ -267,8 +267,20 @@ impl Inner {
                 self.config.max_probes
             )));
         }
-        let (requests, metas): (Vec<_>, Vec<_>) =
+        let (mut requests, metas): (Vec<_>, Vec<_>) =
             prepared.into_iter().map(|p| (p.request, p.meta)).unzip();
+        // A probe with an action is enabled only once its metadata names its
+        // events: a hit before that would act, and its event would reach no
+        // stream (streams never guess a probe's fields).
+        let enable_after: Vec<usize> = requests
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, r)| r.action.is_some() && r.enabled)
+            .map(|(i, r)| {
+                r.enabled = false;
+                i
+            })
+            .collect();
         let lines: Vec<String> = requests.iter().map(|r| r.definition.clone()).collect();
         let ids = self.engine.register_batch(requests).map_err(|e| {
             let i = e.index.min(lines.len().saturating_sub(1));
@@ -278,7 +290,16 @@ impl Inner {
                 batch.then(|| u32::try_from(e.index).unwrap_or(u32::MAX)),
             )
         })?;
-        self.name_registered(&ids, metas)
+        let infos = self.name_registered(&ids, metas)?;
+        if enable_after.is_empty() {
+            return Ok(infos);
+        }
+        for i in enable_after {
+            self.engine
+                .set_enabled(ids[i], true)
+                .map_err(|e| engine_op_error(&e))?;
+        }
+        self.infos(Some(&ids))
     }
 
     /// Puts the metadata of probes the engine just registered (as `ids`, in
