@@ -27,6 +27,12 @@ pub enum ProbeAction {
         /// tracefs filter evaluated at the probe, e.g. `path ~ "/etc/*"`.
         #[arg(long)]
         filter: Option<String>,
+        /// What a hit the filter accepts does: `override:VALUE` (the
+        /// function returns VALUE at once; entry of a non-void function),
+        /// `freeze` (until `hvprobe resume`) or `snapshot:DIR`. Needs
+        /// `hvprobe run --allow-actions`.
+        #[arg(long, value_name = "ACTION", value_parser = crate::action_arg::parse)]
+        action: Option<v1::ProbeAction>,
     },
     /// Delete probes by id or GROUP/EVENT.
     Rm {
@@ -139,6 +145,7 @@ pub fn probe(server: &ServerArg, action: ProbeAction) -> Result<u8> {
                 definitions,
                 disabled,
                 filter,
+                action,
             } => {
                 let definitions = definitions
                     .into_iter()
@@ -146,6 +153,7 @@ pub fn probe(server: &ServerArg, action: ProbeAction) -> Result<u8> {
                         definition: Some(v1::probe_definition::Definition::KprobeEvents(l)),
                         create_disabled: disabled,
                         filter: filter.clone().unwrap_or_default(),
+                        action: action.clone(),
                     })
                     .collect();
                 let r = c
@@ -198,6 +206,14 @@ pub fn probe(server: &ServerArg, action: ProbeAction) -> Result<u8> {
                             handling_name(p.handling),
                             hw_note(p),
                         );
+                        if let Some(a) = &p.action {
+                            println!(
+                                "{:>4}  [ACTION: {}, ran {} times]",
+                                "",
+                                crate::action_arg::format(a),
+                                p.actions
+                            );
+                        }
                         if p.site_address != p.address && p.site_address != 0 {
                             // The int3 is after the function's ftrace site.
                             println!(
@@ -442,6 +458,25 @@ pub fn snapshot(server: &ServerArg, dir: &std::path::Path, stop: bool) -> Result
     })
 }
 
+/// `hvprobe resume`: thaw a guest a probe's freeze action holds.
+pub fn resume(server: &ServerArg) -> Result<u8> {
+    runtime()?.block_on(async {
+        let mut c = connect(server).await?;
+        let r = c
+            .resume(v1::ResumeRequest {})
+            .await
+            .map_err(status)?
+            .into_inner();
+        if let Some(f) = r.was {
+            println!(
+                "resumed: the guest was frozen by probe {} on vCPU {}",
+                f.probe_id, f.vcpu
+            );
+        }
+        Ok(0)
+    })
+}
+
 pub fn info(server: &ServerArg) -> Result<u8> {
     runtime()?.block_on(async {
         let mut c = connect(server).await?;
@@ -478,6 +513,12 @@ pub fn info(server: &ServerArg) -> Result<u8> {
             i.symbol_count, i.symbol_source_detail
         );
         println!("probes:   {} (armed: {})", i.probe_count, i.armed);
+        if let Some(f) = &i.frozen {
+            println!(
+                "frozen:   by probe {} on vCPU {} since {} ns (hvprobe resume)",
+                f.probe_id, f.vcpu, f.since_ns
+            );
+        }
         if let Some(b) = &i.syscall_bridge {
             // `detail` starts with "on" or "off" and says why.
             println!(

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod action_arg;
 mod bench;
 mod cli;
 mod runner;
@@ -106,6 +107,11 @@ struct ServeArgs {
     /// Allow --metrics on a non-loopback address.
     #[arg(long, requires = "metrics")]
     metrics_public: bool,
+    /// Allow probe actions (override, freeze, snapshot), which change what
+    /// the guest does; without it a probe with an action is refused
+    /// (FAILED_PRECONDITION).
+    #[arg(long)]
+    allow_actions: bool,
     /// POST every event to this URL in batches: `http://HOST:PORT/PATH`
     /// to a loopback address (no TLS yet). The body is a JSON array of
     /// `hvprobe.v1.ExportRecord` (the export file's records); lost events
@@ -349,6 +355,11 @@ enum Command {
         #[command(flatten)]
         server: cli::ServerArg,
     },
+    /// Let a guest that a probe's `freeze` action froze run again.
+    Resume {
+        #[command(flatten)]
+        server: cli::ServerArg,
+    },
     /// Describe the guest (state, vCPUs, banner, symbols).
     Info {
         #[command(flatten)]
@@ -428,6 +439,7 @@ fn main() -> ExitCode {
                 tls: serve.tls(),
                 probes: serve.probes,
                 policies: serve.policies,
+                allow_actions: serve.allow_actions,
                 listen: Some(serve.listen.unwrap_or_else(service::Listen::default_unix)),
                 system_map,
                 print_events: false,
@@ -466,6 +478,7 @@ fn main() -> ExitCode {
                     sinks: Vec::new(),
                     metrics: None,
                     policies: Vec::new(),
+                    allow_actions: false,
                 },
             )
         }
@@ -476,6 +489,7 @@ fn main() -> ExitCode {
         Command::Events(args) => cli::events(args),
         Command::Snapshot { dir, stop, server } => cli::snapshot(&server, &dir, stop),
         Command::Info { server } => cli::info(&server),
+        Command::Resume { server } => cli::resume(&server),
         Command::Ps { json, server } => cli::ps(&server, json),
     };
     match result {

@@ -31,6 +31,8 @@ pub struct RunOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// Policy files loaded before the guest starts and again on SIGHUP.
     pub policies: Vec<PathBuf>,
+    /// Probes may have actions (`--allow-actions`).
+    pub allow_actions: bool,
 }
 
 /// `run --restore DIR`.
@@ -190,7 +192,14 @@ pub fn boot(config: vmm::VmConfig, opts: RunOptions) -> Result<u8> {
         engine,
         guest,
         service: svc,
-    } = hvprobe::attach(&vm, symbols, ServiceConfig::default())?;
+    } = hvprobe::attach(
+        &vm,
+        symbols,
+        ServiceConfig {
+            allow_actions: opts.allow_actions,
+            ..ServiceConfig::default()
+        },
+    )?;
     {
         let vm = control.clone();
         guest.set_bridge_info(Box::new(move || {

@@ -19,6 +19,11 @@ pub struct Harness {
     pub service: HvProbeService,
     pub control: Arc<vmm::Machine>,
     pub socket: PathBuf,
+    pub guest: Arc<Guest>,
+    /// The serial console's output so far.
+    pub serial: Arc<std::sync::Mutex<Vec<u8>>>,
+    /// The VM until [`Harness::boot`] starts it.
+    vm: Option<vmm::Vm>,
     running: Option<vmm::RunningVm>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     _dir: tempfile::TempDir,
@@ -27,9 +32,16 @@ pub struct Harness {
 impl Harness {
     /// Boots the test guest (`hvtest.forever`, 2 vCPUs) and serves the API.
     pub fn start(config: ServiceConfig) -> Harness {
+        let mut h = Self::prepare(config, &test_guest::cmdline(None, None, true));
+        h.boot();
+        h
+    }
+
+    /// Serves the API over the test guest (2 vCPUs, `cmdline`) that has not
+    /// started yet: probes created now are early probes. [`Self::boot`] runs it.
+    pub fn prepare(config: ServiceConfig, cmdline: &str) -> Harness {
         let symbols = Arc::new(Symbols::from_vmlinux(test_guest::kernel_path()).unwrap());
-        let (vm_config, _serial) =
-            common::test_guest_config(2, &test_guest::cmdline(None, None, true));
+        let (vm_config, serial) = common::test_guest_config(2, cmdline);
         let vm = vmm::Vm::create(&vm_config).expect("create VM");
         let control = vm.control();
         let engine = Engine::new(control.clone(), symbols.clone(), EngineConfig::for_vcpus(2));
@@ -37,6 +49,7 @@ impl Harness {
             .set_return_trap(symbols.return_trap_candidate().unwrap())
             .unwrap();
         let guest = Guest::new(control.clone());
+        guest.set_snapshot_writer(hvprobe::snapshots::writer_for(&vm));
         let service = HvProbeService::new(engine.clone(), symbols, guest.clone(), config);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -60,18 +73,37 @@ impl Harness {
                 })
                 .await
         });
-        let running = vm.start(engine.clone()).expect("start VM");
-        guest.set_state(proto::v1::GuestState::Running);
         Harness {
             rt,
             engine,
             service,
             control,
             socket,
-            running: Some(running),
+            guest,
+            serial,
+            vm: Some(vm),
+            running: None,
             stop: Some(tx),
             _dir: dir,
         }
+    }
+
+    /// Starts the guest [`Self::prepare`] made.
+    pub fn boot(&mut self) {
+        let vm = self.vm.take().expect("booted twice");
+        let running = vm.start(self.engine.clone()).expect("start VM");
+        self.guest.set_state(proto::v1::GuestState::Running);
+        self.running = Some(running);
+    }
+
+    /// How the run ended, waiting at most `timeout` (None: still running).
+    pub fn wait_end(&self, timeout: Duration) -> Option<vmm::RunOutcome> {
+        self.running.as_ref().and_then(|r| r.wait_timeout(timeout))
+    }
+
+    /// The serial console's text so far.
+    pub fn console(&self) -> String {
+        common::text(&self.serial)
     }
 
     pub fn target(&self) -> String {

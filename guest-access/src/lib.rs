@@ -233,6 +233,23 @@ pub trait VmControl: Send + Sync {
     fn hw_slots(&self) -> Vec<HwSlotUse> {
         Vec::new()
     }
+
+    /// Hold every vCPU at its next checkpoint (outside guest mode, still
+    /// serving requests, counted as parked for stoppers) until
+    /// [`Self::release_all`]: a probe's `freeze` action. The caller's own
+    /// vCPU holds as soon as its handler returns. False when this VM cannot
+    /// hold its vCPUs (nothing changed then).
+    fn hold_all(&self) -> bool {
+        false
+    }
+
+    /// Let held vCPUs run again (see [`Self::hold_all`]).
+    fn release_all(&self) {}
+
+    /// Whether the vCPUs are held (see [`Self::hold_all`]).
+    fn is_held(&self) -> bool {
+        false
+    }
 }
 
 /// What the VMM does after a breakpoint handler returns.

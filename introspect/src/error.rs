@@ -66,6 +66,14 @@ pub enum ProbeError {
         location: String,
         why: String,
     },
+    /// A probe's action cannot be had there (not an entry, a return
+    /// probe, a second override of one function, ...).
+    #[error("action refused at {addr:#x} ({location}): {why}")]
+    ActionRefused {
+        addr: u64,
+        location: String,
+        why: String,
+    },
     /// No debug register was free for a hardware-breakpoint probe.
     #[error("probe {name}: {source}")]
     NoHwSlot {

@@ -51,6 +51,8 @@ pub struct Event {
     /// those fetched at return, the ones reading `$retval`). Names and
     /// types are the probe definition's.
     pub args: Vec<Value>,
+    /// What the probe's action did at this hit (None: no action ran).
+    pub action: Option<crate::action::ActionTaken>,
 }
 
 /// Selects events for a subscriber by their content; runs on the vCPU
@@ -320,6 +322,7 @@ mod tests {
             kind: EventKind::Entry,
             task: None,
             args: vec![],
+            action: None,
         }
     }
 

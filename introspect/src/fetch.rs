@@ -210,11 +210,17 @@ impl Reporter<'_> {
         if !self.wants_event(probe) {
             return;
         }
+        let ev = self.entry_event(probe, ctx, vcpu);
+        self.publish(probe, ev);
+    }
+
+    /// A kprobe hit's event, fetched and numbered (not yet published).
+    pub fn entry_event(&self, probe: &Probe, ctx: &HitContext<'_>, vcpu: u32) -> Event {
         let args = match &probe.fetch {
             Some(def) => self.fetch(def, ctx, |_| true),
             None => Vec::new(),
         };
-        let ev = Event {
+        Event {
             probe_id: probe.id,
             seq: self.next_seq(),
             vcpu,
@@ -223,8 +229,8 @@ impl Reporter<'_> {
             kind: EventKind::Entry,
             task: ctx.current_task(),
             args,
-        };
-        self.publish(probe, ev);
+            action: None,
+        }
     }
 }
 

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use guest_access::{BreakpointAction, BreakpointHandler, Regs, TrapKind, Vcpu, VmControl};
 use smallvec::SmallVec;
 
-use crate::fetch::HitContext;
+use crate::action::{self, Action, ActionTaken};
+use crate::fetch::{HitContext, Reporter};
 use crate::hwbp;
 use crate::kprobes::Engine;
 use crate::paging::{Access, GuestVirt};
@@ -107,7 +108,7 @@ impl Engine {
         // One walker for the fetches and the emulation: its leaf cache
         // serves both (the stack page, typically).
         let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
-        self.report_hit(&site, vcpu.index() as u32, &virt, &regs, trap);
+        let overridden = self.report_hit(&site, vcpu.index() as u32, &virt, &regs, trap);
         let virt = match site.hook {
             // A module loads or goes: arm or disarm its probes before the
             // vCPU runs on (the argument is the `struct module *`). That
@@ -118,6 +119,15 @@ impl Engine {
             }
             None => virt,
         };
+        if let Some(value) = overridden {
+            // Read [RSP] now: a kretprobe at this entry has just pointed it
+            // at the return trap, and then reports the value returned here.
+            if let Some(out) = action::override_return(&regs, &virt, value) {
+                if vcpu.set_regs(&out).is_ok() {
+                    return BreakpointAction::Resume;
+                }
+            }
+        }
         if site.handling == Handling::Emulated && self.emulate(&site, vcpu, virt, &regs) {
             return BreakpointAction::Resume;
         }
@@ -159,7 +169,13 @@ impl Engine {
         let trap = self.kret.trap_addr.load(Ordering::Relaxed);
         let sregs = vcpu.system_regs().unwrap_or_default();
         let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
-        self.report_hit(&site, vcpu.index() as u32, &virt, &regs, trap);
+        if let Some(value) = self.report_hit(&site, vcpu.index() as u32, &virt, &regs, trap) {
+            if let Some(out) = action::override_return(&regs, &virt, value) {
+                if vcpu.set_regs(&out).is_ok() {
+                    return BreakpointAction::Resume;
+                }
+            }
+        }
         if site.handling == Handling::Emulated && self.emulate(&site, vcpu, virt, &regs) {
             return BreakpointAction::Resume;
         }
@@ -176,28 +192,81 @@ impl Engine {
         BreakpointAction::Resume
     }
 
-    /// Report a hit to every enabled probe at the site: kprobe events, and
-    /// an instance for each kretprobe.
-    fn report_hit(&self, site: &Site, vcpu: u32, virt: &GuestVirt<'_>, regs: &Regs, trap: u64) {
+    /// Report a hit to every enabled probe at the site: kprobe events (and
+    /// their actions), and an instance for each kretprobe. Returns the value
+    /// to return at once when an `override` ran.
+    fn report_hit(
+        &self,
+        site: &Site,
+        vcpu: u32,
+        virt: &GuestVirt<'_>,
+        regs: &Regs,
+        trap: u64,
+    ) -> Option<u64> {
         let ctx = HitContext::new(regs, virt, &*self.guest.symbols).with_exe(self.exe_for_hit());
         let reporter = self.reporter();
         let probes = site.probes.snapshot();
         let armed = self.armed();
         // On the stack for any usual number of kretprobes at one address.
         let mut returns: SmallVec<[&Arc<Probe>; 4]> = SmallVec::new();
+        let mut overridden = None;
         for p in probes.iter() {
             if !armed || !p.enabled.load(Ordering::Relaxed) {
                 continue;
             }
             p.hits.fetch_add(1, Ordering::Relaxed);
-            match p.kind {
-                ProbeType::Kprobe => reporter.kprobe_hit(p, &ctx, vcpu),
-                ProbeType::Kretprobe { .. } => returns.push(p),
+            match (p.kind, &p.action) {
+                (ProbeType::Kprobe, None) => reporter.kprobe_hit(p, &ctx, vcpu),
+                (ProbeType::Kprobe, Some(_)) => {
+                    if let Some(v) = self.kprobe_action(p, &ctx, vcpu, &reporter) {
+                        overridden = Some(v);
+                    }
+                }
+                (ProbeType::Kretprobe { .. }, _) => returns.push(p),
             }
         }
         if !returns.is_empty() && trap != 0 {
             self.kret.entry(&returns, &ctx, trap, &reporter);
         }
+        overridden
+    }
+
+    /// A hit of a probe with an action: its event is built whether or not a
+    /// stream wants it (the gate decides on it), the action runs if the gate
+    /// accepts, and the event says what it did. Returns an override's value.
+    fn kprobe_action(
+        &self,
+        p: &Probe,
+        ctx: &HitContext<'_>,
+        vcpu: u32,
+        reporter: &Reporter<'_>,
+    ) -> Option<u64> {
+        let mut ev = reporter.entry_event(p, ctx, vcpu);
+        let accepted = p.action_gate.as_ref().is_none_or(|g| (g.0)(&ev));
+        let mut value = None;
+        if accepted {
+            let taken = match p.action.as_ref()? {
+                Action::Override { value: v } => {
+                    match action::override_return(ctx.regs, ctx.virt, *v) {
+                        Some(_) => {
+                            value = Some(*v);
+                            ActionTaken::Override { value: *v }
+                        }
+                        None => ActionTaken::Skipped {
+                            why: format!("the return address at {:#x} is unreadable", ctx.regs.rsp),
+                        },
+                    }
+                }
+                Action::Freeze => self.freeze_action(p.id, vcpu),
+                Action::Snapshot => self.snapshot_action(p.id, ev.seq),
+            };
+            if !matches!(taken, ActionTaken::Skipped { .. }) {
+                p.actions.fetch_add(1, Ordering::Relaxed);
+            }
+            ev.action = Some(taken);
+        }
+        reporter.publish(p, ev);
+        value
     }
 
     /// Emulate the displaced instruction on the host; false when the

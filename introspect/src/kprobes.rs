@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use guest_access::{SystemRegs, Vcpu, VmControl};
 
+use crate::action::Action;
 use crate::error::{BatchError, ProbeError, TaskListingError};
 use crate::events::{EventBus, EventFilter, ProbeId, SubscribeOptions, Subscription, Waker};
 use crate::fetch::Reporter;
@@ -84,6 +85,9 @@ pub struct Engine {
     /// Live [`ExeInterest`]s: hits read `mm->exe_file` only while some
     /// subscriber or filter wants it (three more reads per hit).
     pub(crate) exe_interest: AtomicUsize,
+    /// Freeze and snapshot actions' holds on the vCPUs (`hold.rs`).
+    pub(crate) holds: crate::action::Holds,
+    pub(crate) action_sink: Mutex<Option<Arc<dyn crate::action::ActionSink>>>,
 }
 
 /// Held while a subscriber or filter wants executable paths on events.
@@ -119,6 +123,8 @@ impl Engine {
             in_handler: AtomicU32::new(0),
             exe_cache: task::ExeCache::default(),
             exe_interest: AtomicUsize::new(0),
+            holds: Default::default(),
+            action_sink: Mutex::new(None),
         })
     }
 
@@ -357,6 +363,16 @@ impl Engine {
                     },
                 });
             }
+            if req.module.is_some() && req.action.is_some() {
+                return Err(BatchError {
+                    index,
+                    error: ProbeError::ActionRefused {
+                        addr: req.address,
+                        location: req.definition.clone(),
+                        why: "actions are not supported on module (MOD:SYM) probes".into(),
+                    },
+                });
+            }
             let mut s = match self.module_address(req, sregs) {
                 Ok(ModuleAddress::NotModule) => check.prepare(req),
                 Ok(ModuleAddress::At(addr)) => check.prepare_at(req, addr, None),
@@ -375,6 +391,23 @@ impl Engine {
                         self.guest.location(req.address),
                         p.hardware,
                     ),
+                });
+            }
+            let overrides = |p: &Probe| matches!(p.action, Some(Action::Override { .. }));
+            if overrides(&s.0)
+                && staged
+                    .iter()
+                    .any(|(p, _)| p.address == s.0.address && overrides(p))
+            {
+                return Err(BatchError {
+                    index,
+                    error: ProbeError::ActionRefused {
+                        addr: req.address,
+                        location: self.guest.location(req.address),
+                        why: "another probe of this batch already overrides this function \
+                              (one override per function)"
+                            .into(),
+                    },
                 });
             }
             // Two new probes at one new address share one site.

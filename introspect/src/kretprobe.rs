@@ -276,6 +276,7 @@ impl Kretprobes {
                     },
                     task: ctx.current_task(),
                     args,
+                    action: None,
                 };
                 reporter.publish(&i.probe, ev);
             }

@@ -8,6 +8,8 @@
 //! |----------------|-------------------------------------------------------------------|
 //! | `kprobes.rs`   | [`Engine`] (lock order on the struct) and its public operations   |
 //! | `hit.rs`       | the breakpoint handler: dispatch, emulate, out-of-line, step      |
+//! | `action.rs`    | probe actions (override, freeze, snapshot) and the override return |
+//! | `hold.rs`      | freeze/snapshot holds on the vCPUs, thaw                          |
 //! | `kretprobe.rs` | kretprobe instances, the return trap, recycling                   |
 //! | `fetch.rs`     | a hit's context (registers, current task) and building events     |
 //! | `text.rs`      | every write of guest text, each taking a `World` (world stopped)  |
@@ -36,12 +38,13 @@
 //! A module uses only modules below it in this list (no circles):
 //!
 //! ```text
-//! hit, snapshot, list         impl blocks on Engine: the handler, freeze/restore, listing
+//! hit, snapshot, list, hold   impl blocks on Engine: the handler, freeze/restore, listing, holds
 //! module_watch                impl block on Engine: module loads and unloads
 //! kprobes                     Engine and its public operations
 //! text, hwbp                  writes of guest text (World token); debug-register sites
 //! kretprobe                   instances, return trap state
 //! fetch                       HitContext, Reporter
+//! action                      Action, the holds' state, the override return (beside events: gates read an Event, an Event says the action taken)
 //! table                       Probe, Site, Table, Prepare
 //! guest, guest_modules        reads of guest text and data, loaded modules
 //! xol                         relocation, Scratch, XolSlot, Slots
@@ -50,6 +53,7 @@
 //!   modules, addr_map
 //! ```
 
+mod action;
 mod addr_map;
 mod error;
 pub mod events;
@@ -57,6 +61,7 @@ mod fetch;
 mod guest;
 mod guest_modules;
 mod hit;
+mod hold;
 mod hwbp;
 mod kprobes;
 mod kretprobe;
@@ -72,8 +77,10 @@ pub mod task;
 mod text;
 mod xol;
 
+pub use action::{Action, ActionGate, ActionSink, ActionTaken, FreezeInfo};
 pub use error::{BatchError, ProbeError, TaskListingError};
 pub use events::{Event, EventFilter, EventKind, GuestTask, ProbeId, Subscription, Waker};
+pub use hold::SNAPSHOT_ACTION_INTERVAL;
 pub use kprobes::{Engine, EngineConfig, ExeInterest};
 pub use list::ProbeInfo;
 pub use snapshot::{EngineState, Frozen, SavedCounters, SavedInstance, SavedProbe};
@@ -81,5 +88,5 @@ pub use stats::EngineStats;
 pub use symbols::{
     InitText, KernelSymbols, NoSymbols, SymbolIndex, KERNEL_TEXT_MAP, SYSTEM_FREEING_INITMEM,
 };
-pub use table::{Handling, ModuleTarget, ProbeRequest, ProbeType, MAXACTIVE_MAX};
+pub use table::{Gate, Handling, ModuleTarget, ProbeRequest, ProbeType, MAXACTIVE_MAX};
 pub use task::{ProcessLayout, TaskInfo, TaskLayout};

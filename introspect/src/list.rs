@@ -45,6 +45,9 @@ pub struct ProbeInfo {
     pub hardware: bool,
     /// The debug register (0..=3 for DR0..DR3) it holds while armed.
     pub hw_slot: Option<usize>,
+    /// What a hit does beyond reporting, and how many hits it ran for.
+    pub action: Option<crate::action::Action>,
+    pub actions: u64,
 }
 
 impl std::fmt::Display for ProbeInfo {
@@ -155,6 +158,8 @@ impl Engine {
                     definition: p.definition.clone(),
                     hardware: p.hardware,
                     hw_slot: site.and_then(|s| s.armed_hw_slot()),
+                    action: p.action.clone(),
+                    actions: p.actions.load(Ordering::Relaxed),
                 }
             })
             .collect();

@@ -25,6 +25,10 @@ pub struct EngineStats {
     pub events_dropped: u64,
     /// Module loads and unloads the host's internal hooks saw.
     pub module_events: u64,
+    /// `freeze` actions that froze the guest.
+    pub freezes: u64,
+    /// `snapshot` actions skipped for the rate limit.
+    pub snapshots_rate_limited: u64,
 }
 
 /// The live counters behind [`EngineStats`], plus the event sequence number.
@@ -42,6 +46,8 @@ pub(crate) struct Counters {
     pub recycled: AtomicU64,
     pub dropped: AtomicU64,
     pub module_events: AtomicU64,
+    pub freezes: AtomicU64,
+    pub snapshots_rate_limited: AtomicU64,
     /// The next event's sequence number (a gap is a loss).
     pub seq: AtomicU64,
 }
@@ -63,6 +69,8 @@ impl Counters {
             recycled_instances: get(&self.recycled),
             events_dropped: get(&self.dropped),
             module_events: get(&self.module_events),
+            freezes: get(&self.freezes),
+            snapshots_rate_limited: get(&self.snapshots_rate_limited),
         }
     }
 }

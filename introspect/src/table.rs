@@ -16,6 +16,7 @@ use guest_access::SystemRegs;
 use insn_emu::Displaced;
 use probe_spec::ProbeDef;
 
+use crate::action::{Action, ActionGate};
 use crate::addr_map::AddrMap;
 use crate::error::ProbeError;
 use crate::events::ProbeId;
@@ -77,6 +78,20 @@ pub struct ProbeRequest {
     /// `MOD:SYM+off`: resolved from the guest's module list, armed when the
     /// module loads (`address` is ignored).
     pub module: Option<ModuleTarget>,
+    /// What a hit does beyond reporting (see [`crate::action`]).
+    pub action: Option<Action>,
+    /// Which hits the action runs for (none: every hit).
+    pub action_gate: Option<Gate>,
+}
+
+/// An [`ActionGate`] that prints as its presence (requests are `Debug`).
+#[derive(Clone)]
+pub struct Gate(pub ActionGate);
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Gate")
+    }
 }
 
 /// A probe point in a module, `MOD:SYM+off`, resolved from guest memory
@@ -120,6 +135,8 @@ impl ProbeRequest {
             hardware: false,
             definition: String::new(),
             module: None,
+            action: None,
+            action_gate: None,
         }
     }
 
@@ -148,6 +165,10 @@ pub(crate) struct Probe {
     pub force_out_of_line: bool,
     /// Its site is a debug-register breakpoint.
     pub hardware: bool,
+    pub action: Option<Action>,
+    pub action_gate: Option<Gate>,
+    /// Hits whose action ran.
+    pub actions: AtomicU64,
     pub enabled: AtomicBool,
     /// Cleared when unregistered (a hit or return may still hold it).
     pub registered: AtomicBool,
@@ -184,6 +205,9 @@ impl Probe {
             force_single_step: self.force_single_step,
             force_out_of_line: self.force_out_of_line,
             hardware: self.hardware,
+            action: self.action.clone(),
+            action_gate: self.action_gate.clone(),
+            actions: copy(&self.actions),
             enabled: AtomicBool::new(self.enabled.load(Ordering::SeqCst)),
             registered: AtomicBool::new(true),
             hits: copy(&self.hits),
@@ -386,6 +410,9 @@ fn new_probe(req: &ProbeRequest, address: u64, site: u64) -> Probe {
         force_single_step: req.force_single_step,
         force_out_of_line: req.force_out_of_line,
         hardware: req.hardware,
+        action: req.action.clone(),
+        action_gate: req.action_gate.clone(),
+        actions: AtomicU64::new(0),
         enabled: AtomicBool::new(req.enabled),
         registered: AtomicBool::new(true),
         hits: AtomicU64::new(0),
@@ -530,6 +557,7 @@ impl Prepare<'_> {
         self.guest.check_init_text(addr, self.sregs)?;
         let maxactive = self.maxactive(req)?;
         let func = self.guest.function_at(addr);
+        self.check_action(req, func.as_ref())?;
         if let ProbeType::Kretprobe { .. } = req.kind {
             if let Some((_, start, _)) = &func {
                 if *start != addr {
@@ -600,6 +628,60 @@ impl Prepare<'_> {
             ..new_probe(req, addr, site_addr)
         };
         Ok((probe, site))
+    }
+
+    /// Actions are for kprobes; `override` only at a function's first
+    /// byte (its int3 may sit after the ftrace nop, which changes nothing)
+    /// and only one per site: two could not both decide the return value.
+    fn check_action(
+        &self,
+        req: &ProbeRequest,
+        func: Option<&(String, u64, u64)>,
+    ) -> Result<(), ProbeError> {
+        let Some(action) = &req.action else {
+            return Ok(());
+        };
+        let addr = req.address;
+        let refuse = |why: String| ProbeError::ActionRefused {
+            addr,
+            location: self.location(addr),
+            why,
+        };
+        if req.kind != ProbeType::Kprobe {
+            return Err(refuse(
+                "actions belong on kprobes ('p:'); a return probe runs after the function did"
+                    .into(),
+            ));
+        }
+        if let Action::Override { .. } = action {
+            match func {
+                Some((_, start, _)) if *start == addr => {}
+                Some((name, start, _)) => {
+                    return Err(refuse(format!(
+                        "override only at a function's entry; this is {name}+{:#x}",
+                        addr - start
+                    )))
+                }
+                None => {
+                    return Err(refuse(
+                        "override only at a function's entry, and no function of the \
+                         symbol table starts here"
+                            .into(),
+                    ))
+                }
+            }
+            let other =
+                self.table.probes.values().find(|p| {
+                    p.address == addr && matches!(p.action, Some(Action::Override { .. }))
+                });
+            if let Some(p) = other {
+                return Err(refuse(format!(
+                    "probe {} ({}) already overrides this function (one override per function)",
+                    p.id, p.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Refuse `addr` unless an instruction starts there: decode from the

@@ -381,6 +381,7 @@ impl<'a> PackedEvent<'a> {
             text: probe_spec::format_event_line(&s.event, &ip_text, &all),
             policy: s.policy.clone(),
             tags: s.tags.clone(),
+            action: None,
         }
     }
 

@@ -43,6 +43,8 @@ pub(crate) struct ProbeMeta {
     pub _exe: Option<introspect::ExeInterest>,
     /// The policy it belongs to (its rate limit, tags and counters).
     pub policy: Option<Arc<PolicyRun>>,
+    /// Its action as the definition gave it (checked), if any.
+    pub action: Option<v1::ProbeAction>,
 }
 
 impl ProbeMeta {
@@ -329,6 +331,8 @@ pub(crate) fn probe_info(r: &introspect::ProbeInfo, m: &ProbeMeta) -> v1::ProbeI
             .unwrap_or_default(),
         arg_names: m.args.iter().map(|(name, _)| name.clone()).collect(),
         site_address: r.site,
+        action: m.action.clone(),
+        actions: r.actions,
         policy: m
             .policy
             .as_ref()
@@ -374,6 +378,7 @@ pub(crate) mod tests {
                 bits: 32,
                 value: -1,
             }],
+            action: None,
         }
     }
 

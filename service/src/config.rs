@@ -24,6 +24,9 @@ pub struct ServiceConfig {
     pub default_batch_delay_ms: u32,
     /// Longest batching delay a client may ask for.
     pub max_batch_delay_ms: u32,
+    /// Whether probes may have actions (override, freeze, snapshot), which
+    /// change what the guest does: `hvprobe run --allow-actions`.
+    pub allow_actions: bool,
 }
 
 impl Default for ServiceConfig {
@@ -38,6 +41,7 @@ impl Default for ServiceConfig {
             max_batch_events: 16384,
             default_batch_delay_ms: 20,
             max_batch_delay_ms: 10_000,
+            allow_actions: false,
         }
     }
 }

@@ -77,6 +77,7 @@ fn classify(e: &ProbeError) -> (Code, &'static str) {
         ProbeError::ModulesUnavailable(_) => (Code::FailedPrecondition, "NO_MODULES"),
         ProbeError::ModuleSymbolNotFound { .. } => (Code::NotFound, "BAD_PROBE_ADDR"),
         ProbeError::ModuleOffsetOutside { .. } => (Code::InvalidArgument, "BAD_PROBE_ADDR"),
+        ProbeError::ActionRefused { .. } => (Code::FailedPrecondition, "BAD_ACTION"),
         ProbeError::Guest(_) | ProbeError::ReturnTrapInUse { .. } | ProbeError::Snapshot(_) => {
             (Code::Unavailable, "GUEST")
         }

@@ -204,6 +204,11 @@ impl Inner {
             armed: self.engine.armed(),
             probe_count: u32::try_from(self.engine.list().len()).unwrap_or(u32::MAX),
             syscall_bridge: self.guest.bridge_info(),
+            frozen: self
+                .engine
+                .frozen_by()
+                .as_ref()
+                .map(crate::actions::freeze_info),
         }
     }
 }

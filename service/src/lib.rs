@@ -57,6 +57,7 @@
 //! export thread (`export/writer.rs`) or a sink's deliverer
 //! (`sink/deliver.rs`).
 
+mod actions;
 mod catalog;
 pub mod client;
 mod config;

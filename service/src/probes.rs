@@ -87,6 +87,19 @@ impl Inner {
             .map_err(|e| parse_error(&e, index))?;
             Some(f)
         };
+        let fields = catalog::fields_of(&pd);
+        let checked = self.check_action(
+            def.action.as_ref(),
+            &crate::actions::Target {
+                symbol: &symbol,
+                offset,
+                address,
+                is_return: pd.kind.is_return(),
+            },
+            filter.as_ref(),
+            &fields,
+            &prefix,
+        )?;
         let kind = match pd.kind {
             probe_spec::ProbeKind::Kprobe => ProbeType::Kprobe,
             probe_spec::ProbeKind::Kretprobe { maxactive } => ProbeType::Kretprobe { maxactive },
@@ -130,9 +143,10 @@ impl Inner {
             filter_text: def.filter.trim().to_string(),
             args,
             ip_text,
-            fields: catalog::fields_of(&pd),
+            fields,
             _exe: names_exe.get().then(|| self.engine.want_exe()),
             policy: None,
+            action: checked.as_ref().map(|c| c.message.clone()),
         };
         let hardware = pd.hardware;
         let request = ProbeRequest {
@@ -146,6 +160,8 @@ impl Inner {
             hardware,
             definition: line,
             module: module_target,
+            action: checked.as_ref().map(|c| c.action.clone()),
+            action_gate: checked.and_then(|c| c.gate),
         };
         Ok(Prepared { request, meta })
     }
@@ -222,6 +238,9 @@ impl Inner {
                 )),
                 filter: filters.get(&p.id).cloned().unwrap_or_default(),
                 create_disabled: !p.enabled,
+                // Actions are not saved: a restored guest never starts
+                // overriding, freezing or snapshotting by itself.
+                action: None,
             };
             let mut pr = self
                 .prepare(&def, Some(u32::try_from(i).unwrap_or(u32::MAX)))
@@ -277,8 +296,20 @@ impl Inner {
                 self.config.max_probes
             )));
         }
-        let (requests, metas): (Vec<_>, Vec<_>) =
+        let (mut requests, metas): (Vec<_>, Vec<_>) =
             prepared.into_iter().map(|p| (p.request, p.meta)).unzip();
+        // A probe with an action is enabled only once its metadata names its
+        // events: a hit before that would act, and its event would reach no
+        // stream (streams never guess a probe's fields).
+        let enable_after: Vec<usize> = requests
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, r)| r.action.is_some() && r.enabled)
+            .map(|(i, r)| {
+                r.enabled = false;
+                i
+            })
+            .collect();
         let lines: Vec<String> = requests.iter().map(|r| r.definition.clone()).collect();
         let ids = self.engine.register_batch(requests).map_err(|e| {
             let i = e.index.min(lines.len().saturating_sub(1));
@@ -288,7 +319,16 @@ impl Inner {
                 batch.then(|| u32::try_from(e.index).unwrap_or(u32::MAX)),
             )
         })?;
-        self.name_registered(&ids, metas)
+        let infos = self.name_registered(&ids, metas)?;
+        if enable_after.is_empty() {
+            return Ok(infos);
+        }
+        for i in enable_after {
+            self.engine
+                .set_enabled(ids[i], true)
+                .map_err(|e| engine_op_error(&e))?;
+        }
+        self.infos(Some(&ids))
     }
 
     /// Puts the metadata of probes the engine just registered (as `ids`, in

@@ -36,9 +36,13 @@ impl HvProbeService {
         guest: Arc<Guest>,
         config: ServiceConfig,
     ) -> Self {
-        HvProbeService {
-            inner: Arc::new(Inner::new(engine, symbols, guest, config)),
-        }
+        let inner = Arc::new(Inner::new(engine, symbols, guest, config));
+        inner
+            .engine
+            .set_action_sink(Arc::new(crate::actions::SnapshotSink(Arc::downgrade(
+                &inner,
+            ))));
+        HvProbeService { inner }
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -154,6 +158,13 @@ impl HvProbe for HvProbeService {
             blocking(move || inner.create_snapshot(std::path::Path::new(&r.directory), r.stop))
                 .await?;
         Ok(Response::new(resp))
+    }
+
+    async fn resume(
+        &self,
+        _: Request<v1::ResumeRequest>,
+    ) -> Result<Response<v1::ResumeResponse>, Status> {
+        self.inner.resume().map(Response::new)
     }
 
     async fn create_probe(

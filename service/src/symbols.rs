@@ -139,6 +139,18 @@ impl Symbols {
         self.dwarf.is_some()
     }
 
+    /// The C return type of function `name` from DWARF: `Ok(None)` for
+    /// `void`; None without DWARF.
+    pub fn return_type(&self, name: &str) -> Option<Result<Option<String>, String>> {
+        let dwarf = self.dwarf.as_ref()?;
+        Some(
+            dwarf
+                .function_params(name)
+                .map(|f| f.return_type.map(|(t, _)| t))
+                .map_err(|e| e.to_string()),
+        )
+    }
+
     /// Runtime address of `name`.
     pub fn lookup(&self, name: &str) -> Result<u64, LookupError> {
         self.index.table.lookup(name).map(|a| self.to_runtime(a))

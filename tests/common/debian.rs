@@ -107,6 +107,11 @@ impl DebianGuest {
     /// Restore the snapshot in `dir` (symbols from the `vmlinux` beside it:
     /// the kernel it booted may be a bzImage) and start its vCPUs.
     pub fn restore(dir: &std::path::Path) -> DebianGuest {
+        Self::restore_with(dir, ServiceConfig::default())
+    }
+
+    /// [`Self::restore`] with the service configured by `config`.
+    pub fn restore_with(dir: &std::path::Path, service_config: ServiceConfig) -> DebianGuest {
         let dir = dir.to_path_buf();
         let manifest = vmm::snapshot::Manifest::load(&dir).expect("cached snapshot");
         let serial = Arc::new(Mutex::new(Vec::new()));
@@ -120,7 +125,7 @@ impl DebianGuest {
         let control = vm.control();
         let hvprobe::Attached {
             engine, service, ..
-        } = hvprobe::attach(&vm, symbols, ServiceConfig::default()).unwrap();
+        } = hvprobe::attach(&vm, symbols, service_config).unwrap();
         let running = vm.start(engine.clone()).unwrap();
         DebianGuest {
             engine,
@@ -203,6 +208,19 @@ impl DebianGuest {
         self.type_line(&format!("{cmd}; echo \"{tag}$?\""));
         let done = self.wait_console(&tag, secs);
         done[tag.len()..].trim().parse().unwrap()
+    }
+
+    /// Create probes from full definitions through the API (all or nothing).
+    pub fn create_defs(
+        &self,
+        definitions: Vec<v1::ProbeDefinition>,
+    ) -> Result<Vec<v1::ProbeInfo>, tonic::Status> {
+        self.rt
+            .block_on(
+                self.service
+                    .create_probes(tonic::Request::new(v1::CreateProbesRequest { definitions })),
+            )
+            .map(|r| r.into_inner().probes)
     }
 
     /// Create probes through the API (all or nothing), each with a filter.

@@ -210,6 +210,11 @@ fn contract_header() -> String {
     def("HV_INIT_CALLS", INIT_CALLS.to_string());
     def("HV_EXIT_FTRACE_BUG", EXIT_FTRACE_BUG.to_string());
     def("HV_FTRACE_PARAM", c_string(FTRACE_PARAM));
+    def("HV_OVERRIDE_PARAM", c_string(OVERRIDE_PARAM));
+    def(
+        "HV_EXIT_OVERRIDE_MISMATCH",
+        EXIT_OVERRIDE_MISMATCH.to_string(),
+    );
     def("HV_INIT_HOLD_PARAM", c_string(INIT_HOLD_PARAM));
     def("HV_USER_PARAM", c_string(USER_PARAM));
     def("HV_IDT_GAP_PARAM", c_string(IDT_GAP_PARAM));

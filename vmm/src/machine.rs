@@ -190,6 +190,8 @@ pub struct Machine {
     pub(crate) saved_sregs: Option<guest_access::SystemRegs>,
     /// DR0..DR3: the bridge's and the engine's (see [`crate::debug`]).
     pub(crate) hw_slots: HwSlots,
+    /// Every vCPU stays at its checkpoint while set ([`VmControl::hold_all`]).
+    pub(crate) held: AtomicBool,
 }
 
 impl Machine {
@@ -378,6 +380,25 @@ impl VmControl for Machine {
     fn hw_slots(&self) -> Vec<HwSlotUse> {
         self.hw_slots.uses()
     }
+
+    fn hold_all(&self) -> bool {
+        self.held.store(true, Ordering::SeqCst);
+        // A vCPU in KVM_RUN leaves it at once; the others see the flag at
+        // their next checkpoint (a kick on the caller's own thread only
+        // costs it one empty KVM_RUN later).
+        control::kick_all(&self.slots, CURRENT_VCPU.with(|c| c.get()));
+        true
+    }
+
+    fn release_all(&self) {
+        let _st = self.world.lock();
+        self.held.store(false, Ordering::SeqCst);
+        self.world.cv.notify_all();
+    }
+
+    fn is_held(&self) -> bool {
+        self.held.load(Ordering::SeqCst)
+    }
 }
 
 pub(crate) struct MachineParts {
@@ -410,5 +431,6 @@ pub(crate) fn new_machine(p: MachineParts) -> Arc<Machine> {
         }),
         bridge: p.bridge,
         saved_sregs: p.saved_sregs,
+        held: AtomicBool::new(false),
     })
 }

@@ -267,16 +267,19 @@ impl VcpuRunner {
         }
     }
 
-    /// Serve requests and park while another thread holds the world stopped.
+    /// Serve requests and park while another thread holds the world stopped
+    /// or the vCPUs are held (a `freeze` action, [`Machine::held`]).
     fn checkpoint(&mut self) {
         self.serve_requests();
-        if !self.shared.world.stop_requested.load(Ordering::SeqCst) {
+        let held = || self.shared.held.load(Ordering::SeqCst);
+        if !self.shared.world.stop_requested.load(Ordering::SeqCst) && !held() {
             return;
         }
         let shared = self.shared.clone();
         let world = &shared.world;
         let mut st = world.lock();
-        if st.stopper.is_none() || st.stopper == Some(self.index) {
+        let held = || shared.held.load(Ordering::SeqCst);
+        if (st.stopper.is_none() || st.stopper == Some(self.index)) && !held() {
             return;
         }
         let slot = &shared.slots[self.index];
@@ -286,7 +289,7 @@ impl VcpuRunner {
         world.cv.notify_all();
         loop {
             let other_stopper = st.stopper.is_some() && st.stopper != Some(self.index);
-            if !other_stopper || self.shared.stopping.load(Ordering::SeqCst) {
+            if (!other_stopper && !held()) || self.shared.stopping.load(Ordering::SeqCst) {
                 break;
             }
             let pending = !self.shared.slots[self.index]

@@ -110,6 +110,7 @@ pub(crate) fn event(ev: Event, meta: Option<&ProbeMeta>, symbols: &Symbols) -> v
         text,
         policy: policy_name(meta),
         tags: policy_tags(meta),
+        action: ev.action.as_ref().map(crate::actions::taken),
     }
 }
 

@@ -289,6 +289,7 @@ mod tests {
             kind: EventKind::Entry,
             task: None,
             args,
+            action: None,
         }
     }
 

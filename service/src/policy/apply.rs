@@ -421,6 +421,7 @@ impl Inner {
                 )),
                 filter: m.filter_text.clone(),
                 create_disabled: !m.policy.as_ref().is_none_or(|p| p.conf().enabled),
+                action: m.action.clone(),
             };
             match self.prepare(&def, None) {
                 Ok(p) => {

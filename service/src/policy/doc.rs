@@ -361,6 +361,7 @@ pub fn parse(source: &str, text: &str) -> Result<Vec<PolicyDef>, DocError> {
                     definition: Some(definition),
                     create_disabled: !p.enabled,
                     filter: combine_filters(&p.filter, &m.filter),
+                    action: None,
                 },
                 pos: ppos,
             });

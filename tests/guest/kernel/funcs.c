@@ -53,6 +53,21 @@ noinline long hv_recurse(int depth)
 	return depth + r;
 }
 
+/* hvtest.override: callers count the results that are not n + 1. */
+u64 hv_may_fail_body;
+noinline long hv_may_fail(long n)
+{
+	__atomic_fetch_add(&hv_may_fail_body, 1, __ATOMIC_RELAXED);
+	return n + 1;
+}
+
+/* Returns nothing: an override here is refused. */
+u64 hv_note_sum;
+noinline void hv_note(long n)
+{
+	__atomic_fetch_add(&hv_note_sum, (u64)n, __ATOMIC_RELAXED);
+}
+
 noinline long hv_add(long a, long b)
 {
 	hv_count(hv_add);

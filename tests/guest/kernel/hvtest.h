@@ -39,6 +39,8 @@ int hv_open_file(int dfd, const char *path, int flags, unsigned int mode);
 long hv_fib(int n);
 long hv_recurse(int depth);
 long hv_add(long a, long b);
+long hv_may_fail(long n);	/* n + 1; hvtest.override */
+void hv_note(long n);
 long hv_many_args(long a1, long a2, long a3, long a4, long a5, long a6,
 		  long a7, long a8);
 long hv_work_item(struct hv_work *w);

@@ -93,6 +93,12 @@ static int hv_init_hold;
 static u64 hv_ftrace_n;
 static u64 hv_bench;
 static u64 hv_user;
+/* hvtest.override=N: calls of hv_may_fail per CPU, and what callers saw. */
+static u64 hv_override_n;
+static u64 hv_override_calls, hv_overridden, hv_override_mixed;
+/* The overridden value callers saw; this marks none yet. */
+#define OVERRIDE_UNSET 0x8000000000000000ULL
+static u64 hv_override_value = OVERRIDE_UNSET;
 static int hv_idt_gap_on;
 static int hv_pf_entry_cld_on;
 /* hvtest.recurse_on=N: only CPU N calls hv_recurse (-1: every CPU). */
@@ -422,6 +428,11 @@ static void parse_cmdline(const char *c, u32 *cpus_override)
 			hv_idt_gap_on = 1;
 		} else if (starts_with(w, len, HV_PF_ENTRY_CLD_PARAM, &rest) && rest == len) {
 			hv_pf_entry_cld_on = 1;
+		} else if (starts_with(w, len, HV_OVERRIDE_PARAM, &rest)) {
+			if (parse_u64(w + rest, len - rest, &v))
+				hv_override_n = v;
+			else
+				bad_option(w, len);
 		} else if (starts_with(w, len, HV_FTRACE_PARAM, &rest)) {
 			if (parse_u64(w + rest, len - rest, &v))
 				hv_ftrace_n = v;
@@ -732,10 +743,70 @@ static void worker(u32 cpu)
 		__atomic_fetch_add(&hv_expected_counts[i], exp[i], __ATOMIC_RELAXED);
 }
 
+/* hvtest.override=N: call hv_may_fail N times, count what came back. */
+static void override_calls(void)
+{
+	u64 overridden = 0;
+
+	for (u64 i = 0; i < hv_override_n; i++) {
+		long r = hv_may_fail((long)i);
+
+		hv_note((long)i);
+		if (r == (long)i + 1)
+			continue;
+		overridden++;
+		/* The first overridden value any CPU saw sets it; others must match. */
+		u64 seen = OVERRIDE_UNSET;
+
+		if (!__atomic_compare_exchange_n(&hv_override_value, &seen, (u64)r, 0,
+						 __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE) &&
+		    seen != (u64)r)
+			__atomic_fetch_add(&hv_override_mixed, 1, __ATOMIC_RELAXED);
+	}
+	__atomic_fetch_add(&hv_override_calls, hv_override_n, __ATOMIC_RELAXED);
+	__atomic_fetch_add(&hv_overridden, overridden, __ATOMIC_RELAXED);
+}
+
+extern u64 hv_may_fail_body;
+
+static void override_report(void)
+{
+	struct line l;
+	u64 body = __atomic_load_n(&hv_may_fail_body, __ATOMIC_ACQUIRE);
+	long v = hv_override_value == OVERRIDE_UNSET ? 0 : (long)hv_override_value;
+
+	l_start(&l);
+	l_str(&l, "override calls=");
+	l_dec(&l, hv_override_calls);
+	l_str(&l, " overridden=");
+	l_dec(&l, hv_overridden);
+	l_str(&l, " body=");
+	l_dec(&l, body);
+	l_str(&l, " value=");
+	if (v < 0) {
+		l_str(&l, "-");
+		l_dec(&l, (u64)-v);
+	} else {
+		l_dec(&l, (u64)v);
+	}
+	l_emit(&l);
+	if (body != hv_override_calls - hv_overridden || hv_override_mixed) {
+		l_start(&l);
+		l_str(&l, "FAIL override body=");
+		l_dec(&l, body);
+		l_str(&l, " mixed=");
+		l_dec(&l, hv_override_mixed);
+		l_emit(&l);
+		hv_exit(HV_EXIT_OVERRIDE_MISMATCH);
+	}
+}
+
 /* A CPU's whole job: the kernel-mode loop, then (hvtest.user=N) user mode. */
 static void cpu_work(u32 cpu)
 {
 	worker(cpu);
+	if (hv_override_n)
+		override_calls();
 	if (hv_user)
 		hv_user_run(cpu, hv_user, 0);
 	__atomic_fetch_add(&hv_workers_done, 1, __ATOMIC_RELEASE);
@@ -992,6 +1063,8 @@ void hv_start_kernel(void)
 		cpu_relax();
 	check_counters();
 	check_init_poison();
+	if (hv_override_n)
+		override_report();
 	if (hv_user)
 		hv_user_report(hv_ncpus);
 

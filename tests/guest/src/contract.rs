@@ -92,6 +92,22 @@ pub const SYSTEM_STATE_SYMBOL: &str = "system_state";
 pub const INIT_HOLD_PARAM: &str = "hvtest.init_hold";
 pub const INIT_RELEASE_SYMBOL: &str = "hv_init_release";
 
+/// `hvtest.override=N`: after its worker loop (which runs and is checked as
+/// always) every CPU calls [`OVERRIDE_FUNCTION`]`(i)` for `i` in `0..N`
+/// (`long hv_may_fail(long n)` returns `n + 1` and counts its own runs in
+/// [`OVERRIDE_BODY_SYMBOL`]) and [`VOID_FUNCTION`]`(i)` (`void hv_note(long)`,
+/// nothing to override). A result that is not `i + 1` counts as overridden;
+/// the boot CPU then prints `override calls=C overridden=K body=B value=V`
+/// (`V`: the overridden value, signed decimal) and fails with
+/// [`EXIT_OVERRIDE_MISMATCH`] unless `body = calls - overridden` and every
+/// overridden call returned the same value.
+pub const OVERRIDE_PARAM: &str = "hvtest.override=";
+pub const OVERRIDE_FUNCTION: &str = "hv_may_fail";
+pub const OVERRIDE_BODY_SYMBOL: &str = "hv_may_fail_body";
+pub const VOID_FUNCTION: &str = "hv_note";
+/// `hvtest.override`: the body count or the overridden values disagree.
+pub const EXIT_OVERRIDE_MISMATCH: u32 = 12;
+
 /// Bit `i` of the `clobbered=` mask names `CLOBBER_BITS[i]`.
 pub const CLOBBER_BITS: &[&str] = &["rbx", "r12", "r13", "r14", "r15", "rsp/rbp", "DF"];
 /// Functions the workers call through `hv_call_checked`, which fills the
