@@ -2,33 +2,12 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use guest_access::VmControl;
-use introspect::{Engine, EventKind, Handling, ProbeError, ProbeRequest};
-use vmm::{RunOutcome, Vm};
-
-struct Setup {
-    vm: Option<Vm>,
-    control: Arc<vmm::Machine>,
-    engine: Arc<Engine>,
-    serial: Arc<std::sync::Mutex<Vec<u8>>>,
-}
-
-fn setup(vcpus: u8, cmdline: &str) -> Setup {
-    let (config, serial) = test_guest_config(vcpus, cmdline);
-    let vm = Vm::create(&config).expect("create VM");
-    let control = vm.control();
-    let engine = test_engine(control.clone(), vcpus as usize);
-    Setup {
-        vm: Some(vm),
-        control,
-        engine,
-        serial,
-    }
-}
+use introspect::{EventKind, Handling, ProbeError, ProbeRequest};
+use vmm::RunOutcome;
 
 impl Setup {
     fn run_to_end(&mut self) -> RunOutcome {

@@ -11,28 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use guest_access::VmControl;
-use introspect::{Engine, EventKind, ProbeError, ProbeRequest};
-use vmm::{RunOutcome, Vm};
-
-struct Setup {
-    vm: Option<Vm>,
-    control: Arc<vmm::Machine>,
-    engine: Arc<Engine>,
-    serial: Arc<std::sync::Mutex<Vec<u8>>>,
-}
-
-fn setup(vcpus: u8, cmdline: &str) -> Setup {
-    let (config, serial) = test_guest_config(vcpus, cmdline);
-    let vm = Vm::create(&config).expect("create VM");
-    let control = vm.control();
-    let engine = test_engine(control.clone(), vcpus as usize);
-    Setup {
-        vm: Some(vm),
-        control,
-        engine,
-        serial,
-    }
-}
+use introspect::{EventKind, ProbeError, ProbeRequest};
+use vmm::RunOutcome;
 
 impl Setup {
     /// Run the guest to its end, calling `watch` every few milliseconds

@@ -4,52 +4,13 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use guest_access::VmControl;
-use introspect::Engine;
-use service::{HvProbeService, ServiceConfig, Symbols};
 use vmm::{RunOutcome, Vm};
 
-struct Probed {
-    vm: Option<Vm>,
-    control: Arc<vmm::Machine>,
-    engine: Arc<Engine>,
-    svc: HvProbeService,
-    guest: Arc<service::Guest>,
-    serial: Arc<std::sync::Mutex<Vec<u8>>>,
-}
-
 impl Probed {
-    fn new(vm: Vm, serial: Arc<std::sync::Mutex<Vec<u8>>>) -> Probed {
-        let symbols = Arc::new(Symbols::from_vmlinux(test_guest::kernel_path()).unwrap());
-        let a = hvprobe::attach(&vm, symbols, ServiceConfig::default()).unwrap();
-        Probed {
-            control: vm.control(),
-            vm: Some(vm),
-            engine: a.engine,
-            svc: a.service,
-            guest: a.guest,
-            serial,
-        }
-    }
-
-    fn start(&mut self) -> vmm::RunningVm {
-        let r = self.vm.take().unwrap().start(self.engine.clone()).unwrap();
-        self.guest.set_state(proto::v1::GuestState::Running);
-        r
-    }
-
-    fn probe(&self, name: &str) -> introspect::ProbeInfo {
-        self.engine
-            .list()
-            .into_iter()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no probe {name}"))
-    }
-
     /// Run to a clean end; hits equal the guest's own counters.
     fn finish(&self, running: vmm::RunningVm, what: &str) {
         let o = running.wait_timeout(Duration::from_secs(240));

@@ -21,9 +21,7 @@ use crate::module_watch::ModuleAddress;
 use crate::paging::{Access, GuestVirt};
 use crate::stats::{Counters, EngineStats};
 use crate::symbols::KernelSymbols;
-use crate::table::{
-    Handling, NewSite, Prepare, Probe, ProbeRequest, ProbeType, Site, SiteText, Table,
-};
+use crate::table::{Handling, NewSite, Probe, ProbeRequest, ProbeType, Site, SiteText, Table};
 use crate::task;
 use crate::text::{self, World};
 use crate::xol::Scratch;
@@ -343,14 +341,7 @@ impl Engine {
         sregs: Option<&SystemRegs>,
         table: &Table,
     ) -> Result<Vec<(Probe, NewSite)>, BatchError> {
-        let check = Prepare {
-            guest: &self.guest,
-            table,
-            sregs,
-            default_maxactive: self.config.default_maxactive,
-            trap_addr: self.kret.trap_addr(),
-            planted_trap: self.kret.planted_trap(),
-        };
+        let check = self.prepare_check(table, sregs);
         let mut staged: Vec<(Probe, NewSite)> = Vec::new();
         let mut names = HashSet::new();
         for (index, req) in reqs.iter().enumerate() {

@@ -7,7 +7,7 @@
 //! Everything reads through a [`crate::task::Read`] callback, so tests run
 //! it on a fake RAM.
 
-use crate::task::Read;
+use crate::task::{u32_at, u64_at, Read};
 
 /// Where the kernel keeps its modules: the list head and the members of
 /// `struct module` and `struct mod_kallsyms` hvprobe reads (Linux 6.1's
@@ -103,18 +103,6 @@ pub enum ModuleListError {
     Unreadable(u64),
     #[error("the module list does not end after {MAX_MODULES} entries (corrupt or looping)")]
     TooLong,
-}
-
-fn u64_at(read: &Read<'_>, addr: u64) -> Option<u64> {
-    let mut b = [0u8; 8];
-    read(addr, &mut b)?;
-    Some(u64::from_le_bytes(b))
-}
-
-fn u32_at(read: &Read<'_>, addr: u64) -> Option<u32> {
-    let mut b = [0u8; 4];
-    read(addr, &mut b)?;
-    Some(u32::from_le_bytes(b))
 }
 
 /// The `struct module` at `address`; None when it does not read.

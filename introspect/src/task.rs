@@ -117,13 +117,13 @@ pub struct TaskInfo {
 /// Reads guest kernel memory: `None` when the address does not read.
 pub type Read<'a> = dyn Fn(u64, &mut [u8]) -> Option<()> + 'a;
 
-fn u64_at(read: &Read<'_>, addr: u64) -> Option<u64> {
+pub(crate) fn u64_at(read: &Read<'_>, addr: u64) -> Option<u64> {
     let mut b = [0u8; 8];
     read(addr, &mut b)?;
     Some(u64::from_le_bytes(b))
 }
 
-fn u32_at(read: &Read<'_>, addr: u64) -> Option<u32> {
+pub(crate) fn u32_at(read: &Read<'_>, addr: u64) -> Option<u32> {
     let mut b = [0u8; 4];
     read(addr, &mut b)?;
     Some(u32::from_le_bytes(b))

@@ -231,3 +231,63 @@ pub fn assert_one_line_error(stderr: &str, needle: &str) {
         "expected {needle:?} in: {stderr}"
     );
 }
+
+/// A test-guest VM with the probe engine over it, not started yet.
+pub struct Setup {
+    pub vm: Option<vmm::Vm>,
+    pub control: Arc<vmm::Machine>,
+    pub engine: Arc<introspect::Engine>,
+    pub serial: Arc<Mutex<Vec<u8>>>,
+}
+
+pub fn setup(vcpus: u8, cmdline: &str) -> Setup {
+    let (config, serial) = test_guest_config(vcpus, cmdline);
+    let vm = vmm::Vm::create(&config).expect("create VM");
+    let control = vm.control();
+    let engine = test_engine(control.clone(), vcpus as usize);
+    Setup {
+        vm: Some(vm),
+        control,
+        engine,
+        serial,
+    }
+}
+
+/// A VM with the probe engine and the API service over it.
+pub struct Probed {
+    pub vm: Option<vmm::Vm>,
+    pub control: Arc<vmm::Machine>,
+    pub engine: Arc<introspect::Engine>,
+    pub svc: service::HvProbeService,
+    pub guest: Arc<service::Guest>,
+    pub serial: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Probed {
+    pub fn new(vm: vmm::Vm, serial: Arc<Mutex<Vec<u8>>>) -> Probed {
+        let symbols = Arc::new(service::Symbols::from_vmlinux(test_guest::kernel_path()).unwrap());
+        let a = hvprobe::attach(&vm, symbols, service::ServiceConfig::default()).unwrap();
+        Probed {
+            control: vm.control(),
+            vm: Some(vm),
+            engine: a.engine,
+            svc: a.service,
+            guest: a.guest,
+            serial,
+        }
+    }
+
+    pub fn start(&mut self) -> vmm::RunningVm {
+        let r = self.vm.take().unwrap().start(self.engine.clone()).unwrap();
+        self.guest.set_state(proto::v1::GuestState::Running);
+        r
+    }
+
+    pub fn probe(&self, name: &str) -> introspect::ProbeInfo {
+        self.engine
+            .list()
+            .into_iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no probe {name}"))
+    }
+}
