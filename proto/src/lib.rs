@@ -45,8 +45,10 @@ pub mod otlp {
     }
 }
 
+mod action;
 mod convert;
 pub mod packed;
+pub use action::{format_action, parse_action};
 pub use convert::{
     definition_error, definition_error_from_status, excerpt_fields, invalid_definition,
     spec_to_line, DEFINITION_ERROR_TYPE_URL,

@@ -31,6 +31,7 @@ fn key_of(d: &v1::ProbeDefinition) -> Result<ProbeKey, String> {
     Ok(ProbeKey {
         line,
         filter: probe_spec::trim_line(&d.filter).to_string(),
+        action: d.action.as_ref().map(proto::format_action),
     })
 }
 
@@ -150,11 +151,15 @@ impl Inner {
                 }
                 pkeys.push(key);
             }
-            // A probe whose filter alone changed keeps its engine probe.
-            for a in adds.iter_mut().filter(|a| a.policy == pi) {
+            // A probe whose filter alone changed keeps its engine probe;
+            // not one with an action, whose gate (the filter) the engine holds.
+            for a in adds
+                .iter_mut()
+                .filter(|a| a.policy == pi && a.key.action.is_none())
+            {
                 let same_line = old
                     .iter_mut()
-                    .find(|(k, ids)| k.line == a.key.line && !ids.is_empty())
+                    .find(|(k, ids)| k.line == a.key.line && k.action.is_none() && !ids.is_empty())
                     .and_then(|(_, ids)| ids.pop());
                 if let Some(id) = same_line {
                     if live.get(&id).is_some_and(|(_, on)| *on != d.enabled) {

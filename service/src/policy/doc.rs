@@ -11,10 +11,12 @@
 //!     filter: 'path ~ "/etc/*"'          # tracefs syntax, ANDed with each probe's own
 //!     tags: {team: secops, severity: high}
 //!     rate_limit: {events: 100, per: 1s, scope: process}   # task | process | global
+//!     action: 'override:-13'             # optional, each probe's (needs --allow-actions)
 //!     probes:
 //!       - 'p:pol/open hv_open_file path=+0(%si):string'
 //!       - kprobe_events: 'r:pol/open_ret hv_open_file ret=$retval:s64'
 //!         filter: 'ret != 0'
+//!         action: none                   # a probe's own action replaces the policy's
 //!       - spec: {group: pol, event: fib, symbol: {symbol: hv_fib}, args: [{name: n, expression: $arg1, type: s32}]}
 //! ```
 
@@ -146,6 +148,9 @@ struct PolicyDoc {
     tags: BTreeMap<String, String>,
     #[serde(default)]
     rate_limit: Option<Spanned<RateLimitDoc>>,
+    /// Every probe's action, unless the probe names its own.
+    #[serde(default)]
+    action: Option<String>,
     probes: Vec<Spanned<ProbeDoc>>,
 }
 
@@ -170,6 +175,9 @@ struct ProbeMapDoc {
     spec: Option<v1::ProbeSpec>,
     #[serde(default)]
     filter: String,
+    /// This probe's action (`none`: not the policy's either).
+    #[serde(default)]
+    action: Option<String>,
 }
 
 impl<'de> Deserialize<'de> for ProbeDoc {
@@ -192,6 +200,26 @@ impl<'de> Deserialize<'de> for ProbeDoc {
         }
         d.deserialize_any(V)
     }
+}
+
+/// An `action:` of a policy or probe: the `--action` spelling
+/// ([`proto::parse_action`]), `none` (no action; a probe's way out of its
+/// policy's), and a snapshot directory that is absolute (a file that is
+/// reloaded has no working directory of its own to be relative to).
+fn parse_policy_action(text: &str) -> Result<Option<v1::ProbeAction>, String> {
+    if text.trim() == "none" {
+        return Ok(None);
+    }
+    let a = proto::parse_action(text.trim()).map_err(|m| format!("action: {m}"))?;
+    if let Some(v1::probe_action::Action::Snapshot(s)) = &a.action {
+        if !std::path::Path::new(&s.dir).is_absolute() {
+            return Err(format!(
+                "action: snapshot:{}: the directory must be an absolute path",
+                s.dir
+            ));
+        }
+    }
+    Ok(Some(a))
 }
 
 /// `500ms`, `1s`, `10s`, `1m`, `1h` as nanoseconds.
@@ -339,6 +367,10 @@ pub fn parse(source: &str, text: &str) -> Result<Vec<PolicyDef>, DocError> {
                 })
             }
         };
+        let policy_action = match &p.action {
+            Some(t) => parse_policy_action(t).map_err(at)?,
+            None => None,
+        };
         let mut probes = Vec::with_capacity(p.probes.len());
         for (i, sp) in p.probes.into_iter().enumerate() {
             let ppos = Pos::of(&sp.referenced).or(pos);
@@ -356,12 +388,17 @@ pub fn parse(source: &str, text: &str) -> Result<Vec<PolicyDef>, DocError> {
                     ))
                 }
             };
+            let action = match &m.action {
+                Some(t) => parse_policy_action(t)
+                    .map_err(|e| err(ppos, format!("policy {:?} probes[{i}]: {e}", p.name)))?,
+                None => policy_action.clone(),
+            };
             probes.push(ProbeEntry {
                 definition: v1::ProbeDefinition {
                     definition: Some(definition),
                     create_disabled: !p.enabled,
                     filter: combine_filters(&p.filter, &m.filter),
-                    action: None,
+                    action,
                 },
                 pos: ppos,
             });
@@ -629,6 +666,57 @@ policies:
         }
         // Both kinds of answer occurred (the mutations are not all fatal).
         assert!(answers[0] > 100 && answers[1] > 100, "{answers:?}");
+    }
+
+    #[test]
+    fn actions_per_policy_and_per_probe() {
+        use v1::probe_action::Action;
+        let defs = parse(
+            "t.yaml",
+            "
+policies:
+  - name: a
+    action: 'override:-13'
+    probes:
+      - 'p:a/x f'
+      - {kprobe_events: 'p:a/y g', action: freeze}
+      - {kprobe_events: 'p:a/z h', action: none}
+      - {kprobe_events: 'p:a/w k', action: 'snapshot:/var/tmp'}
+  - name: b
+    probes: ['p:b/x f']
+",
+        )
+        .unwrap();
+        let acts: Vec<Option<Action>> = defs[0]
+            .probes
+            .iter()
+            .map(|p| p.definition.action.clone().and_then(|a| a.action))
+            .collect();
+        assert_eq!(
+            acts,
+            vec![
+                Some(Action::OverrideReturn(-13)),
+                Some(Action::Freeze(v1::FreezeAction {})),
+                None,
+                Some(Action::Snapshot(v1::SnapshotAction {
+                    dir: "/var/tmp".into()
+                })),
+            ]
+        );
+        assert_eq!(defs[1].probes[0].definition.action, None);
+        let e = error("policies:\n  - name: a\n    action: kill\n    probes: ['p:a/x f']\n");
+        assert_eq!(e.pos.map(|p| p.line), Some(2), "{e}");
+        assert!(e.message.contains("action: unknown action 'kill'"), "{e}");
+        let e = error("policies:\n  - name: a\n    probes:\n      - {kprobe_events: 'p:a/x f', action: 'snapshot:rel'}\n");
+        assert_eq!(e.pos.map(|p| p.line), Some(4), "{e}");
+        assert!(
+            e.message.contains(
+                "probes[0]: action: snapshot:rel: the directory must be an absolute path"
+            ),
+            "{e}"
+        );
+        let e = error("policies:\n  - name: a\n    probes:\n      - {kprobe_events: 'p:a/x f', action: 'override:x'}\n");
+        assert!(e.message.contains("override value 'x'"), "{e}");
     }
 
     #[test]

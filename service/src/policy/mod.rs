@@ -38,6 +38,9 @@ mod tests;
 pub(crate) struct ProbeKey {
     pub line: String,
     pub filter: String,
+    /// The action as spelled (a changed action makes another probe: the
+    /// engine holds the action, the filter alone can be swapped).
+    pub action: Option<String>,
 }
 
 /// What a load may change without touching probes.

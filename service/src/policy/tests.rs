@@ -24,6 +24,10 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_with(ServiceConfig::default())
+}
+
+fn rig_with(config: ServiceConfig) -> Rig {
     let file = object::File::parse(test_guest::kernel_image()).unwrap();
     // Kernel text at its link address is physical address + KERNEL_TEXT_MAP
     // (the boot code is linked at its physical address).
@@ -46,12 +50,7 @@ fn rig() -> Rig {
     let engine = Engine::new(vm.clone(), symbols.clone(), EngineConfig::for_vcpus(1));
     let guest = Guest::new(vm.clone());
     guest.set_state(v1::GuestState::Running);
-    let svc = HvProbeService::new(
-        engine.clone(),
-        symbols.clone(),
-        guest,
-        ServiceConfig::default(),
-    );
+    let svc = HvProbeService::new(engine.clone(), symbols.clone(), guest, config);
     Rig {
         svc,
         engine,
@@ -488,4 +487,115 @@ fn the_kubernetes_config_map_holds_the_deploy_example() {
     assert!(mounts
         .iter()
         .any(|m| m["mountPath"] == "/etc/hvprobe/policy"));
+}
+
+/// An `override` hit of `hv_may_fail` called with `n`, on a fake vCPU whose
+/// stack holds `ret`: (RAX, RIP) after the hit.
+fn override_hit(r: &Rig, n: u64) -> (u64, u64) {
+    const RET: u64 = 0x1234_5678;
+    const STACK: u64 = 0x8000;
+    let entry = r.symbols.lookup(test_guest::OVERRIDE_FUNCTION).unwrap();
+    let site = r
+        .engine
+        .list()
+        .iter()
+        .find(|p| p.address == entry)
+        .map(|p| p.site)
+        .expect("a probe at hv_may_fail");
+    r.vm.mem().write_phys(STACK, &RET.to_le_bytes()).unwrap();
+    let mut vcpu = FakeVcpu::new(
+        0,
+        Regs {
+            rip: site,
+            rdi: n,
+            rax: 0xdead,
+            rsp: STACK,
+            rflags: 0x2,
+            ..Default::default()
+        },
+    );
+    assert_eq!(vcpu.hit(&*r.engine, &*r.vm), BreakpointAction::Resume);
+    (vcpu.regs.rax, vcpu.regs.rip)
+}
+
+fn action_of(r: &Rig, policy: &str) -> Option<String> {
+    r.policies()[policy].probes[0]
+        .action
+        .as_ref()
+        .map(proto::format_action)
+}
+
+#[test]
+fn policy_actions_need_allow_actions_and_are_part_of_a_probe_identity() {
+    const OVERRIDE: &str = "
+policies:
+  - name: deny
+    action: 'override:-13'
+    probes:
+      - kprobe_events: 'p:deny/mf hv_may_fail n=%di:s64'
+        filter: 'n < 50'
+";
+    // Without --allow-actions the load is refused, and says where.
+    let plain = rig();
+    let e = plain.load(OVERRIDE).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message()
+            .starts_with("t.yaml:6:9: policy 'deny' probes[0]")
+            && e.message().contains("--allow-actions"),
+        "{}",
+        e.message()
+    );
+    assert!(plain.policies().is_empty());
+
+    let r = rig_with(ServiceConfig {
+        allow_actions: true,
+        ..ServiceConfig::default()
+    });
+    r.load(OVERRIDE).unwrap();
+    assert_eq!(action_of(&r, "deny").as_deref(), Some("override:-13"));
+    let id = r.policies()["deny"].probes[0].id;
+    // The filter gates the action: n = 7 returns at once with -13, n = 70
+    // runs the function (RIP past the int3, RAX untouched).
+    assert_eq!(override_hit(&r, 7), ((-13i64) as u64, 0x1234_5678));
+    let (rax, rip) = override_hit(&r, 70);
+    assert_eq!(rax, 0xdead);
+    assert_ne!(rip, 0x1234_5678);
+    assert_eq!(r.policies()["deny"].probes[0].actions, 1);
+
+    // The same load again keeps the probe.
+    let rep = r.load(OVERRIDE).unwrap();
+    assert_eq!((rep.added, rep.removed, rep.kept), (0, 0, 1));
+    assert_eq!(r.policies()["deny"].probes[0].id, id);
+
+    // Another value is another probe (the engine holds the action).
+    let rep = r.load(&OVERRIDE.replace("-13", "-9")).unwrap();
+    assert_eq!((rep.added, rep.removed, rep.refiltered), (1, 1, 0));
+    assert_ne!(r.policies()["deny"].probes[0].id, id);
+    assert_eq!(override_hit(&r, 7), ((-9i64) as u64, 0x1234_5678));
+
+    // A new filter on a probe with an action replaces it too: its gate
+    // changes with it.
+    let rep = r.load(&OVERRIDE.replace("n < 50", "n < 5")).unwrap();
+    assert_eq!((rep.added, rep.removed, rep.refiltered), (1, 1, 0));
+    assert_eq!(override_hit(&r, 7).0, 0xdead, "n = 7 no longer passes");
+    assert_eq!(override_hit(&r, 3).0, (-13i64) as u64);
+
+    // A probe's own `action: none` leaves the policy's: a plain probe.
+    r.load(&OVERRIDE.replace(
+        "        filter: 'n < 50'",
+        "        filter: 'n < 50'\n        action: none",
+    ))
+    .unwrap();
+    assert_eq!(action_of(&r, "deny"), None);
+    assert_eq!(override_hit(&r, 7).0, 0xdead);
+
+    // A refused action (override inside the function) changes nothing.
+    let before = r.policies()["deny"].probes[0].id;
+    let e = r
+        .load("policies:\n  - name: deny\n    action: 'override:1'\n    probes: ['p:deny/mf hv_may_fail+1']\n")
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert_eq!(r.policies()["deny"].probes[0].id, before);
+    assert_eq!(action_of(&r, "deny"), None);
 }
