@@ -78,9 +78,10 @@ fn classify(e: &ProbeError) -> (Code, &'static str) {
         ProbeError::ModuleSymbolNotFound { .. } => (Code::NotFound, "BAD_PROBE_ADDR"),
         ProbeError::ModuleOffsetOutside { .. } => (Code::InvalidArgument, "BAD_PROBE_ADDR"),
         ProbeError::ActionRefused { .. } => (Code::FailedPrecondition, "BAD_ACTION"),
-        ProbeError::Guest(_) | ProbeError::ReturnTrapInUse { .. } | ProbeError::Snapshot(_) => {
-            (Code::Unavailable, "GUEST")
-        }
+        // Live kretprobes hold the trap: the request can succeed once they
+        // are gone, the guest itself is fine.
+        ProbeError::ReturnTrapInUse { .. } => (Code::FailedPrecondition, "RETURN_TRAP_IN_USE"),
+        ProbeError::Guest(_) | ProbeError::Snapshot(_) => (Code::Unavailable, "GUEST"),
     }
 }
 
@@ -166,6 +167,21 @@ mod tests {
         assert_eq!(
             engine_op_error(&ProbeError::NotFound(4)).code(),
             Code::NotFound
+        );
+    }
+
+    #[test]
+    fn a_busy_return_trap_is_a_precondition_not_a_guest_failure() {
+        let st = engine_error(
+            &ProbeError::ReturnTrapInUse { addr: 0x1000 },
+            "r:a/b f",
+            None,
+        );
+        assert_eq!(st.code(), Code::FailedPrecondition);
+        assert!(
+            st.message().starts_with("RETURN_TRAP_IN_USE: "),
+            "{}",
+            st.message()
         );
     }
 
