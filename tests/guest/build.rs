@@ -216,6 +216,8 @@ fn contract_header() -> String {
         EXIT_OVERRIDE_MISMATCH.to_string(),
     );
     def("HV_INIT_HOLD_PARAM", c_string(INIT_HOLD_PARAM));
+    def("HV_WATCH_PARAM", c_string(WATCH_PARAM));
+    def("HV_EXIT_WATCH_MISMATCH", EXIT_WATCH_MISMATCH.to_string());
     def("HV_USER_PARAM", c_string(USER_PARAM));
     def("HV_IDT_GAP_PARAM", c_string(IDT_GAP_PARAM));
     def("HV_PF_ENTRY_CLD_PARAM", c_string(PF_ENTRY_CLD_PARAM));

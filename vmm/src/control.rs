@@ -195,6 +195,14 @@ impl World {
         }
     }
 
+    /// Wait (up to `timeout`) until no vCPU thread runs its loop: for a VM
+    /// whose run has ended, whose threads are on their way out.
+    pub fn wait_gone(&self, timeout: Duration) {
+        let st = self.lock();
+        let waited = self.cv.wait_timeout_while(st, timeout, |st| st.alive > 0);
+        drop(waited);
+    }
+
     /// Become the stopper and wait until every other live vCPU is parked.
     /// `me` is the caller's vCPU index, or None for an outside thread.
     pub fn stop(&self, me: Option<usize>, slots: &[VcpuSlot], stopping: &AtomicBool) {

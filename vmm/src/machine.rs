@@ -454,7 +454,7 @@ impl Machine {
     }
 
     fn change_protection(&self, page: u64, protect: bool) -> Result<(), String> {
-        if page % PAGE != 0 {
+        if !page.is_multiple_of(PAGE) {
             return Err(format!("{page:#x} is not a 4 KiB page address"));
         }
         let in_ram = self
@@ -464,6 +464,11 @@ impl Machine {
             .any(|&(gpa, size, _)| page >= gpa && page + PAGE <= gpa + size);
         if !in_ram {
             return Err(format!("guest-physical page {page:#x} is not guest RAM"));
+        }
+        if self.stopping.load(Ordering::SeqCst) {
+            // The run ended: its vCPU threads are leaving (a stop does not
+            // wait for them then).
+            self.world.wait_gone(Duration::from_secs(5));
         }
         if !self.world.is_stopped() {
             return Err(format!(

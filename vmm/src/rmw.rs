@@ -1,140 +1,14 @@
-//! The instruction behind a write exit, found after the fact, and how to
-//! undo it when its read-modify-write raced another vCPU's write.
-//!
-//! KVM reports a write to a read-only slot with RIP already past the
-//! writing instruction, so the instruction is found by decoding backwards:
-//! every start RIP-15..RIP-1 whose one instruction ends exactly at RIP and
-//! writes memory is a candidate; those whose computed address has the
-//! exit's page offset are preferred (guest-virtual and guest-physical
-//! addresses share the low 12 bits).
+//! How to undo a write exit's read-modify-write that raced another vCPU's
+//! write to the same protected page (the instruction itself is found by
+//! `insn_emu::writer`, decoding backwards from RIP).
 
 use guest_access::Regs;
-use iced_x86::{
-    Decoder, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
-    Register,
-};
+use iced_x86::{Mnemonic, OpKind};
+pub(crate) use insn_emu::writer::{is_rmw, writers, Writer, MAX_INSN};
+use insn_emu::writer::{mask, read_reg, write_reg};
 
 /// RFLAGS.ZF (bit 6; iced's `RflagsBits` numbers flags its own way).
 const RFLAGS_ZF: u64 = 1 << 6;
-
-/// Longest x86 instruction.
-pub(crate) const MAX_INSN: usize = 15;
-
-/// One instruction that may have made the write.
-#[derive(Clone, Debug)]
-pub(crate) struct Writer {
-    pub start: u64,
-    pub insn: Instruction,
-}
-
-fn writes_memory(access: OpAccess) -> bool {
-    matches!(
-        access,
-        OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
-    )
-}
-
-/// Whether the instruction reads and writes the same memory (a
-/// read-modify-write: KVM reads the slot, then the write exits).
-pub(crate) fn is_rmw(insn: &Instruction) -> bool {
-    let mut f = InstructionInfoFactory::new();
-    f.info(insn)
-        .used_memory()
-        .iter()
-        .any(|m| matches!(m.access(), OpAccess::ReadWrite | OpAccess::ReadCondWrite))
-}
-
-/// The candidates for the instruction ending at `rip` (`code` holds the
-/// bytes before `rip`, the last one at `rip - 1`), best first.
-pub(crate) fn writers(code: &[u8], rip: u64, regs: &Regs, gpa: u64) -> Vec<Writer> {
-    let mut info = InstructionInfoFactory::new();
-    let gprs = regs.gprs();
-    let mut all = Vec::new();
-    let mut matching = Vec::new();
-    for k in (1..=code.len().min(MAX_INSN)).rev() {
-        let start = rip - k as u64;
-        let bytes = &code[code.len() - k..];
-        let mut d = Decoder::with_ip(64, bytes, start, DecoderOptions::NONE);
-        let insn = d.decode();
-        if insn.is_invalid() || insn.len() != k {
-            continue;
-        }
-        let used = info.info(&insn).used_memory().to_vec();
-        let stores: Vec<_> = used.iter().filter(|m| writes_memory(m.access())).collect();
-        if stores.is_empty() {
-            continue;
-        }
-        let hits_offset = stores.iter().any(|m| {
-            m.virtual_address(0, |r, _, _| reg_value(&gprs, r))
-                .is_some_and(|va| va & 0xfff == gpa & 0xfff)
-        });
-        let w = Writer { start, insn };
-        if hits_offset {
-            matching.push(w.clone());
-        }
-        all.push(w);
-    }
-    if matching.is_empty() {
-        all
-    } else {
-        matching
-    }
-}
-
-fn gpr_index(r: Register) -> Option<usize> {
-    let full = r.full_register();
-    if full.is_gpr64() {
-        Some(full as usize - Register::RAX as usize)
-    } else {
-        None
-    }
-}
-
-fn is_high8(r: Register) -> bool {
-    matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
-}
-
-fn reg_value(gprs: &[u64; 16], r: Register) -> Option<u64> {
-    match r {
-        Register::None => Some(0),
-        Register::RIP => None,
-        _ => read_reg(gprs, r),
-    }
-}
-
-fn read_reg(gprs: &[u64; 16], r: Register) -> Option<u64> {
-    let v = gprs[gpr_index(r)?];
-    Some(match r.size() {
-        8 => v,
-        4 => v & 0xffff_ffff,
-        2 => v & 0xffff,
-        _ if is_high8(r) => (v >> 8) & 0xff,
-        _ => v & 0xff,
-    })
-}
-
-/// Write `value` into `r` as the CPU would: 32-bit zero-extends, 8/16-bit
-/// keep the rest.
-fn write_reg(gprs: &mut [u64; 16], r: Register, value: u64) -> Option<()> {
-    let i = gpr_index(r)?;
-    let old = gprs[i];
-    gprs[i] = match r.size() {
-        8 => value,
-        4 => value & 0xffff_ffff,
-        2 => (old & !0xffff) | (value & 0xffff),
-        _ if is_high8(r) => (old & !0xff00) | ((value & 0xff) << 8),
-        _ => (old & !0xff) | (value & 0xff),
-    };
-    Some(())
-}
-
-fn mask(bytes: u32) -> u64 {
-    if bytes >= 8 {
-        u64::MAX
-    } else {
-        (1u64 << (bytes * 8)) - 1
-    }
-}
 
 /// What to do with a write whose page another vCPU wrote after this vCPU
 /// entered the guest.
@@ -179,7 +53,7 @@ pub(crate) fn on_conflict(w: &Writer, regs: &Regs, data: u64) -> Conflict {
             let Some(reg) = reg else {
                 return Conflict::Unknown(format!("{insn}: no register operand"));
             };
-            let size = reg.size() as u32;
+            let size = u32::try_from(reg.size()).unwrap_or(8);
             let now = read_reg(&gprs, reg).unwrap_or(0);
             // xchg: the register held what was written. xadd: it held
             // written - read, and now holds what was read.
@@ -207,9 +81,10 @@ mod tests {
 
     /// `code` placed to end at RIP, after filler that decodes as nothing useful.
     fn find(code: &[u8], regs: &Regs, gpa: u64) -> Vec<Writer> {
+        let len = 8;
         let mut bytes = vec![0xcc; MAX_INSN - code.len().min(MAX_INSN)];
         bytes.extend_from_slice(code);
-        writers(&bytes, RIP, regs, gpa)
+        writers(&bytes, RIP, &regs.gprs(), gpa, len)
     }
 
     #[test]

@@ -108,6 +108,28 @@ pub const VOID_FUNCTION: &str = "hv_note";
 /// `hvtest.override`: the body count or the overridden values disagree.
 pub const EXIT_OVERRIDE_MISMATCH: u32 = 12;
 
+/// `hvtest.watch=N`: instead of the workers, the boot CPU prints
+/// `watch ready` and spins until the host writes a non-zero `u64` to
+/// [`WATCH_GO_SYMBOL`]; then every CPU runs N rounds on the page-aligned
+/// [`WATCH_PAGE_SYMBOL`] (4 KiB): CPU 0 calls [`WATCH_SETTER`]`(3i+1)`,
+/// which stores its argument to the page's first `u64` (the watched
+/// variable, [`WATCH_VALUE_OFFSET`]) and nothing else, and counts the call
+/// in [`WATCH_WRITES_SYMBOL`] (another page); every CPU takes the page's
+/// `lock cmpxchg` spinlock and increments a plain counter under it, does a
+/// `lock xadd` on a counter (summing what it got back), an `xchg` of a
+/// unique token, and a plain store to its own slot. The boot CPU then
+/// checks the totals exactly and prints
+/// `watch writes=W locked=L xadd=X` or fails with [`EXIT_WATCH_MISMATCH`]
+/// (`FAIL watch ...`).
+pub const WATCH_PARAM: &str = "hvtest.watch=";
+pub const WATCH_PAGE_SYMBOL: &str = "hv_watch_page";
+pub const WATCH_VALUE_OFFSET: u64 = 0;
+pub const WATCH_SETTER: &str = "hv_watch_set";
+pub const WATCH_WRITES_SYMBOL: &str = "hv_watch_writes";
+pub const WATCH_GO_SYMBOL: &str = "hv_watch_go";
+/// `hvtest.watch`: a total on the watched page is off (a lost update).
+pub const EXIT_WATCH_MISMATCH: u32 = 13;
+
 /// Bit `i` of the `clobbered=` mask names `CLOBBER_BITS[i]`.
 pub const CLOBBER_BITS: &[&str] = &["rbx", "r12", "r13", "r14", "r15", "rsp/rbp", "DF"];
 /// Functions the workers call through `hv_call_checked`, which fills the

@@ -38,7 +38,7 @@ impl VcpuRunner {
         new[..len].copy_from_slice(&data[..len]);
         let stats = &shared.stats[self.index];
         if last_write > self.watch_entry {
-            match self.conflict(gpa, u64::from_le_bytes(new)) {
+            match self.conflict(gpa, len, u64::from_le_bytes(new)) {
                 Conflict::Complete => {}
                 Conflict::DropWrite => {
                     stats.watch_dropped.fetch_add(1, Ordering::Relaxed);
@@ -86,13 +86,13 @@ impl VcpuRunner {
 
     /// The page was written since this vCPU entered the guest: find the
     /// writing instruction and say whether its write may complete.
-    fn conflict(&mut self, gpa: u64, data: u64) -> Conflict {
+    fn conflict(&mut self, gpa: u64, len: usize, data: u64) -> Conflict {
         let regs = match Vcpu::regs(self) {
             Ok(r) => r,
             Err(e) => return Conflict::Unknown(e.to_string()),
         };
         let code = self.code_before(regs.rip);
-        let writers = rmw::writers(&code, regs.rip, &regs, gpa);
+        let writers = rmw::writers(&code, regs.rip, &regs.gprs(), gpa, len);
         if writers.len() > 1 && writers.iter().any(|w| rmw::is_rmw(&w.insn)) {
             tracing::debug!(
                 "vCPU {}: {} candidate writers before {:#x}; taking the longest",
