@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use grpc_harness::common::{hvprobe_cli, phys, symbol};
 use grpc_harness::*;
-use guest_access::{GuestMemory, VmControl};
+use guest_access::VmControl;
 use proto::v1;
 use test_guest::{WATCH_GO_SYMBOL, WATCH_PARAM, WATCH_SETTER};
 use tonic::Code;

@@ -190,6 +190,19 @@ fn contract_header() -> String {
     def("HV_BENCH_PHASE_LOOP", format!("{BENCH_PHASE_LOOP}"));
     def("HV_BENCH_PHASE_CALLS", format!("{BENCH_PHASE_CALLS}"));
     def("HV_BENCH_PHASE_END", format!("{BENCH_PHASE_END}"));
+    def(
+        "HV_BENCH_PHASE_WATCH_WAIT",
+        BENCH_PHASE_WATCH_WAIT.to_string(),
+    );
+    def("HV_BENCH_PHASE_WATCHED", BENCH_PHASE_WATCHED.to_string());
+    def(
+        "HV_BENCH_PHASE_PAGE_WRITES",
+        BENCH_PHASE_PAGE_WRITES.to_string(),
+    );
+    def(
+        "HV_BENCH_PHASE_WATCH_END",
+        BENCH_PHASE_WATCH_END.to_string(),
+    );
     def("HV_EXIT_OK", EXIT_OK.to_string());
     def("HV_EXIT_RETVAL_MISMATCH", EXIT_RETVAL_MISMATCH.to_string());
     def("HV_EXIT_EXCEPTION", EXIT_EXCEPTION.to_string());

@@ -818,6 +818,8 @@ static void cpu_work(u32 cpu)
 	__atomic_fetch_add(&hv_workers_done, 1, __ATOMIC_RELEASE);
 }
 
+static void bench_watch(u64 n);
+
 /*
  * hvtest.bench=N: timed phases on the boot CPU, each announced on the marker
  * port: N bare exits, N empty loop iterations (loop overhead), N calls.
@@ -838,6 +840,8 @@ static void bench(u64 n)
 			hv_fail(0, HV_FN_hv_add, (u64)r, (u64)i + 1);
 	}
 	outl(HV_BENCH_MARKER_PORT, HV_BENCH_PHASE_END);
+	if (hv_watch_n)
+		bench_watch(n);
 	if (hv_user)
 		hv_user_run(0, n, 1);
 }
@@ -903,6 +907,21 @@ static void watch_rounds(u32 cpu)
 	hv_watch_xadd_sum[cpu] = sum;
 	hv_watch_xchg_got[cpu] = got;
 	__atomic_fetch_add(&hv_watch_done, 1, __ATOMIC_RELEASE);
+}
+
+/* hvtest.bench=N with hvtest.watch=: the cost of watched-page writes. */
+static void bench_watch(u64 n)
+{
+	outl(HV_BENCH_MARKER_PORT, HV_BENCH_PHASE_WATCH_WAIT);
+	while (!hv_watch_go)
+		cpu_relax();
+	outl(HV_BENCH_MARKER_PORT, HV_BENCH_PHASE_WATCHED);
+	for (u64 i = 0; i < n; i++)
+		hv_watch_set(i);
+	outl(HV_BENCH_MARKER_PORT, HV_BENCH_PHASE_PAGE_WRITES);
+	for (u64 i = 0; i < n; i++)
+		__atomic_store_n(&hv_watch_page.spare, i, __ATOMIC_RELAXED);
+	outl(HV_BENCH_MARKER_PORT, HV_BENCH_PHASE_WATCH_END);
 }
 
 static void watch_fail(const char *what, u64 got, u64 want)

@@ -25,6 +25,15 @@ pub const BENCH_PHASE_END: u32 = 4;
 /// kernel writes these two phase numbers around them (from [`SYS_BENCH_MARK`]).
 pub const BENCH_PHASE_SYSCALLS: u32 = 5;
 pub const BENCH_PHASE_SYSCALLS_END: u32 = 6;
+/// With `hvtest.watch=` set too, after [`BENCH_PHASE_END`] the boot CPU
+/// announces [`BENCH_PHASE_WATCH_WAIT`] and waits for [`WATCH_GO_SYMBOL`]
+/// (the host adds its watch meanwhile), then N calls of [`WATCH_SETTER`]
+/// ([`BENCH_PHASE_WATCHED`]), N plain stores to an unwatched `u64` of the
+/// same page ([`BENCH_PHASE_PAGE_WRITES`]), then [`BENCH_PHASE_WATCH_END`].
+pub const BENCH_PHASE_WATCH_WAIT: u32 = 7;
+pub const BENCH_PHASE_WATCHED: u32 = 8;
+pub const BENCH_PHASE_PAGE_WRITES: u32 = 9;
+pub const BENCH_PHASE_WATCH_END: u32 = 10;
 /// The function the benchmark calls N times: `hv_add(i, 1)`.
 pub const BENCH_FUNCTION: &str = "hv_add";
 
