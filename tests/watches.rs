@@ -274,3 +274,47 @@ fn bad_watches_are_refused_saying_what_and_where_and_overlaps_both_report() {
     e.unwatch(b).unwrap();
     assert!(s.control.protected_pages().is_empty());
 }
+
+/// Many watches on many pages (KVM slots cut around each), added while the
+/// guest's vCPUs run and removed after: the guest's totals and the watched
+/// variable's exact hit count hold, and every page is given back.
+#[test]
+fn two_hundred_watches_on_as_many_pages_come_and_go() {
+    if !kvm_available() {
+        return;
+    }
+    const N: u64 = 100;
+    const MANY: u64 = 200;
+    let mut s = setup(2, &format!("{WATCH_PARAM}{N}"));
+    let running = start_ready(&mut s);
+    // Unused RAM at 64 MiB+, mapped by the guest's kernel-text mapping.
+    let base = KERNEL_MAP_BASE + (64 << 20);
+    let mut ids = Vec::new();
+    for i in 0..MANY {
+        ids.push(
+            s.engine
+                .watch(write_watch(&format!("spare{i}"), base + i * 0x1000 + 8, 8))
+                .unwrap(),
+        );
+    }
+    let var = s
+        .engine
+        .watch(write_watch("watched", symbol(WATCH_PAGE_SYMBOL), 8))
+        .unwrap();
+    assert_eq!(s.control.protected_pages().len() as u64, MANY + 1);
+    go(&s);
+    // Half of them go while the guest runs.
+    for id in ids.drain(..(MANY as usize / 2)) {
+        s.engine.unwatch(id).unwrap();
+    }
+    finish(&s, &running);
+    let (hits, _) = s.engine.take_watch_hits();
+    assert_eq!(hits.iter().filter(|h| h.watch == var).count() as u64, N);
+    assert_eq!(hits.len() as u64, N, "nothing wrote the spare pages");
+    for id in ids {
+        s.engine.unwatch(id).unwrap();
+    }
+    s.engine.unwatch(var).unwrap();
+    assert!(s.control.protected_pages().is_empty());
+    assert!(s.engine.watches().is_empty());
+}
