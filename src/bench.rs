@@ -68,6 +68,9 @@ enum Setup {
     Unhit,
     /// No probe; the guest also runs N minimal user system calls.
     Syscalls,
+    /// No probe; a write watch on the test guest's watched variable, then N
+    /// watched writes and N unwatched writes on its page.
+    Watch,
 }
 
 /// One guest run.
@@ -86,6 +89,10 @@ struct Sample {
     bridge_active: bool,
     /// The host's share of the run's breakpoint exits.
     hit_cost: vmm::HitCost,
+    /// Seconds per watched write and per unwatched write on the watched
+    /// page, the watch's hits, and the VMM's protected-page counters
+    /// (only [`Setup::Watch`]).
+    watch: Option<(f64, f64, u64, vmm::WatchStats)>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -132,6 +139,9 @@ fn run_once(args: &BenchArgs, setup: Setup) -> Result<Sample> {
     if setup == Setup::Syscalls {
         config.cmdline.push_str(" hvtest.user=1");
     }
+    if setup == Setup::Watch {
+        config.cmdline.push_str(" hvtest.watch=1");
+    }
     config.serial = vmm::SerialOutput::Discard;
     config.syscall_bridge = args.syscall_bridge;
     let vm = Vm::create(&config)?;
@@ -150,7 +160,7 @@ fn run_once(args: &BenchArgs, setup: Setup) -> Result<Sample> {
     let target = symbols.table.lookup(test_guest::BENCH_FUNCTION)?;
     let mut probes_armed = 0;
     match setup {
-        Setup::NoProbe | Setup::Syscalls => {}
+        Setup::NoProbe | Setup::Syscalls | Setup::Watch => {}
         Setup::Kprobe => {
             engine.register(ProbeRequest::kprobe("bench/k", target))?;
             probes_armed = 1;
@@ -189,6 +199,10 @@ fn run_once(args: &BenchArgs, setup: Setup) -> Result<Sample> {
         }
     }
     let running = vm.start(engine.clone())?;
+    let mut watch_id = None;
+    if setup == Setup::Watch {
+        watch_id = Some(add_watch_when_asked(&running, &control, &engine, &symbols)?);
+    }
     let outcome = running.wait();
     if outcome != (RunOutcome::GuestExit { status: 0 }) {
         bail!("bench guest ({setup:?}) ended badly: {outcome}");
@@ -220,10 +234,65 @@ fn run_once(args: &BenchArgs, setup: Setup) -> Result<Sample> {
         } else {
             None
         },
+        watch: match watch_id {
+            Some(id) => Some((
+                per(
+                    test_guest::BENCH_PHASE_WATCHED,
+                    test_guest::BENCH_PHASE_PAGE_WRITES,
+                )?,
+                per(
+                    test_guest::BENCH_PHASE_PAGE_WRITES,
+                    test_guest::BENCH_PHASE_WATCH_END,
+                )?,
+                engine
+                    .watches()
+                    .iter()
+                    .find(|w| w.id == id)
+                    .map_or(0, |w| w.hits),
+                control.exit_stats().watch,
+            )),
+            None => None,
+        },
         bridged: control.exit_stats().bridge.syscalls,
         hit_cost: control.exit_stats().hit_cost,
         bridge_active: control.bridge_status().active,
     })
+}
+
+/// Wait until the bench guest asks for its watch, add it, let the guest go.
+fn add_watch_when_asked(
+    running: &vmm::RunningVm,
+    control: &vmm::Machine,
+    engine: &Engine,
+    symbols: &SymbolIndex,
+) -> Result<introspect::WatchId> {
+    use guest_access::VmControl;
+    let deadline = Instant::now() + std::time::Duration::from_secs(600);
+    while !control
+        .markers()
+        .iter()
+        .any(|m| m.0 == test_guest::BENCH_PHASE_WATCH_WAIT)
+    {
+        if let Some(o) = running.wait_timeout(std::time::Duration::from_millis(2)) {
+            bail!("bench guest ended before its watch phases: {o}");
+        }
+        if Instant::now() > deadline {
+            bail!("bench guest never reached its watch phases");
+        }
+    }
+    let page = symbols.table.lookup(test_guest::WATCH_PAGE_SYMBOL)?;
+    let id = engine.watch(introspect::WatchRequest {
+        name: test_guest::WATCH_PAGE_SYMBOL.into(),
+        addr: page,
+        len: 8,
+        access: introspect::WatchAccess::Write,
+        mechanism: None,
+    })?;
+    let go = symbols.table.lookup(test_guest::WATCH_GO_SYMBOL)?;
+    control
+        .memory()
+        .write_phys(go - introspect::KERNEL_TEXT_MAP, &1u64.to_le_bytes())?;
+    Ok(id)
 }
 
 /// One line of the host's share of a probe hit: time, traps, ioctls per hit,
@@ -271,6 +340,7 @@ pub fn run(args: BenchArgs) -> Result<u8> {
     if args.syscall_bridge != vmm::BridgeMode::Off {
         setups.push(Setup::Syscalls);
     }
+    setups.push(Setup::Watch);
     // Interleave the configurations round by round, so drift on a noisy
     // machine hits all of them alike.
     let mut samples: Vec<Vec<Sample>> = setups.iter().map(|_| Vec::new()).collect();
@@ -352,6 +422,9 @@ pub fn run(args: BenchArgs) -> Result<u8> {
             }
         );
     }
+    if let Some(i) = setups.iter().position(|s| *s == Setup::Watch) {
+        print_watch_costs(&samples[i], args.iters, bare);
+    }
     let unhit = &samples[4];
     let base_exits: Vec<u64> = samples[0].iter().map(|s| s.vm_exits).collect();
     let unhit_exits: Vec<u64> = unhit.iter().map(|s| s.vm_exits).collect();
@@ -366,4 +439,37 @@ pub fn run(args: BenchArgs) -> Result<u8> {
     let probes_armed: usize = samples.iter().map(|v| v[0].probes_armed).sum();
     tracing::debug!("probes armed across setups: {probes_armed}");
     Ok(if equal { 0 } else { 1 })
+}
+
+/// The cost of writes to a watched page against a bare exit, and the VMM's
+/// and engine's host share per such write.
+fn print_watch_costs(runs: &[Sample], iters: u64, bare: f64) {
+    let w: Vec<_> = runs.iter().filter_map(|s| s.watch).collect();
+    if w.is_empty() {
+        return;
+    }
+    let watched = median(w.iter().map(|x| x.0).collect());
+    let other = median(w.iter().map(|x| x.1).collect());
+    let host_us = median(
+        w.iter()
+            .map(|x| x.3.host_ns as f64 / x.3.writes.max(1) as f64 / 1e3)
+            .collect(),
+    );
+    let exact = w.iter().all(|x| x.2 == iters);
+    println!(
+        "  watched write (hv_watch_set, with event):    {:8.2} us  = {:5.2} bare exits{}",
+        watched * 1e6,
+        watched / bare,
+        if exact {
+            ""
+        } else {
+            "  (hit count != writes!)"
+        }
+    );
+    println!(
+        "  unwatched write on a watched page:           {:8.2} us  = {:5.2} bare exits",
+        other * 1e6,
+        other / bare
+    );
+    println!("    host share per watched-page write (exit to next KVM_RUN, both kinds): {host_us:6.2} us");
 }

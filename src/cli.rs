@@ -104,14 +104,14 @@ pub struct EventsArgs {
     exe: bool,
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")
 }
 
-async fn connect(s: &ServerArg) -> Result<HvProbeClient<Channel>> {
+pub(crate) async fn connect(s: &ServerArg) -> Result<HvProbeClient<Channel>> {
     let addr = s.server.clone().unwrap_or_else(Listen::default_unix);
     service::client::connect(&addr)
         .await
@@ -119,7 +119,7 @@ async fn connect(s: &ServerArg) -> Result<HvProbeClient<Channel>> {
 }
 
 /// A status as an error: code, message, and the caret line of definition errors.
-fn status(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn status(s: tonic::Status) -> anyhow::Error {
     let mut m = format!("{:?}: {}", s.code(), s.message());
     if let Some(d) = proto::definition_error_from_status(&s) {
         m.push('\n');

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod action_arg;
 mod bench;
 mod cli;
+mod cli_watch;
 mod runner;
 
 // Events are allocated on vCPU threads and freed on the stream's thread;
@@ -324,6 +325,14 @@ enum Command {
         #[command(flatten)]
         server: cli::ServerArg,
     },
+    /// Watch guest data in a running `hvprobe run` (writes to a variable,
+    /// with the writer, task and old/new value).
+    Watch {
+        #[command(subcommand)]
+        action: cli_watch::WatchAction,
+        #[command(flatten)]
+        server: cli::ServerArg,
+    },
     /// Manage probes of a running `hvprobe run`.
     Probe {
         #[command(subcommand)]
@@ -483,6 +492,7 @@ fn main() -> ExitCode {
             )
         }
         Command::Probe { action, server } => cli::probe(&server, action),
+        Command::Watch { action, server } => cli_watch::watch(&server, action),
         Command::Policy { action, server } => cli::policy(&server, action),
         Command::Arm { server } => cli::arm(&server, true),
         Command::Disarm { server } => cli::arm(&server, false),

@@ -141,6 +141,21 @@ pub struct HwSlotUse {
     pub addr: Option<u64>,
 }
 
+/// A guest write to a write-protected page ([`VmControl::protect_page`]),
+/// already completed into guest RAM by the VMM: one KVM write exit, 1..8
+/// bytes inside one page (larger writes and `rep` string instructions
+/// arrive as several).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProtectedWrite {
+    pub gpa: u64,
+    pub len: usize,
+    /// The bytes at `gpa` before and after the write (first `len` valid).
+    pub old: [u8; 8],
+    pub new: [u8; 8],
+    /// RIP after the writing instruction (KVM advances it before the exit).
+    pub rip_after: u64,
+}
+
 /// Guest-physical memory, shared by all threads.
 pub trait GuestMemory: Send + Sync {
     /// Read `buf.len()` bytes at guest-physical `gpa`.
@@ -250,6 +265,28 @@ pub trait VmControl: Send + Sync {
     fn is_held(&self) -> bool {
         false
     }
+
+    /// Write-protect the guest-physical page at `page` (4 KiB aligned):
+    /// from now on every guest write to it is completed by the VMM, which
+    /// reports it to [`BreakpointHandler::on_protected_write`]. Call with
+    /// the world stopped (the VMM refuses otherwise: changing KVM memory
+    /// slots under a running vCPU would show it a hole).
+    fn protect_page(&self, page: u64) -> Result<(), String> {
+        Err(format!(
+            "this VM cannot write-protect guest pages (page {page:#x})"
+        ))
+    }
+
+    /// Undo [`Self::protect_page`] (world stopped); unknown pages are ignored.
+    fn unprotect_page(&self, _page: u64) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Whether debug-register data breakpoints fire for guest kernel code
+    /// on this host (Err says why not).
+    fn data_breakpoints(&self) -> Result<(), String> {
+        Err("this VM offers no debug-register data breakpoints".into())
+    }
 }
 
 /// What the VMM does after a breakpoint handler returns.
@@ -291,6 +328,12 @@ pub trait BreakpointHandler: Send + Sync {
         vm: &dyn VmControl,
         kind: TrapKind,
     ) -> BreakpointAction;
+
+    /// A guest write to a protected page, completed already (see
+    /// [`VmControl::protect_page`]); called on the writing vCPU's thread
+    /// with that page's completions held, so the page does not change
+    /// meanwhile. Must not stop the world.
+    fn on_protected_write(&self, _vcpu: &mut dyn Vcpu, _vm: &dyn VmControl, _w: &ProtectedWrite) {}
 }
 
 /// A handler for guests without probes: every `int3` goes to the guest.

@@ -15,6 +15,7 @@
 
 mod decode;
 mod exec;
+pub mod writer;
 
 pub use decode::{emulated_codes, prepare, DecodeError, Displaced, Refusal};
 pub use exec::{Effect, EmuError};

@@ -31,6 +31,15 @@ const RFLAGS_TF: u64 = 1 << 8;
 const RFLAGS_IF: u64 = 1 << 9;
 
 impl BreakpointHandler for Engine {
+    fn on_protected_write(
+        &self,
+        vcpu: &mut dyn Vcpu,
+        vm: &dyn VmControl,
+        w: &guest_access::ProtectedWrite,
+    ) {
+        self.on_watched_write(vcpu, vm, w);
+    }
+
     fn owns_address(&self, rip: u64) -> bool {
         let trap = self.kret.trap_addr.load(Ordering::Relaxed);
         if trap != 0 && rip == trap {

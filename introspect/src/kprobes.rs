@@ -86,6 +86,8 @@ pub struct Engine {
     /// Freeze and snapshot actions' holds on the vCPUs (`hold.rs`).
     pub(crate) holds: crate::action::Holds,
     pub(crate) action_sink: Mutex<Option<Arc<dyn crate::action::ActionSink>>>,
+    /// Watches on guest data and their hits (`watch.rs`).
+    pub(crate) watches: crate::watch::Watches,
 }
 
 /// Held while a subscriber or filter wants executable paths on events.
@@ -123,6 +125,7 @@ impl Engine {
             exe_interest: AtomicUsize::new(0),
             holds: Default::default(),
             action_sink: Mutex::new(None),
+            watches: Default::default(),
         })
     }
 

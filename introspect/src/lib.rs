@@ -20,6 +20,7 @@
 //! | `modules.rs`   | the guest's `modules` list and each module's kallsyms             |
 //! | `guest_modules.rs` | loaded modules as the table sees them; unloaded text is gone  |
 //! | `module_watch.rs`  | `MOD:SYM` probes: pending, armed at load, gone at unload      |
+//! | `watch.rs`     | watches on guest data: protected pages, write hits with writer and values |
 //! | `list.rs`      | the probe listing and the bytes hvprobe changed (read-only)       |
 //! | `snapshot.rs`  | the probe table in a snapshot: freeze and restore                 |
 //! | `events.rs`    | events, bounded subscriber queues, filters                        |
@@ -39,6 +40,7 @@
 //!
 //! ```text
 //! hit, snapshot, list, hold   impl blocks on Engine: the handler, freeze/restore, listing, holds
+//! watch                       impl block on Engine: watches on guest data
 //! module_watch                impl block on Engine: module loads and unloads
 //! kprobes                     Engine and its public operations
 //! text, hwbp                  writes of guest text (World token); debug-register sites
@@ -75,6 +77,7 @@ mod symbols;
 mod table;
 pub mod task;
 mod text;
+mod watch;
 mod xol;
 
 pub use action::{Action, ActionGate, ActionSink, ActionTaken, FreezeInfo};
@@ -90,3 +93,7 @@ pub use symbols::{
 };
 pub use table::{Gate, Handling, ModuleTarget, ProbeRequest, ProbeType, MAXACTIVE_MAX};
 pub use task::{ProcessLayout, TaskInfo, TaskLayout};
+pub use watch::{
+    WatchAccess, WatchError, WatchHit, WatchId, WatchInfo, WatchMechanism, WatchPiece,
+    WatchRequest, MAX_WATCH_LEN, VALUE_CAP,
+};

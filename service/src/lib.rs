@@ -77,6 +77,7 @@ mod state;
 mod subscribe;
 mod symbols;
 mod time;
+mod watches;
 
 pub use config::ServiceConfig;
 pub use export::{ExportConfig, ExportStats, Exporter};

@@ -160,6 +160,49 @@ impl HvProbe for HvProbeService {
         Ok(Response::new(resp))
     }
 
+    async fn watch_memory(
+        &self,
+        req: Request<v1::WatchMemoryRequest>,
+    ) -> Result<Response<v1::WatchMemoryResponse>, Status> {
+        let r = req.into_inner();
+        let inner = self.inner.clone();
+        let watch = blocking(move || inner.watch_memory(&r)).await?;
+        Ok(Response::new(v1::WatchMemoryResponse {
+            watch: Some(watch),
+        }))
+    }
+
+    async fn unwatch_memory(
+        &self,
+        req: Request<v1::UnwatchMemoryRequest>,
+    ) -> Result<Response<v1::UnwatchMemoryResponse>, Status> {
+        let id = req.get_ref().id;
+        let inner = self.inner.clone();
+        let watch = blocking(move || inner.unwatch_memory(id)).await?;
+        Ok(Response::new(v1::UnwatchMemoryResponse {
+            watch: Some(watch),
+        }))
+    }
+
+    async fn list_watches(
+        &self,
+        _: Request<v1::ListWatchesRequest>,
+    ) -> Result<Response<v1::ListWatchesResponse>, Status> {
+        Ok(Response::new(v1::ListWatchesResponse {
+            watches: self.inner.list_watches(),
+        }))
+    }
+
+    async fn take_watch_hits(
+        &self,
+        req: Request<v1::TakeWatchHitsRequest>,
+    ) -> Result<Response<v1::TakeWatchHitsResponse>, Status> {
+        let wait = req.get_ref().wait_ms;
+        let inner = self.inner.clone();
+        let resp = blocking(move || Ok(inner.take_watch_hits(wait))).await?;
+        Ok(Response::new(resp))
+    }
+
     async fn resume(
         &self,
         _: Request<v1::ResumeRequest>,

@@ -190,6 +190,19 @@ fn contract_header() -> String {
     def("HV_BENCH_PHASE_LOOP", format!("{BENCH_PHASE_LOOP}"));
     def("HV_BENCH_PHASE_CALLS", format!("{BENCH_PHASE_CALLS}"));
     def("HV_BENCH_PHASE_END", format!("{BENCH_PHASE_END}"));
+    def(
+        "HV_BENCH_PHASE_WATCH_WAIT",
+        BENCH_PHASE_WATCH_WAIT.to_string(),
+    );
+    def("HV_BENCH_PHASE_WATCHED", BENCH_PHASE_WATCHED.to_string());
+    def(
+        "HV_BENCH_PHASE_PAGE_WRITES",
+        BENCH_PHASE_PAGE_WRITES.to_string(),
+    );
+    def(
+        "HV_BENCH_PHASE_WATCH_END",
+        BENCH_PHASE_WATCH_END.to_string(),
+    );
     def("HV_EXIT_OK", EXIT_OK.to_string());
     def("HV_EXIT_RETVAL_MISMATCH", EXIT_RETVAL_MISMATCH.to_string());
     def("HV_EXIT_EXCEPTION", EXIT_EXCEPTION.to_string());
@@ -216,6 +229,8 @@ fn contract_header() -> String {
         EXIT_OVERRIDE_MISMATCH.to_string(),
     );
     def("HV_INIT_HOLD_PARAM", c_string(INIT_HOLD_PARAM));
+    def("HV_WATCH_PARAM", c_string(WATCH_PARAM));
+    def("HV_EXIT_WATCH_MISMATCH", EXIT_WATCH_MISMATCH.to_string());
     def("HV_USER_PARAM", c_string(USER_PARAM));
     def("HV_IDT_GAP_PARAM", c_string(IDT_GAP_PARAM));
     def("HV_PF_ENTRY_CLD_PARAM", c_string(PF_ENTRY_CLD_PARAM));

@@ -182,6 +182,27 @@ impl World {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether every vCPU but the stopper's own is outside KVM_RUN now: the
+    /// world is stopped, or no vCPU thread runs (before start, after the end).
+    pub fn is_stopped(&self) -> bool {
+        let st = self.lock();
+        if st.alive == 0 {
+            return true;
+        }
+        match st.stopper {
+            None => false,
+            Some(who) => st.parked >= st.alive - usize::from(who != EXTERNAL),
+        }
+    }
+
+    /// Wait (up to `timeout`) until no vCPU thread runs its loop: for a VM
+    /// whose run has ended, whose threads are on their way out.
+    pub fn wait_gone(&self, timeout: Duration) {
+        let st = self.lock();
+        let waited = self.cv.wait_timeout_while(st, timeout, |st| st.alive > 0);
+        drop(waited);
+    }
+
     /// Become the stopper and wait until every other live vCPU is parked.
     /// `me` is the caller's vCPU index, or None for an outside thread.
     pub fn stop(&self, me: Option<usize>, slots: &[VcpuSlot], stopping: &AtomicBool) {

@@ -59,7 +59,9 @@ pub mod layout;
 mod loader;
 mod machine;
 mod memory;
+mod protect;
 mod regs;
+mod rmw;
 pub mod snapshot;
 pub mod snapshot_state;
 mod vcpu;
@@ -81,7 +83,7 @@ pub use loader::{BootEntry, KernelFormat, LoadError, LoadedKernel};
 pub use memory::GuestRam;
 
 pub use control::VcpuRunState;
-pub use machine::{BridgeStats, ExitStats, HitCost, Machine, RunOutcome};
+pub use machine::{BridgeStats, ExitStats, HitCost, Machine, RunOutcome, WatchStats};
 
 use machine::CURRENT_VCPU;
 use snapshot::KvmFds;
@@ -350,16 +352,18 @@ impl Vm {
             bridge,
             saved_sregs: None,
         });
+        let fds = Arc::new(KvmFds {
+            vm: vm_fd,
+            kvm,
+            info,
+        });
+        let _ = shared.kvm_fds.set(fds.clone());
         Ok(Vm {
             shared,
             vcpu_fds,
             kaslr_possible: kaslr_possible(loaded.format, &config.cmdline),
             loaded: Some(loaded),
-            fds: Arc::new(KvmFds {
-                vm: vm_fd,
-                kvm,
-                info,
-            }),
+            fds,
         })
     }
 
@@ -446,6 +450,12 @@ impl Vm {
         let (manifest_kernel, manifest_cmdline) =
             (manifest.kernel.clone(), manifest.cmdline.clone());
         let restored = snapshot::Restored::read(dir, manifest).map_err(snap)?;
+        let fds = Arc::new(KvmFds {
+            vm: vm_fd,
+            kvm,
+            info,
+        });
+        let _ = shared.kvm_fds.set(fds.clone());
         Ok((
             Vm {
                 shared,
@@ -456,11 +466,7 @@ impl Vm {
                     &manifest_cmdline,
                 ),
                 loaded: None,
-                fds: Arc::new(KvmFds {
-                    vm: vm_fd,
-                    kvm,
-                    info,
-                }),
+                fds,
             },
             restored,
         ))

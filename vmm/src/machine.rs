@@ -17,6 +17,8 @@ use crate::control::{self, VcpuRunState, VcpuSlot, World};
 use crate::debug::HwSlots;
 use crate::devices;
 use crate::memory::GuestRam;
+use crate::protect::{ProtectedPages, PAGE};
+use crate::snapshot::KvmFds;
 
 /// How a guest run ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,6 +107,13 @@ pub(crate) struct VcpuStats {
     /// for the other vCPUs to park.
     pub world_stops: AtomicU64,
     pub world_stop_ns: AtomicU64,
+    /// Guest writes to protected pages completed by the VMM, their host
+    /// time (exit to next KVM_RUN), rolled-back read-modify-writes and
+    /// dropped compare-exchange write-backs (see `protect.rs`).
+    pub watch_writes: AtomicU64,
+    pub watch_ns: AtomicU64,
+    pub watch_rollbacks: AtomicU64,
+    pub watch_dropped: AtomicU64,
 }
 
 /// What the system-call bridge did, summed over vCPUs.
@@ -146,6 +155,22 @@ pub struct ExitStats {
     /// Host-side cost of breakpoint exits (what a probe hit costs the VMM
     /// and the engine, outside the kernel); see [`HitCost`].
     pub hit_cost: HitCost,
+    /// Writes to write-protected (watched) pages.
+    pub watch: WatchStats,
+}
+
+/// Guest writes to write-protected pages, summed over vCPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchStats {
+    /// Writes the VMM completed (one per write exit).
+    pub writes: u64,
+    /// Host time of those: from the exit to the next KVM_RUN.
+    pub host_ns: u64,
+    /// Read-modify-writes rolled back and run again after another vCPU
+    /// wrote their page while they ran.
+    pub rollbacks: u64,
+    /// Failed compare-exchanges whose write-back was skipped for the same reason.
+    pub dropped: u64,
 }
 
 /// The host's share of breakpoint exits, summed over vCPUs: measured from
@@ -192,6 +217,10 @@ pub struct Machine {
     pub(crate) hw_slots: HwSlots,
     /// Every vCPU stays at its checkpoint while set ([`VmControl::hold_all`]).
     pub(crate) held: AtomicBool,
+    /// Write-protected pages (memory watches, see [`crate::protect`]).
+    pub(crate) protect: ProtectedPages,
+    /// The VM fd, for memory-slot changes (set once the VM exists).
+    pub(crate) kvm_fds: OnceLock<Arc<KvmFds>>,
 }
 
 impl Machine {
@@ -254,6 +283,11 @@ impl Machine {
             h.world_stops += v.world_stops.load(Ordering::Relaxed);
             h.world_stop_ns += v.world_stop_ns.load(Ordering::Relaxed);
             h.all_ioctls += v.ioctls.load(Ordering::Relaxed);
+            let w = &mut s.watch;
+            w.writes += v.watch_writes.load(Ordering::Relaxed);
+            w.host_ns += v.watch_ns.load(Ordering::Relaxed);
+            w.rollbacks += v.watch_rollbacks.load(Ordering::Relaxed);
+            w.dropped += v.watch_dropped.load(Ordering::Relaxed);
         }
         s
     }
@@ -399,6 +433,65 @@ impl VmControl for Machine {
     fn is_held(&self) -> bool {
         self.held.load(Ordering::SeqCst)
     }
+
+    fn protect_page(&self, page: u64) -> Result<(), String> {
+        self.change_protection(page, true)
+    }
+
+    fn unprotect_page(&self, page: u64) -> Result<(), String> {
+        self.change_protection(page, false)
+    }
+
+    fn data_breakpoints(&self) -> Result<(), String> {
+        crate::detect::data_breakpoints_fire()
+    }
+}
+
+impl Machine {
+    /// Pages write-protected now.
+    pub fn protected_pages(&self) -> Vec<u64> {
+        self.protect.pages()
+    }
+
+    fn change_protection(&self, page: u64, protect: bool) -> Result<(), String> {
+        if !page.is_multiple_of(PAGE) {
+            return Err(format!("{page:#x} is not a 4 KiB page address"));
+        }
+        let in_ram = self
+            .ram
+            .regions()
+            .iter()
+            .any(|&(gpa, size, _)| page >= gpa && page + PAGE <= gpa + size);
+        if !in_ram {
+            return Err(format!("guest-physical page {page:#x} is not guest RAM"));
+        }
+        if self.stopping.load(Ordering::SeqCst) {
+            // The run ended: its vCPU threads are leaving (a stop does not
+            // wait for them then).
+            self.world.wait_gone(Duration::from_secs(5));
+        }
+        if !self.world.is_stopped() {
+            return Err(format!(
+                "page {page:#x}: memory slots change only with every vCPU stopped"
+            ));
+        }
+        let fds = self
+            .kvm_fds
+            .get()
+            .ok_or("this VM has no KVM fd to change memory slots")?;
+        if protect
+            && fds
+                .vm
+                .check_extension_raw(u64::from(kvm_bindings::KVM_CAP_READONLY_MEM) as _)
+                <= 0
+        {
+            return Err(
+                "this host's KVM has no read-only memory slots (KVM_CAP_READONLY_MEM)".into(),
+            );
+        }
+        self.protect
+            .set(&fds.vm, &self.ram.regions(), page, protect)
+    }
 }
 
 pub(crate) struct MachineParts {
@@ -432,5 +525,7 @@ pub(crate) fn new_machine(p: MachineParts) -> Arc<Machine> {
         bridge: p.bridge,
         saved_sregs: p.saved_sregs,
         held: AtomicBool::new(false),
+        protect: ProtectedPages::default(),
+        kvm_fds: OnceLock::new(),
     })
 }

@@ -49,6 +49,9 @@ pub(crate) struct VcpuRunner {
     hit_open: Option<(Instant, u64)>,
     /// Time of single-step KVM_RUNs since the trap began (not host time).
     step_ns_in_trap: u64,
+    /// The protected-page write sequence when this vCPU last entered the
+    /// guest (`protect.rs`).
+    pub(crate) watch_entry: u64,
 }
 
 /// What serving a device exit asks of the loop that got it.
@@ -104,6 +107,24 @@ fn device_exit<'a>(
     }
 }
 
+/// A write exit to a write-protected page, copied out of kvm_run: (address,
+/// data, length).
+fn protected_write_of(
+    shared: &Machine,
+    exit: &Result<VcpuExit<'_>, kvm_ioctls::Error>,
+) -> Option<(u64, [u8; 8], usize)> {
+    let Ok(VcpuExit::MmioWrite(gpa, data)) = exit else {
+        return None;
+    };
+    if !shared.protect.covers(*gpa) {
+        return None;
+    }
+    let len = data.len().min(8);
+    let mut d = [0u8; 8];
+    d[..len].copy_from_slice(&data[..len]);
+    Some((*gpa, d, len))
+}
+
 /// Bytes from `addr` to the end of its 4 KiB page (1..=0x1000).
 // At most 0x1000, so the cast cannot cut on any target.
 #[allow(clippy::cast_possible_truncation)]
@@ -131,6 +152,7 @@ impl VcpuRunner {
             trap_began: None,
             hit_open: None,
             step_ns_in_trap: 0,
+            watch_entry: 0,
             shared,
         }
     }
@@ -322,10 +344,15 @@ impl VcpuRunner {
         // a probe's arming) is not the cost of the hit that came before.
         self.book_hit();
         self.engine_slots_refresh();
+        self.watch_enter();
         let exit = self.fd.run();
         self.exits += 1;
         let stats = &shared.stats[self.index];
         stats.exits.fetch_add(1, Ordering::Relaxed);
+        if let Some((gpa, data, len)) = protected_write_of(&shared, &exit) {
+            self.protected_write(gpa, &data[..len]);
+            return Next::Continue;
+        }
         let exit = match device_exit(&shared, stats, exit) {
             Ok(DeviceExit::Served) => return Next::Continue,
             Ok(DeviceExit::Ends(outcome)) => return Next::Stop(outcome),
@@ -727,6 +754,7 @@ impl VcpuRunner {
         let shared = self.shared.clone();
         for _ in 0..64 {
             let began = Instant::now();
+            self.watch_enter();
             let exit = self.fd.run();
             let ns = u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX);
             self.step_ns_in_trap += ns;
@@ -739,6 +767,10 @@ impl VcpuRunner {
             self.exits += 1;
             let stats = &shared.stats[self.index];
             stats.exits.fetch_add(1, Ordering::Relaxed);
+            if let Some((gpa, data, len)) = protected_write_of(&shared, &exit) {
+                self.protected_write(gpa, &data[..len]);
+                continue;
+            }
             let exit = match device_exit(&shared, stats, exit) {
                 Ok(DeviceExit::Served) => continue,
                 Ok(DeviceExit::Ends(outcome)) => {
@@ -862,3 +894,4 @@ impl gaps::GapCpu for VcpuRunner {
 mod bridge_exit;
 #[cfg(test)]
 mod dispatch_tests;
+mod watch_exit;

@@ -99,6 +99,7 @@ static u64 hv_override_calls, hv_overridden, hv_override_mixed;
 /* The overridden value callers saw; this marks none yet. */
 #define OVERRIDE_UNSET 0x8000000000000000ULL
 static u64 hv_override_value = OVERRIDE_UNSET;
+static u64 hv_watch_n;
 static int hv_idt_gap_on;
 static int hv_pf_entry_cld_on;
 /* hvtest.recurse_on=N: only CPU N calls hv_recurse (-1: every CPU). */
@@ -436,6 +437,11 @@ static void parse_cmdline(const char *c, u32 *cpus_override)
 		} else if (starts_with(w, len, HV_FTRACE_PARAM, &rest)) {
 			if (parse_u64(w + rest, len - rest, &v))
 				hv_ftrace_n = v;
+			else
+				bad_option(w, len);
+		} else if (starts_with(w, len, HV_WATCH_PARAM, &rest)) {
+			if (parse_u64(w + rest, len - rest, &v))
+				hv_watch_n = v;
 			else
 				bad_option(w, len);
 		} else if (starts_with(w, len, HV_INIT_HOLD_PARAM, &rest) && rest == len) {
@@ -812,6 +818,8 @@ static void cpu_work(u32 cpu)
 	__atomic_fetch_add(&hv_workers_done, 1, __ATOMIC_RELEASE);
 }
 
+static void bench_watch(u64 n);
+
 /*
  * hvtest.bench=N: timed phases on the boot CPU, each announced on the marker
  * port: N bare exits, N empty loop iterations (loop overhead), N calls.
@@ -832,8 +840,141 @@ static void bench(u64 n)
 			hv_fail(0, HV_FN_hv_add, (u64)r, (u64)i + 1);
 	}
 	outl(HV_BENCH_MARKER_PORT, HV_BENCH_PHASE_END);
+	if (hv_watch_n)
+		bench_watch(n);
 	if (hv_user)
 		hv_user_run(0, n, 1);
+}
+
+
+/*
+ * hvtest.watch=N (see WATCH_PARAM in contract.rs): a watched u64 that only
+ * hv_watch_set writes, and hot data on the same page that every CPU hits
+ * with locked read-modify-writes and plain stores; the totals are checked
+ * exactly, so a lost update on the page fails the run.
+ */
+struct hv_watch_page {
+	u64 watched;		/* WATCH_VALUE_OFFSET: only hv_watch_set writes it */
+	u64 spare;
+	u32 lock;		/* lock cmpxchg spinlock */
+	u32 pad;
+	u64 locked_total;	/* plain increments under the lock */
+	u64 xadd_total;		/* lock xadd */
+	u64 xchg_slot;		/* xchg of unique tokens */
+	u64 per_cpu[HV_MAX_CPUS];	/* plain stores, one slot per CPU */
+};
+struct hv_watch_page hv_watch_page __attribute__((aligned(4096), section(".data")));
+u64 hv_watch_writes;
+volatile u64 hv_watch_go;
+static u64 hv_watch_xadd_sum[HV_MAX_CPUS];
+static u64 hv_watch_xchg_got[HV_MAX_CPUS];
+static u32 hv_watch_done;
+
+noinline void hv_watch_set(u64 v)
+{
+	__atomic_store_n(&hv_watch_page.watched, v, __ATOMIC_RELAXED);
+}
+
+static void watch_rounds(u32 cpu)
+{
+	struct hv_watch_page *p = &hv_watch_page;
+	u64 sum = 0, got = 0;
+
+	for (u64 i = 0; i < hv_watch_n; i++) {
+		if (cpu == 0) {
+			hv_watch_set(3 * i + 1);
+			hv_watch_writes++;
+		}
+		for (;;) {
+			u32 unlocked = 0;
+
+			if (__atomic_compare_exchange_n(&p->lock, &unlocked, 1, 0,
+							__ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+				break;
+			cpu_relax();
+		}
+		__atomic_store_n(&p->locked_total,
+				 __atomic_load_n(&p->locked_total, __ATOMIC_RELAXED) + 1,
+				 __ATOMIC_RELAXED);
+		__atomic_store_n(&p->lock, 0, __ATOMIC_RELEASE);
+		sum += __atomic_fetch_add(&p->xadd_total, 1, __ATOMIC_SEQ_CST);
+		got += __atomic_exchange_n(&p->xchg_slot, (u64)cpu * hv_watch_n + i + 1,
+					   __ATOMIC_SEQ_CST);
+		__atomic_store_n(&p->per_cpu[cpu],
+				 __atomic_load_n(&p->per_cpu[cpu], __ATOMIC_RELAXED) + 1,
+				 __ATOMIC_RELAXED);
+	}
+	hv_watch_xadd_sum[cpu] = sum;
+	hv_watch_xchg_got[cpu] = got;
+	__atomic_fetch_add(&hv_watch_done, 1, __ATOMIC_RELEASE);
+}
+
+/* hvtest.bench=N with hvtest.watch=: the cost of watched-page writes. */
+static void bench_watch(u64 n)
+{
+	outl(HV_BENCH_MARKER_PORT, HV_BENCH_PHASE_WATCH_WAIT);
+	while (!hv_watch_go)
+		cpu_relax();
+	outl(HV_BENCH_MARKER_PORT, HV_BENCH_PHASE_WATCHED);
+	for (u64 i = 0; i < n; i++)
+		hv_watch_set(i);
+	outl(HV_BENCH_MARKER_PORT, HV_BENCH_PHASE_PAGE_WRITES);
+	for (u64 i = 0; i < n; i++)
+		__atomic_store_n(&hv_watch_page.spare, i, __ATOMIC_RELAXED);
+	outl(HV_BENCH_MARKER_PORT, HV_BENCH_PHASE_WATCH_END);
+}
+
+static void watch_fail(const char *what, u64 got, u64 want)
+{
+	struct line l;
+
+	l_start(&l);
+	l_str(&l, "FAIL watch ");
+	l_str(&l, what);
+	l_str(&l, " got=");
+	l_dec(&l, got);
+	l_str(&l, " want=");
+	l_dec(&l, want);
+	l_emit(&l);
+	hv_exit(HV_EXIT_WATCH_MISMATCH);
+}
+
+static void watch_report(void)
+{
+	struct hv_watch_page *p = &hv_watch_page;
+	u64 n = hv_watch_n, total = (u64)hv_ncpus * n, sum = 0, got = 0, put = 0;
+	struct line l;
+
+	for (u32 c = 0; c < hv_ncpus; c++) {
+		sum += hv_watch_xadd_sum[c];
+		got += hv_watch_xchg_got[c];
+		for (u64 i = 0; i < n; i++)
+			put += (u64)c * n + i + 1;
+		if (p->per_cpu[c] != n)
+			watch_fail("per_cpu", p->per_cpu[c], n);
+	}
+	if (p->locked_total != total)
+		watch_fail("locked", p->locked_total, total);
+	if (p->xadd_total != total)
+		watch_fail("xadd", p->xadd_total, total);
+	/* fetch_add handed out 0..total-1 once each. */
+	if (total && sum != total * (total - 1) / 2)
+		watch_fail("xadd_sum", sum, total * (total - 1) / 2);
+	/* Every token went in once and came out once, but the last. */
+	if (got + p->xchg_slot != put)
+		watch_fail("xchg", got + p->xchg_slot, put);
+	if (p->lock != 0)
+		watch_fail("lock", p->lock, 0);
+	if (n && p->watched != 3 * (n - 1) + 1)
+		watch_fail("watched", p->watched, 3 * (n - 1) + 1);
+	l_start(&l);
+	l_str(&l, "watch writes=");
+	l_dec(&l, hv_watch_writes);
+	l_str(&l, " locked=");
+	l_dec(&l, p->locked_total);
+	l_str(&l, " xadd=");
+	l_dec(&l, p->xadd_total);
+	l_emit(&l);
 }
 
 /* ---------------------------------------------------------- entry points */
@@ -843,6 +984,12 @@ void hv_ap_main(u32 cpu)
 	__atomic_store_n(&hv_ap_started, cpu, __ATOMIC_RELEASE);
 	if (hv_bench)
 		halt_forever();
+	if (hv_watch_n) {
+		while (!hv_watch_go)
+			cpu_relax();
+		watch_rounds(cpu);
+		halt_forever();
+	}
 	cpu_work(cpu);
 	halt_forever();
 }
@@ -1056,6 +1203,22 @@ void hv_start_kernel(void)
 
 	if (hv_bench) {
 		bench(hv_bench);
+		hv_exit(HV_EXIT_OK);
+	}
+	if (hv_watch_n) {
+		say("watch ready");
+		while (!hv_watch_go)
+			cpu_relax();
+		watch_rounds(0);
+		while (__atomic_load_n(&hv_watch_done, __ATOMIC_ACQUIRE) != hv_ncpus)
+			cpu_relax();
+		watch_report();
+		l_start(&l);
+		l_str(&l, "done ok cpus=");
+		l_dec(&l, hv_ncpus);
+		l_str(&l, " iters=");
+		l_dec(&l, hv_watch_n);
+		l_emit(&l);
 		hv_exit(HV_EXIT_OK);
 	}
 	cpu_work(0);

@@ -25,6 +25,15 @@ pub const BENCH_PHASE_END: u32 = 4;
 /// kernel writes these two phase numbers around them (from [`SYS_BENCH_MARK`]).
 pub const BENCH_PHASE_SYSCALLS: u32 = 5;
 pub const BENCH_PHASE_SYSCALLS_END: u32 = 6;
+/// With `hvtest.watch=` set too, after [`BENCH_PHASE_END`] the boot CPU
+/// announces [`BENCH_PHASE_WATCH_WAIT`] and waits for [`WATCH_GO_SYMBOL`]
+/// (the host adds its watch meanwhile), then N calls of [`WATCH_SETTER`]
+/// ([`BENCH_PHASE_WATCHED`]), N plain stores to an unwatched `u64` of the
+/// same page ([`BENCH_PHASE_PAGE_WRITES`]), then [`BENCH_PHASE_WATCH_END`].
+pub const BENCH_PHASE_WATCH_WAIT: u32 = 7;
+pub const BENCH_PHASE_WATCHED: u32 = 8;
+pub const BENCH_PHASE_PAGE_WRITES: u32 = 9;
+pub const BENCH_PHASE_WATCH_END: u32 = 10;
 /// The function the benchmark calls N times: `hv_add(i, 1)`.
 pub const BENCH_FUNCTION: &str = "hv_add";
 
@@ -107,6 +116,28 @@ pub const OVERRIDE_BODY_SYMBOL: &str = "hv_may_fail_body";
 pub const VOID_FUNCTION: &str = "hv_note";
 /// `hvtest.override`: the body count or the overridden values disagree.
 pub const EXIT_OVERRIDE_MISMATCH: u32 = 12;
+
+/// `hvtest.watch=N`: instead of the workers, the boot CPU prints
+/// `watch ready` and spins until the host writes a non-zero `u64` to
+/// [`WATCH_GO_SYMBOL`]; then every CPU runs N rounds on the page-aligned
+/// [`WATCH_PAGE_SYMBOL`] (4 KiB): CPU 0 calls [`WATCH_SETTER`]`(3i+1)`,
+/// which stores its argument to the page's first `u64` (the watched
+/// variable, [`WATCH_VALUE_OFFSET`]) and nothing else, and counts the call
+/// in [`WATCH_WRITES_SYMBOL`] (another page); every CPU takes the page's
+/// `lock cmpxchg` spinlock and increments a plain counter under it, does a
+/// `lock xadd` on a counter (summing what it got back), an `xchg` of a
+/// unique token, and a plain store to its own slot. The boot CPU then
+/// checks the totals exactly and prints
+/// `watch writes=W locked=L xadd=X` or fails with [`EXIT_WATCH_MISMATCH`]
+/// (`FAIL watch ...`).
+pub const WATCH_PARAM: &str = "hvtest.watch=";
+pub const WATCH_PAGE_SYMBOL: &str = "hv_watch_page";
+pub const WATCH_VALUE_OFFSET: u64 = 0;
+pub const WATCH_SETTER: &str = "hv_watch_set";
+pub const WATCH_WRITES_SYMBOL: &str = "hv_watch_writes";
+pub const WATCH_GO_SYMBOL: &str = "hv_watch_go";
+/// `hvtest.watch`: a total on the watched page is off (a lost update).
+pub const EXIT_WATCH_MISMATCH: u32 = 13;
 
 /// Bit `i` of the `clobbered=` mask names `CLOBBER_BITS[i]`.
 pub const CLOBBER_BITS: &[&str] = &["rbx", "r12", "r13", "r14", "r15", "rsp/rbp", "DF"];

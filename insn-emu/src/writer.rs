@@ -1,0 +1,163 @@
+//! The instruction that made a write, found from the address after it.
+//!
+//! KVM reports a write to a read-only memory slot with RIP already past the
+//! writing instruction, so the instruction is found by decoding backwards:
+//! every start RIP-15..RIP-1 whose one instruction ends exactly at RIP and
+//! writes memory is a candidate; those whose computed address has the
+//! write's page offset are preferred (guest-virtual and guest-physical
+//! addresses share the low 12 bits). Used by the VMM (to undo a racing
+//! read-modify-write) and the engine (to name a watch's writer).
+
+use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory, OpAccess, Register};
+
+/// Longest x86 instruction.
+pub const MAX_INSN: usize = 15;
+
+/// One instruction that may have made the write.
+#[derive(Clone, Debug)]
+pub struct Writer {
+    pub start: u64,
+    pub insn: Instruction,
+}
+
+fn writes_memory(access: OpAccess) -> bool {
+    matches!(
+        access,
+        OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+    )
+}
+
+/// Whether the instruction reads and writes the same memory (a
+/// read-modify-write: KVM reads the slot, then the write exits).
+pub fn is_rmw(insn: &Instruction) -> bool {
+    let mut f = InstructionInfoFactory::new();
+    f.info(insn)
+        .used_memory()
+        .iter()
+        .any(|m| matches!(m.access(), OpAccess::ReadWrite | OpAccess::ReadCondWrite))
+}
+
+/// The candidates for the instruction ending at `rip` (`code` holds the
+/// bytes before `rip`, the last one at `rip - 1`) that wrote `len` bytes at
+/// guest-physical `gpa`, best first: those whose store has `gpa`'s page
+/// offset (computed from `gprs`, the registers after the instruction) and
+/// `len`'s size, else those with the offset, else every store.
+pub fn writers(code: &[u8], rip: u64, gprs: &[u64; 16], gpa: u64, len: usize) -> Vec<Writer> {
+    let mut info = InstructionInfoFactory::new();
+    let mut scored: Vec<(u8, Writer)> = Vec::new();
+    for k in (1..=code.len().min(MAX_INSN)).rev() {
+        let start = rip - k as u64;
+        let bytes = &code[code.len() - k..];
+        let mut d = Decoder::with_ip(64, bytes, start, DecoderOptions::NONE);
+        let insn = d.decode();
+        if insn.is_invalid() || insn.len() != k {
+            continue;
+        }
+        let score = info
+            .info(&insn)
+            .used_memory()
+            .iter()
+            .filter(|m| writes_memory(m.access()))
+            .map(|m| {
+                let offset = m
+                    .virtual_address(0, |r, _, _| reg_value(gprs, r))
+                    .is_some_and(|va| va & 0xfff == gpa & 0xfff);
+                let size = m.memory_size().size() == len;
+                1 + 2 * u8::from(offset) + u8::from(offset && size)
+            })
+            .max();
+        if let Some(score) = score {
+            scored.push((score, Writer { start, insn }));
+        }
+    }
+    let best = scored.iter().map(|(s, _)| *s).max().unwrap_or(0);
+    scored
+        .into_iter()
+        .filter(|(s, _)| *s == best)
+        .map(|(_, w)| w)
+        .collect()
+}
+
+pub fn gpr_index(r: Register) -> Option<usize> {
+    let full = r.full_register();
+    if full.is_gpr64() {
+        Some(full as usize - Register::RAX as usize)
+    } else {
+        None
+    }
+}
+
+pub fn is_high8(r: Register) -> bool {
+    matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
+}
+
+fn reg_value(gprs: &[u64; 16], r: Register) -> Option<u64> {
+    match r {
+        Register::None => Some(0),
+        // iced gives a RIP-relative operand's absolute address as its displacement.
+        Register::RIP | Register::EIP => Some(0),
+        // Segment bases: 0 in 64-bit mode but FS/GS, whose bases (per-CPU
+        // areas) are page-aligned, so the page offset still holds.
+        _ if r.is_segment_register() => Some(0),
+        _ => read_reg(gprs, r),
+    }
+}
+
+pub fn read_reg(gprs: &[u64; 16], r: Register) -> Option<u64> {
+    let v = gprs[gpr_index(r)?];
+    Some(match r.size() {
+        8 => v,
+        4 => v & 0xffff_ffff,
+        2 => v & 0xffff,
+        _ if is_high8(r) => (v >> 8) & 0xff,
+        _ => v & 0xff,
+    })
+}
+
+/// Write `value` into `r` as the CPU would: 32-bit zero-extends, 8/16-bit
+/// keep the rest.
+pub fn write_reg(gprs: &mut [u64; 16], r: Register, value: u64) -> Option<()> {
+    let i = gpr_index(r)?;
+    let old = gprs[i];
+    gprs[i] = match r.size() {
+        8 => value,
+        4 => value & 0xffff_ffff,
+        2 => (old & !0xffff) | (value & 0xffff),
+        _ if is_high8(r) => (old & !0xff00) | ((value & 0xff) << 8),
+        _ => (old & !0xff) | (value & 0xff),
+    };
+    Some(())
+}
+
+pub fn mask(bytes: u32) -> u64 {
+    if bytes >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (bytes * 8)) - 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// hv_watch_set: `push rbp; mov [rip+0xe4f3], rdi` ending at ...b0d,
+    /// storing to ...10000 (8 bytes). `mov [rip+d], edi` (4 bytes) and
+    /// `add [rax], al` also end there; size and offset pick the first.
+    #[test]
+    fn rip_relative_store_wins_over_shorter_tails() {
+        let code = [
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x0f, 0x1f, 0x44, 0x00, 0x00, 0x55, 0x48, 0x89, 0x3d,
+            0xf3, 0xe4, 0x00, 0x00,
+        ];
+        let code = &code[code.len() - MAX_INSN..];
+        let mut gprs = [0u64; 16];
+        gprs[0] = 0x1000; // rax: the same page offset as the store
+        let w = writers(code, 0xffff_ffff_8100_1b0d, &gprs, 0x101_0000, 8);
+        let starts: Vec<u64> = w.iter().map(|w| w.start).collect();
+        assert_eq!(starts, vec![0xffff_ffff_8100_1b06]);
+        // A 4-byte write at the same place is the edi form.
+        let w = writers(code, 0xffff_ffff_8100_1b0d, &gprs, 0x101_0000, 4);
+        assert_eq!(w[0].start, 0xffff_ffff_8100_1b07);
+    }
+}
