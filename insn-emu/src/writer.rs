@@ -8,7 +8,9 @@
 //! addresses share the low 12 bits). Used by the VMM (to undo a racing
 //! read-modify-write) and the engine (to name a watch's writer).
 
-use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory, OpAccess, Register};
+use iced_x86::{
+    Decoder, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, Register,
+};
 
 /// Longest x86 instruction.
 pub const MAX_INSN: usize = 15;
@@ -18,6 +20,10 @@ pub const MAX_INSN: usize = 15;
 pub struct Writer {
     pub start: u64,
     pub insn: Instruction,
+    /// Its store has the write's page offset and size: only such a writer
+    /// is trusted enough to be undone (rolling back the wrong instruction
+    /// would corrupt the guest).
+    pub exact: bool,
 }
 
 fn writes_memory(access: OpAccess) -> bool {
@@ -67,7 +73,14 @@ pub fn writers(code: &[u8], rip: u64, gprs: &[u64; 16], gpa: u64, len: usize) ->
             })
             .max();
         if let Some(score) = score {
-            scored.push((score, Writer { start, insn }));
+            scored.push((
+                score,
+                Writer {
+                    start,
+                    insn,
+                    exact: score == 4,
+                },
+            ));
         }
     }
     let best = scored.iter().map(|(s, _)| *s).max().unwrap_or(0);
@@ -76,6 +89,64 @@ pub fn writers(code: &[u8], rip: u64, gprs: &[u64; 16], gpa: u64, len: usize) ->
         .filter(|(s, _)| *s == best)
         .map(|(_, w)| w)
         .collect()
+}
+
+/// A repeated string store (`rep stos`, `rep movs`) starting at `rip`
+/// (`code` holds the bytes from `rip` on): KVM leaves RIP on such an
+/// instruction until its last iteration, so the writes of the others exit
+/// with RIP at the writer, not after it.
+pub fn rep_string_store_at(code: &[u8], rip: u64) -> Option<Writer> {
+    let mut d = Decoder::with_ip(64, code, rip, DecoderOptions::NONE);
+    let insn = d.decode();
+    let string_store = matches!(
+        insn.mnemonic(),
+        Mnemonic::Stosb
+            | Mnemonic::Stosw
+            | Mnemonic::Stosd
+            | Mnemonic::Stosq
+            | Mnemonic::Movsb
+            | Mnemonic::Movsw
+            | Mnemonic::Movsd
+            | Mnemonic::Movsq
+    );
+    (!insn.is_invalid() && string_store && (insn.has_rep_prefix() || insn.has_repne_prefix()))
+        .then_some(Writer {
+            start: rip,
+            insn,
+            exact: true,
+        })
+}
+
+/// The one writer a conflicting write may be undone by: the repeated
+/// string store at RIP, or the exact candidate before it (`code` as given to
+/// [`writers`]). Exact candidates that differ only by a leading LOCK or an
+/// ignored segment override (CS/DS/ES/SS in 64-bit mode) are one
+/// instruction, and the longest is taken: running it again from there does
+/// the same, atomically. None when the candidates are ambiguous otherwise
+/// (a REX, FS/GS or size prefix changes what is written where) or none
+/// matches the write.
+pub fn trusted_writer(
+    code: &[u8],
+    rip: u64,
+    before: &[Writer],
+    at_rip: Option<&Writer>,
+) -> Option<Writer> {
+    if let Some(w) = at_rip {
+        return Some(w.clone());
+    }
+    let mut exact: Vec<&Writer> = before.iter().filter(|w| w.exact).collect();
+    exact.sort_by_key(|w| w.start);
+    let longest = *exact.first()?;
+    let byte_at = |a: u64| {
+        let back = usize::try_from(rip.checked_sub(a)?).ok()?;
+        code.len().checked_sub(back).map(|i| code[i])
+    };
+    let same = exact[1..].iter().all(|w| {
+        w.insn.mnemonic() == longest.insn.mnemonic()
+            && (longest.start..w.start)
+                .all(|a| matches!(byte_at(a), Some(0xf0 | 0x2e | 0x3e | 0x26 | 0x36)))
+    });
+    same.then(|| longest.clone())
 }
 
 pub fn gpr_index(r: Register) -> Option<usize> {
@@ -159,5 +230,48 @@ mod tests {
         // A 4-byte write at the same place is the edi form.
         let w = writers(code, 0xffff_ffff_8100_1b0d, &gprs, 0x101_0000, 4);
         assert_eq!(w[0].start, 0xffff_ffff_8100_1b07);
+        assert_eq!(
+            trusted_writer(code, 0xffff_ffff_8100_1b0d, &w, None).map(|w| w.start),
+            Some(0xffff_ffff_8100_1b07)
+        );
+    }
+
+    #[test]
+    fn only_an_exact_writer_is_trusted_and_lock_prefixes_are_one_instruction() {
+        // `lock xadd [rsi], eax` ends at RIP (so does `xadd [rsi], eax`
+        // without the lock), but the write's offset is not where rsi
+        // points: candidates to name, never ones to undo.
+        let code = [0xf0, 0x0f, 0xc1, 0x06];
+        let mut gprs = [0u64; 16];
+        gprs[6] = 0x2000; // rsi
+        let w = writers(&code, 0x1004, &gprs, 0x5008, 4);
+        assert!(w.iter().any(|w| w.start == 0x1000), "{w:?}");
+        assert!(w.iter().all(|w| !w.exact));
+        assert!(trusted_writer(&code, 0x1004, &w, None).is_none());
+        // At the right offset both forms are exact: the locked one is taken.
+        let w = writers(&code, 0x1004, &gprs, 0x7000, 4);
+        assert_eq!(
+            trusted_writer(&code, 0x1004, &w, None).map(|w| w.start),
+            Some(0x1000)
+        );
+        // A GS override in front changes the address: ambiguous, none.
+        let code = [0x65, 0x0f, 0xc1, 0x06];
+        let w = writers(&code, 0x1004, &gprs, 0x7000, 4);
+        assert!(w.iter().filter(|w| w.exact).count() >= 2, "{w:?}");
+        assert!(trusted_writer(&code, 0x1004, &w, None).is_none());
+    }
+
+    #[test]
+    fn a_repeated_string_store_at_rip_is_the_writer() {
+        // rep stosb; rep movsq; plain stosb; mov [rdi], al
+        assert!(rep_string_store_at(&[0xf3, 0xaa], 0x10).is_some());
+        assert!(rep_string_store_at(&[0xf3, 0x48, 0xa5], 0x10).is_some());
+        assert!(rep_string_store_at(&[0xaa], 0x10).is_none());
+        assert!(rep_string_store_at(&[0x88, 0x07], 0x10).is_none());
+        let rep = rep_string_store_at(&[0xf3, 0xaa], 0x10).unwrap();
+        assert_eq!(
+            trusted_writer(&[], 0x10, &[], Some(&rep)).map(|w| w.start),
+            Some(0x10)
+        );
     }
 }

@@ -380,10 +380,19 @@ impl Engine {
         };
         let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
         let code = code_before(&virt, w.rip_after);
-        let writers: Vec<u64> = writer::writers(&code, w.rip_after, &regs.gprs(), w.gpa, w.len)
-            .iter()
-            .map(|c| c.start)
-            .collect();
+        let mut at_rip = [0u8; MAX_INSN];
+        let rep = virt
+            .read(w.rip_after, &mut at_rip, Access::Inspect)
+            .ok()
+            .and_then(|()| writer::rep_string_store_at(&at_rip, w.rip_after));
+        let writers: Vec<u64> = match rep {
+            // Not the last iteration: RIP is still at the writer.
+            Some(r) => vec![r.start],
+            None => writer::writers(&code, w.rip_after, &regs.gprs(), w.gpa, w.len)
+                .iter()
+                .map(|c| c.start)
+                .collect(),
+        };
         let writer_name = self
             .guest
             .location(writers.first().copied().unwrap_or(w.rip_after - 1));

@@ -4,7 +4,9 @@
 
 use guest_access::Regs;
 use iced_x86::{Mnemonic, OpKind};
-pub(crate) use insn_emu::writer::{is_rmw, writers, Writer, MAX_INSN};
+pub(crate) use insn_emu::writer::{
+    is_rmw, rep_string_store_at, trusted_writer, writers, Writer, MAX_INSN,
+};
 use insn_emu::writer::{mask, read_reg, write_reg};
 
 /// RFLAGS.ZF (bit 6; iced's `RflagsBits` numbers flags its own way).

@@ -91,19 +91,23 @@ impl VcpuRunner {
             Ok(r) => r,
             Err(e) => return Conflict::Unknown(e.to_string()),
         };
+        let mut at_rip = [0u8; MAX_INSN];
+        let rep = match self.read_virt(regs.rip, &mut at_rip) {
+            Ok(()) => rmw::rep_string_store_at(&at_rip, regs.rip),
+            Err(_) => None,
+        };
         let code = self.code_before(regs.rip);
         let writers = rmw::writers(&code, regs.rip, &regs.gprs(), gpa, len);
-        if writers.len() > 1 && writers.iter().any(|w| rmw::is_rmw(&w.insn)) {
-            tracing::debug!(
-                "vCPU {}: {} candidate writers before {:#x}; taking the longest",
-                self.index,
+        match rmw::trusted_writer(&code, regs.rip, &writers, rep.as_ref()) {
+            Some(w) => rmw::on_conflict(&w, &regs, data),
+            // Undoing the wrong instruction would corrupt the guest; a
+            // plain store needs no undoing anyway.
+            None if writers.iter().all(|w| !rmw::is_rmw(&w.insn)) => Conflict::Complete,
+            None => Conflict::Unknown(format!(
+                "{} candidate writers end at {:#x}, none matches the write exactly",
                 writers.len(),
                 regs.rip
-            );
-        }
-        match writers.first() {
-            Some(w) => rmw::on_conflict(w, &regs, data),
-            None => Conflict::Unknown(format!("no writing instruction ends at {:#x}", regs.rip)),
+            )),
         }
     }
 
