@@ -232,15 +232,18 @@ impl Value {
 /// invalid UTF-8 as `\xNN` so a trace line stays one printable line.
 fn write_escaped(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
     for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c.is_control() {
-                for b in c.to_string().bytes() {
-                    write!(f, "\\x{b:02x}")?;
-                }
-            } else {
-                write!(f, "{c}")?;
+        // Printable runs go out whole (one write, not one per character).
+        let mut rest = chunk.valid();
+        while let Some(at) = rest.find(char::is_control) {
+            f.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            let mut utf8 = [0u8; 4];
+            for b in c.encode_utf8(&mut utf8).bytes() {
+                write!(f, "\\x{b:02x}")?;
             }
+            rest = &rest[at + c.len_utf8()..];
         }
+        f.write_str(rest)?;
         for b in chunk.invalid() {
             write!(f, "\\x{b:02x}")?;
         }

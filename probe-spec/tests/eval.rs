@@ -410,3 +410,22 @@ fn reusing_a_value_reads_the_string_into_its_buffer_and_changes_nothing_else() {
         Value::Fault { addr: 0xdead_0000 }
     );
 }
+
+#[test]
+fn string_text_escapes_each_control_byte_and_keeps_printable_runs() {
+    let v = Value::Str {
+        bytes: "tab\there\u{85}é\n"
+            .as_bytes()
+            .iter()
+            .copied()
+            .chain([0xfe, b'z'])
+            .collect(),
+        truncated: false,
+    };
+    assert_eq!(v.to_string(), "\"tab\\x09here\\xc2\\x85é\\x0a\\xfez\"");
+    let plain = Value::Str {
+        bytes: b"/etc/hostname".to_vec(),
+        truncated: false,
+    };
+    assert_eq!(plain.to_string(), "\"/etc/hostname\"");
+}
