@@ -137,14 +137,58 @@ pub(crate) enum Interest {
     Fetch,
 }
 
-/// All subscribers.
-#[derive(Default)]
+/// Argument lists kept for reuse at most: a consumer's batch or two. Each
+/// holds its values (strings keep their buffers, at most the longest string
+/// fetched, 4 KiB by default).
+const SPARE_ARG_LISTS: usize = 1024;
+
+/// All subscribers, and the argument lists consumers gave back.
 pub(crate) struct EventBus {
     subs: RwLock<Vec<Arc<SubscriberQueue>>>,
     next_id: AtomicU64,
+    /// Argument lists of consumed events ([`Subscription::recycle`]),
+    /// values kept: the next events are fetched into them, so a consumer
+    /// that gives its events back makes every hit allocation-free.
+    spare_args: ArrayQueue<Vec<Value>>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        EventBus {
+            subs: RwLock::default(),
+            next_id: AtomicU64::new(0),
+            spare_args: ArrayQueue::new(SPARE_ARG_LISTS),
+        }
+    }
 }
 
 impl EventBus {
+    /// An argument list to fetch into: a given-back one (with its old
+    /// values, to be overwritten), else a new empty one.
+    pub fn take_args(&self) -> Vec<Value> {
+        self.spare_args.pop().unwrap_or_default()
+    }
+
+    /// Keep `args` for a later event (freed when enough are kept).
+    fn give_back_args(&self, args: Vec<Value>) {
+        if args.capacity() > 0 {
+            let _ = self.spare_args.push(args);
+        }
+    }
+
+    /// Keep what `ev` owns for later events.
+    fn give_back(&self, ev: Event) {
+        if let EventKind::Return { entry_args, .. } = ev.kind {
+            self.give_back_args(entry_args);
+        }
+        self.give_back_args(ev.args);
+    }
+
+    #[cfg(test)]
+    pub fn spare_count(&self) -> usize {
+        self.spare_args.len()
+    }
+
     /// Whether a hit of `probe` must be fetched; when every interested
     /// queue is full, counts the loss right here instead.
     pub fn interest(&self, probe: ProbeId) -> Interest {
@@ -190,8 +234,10 @@ impl EventBus {
                 dropped += Self::push(t, ev.clone());
             }
         }
-        if let Some(t) = taker {
-            dropped += Self::push(t, ev);
+        match taker {
+            Some(t) => dropped += Self::push(t, ev),
+            // Filtered out everywhere: its buffers serve the next event.
+            None => self.give_back(ev),
         }
         dropped
     }
@@ -259,8 +305,25 @@ impl Subscription {
         v
     }
 
+    /// [`Self::drain`] into `out` (appended), reusing its capacity.
+    pub fn drain_into(&self, out: &mut Vec<Event>, max: usize) {
+        for _ in 0..max {
+            match self.queue.queue.pop() {
+                Some(e) => out.push(e),
+                None => break,
+            }
+        }
+    }
+
     pub fn pop(&self) -> Option<Event> {
         self.queue.queue.pop()
+    }
+
+    /// Give a consumed event back: its argument lists (values and string
+    /// buffers) are reused for later events instead of new allocations on
+    /// the vCPU threads. Optional; an event simply dropped is freed.
+    pub fn recycle(&self, ev: Event) {
+        self.bus.give_back(ev);
     }
 
     /// Events dropped for this subscriber since the last call (a full queue).
@@ -378,6 +441,46 @@ mod tests {
             assert_eq!(got[0].args[0], Value::Unsigned { bits: 8, value: 5 });
         }
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn recycled_events_give_their_argument_lists_to_later_events() {
+        let bus = Arc::new(EventBus::default());
+        let sub = bus.subscribe(opts(4));
+        assert!(bus.take_args().capacity() == 0, "nothing given back yet");
+        let mut e = ev(1);
+        e.args.push(Value::Unsigned { bits: 8, value: 5 });
+        let args_at = e.args.as_ptr();
+        let mut r = ev(2);
+        r.kind = EventKind::Return {
+            func: 0,
+            return_to: 0,
+            retval: 0,
+            duration_ns: 0,
+            entry_args: vec![Value::Char { value: 1 }],
+        };
+        let entry_at = match &r.kind {
+            EventKind::Return { entry_args, .. } => entry_args.as_ptr(),
+            EventKind::Entry => unreachable!(),
+        };
+        bus.publish(e);
+        bus.publish(r);
+        for e in sub.drain(4) {
+            sub.recycle(e);
+        }
+        // The return's own list is empty (never allocated): not kept.
+        assert_eq!(bus.spare_count(), 2);
+        let got: Vec<_> = (0..2).map(|_| bus.take_args()).collect();
+        assert_eq!(got[0].as_ptr(), args_at);
+        assert_eq!(got[1].as_ptr(), entry_at);
+        // Values stay, for the next fetch to overwrite in place.
+        assert_eq!(got[0], vec![Value::Unsigned { bits: 8, value: 5 }]);
+        assert_eq!(bus.spare_count(), 0);
+        // Bounded: what does not fit is freed.
+        for _ in 0..SPARE_ARG_LISTS + 5 {
+            bus.give_back_args(Vec::with_capacity(1));
+        }
+        assert_eq!(bus.spare_count(), SPARE_ARG_LISTS);
     }
 
     #[test]

@@ -129,6 +129,11 @@ pub(crate) struct Reporter<'a> {
 }
 
 impl Reporter<'_> {
+    /// An argument list a consumer gave back, or a new one.
+    pub fn take_args(&self) -> Vec<Value> {
+        self.bus.take_args()
+    }
+
     pub fn has_subscribers(&self) -> bool {
         self.bus.has_subscribers()
     }
@@ -168,24 +173,21 @@ impl Reporter<'_> {
     /// Values of the arguments of `def` that `pick` accepts, in order. Only
     /// values: names and types are the definition's, and sharing them per
     /// event (reference counts touched by vCPU and consumer threads alike)
-    /// cost more than the fetch itself.
+    /// cost more than the fetch itself. The list is one that a consumer gave
+    /// back when there is one (no allocation then).
     pub fn fetch<C: FetchContext + ?Sized>(
         &self,
         def: &ProbeDef,
         ctx: &C,
         pick: impl Fn(&probe_spec::FetchArg) -> bool,
     ) -> Vec<Value> {
-        let opts = EvalOptions {
-            max_string_len: self.max_string_len,
-        };
-        def.args
-            .iter()
-            .filter(|a| pick(a))
-            .map(|a| probe_spec::evaluate_value(a, ctx, &opts))
-            .collect()
+        let mut out = self.bus.take_args();
+        self.fetch_into(def, ctx, pick, &mut out);
+        out
     }
 
-    /// [`Self::fetch`] into `out` (cleared first), reusing its capacity.
+    /// [`Self::fetch`] into `out`, overwriting its values: their string
+    /// buffers are read into again, so a list used before allocates nothing.
     pub fn fetch_into<C: FetchContext + ?Sized>(
         &self,
         def: &ProbeDef,
@@ -196,13 +198,18 @@ impl Reporter<'_> {
         let opts = EvalOptions {
             max_string_len: self.max_string_len,
         };
-        out.clear();
-        out.extend(
-            def.args
-                .iter()
-                .filter(|a| pick(a))
-                .map(|a| probe_spec::evaluate_value(a, ctx, &opts)),
-        );
+        let mut n = 0;
+        for a in def.args.iter().filter(|a| pick(a)) {
+            match out.get_mut(n) {
+                Some(slot) => {
+                    let old = std::mem::replace(slot, Value::Char { value: 0 });
+                    *slot = probe_spec::evaluate_value_reusing(a, ctx, &opts, old);
+                }
+                None => out.push(probe_spec::evaluate_value(a, ctx, &opts)),
+            }
+            n += 1;
+        }
+        out.truncate(n);
     }
 
     /// A kprobe hit: its entry event, if anyone wants it.

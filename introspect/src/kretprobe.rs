@@ -59,19 +59,20 @@ impl Live {
         self.spare_lists.pop().unwrap_or_default()
     }
 
-    /// Entry-argument buffers (empty), from the spares if there are some.
+    /// Entry-argument buffers, from the spares if there are some (with an
+    /// earlier instance's values, which the next fetch overwrites).
     fn args(&mut self) -> (Vec<Value>, EntryArgs) {
         self.spare_args.pop().unwrap_or_default()
     }
 
     /// Keep the buffers of `list`'s instances and the list itself; the
-    /// instances (and their probe references) are dropped.
+    /// instances (and their probe references) are dropped. The argument
+    /// values stay: the next entry's fetch overwrites them in place,
+    /// reusing their string buffers.
     fn recycle(&mut self, mut list: Vec<Instance>) {
         for i in list.drain(..) {
             if self.spare_args.len() < SPARE_MAX {
-                let (mut args, saved) = (i.entry_args, i.saved);
-                args.clear();
-                self.spare_args.push((args, saved));
+                self.spare_args.push((i.entry_args, i.saved));
             }
         }
         if self.spare_lists.len() < SPARE_MAX {
@@ -177,7 +178,10 @@ impl Kretprobes {
                 }
                 // Nothing of an earlier instance's arguments stays (a
                 // snapshot would save them).
-                None => saved = EntryArgs::default(),
+                None => {
+                    entry_args.clear();
+                    saved = EntryArgs::default();
+                }
             }
             taken.push(Instance {
                 probe: p.clone(),
@@ -270,9 +274,9 @@ impl Kretprobes {
                         return_to,
                         retval: regs.rax,
                         duration_ns: i.entered.elapsed().as_nanos() as u64,
-                        // The event owns them now; the next entry
-                        // fills a new buffer.
-                        entry_args: std::mem::take(&mut i.entry_args),
+                        // The event owns them now; the instance keeps
+                        // a given-back list for the next entry.
+                        entry_args: std::mem::replace(&mut i.entry_args, reporter.take_args()),
                     },
                     task: ctx.current_task(),
                     args,

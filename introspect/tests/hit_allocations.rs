@@ -4,7 +4,9 @@
 //! (site lookup, page walk, emulation, slot, kretprobe instance, event
 //! numbering) allocates nothing; a delivered event allocates exactly its own
 //! payload (the argument list, and each string's bytes), which the consumer
-//! owns afterwards.
+//! owns afterwards, unless the consumer gives its events back
+//! (`Subscription::recycle`, as the service's stream does): then a hit
+//! allocates nothing either.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -62,17 +64,28 @@ static GLOBAL: Counting = Counting;
 const WARM_UP: u64 = 64;
 const HITS: u64 = 1000;
 
-/// Allocations per hit of `shape` once warm, on this thread.
-fn allocations_per_hit(r: &Rig, shape: Shape, drain: &dyn Fn()) -> f64 {
+/// Hits between two calls of a consumer that runs while allocations count.
+const CONSUME_EVERY: u64 = 32;
+
+/// Allocations per hit of `shape` once warm, on this thread. `drain` runs
+/// before and after the counted hits, `consume` every [`CONSUME_EVERY`]
+/// hits, warm-up and counted alike (its own allocations count too).
+fn allocations_per_hit(r: &Rig, shape: Shape, drain: &dyn Fn(), consume: &dyn Fn()) -> f64 {
     let mut h = Hitter::new(r, shape);
-    for _ in 0..WARM_UP {
+    for i in 0..WARM_UP {
         h.hit(r);
+        if (i + 1) % CONSUME_EVERY == 0 {
+            consume();
+        }
     }
     drain();
     ALLOCATIONS.with(|n| n.set(0));
     COUNTING.with(|on| on.set(true));
-    for _ in 0..HITS {
+    for i in 0..HITS {
         h.hit(r);
+        if (i + 1) % CONSUME_EVERY == 0 {
+            consume();
+        }
     }
     COUNTING.with(|on| on.set(false));
     drain();
@@ -98,7 +111,7 @@ fn the_engine_allocates_nothing_per_hit_without_a_taker() {
         .map(|&shape| {
             let r = rig();
             shape.register(&r);
-            (shape, allocations_per_hit(&r, shape, &|| {}))
+            (shape, allocations_per_hit(&r, shape, &|| {}, &|| {}))
         })
         .collect();
     let want: Vec<(Shape, f64)> = Shape::ALL.iter().map(|&s| (s, 0.0)).collect();
@@ -116,7 +129,7 @@ fn a_subscriber_that_selects_other_probes_costs_no_allocation() {
                 select: Some(Box::new(|_| false)),
                 ..SubscribeOptions::new(16)
             });
-            let n = allocations_per_hit(&r, shape, &|| {});
+            let n = allocations_per_hit(&r, shape, &|| {}, &|| {});
             assert!(sub.is_empty());
             (shape, n)
         })
@@ -136,11 +149,38 @@ fn a_delivered_event_allocates_only_its_own_payload() {
             let r = rig();
             shape.register(&r);
             let sub = r.engine.subscribe(4 * HITS as usize, None, None);
-            let n = allocations_per_hit(&r, shape, &|| drop(sub.drain(usize::MAX)));
+            let n = allocations_per_hit(&r, shape, &|| drop(sub.drain(usize::MAX)), &|| {});
             assert_eq!(sub.dropped_total(), 0);
             (shape, n)
         })
         .collect();
     let want: Vec<(Shape, f64)> = Shape::ALL.iter().map(|&s| (s, payload(s))).collect();
     assert_eq!(got, want, "allocations per delivered event");
+}
+
+#[test]
+fn a_delivered_event_allocates_nothing_when_the_consumer_gives_events_back() {
+    let got: Vec<(Shape, f64)> = Shape::ALL
+        .iter()
+        .map(|&shape| {
+            let r = rig();
+            shape.register(&r);
+            let sub = r.engine.subscribe(4 * HITS as usize, None, None);
+            // A consumer that takes events one by one as they come and
+            // gives each back once done with it.
+            let recycle = || {
+                while let Some(e) = sub.pop() {
+                    sub.recycle(e);
+                }
+            };
+            let n = allocations_per_hit(&r, shape, &recycle, &recycle);
+            assert_eq!(sub.dropped_total(), 0);
+            (shape, n)
+        })
+        .collect();
+    let want: Vec<(Shape, f64)> = Shape::ALL.iter().map(|&s| (s, 0.0)).collect();
+    assert_eq!(
+        got, want,
+        "allocations per delivered event, events given back"
+    );
 }

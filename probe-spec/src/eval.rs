@@ -232,15 +232,18 @@ impl Value {
 /// invalid UTF-8 as `\xNN` so a trace line stays one printable line.
 fn write_escaped(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
     for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c.is_control() {
-                for b in c.to_string().bytes() {
-                    write!(f, "\\x{b:02x}")?;
-                }
-            } else {
-                write!(f, "{c}")?;
+        // Printable runs go out whole (one write, not one per character).
+        let mut rest = chunk.valid();
+        while let Some(at) = rest.find(char::is_control) {
+            f.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            let mut utf8 = [0u8; 4];
+            for b in c.encode_utf8(&mut utf8).bytes() {
+                write!(f, "\\x{b:02x}")?;
             }
+            rest = &rest[at + c.len_utf8()..];
         }
+        f.write_str(rest)?;
         for b in chunk.invalid() {
             write!(f, "\\x{b:02x}")?;
         }
@@ -348,7 +351,23 @@ pub fn evaluate_value<C: FetchContext + ?Sized>(
     ctx: &C,
     opts: &EvalOptions,
 ) -> Value {
-    eval_value(&arg.expr, &arg.ty, ctx, opts)
+    eval_value(&arg.expr, &arg.ty, ctx, opts, Vec::new())
+}
+
+/// [`evaluate_value`] that may reuse `old`, a value of an earlier hit that
+/// nobody needs any more: a string read into its buffer allocates nothing
+/// once the buffer is large enough (a probe hit's steady state).
+pub fn evaluate_value_reusing<C: FetchContext + ?Sized>(
+    arg: &FetchArg,
+    ctx: &C,
+    opts: &EvalOptions,
+    old: Value,
+) -> Value {
+    let buf = match old {
+        Value::Str { bytes, .. } => bytes,
+        _ => Vec::new(),
+    };
+    eval_value(&arg.expr, &arg.ty, ctx, opts, buf)
 }
 
 /// Memory address a memory-reading expression reads from, and whether it is
@@ -404,14 +423,16 @@ fn scalar<C: FetchContext + ?Sized>(e: &FetchExpr, ctx: &C) -> Result<u64, Fetch
     }
 }
 
+/// `buf`: where a string may be read (its capacity reused).
 fn eval_value<C: FetchContext + ?Sized>(
     e: &FetchExpr,
     ty: &FetchType,
     ctx: &C,
     opts: &EvalOptions,
+    buf: Vec<u8>,
 ) -> Value {
     let r = match (ty.base, ty.array) {
-        (BaseType::String | BaseType::UString, None) => fetch_string(e, ty.base, ctx, opts),
+        (BaseType::String | BaseType::UString, None) => fetch_string(e, ty.base, ctx, opts, buf),
         (BaseType::String | BaseType::UString, Some(n)) => string_array(e, ty.base, n, ctx, opts),
         (BaseType::SymStr, _) => scalar(e, ctx).map(|v| Value::Str {
             bytes: ctx
@@ -512,6 +533,7 @@ fn fetch_string<C: FetchContext + ?Sized>(
     base: BaseType,
     ctx: &C,
     opts: &EvalOptions,
+    buf: Vec<u8>,
 ) -> Result<Value, FetchError> {
     let user_type = base == BaseType::UString;
     match e {
@@ -534,7 +556,7 @@ fn fetch_string<C: FetchContext + ?Sized>(
                 Some(a) => a,
                 None => (scalar(e, ctx)?, false),
             };
-            read_string(ctx, user || user_type, addr, opts.max_string_len)
+            read_string(ctx, user || user_type, addr, opts.max_string_len, buf)
         }
     }
 }
@@ -556,44 +578,52 @@ fn string_array<C: FetchContext + ?Sized>(
     let elements = (0..u64::from(n))
         .map(|i| {
             read_u64(ctx, user, addr.wrapping_add(8 * i))
-                .and_then(|p| read_string(ctx, user, p, opts.max_string_len))
+                .and_then(|p| read_string(ctx, user, p, opts.max_string_len, Vec::new()))
                 .unwrap_or_else(Value::from_error)
         })
         .collect();
     Ok(Value::Array { elements })
 }
 
-/// Reads a NUL-terminated string, page by page so a string that ends just
-/// before an unmapped page is still read.
+/// Bytes of a string's first read: most strings the kernel passes (paths,
+/// names) end within it, so one read (one translation) fetches them.
+const FIRST_STRING_READ: usize = 128;
+/// Bytes of each later read.
+const NEXT_STRING_READ: usize = 512;
+
+/// Reads a NUL-terminated string into `out` (cleared first, its capacity
+/// reused), page by page so a string that ends just before an unmapped page
+/// is still read.
 fn read_string<C: FetchContext + ?Sized>(
     ctx: &C,
     user: bool,
     addr: u64,
     max: usize,
+    mut out: Vec<u8>,
 ) -> Result<Value, FetchError> {
     const PAGE: u64 = 4096;
-    // Most strings are short: a small first read, larger ones after. Reads
-    // never cross a page, so a string ending just before an unmapped page
-    // does not fault.
-    let mut buf = [0u8; 256];
-    let mut chunk = 64;
-    let mut out = Vec::new();
+    out.clear();
+    let mut chunk = FIRST_STRING_READ;
     let mut a = addr;
     while out.len() < max {
+        // Reads never cross a page, so a string ending just before an
+        // unmapped page does not fault.
         let to_page_end = (PAGE - (a % PAGE)) as usize;
         let n = to_page_end.min(max - out.len()).min(chunk);
-        let buf = &mut buf[..n];
-        read(ctx, user, a, buf)?;
-        if let Some(z) = buf.iter().position(|b| *b == 0) {
-            out.extend_from_slice(&buf[..z]);
+        let start = out.len();
+        out.resize(start + n, 0);
+        read(ctx, user, a, &mut out[start..])?;
+        // The word-at-a-time search of the standard library.
+        if let Ok(s) = std::ffi::CStr::from_bytes_until_nul(&out[start..]) {
+            let z = s.to_bytes().len();
+            out.truncate(start + z);
             return Ok(Value::Str {
                 bytes: out,
                 truncated: false,
             });
         }
-        out.extend_from_slice(buf);
         a = a.wrapping_add(n as u64);
-        chunk = 256;
+        chunk = NEXT_STRING_READ;
     }
     Ok(Value::Str {
         bytes: out,

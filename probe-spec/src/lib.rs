@@ -46,8 +46,8 @@ pub use ast::{
 };
 pub use error::{ErrorCode, Excerpt, ParseError, EXCERPT_RADIUS};
 pub use eval::{
-    evaluate, evaluate_arg, evaluate_value, format_event_line, ArgValue, AtReturn, EntryArgs,
-    EvalOptions, Fault, FetchContext, FetchError, Value,
+    evaluate, evaluate_arg, evaluate_value, evaluate_value_reusing, format_event_line, ArgValue,
+    AtReturn, EntryArgs, EvalOptions, Fault, FetchContext, FetchError, Value,
 };
 pub use filter::{
     glob_match, EventFields, FieldKind, FieldValue, Fields, Filter, FilterExpr, FilterOp, Operand,

@@ -355,3 +355,77 @@ fn event_line_and_json() {
     .unwrap();
     assert_eq!(text["bytes"], "/etc/hostname");
 }
+
+#[test]
+fn reusing_a_value_reads_the_string_into_its_buffer_and_changes_nothing_else() {
+    let mut cpu = FakeVcpu::default();
+    // Strings of every length around the read sizes, one ending at a page
+    // end; the same answers as a fresh evaluation, in the old buffer.
+    let def = parse_probe("p f s=+0(%si):string n=%di:u32").unwrap();
+    let opts = EvalOptions::default();
+    let mut old = Value::Str {
+        bytes: Vec::with_capacity(2048),
+        truncated: false,
+    };
+    for (i, len) in [0usize, 1, 63, 64, 127, 128, 129, 600, 700, 1500]
+        .into_iter()
+        .enumerate()
+    {
+        let at = 0x60_000 + 0x1000 * i as u64 + 0x7f0;
+        let text: Vec<u8> = (0..len).map(|k| b'a' + (k % 26) as u8).collect();
+        cpu.write(at, &text).write(at + len as u64, b"\0");
+        cpu.set(Reg::Si, at);
+        let fresh = evaluate_value(&def.args[0], &cpu, &opts);
+        let before = match &old {
+            Value::Str { bytes, .. } => bytes.as_ptr(),
+            _ => unreachable!(),
+        };
+        let got = evaluate_value_reusing(&def.args[0], &cpu, &opts, old);
+        assert_eq!(got, fresh, "length {len}");
+        assert_eq!(
+            got,
+            Value::Str {
+                bytes: text,
+                truncated: false
+            }
+        );
+        match &got {
+            Value::Str { bytes, .. } => assert_eq!(bytes.as_ptr(), before, "length {len}"),
+            _ => unreachable!(),
+        }
+        old = got;
+    }
+    // A number, or a fault, in place of an old string: the same as fresh.
+    cpu.set(Reg::Di, 7).set(Reg::Si, 0xdead_0000);
+    for a in &def.args {
+        let old = Value::Str {
+            bytes: b"stale".to_vec(),
+            truncated: true,
+        };
+        let fresh = evaluate_value(a, &cpu, &opts);
+        assert_eq!(evaluate_value_reusing(a, &cpu, &opts, old), fresh);
+    }
+    assert_eq!(
+        evaluate_value_reusing(&def.args[0], &cpu, &opts, Value::Char { value: 1 }),
+        Value::Fault { addr: 0xdead_0000 }
+    );
+}
+
+#[test]
+fn string_text_escapes_each_control_byte_and_keeps_printable_runs() {
+    let v = Value::Str {
+        bytes: "tab\there\u{85}é\n"
+            .as_bytes()
+            .iter()
+            .copied()
+            .chain([0xfe, b'z'])
+            .collect(),
+        truncated: false,
+    };
+    assert_eq!(v.to_string(), "\"tab\\x09here\\xc2\\x85é\\x0a\\xfez\"");
+    let plain = Value::Str {
+        bytes: b"/etc/hostname".to_vec(),
+        truncated: false,
+    };
+    assert_eq!(plain.to_string(), "\"/etc/hostname\"");
+}

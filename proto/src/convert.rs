@@ -111,6 +111,35 @@ impl From<&probe_spec::Value> for v1::Value {
     }
 }
 
+/// By value: a string's bytes move into the message (no copy of `raw`).
+impl From<probe_spec::Value> for v1::Value {
+    fn from(v: probe_spec::Value) -> Self {
+        use probe_spec::Value as V;
+        use v1::value::Kind;
+        match v {
+            V::Str { bytes, truncated } => v1::Value {
+                kind: Some(Kind::String(v1::StringValue {
+                    text: String::from_utf8_lossy(&bytes).into_owned(),
+                    raw: bytes,
+                    truncated,
+                })),
+            },
+            V::Symbol { addr, name } => v1::Value {
+                kind: Some(Kind::Symbol(v1::SymbolValue {
+                    address: addr,
+                    symbol: name.unwrap_or_default(),
+                })),
+            },
+            V::Array { elements } => v1::Value {
+                kind: Some(Kind::Array(v1::ArrayValue {
+                    elements: elements.into_iter().map(v1::Value::from).collect(),
+                })),
+            },
+            other => v1::Value::from(&other),
+        }
+    }
+}
+
 impl From<&probe_spec::ArgValue> for v1::FetchedArg {
     fn from(a: &probe_spec::ArgValue) -> Self {
         v1::FetchedArg {
@@ -208,6 +237,52 @@ pub fn spec_to_line(spec: &v1::ProbeSpec) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_converts_the_same_by_value_and_by_reference() {
+        use probe_spec::Value as V;
+        let all = vec![
+            V::Unsigned { bits: 8, value: 5 },
+            V::Signed {
+                bits: 32,
+                value: -2,
+            },
+            V::Hex {
+                bits: 64,
+                value: 0xff,
+            },
+            V::Char { value: b'x' },
+            V::Str {
+                bytes: b"a\xffb".to_vec(),
+                truncated: true,
+            },
+            V::Symbol {
+                addr: 0x10,
+                name: Some("f+0x0/0x4".into()),
+            },
+            V::Symbol {
+                addr: 0x20,
+                name: None,
+            },
+            V::Array {
+                elements: vec![
+                    V::Str {
+                        bytes: b"x".to_vec(),
+                        truncated: false,
+                    },
+                    V::Fault { addr: 8 },
+                ],
+            },
+            V::Fault { addr: 0x99 },
+            V::Unavailable {
+                reason: "why".into(),
+            },
+        ];
+        for v in all {
+            let by_ref = v1::Value::from(&v);
+            assert_eq!(v1::Value::from(v.clone()), by_ref, "{v:?}");
+        }
+    }
 
     #[test]
     fn invalid_definition_status_carries_details() {

@@ -418,13 +418,14 @@ async fn pump(
     let mut pending = Batch::new(p.packed, p.batch);
     let mut batch_started: Option<tokio::time::Instant> = None;
     let mut last_ts = now_ns();
+    let mut evs = Vec::with_capacity(p.batch);
     'serve: loop {
         // Drops counted before this drain happened after the events still
         // queued were pushed (a full queue takes nothing new until drained),
         // so those events go out first, then the lost record.
         let lost = sub.take_dropped();
         let room = p.batch - pending.len();
-        let evs = sub.drain(room);
+        sub.drain_into(&mut evs, room);
         if !evs.is_empty() {
             batch_started.get_or_insert_with(tokio::time::Instant::now);
             last_ts = evs.last().map_or(last_ts, |e| e.time_ns);
@@ -433,9 +434,12 @@ async fn pump(
                 .events
                 .fetch_add(evs.len() as u64, Ordering::Relaxed);
             let t = streams.probes.read().unwrap_or_else(|e| e.into_inner());
-            for ev in evs {
+            for ev in evs.drain(..) {
                 let meta = t.get(ev.probe_id).map(|m| &**m);
-                pending.push(ev, meta, &streams.symbols);
+                // Encoded by copy: its buffers go back to the vCPUs.
+                if let Some(ev) = pending.push(ev, meta, &streams.symbols) {
+                    sub.recycle(ev);
+                }
             }
         }
         let due = batch_started.is_some_and(|t| t.elapsed() >= p.delay);

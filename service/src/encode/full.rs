@@ -59,29 +59,32 @@ pub(crate) fn event(ev: Event, meta: Option<&ProbeMeta>, symbols: &Symbols) -> v
         }
     };
     // Name the values: entry-time fields first, as `values` orders them.
+    // Each value's text is made once, for its own field and for the line
+    // (which lists entry args then return-time args, as defined).
     let n_entry = entry_args.len();
-    let named: Vec<probe_spec::ArgValue> = entry_args
-        .into_iter()
-        .chain(args)
-        .enumerate()
-        .map(|(i, value)| match fields.get(i) {
-            Some(f) => probe_spec::ArgValue {
-                name: f.name.clone(),
-                ty: f.r#type.clone(),
-                value,
-            },
-            None => probe_spec::ArgValue {
-                name: format!("arg{}", i + 1),
-                ty: String::new(),
-                value,
-            },
-        })
-        .collect();
-    // Trace text lists entry args then return-time args, as defined.
-    let text = probe_spec::format_event_line(&event_name, &ip_text, &named);
-    let (entry, at_return) = named.split_at(n_entry);
+    let mut text = format!("{event_name}: ({ip_text})");
+    let mut named: Vec<v1::FetchedArg> = Vec::with_capacity(n_entry + args.len());
+    for (i, value) in entry_args.into_iter().chain(args).enumerate() {
+        let (name, ty) = match fields.get(i) {
+            Some(f) => (f.name.clone(), f.r#type.clone()),
+            None => (format!("arg{}", i + 1), String::new()),
+        };
+        let value_text = value.to_string();
+        text.reserve(name.len() + value_text.len() + 2);
+        text.push(' ');
+        text.push_str(&name);
+        text.push('=');
+        text.push_str(&value_text);
+        named.push(v1::FetchedArg {
+            name,
+            r#type: ty,
+            value: Some(v1::Value::from(value)),
+            text: value_text,
+        });
+    }
+    let at_return = named.split_off(n_entry);
     let ret = ret.map(|mut r| {
-        r.entry_args = entry.iter().map(v1::FetchedArg::from).collect();
+        r.entry_args = named;
         r
     });
     v1::Event {
@@ -105,7 +108,7 @@ pub(crate) fn event(ev: Event, meta: Option<&ProbeMeta>, symbols: &Symbols) -> v
             .as_ref()
             .and_then(|t| t.exe.as_deref())
             .map(<[u8]>::to_vec),
-        args: at_return.iter().map(v1::FetchedArg::from).collect(),
+        args: at_return,
         ret,
         text,
         policy: policy_name(meta),
@@ -118,6 +121,53 @@ pub(crate) fn event(ev: Event, meta: Option<&ProbeMeta>, symbols: &Symbols) -> v
 mod tests {
     use super::*;
     use crate::catalog::tests::return_event;
+
+    /// What the encoder made before it formatted each value once: every
+    /// argument through `ArgValue`, the line by `format_event_line`.
+    fn reference_args_and_text(ev: &Event) -> (Vec<v1::FetchedArg>, String) {
+        let fields = guess_fields(ev);
+        let (entry, name_text): (&[probe_spec::Value], _) = match &ev.kind {
+            EventKind::Entry => (&[], "0x0"),
+            EventKind::Return { entry_args, .. } => (entry_args, "0x0 <- 0x0"),
+        };
+        let named: Vec<probe_spec::ArgValue> = entry
+            .iter()
+            .chain(&ev.args)
+            .enumerate()
+            .map(|(i, v)| probe_spec::ArgValue {
+                name: fields
+                    .get(i)
+                    .map_or(format!("arg{}", i + 1), |f| f.name.clone()),
+                ty: fields.get(i).map_or(String::new(), |f| f.r#type.clone()),
+                value: v.clone(),
+            })
+            .collect();
+        let line = probe_spec::format_event_line("probe1", name_text, &named);
+        (named.iter().map(v1::FetchedArg::from).collect(), line)
+    }
+
+    #[test]
+    fn fields_and_line_are_those_of_the_per_argument_conversion() {
+        let mut ev = return_event();
+        ev.args.push(probe_spec::Value::Str {
+            bytes: b"tab\there\xff".to_vec(),
+            truncated: true,
+        });
+        ev.args.push(probe_spec::Value::Array {
+            elements: vec![
+                probe_spec::Value::Hex { bits: 8, value: 3 },
+                probe_spec::Value::Fault { addr: 1 },
+            ],
+        });
+        ev.args
+            .push(probe_spec::Value::Unavailable { reason: "x".into() });
+        let (want, line) = reference_args_and_text(&ev);
+        let got = event(ev, None, &Symbols::none());
+        let mut all = got.ret.as_ref().unwrap().entry_args.clone();
+        all.extend(got.args.iter().cloned());
+        assert_eq!(all, want);
+        assert_eq!(got.text, line);
+    }
 
     #[test]
     fn events_of_unknown_probes_get_generated_names() {

@@ -37,10 +37,23 @@ impl Batch {
         }
     }
 
-    pub fn push(&mut self, ev: Event, meta: Option<&ProbeMeta>, symbols: &Symbols) {
+    /// Adds `ev`; gives it back when the encoding only borrowed it (the
+    /// caller can then return it to the engine for reuse).
+    pub fn push(
+        &mut self,
+        ev: Event,
+        meta: Option<&ProbeMeta>,
+        symbols: &Symbols,
+    ) -> Option<Event> {
         match self {
-            Batch::Full(v) => v.push(full::event(ev, meta, symbols)),
-            Batch::Packed(p) => p.push(ev, meta),
+            Batch::Full(v) => {
+                v.push(full::event(ev, meta, symbols));
+                None
+            }
+            Batch::Packed(p) => {
+                p.push(&ev, meta);
+                Some(ev)
+            }
         }
     }
 

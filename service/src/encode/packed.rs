@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use introspect::{Event, EventKind, ProbeId};
 use probe_spec::Value;
-use prost::bytes::Bytes;
+use prost::bytes::{Bytes, BytesMut};
 use proto::v1::{self, PackedKind};
 
 use crate::catalog::{guess_fields, policy_name, policy_tags, ProbeMeta};
@@ -58,6 +58,9 @@ pub(crate) struct PackedEncoder {
     last: Option<(ProbeId, Layout)>,
     comms: HashMap<[u8; 16], u32>,
     slot: u32,
+    /// The bytes of the batch's strings, one buffer: each string is a view
+    /// into it (no allocation per string).
+    text: BytesMut,
 }
 
 impl PackedEncoder {
@@ -65,10 +68,12 @@ impl PackedEncoder {
         self.batch.probe_id.len()
     }
 
-    /// Adds `ev` (consumed: its strings move into the batch).
-    pub fn push(&mut self, ev: Event, meta: Option<&ProbeMeta>) {
+    /// Adds `ev`, copying its strings into the batch's one string buffer
+    /// (the caller may give the event back to the engine afterwards: its
+    /// buffers then serve later hits).
+    pub fn push(&mut self, ev: &Event, meta: Option<&ProbeMeta>) {
         if self.last.as_ref().is_none_or(|(id, _)| *id != ev.probe_id) {
-            self.switch_probe(&ev, meta);
+            self.switch_probe(ev, meta);
         }
         let b = &mut self.batch;
         if b.probe_id.is_empty() {
@@ -110,8 +115,8 @@ impl PackedEncoder {
                 b.exe.push(0);
             }
         }
-        let (entry, args) = match ev.kind {
-            EventKind::Entry => (Vec::new(), ev.args),
+        let entry: &[Value] = match &ev.kind {
+            EventKind::Entry => &[],
             EventKind::Return {
                 return_to,
                 retval,
@@ -119,41 +124,43 @@ impl PackedEncoder {
                 entry_args,
                 ..
             } => {
-                b.retval.push(retval);
-                b.return_address.push(return_to);
-                b.duration_ns.push(duration_ns);
-                (entry_args, ev.args)
+                b.retval.push(*retval);
+                b.return_address.push(*return_to);
+                b.duration_ns.push(*duration_ns);
+                entry_args
             }
         };
         let layout = match &self.last {
             Some((_, l)) => l.clone(),
             None => Layout::from([]),
         };
-        let mut values = entry.into_iter().chain(args);
+        let mut values = entry.iter().chain(&ev.args);
+        let mut out = Slots {
+            b,
+            slot: &mut self.slot,
+            text: &mut self.text,
+        };
+        let none = Value::Unavailable {
+            reason: String::new(),
+        };
         for &(kind, count) in layout.iter() {
             match values.next() {
                 Some(Value::Array { elements }) => {
-                    let mut el = elements.into_iter();
+                    let mut el = elements.iter();
                     for _ in 0..count {
-                        let v = el.next().unwrap_or(Value::Unavailable {
-                            reason: String::new(),
-                        });
-                        put(b, &mut self.slot, kind, v);
+                        out.put(kind, el.next().unwrap_or(&none));
                     }
                 }
                 Some(v @ (Value::Fault { .. } | Value::Unavailable { .. })) => {
                     for _ in 0..count {
-                        put(b, &mut self.slot, kind, v.clone());
+                        out.put(kind, v);
                     }
                 }
-                Some(v) if count == 1 => put(b, &mut self.slot, kind, v),
+                Some(v) if count == 1 => out.put(kind, v),
                 // A value that does not fit its field: no content.
                 _ => {
                     for _ in 0..count {
-                        let v = Value::Unavailable {
-                            reason: String::new(),
-                        };
-                        put(b, &mut self.slot, kind, v);
+                        out.put(kind, &none);
                     }
                 }
             }
@@ -230,45 +237,74 @@ fn with_capacity_of(b: &v1::PackedEventBatch) -> v1::PackedEventBatch {
     }
 }
 
-/// Writes one slot of `kind` holding `v`.
-fn put(b: &mut v1::PackedEventBatch, slot: &mut u32, kind: PackedKind, v: Value) {
-    let n = *slot;
-    *slot += 1;
-    let takes_value = kind != PackedKind::String;
-    let takes_string = matches!(kind, PackedKind::String | PackedKind::Symbol);
-    let empty = |b: &mut v1::PackedEventBatch| {
-        if takes_value {
-            b.values.push(0);
+/// Bytes of string buffer taken at a time.
+const TEXT_BLOCK: usize = 64 * 1024;
+
+/// Where the values of one event go: the batch's columns, the running
+/// slot number, the batch's string buffer.
+struct Slots<'a> {
+    b: &'a mut v1::PackedEventBatch,
+    slot: &'a mut u32,
+    text: &'a mut BytesMut,
+}
+
+impl Slots<'_> {
+    /// `bytes` as a view into the batch's string buffer.
+    fn string(&mut self, bytes: &[u8]) -> Bytes {
+        if bytes.is_empty() {
+            return Bytes::new();
         }
-        if takes_string {
-            b.strings.push(Bytes::new());
+        if self.text.capacity() < bytes.len() {
+            // A new block shared by the next strings too; the old one is
+            // freed with the last message that views it.
+            self.text.reserve(bytes.len().max(TEXT_BLOCK));
         }
-    };
-    match (kind, v) {
-        (_, Value::Fault { addr }) => {
-            b.faulted.push(n);
-            b.fault_address.push(addr);
-            empty(b);
-        }
-        (PackedKind::String, Value::Str { bytes, truncated }) => {
-            if truncated {
-                b.truncated.push(n);
+        self.text.extend_from_slice(bytes);
+        self.text.split().freeze()
+    }
+
+    /// Writes one slot of `kind` holding `v`.
+    fn put(&mut self, kind: PackedKind, v: &Value) {
+        let n = *self.slot;
+        *self.slot += 1;
+        let takes_value = kind != PackedKind::String;
+        let takes_string = matches!(kind, PackedKind::String | PackedKind::Symbol);
+        let empty = |b: &mut v1::PackedEventBatch| {
+            if takes_value {
+                b.values.push(0);
             }
-            b.strings.push(Bytes::from(bytes));
-        }
-        (PackedKind::Symbol, Value::Symbol { addr, name }) => {
-            b.values.push(addr);
-            b.strings.push(name.map(Bytes::from).unwrap_or_default());
-        }
-        (PackedKind::Unsigned | PackedKind::Hex, Value::Unsigned { value, .. })
-        | (PackedKind::Unsigned | PackedKind::Hex, Value::Hex { value, .. }) => {
-            b.values.push(value)
-        }
-        (PackedKind::Signed, Value::Signed { value, .. }) => b.values.push(value as u64),
-        (PackedKind::Char, Value::Char { value }) => b.values.push(u64::from(value)),
-        _ => {
-            b.unavailable.push(n);
-            empty(b);
+            if takes_string {
+                b.strings.push(Bytes::new());
+            }
+        };
+        match (kind, v) {
+            (_, Value::Fault { addr }) => {
+                self.b.faulted.push(n);
+                self.b.fault_address.push(*addr);
+                empty(self.b);
+            }
+            (PackedKind::String, Value::Str { bytes, truncated }) => {
+                if *truncated {
+                    self.b.truncated.push(n);
+                }
+                let s = self.string(bytes);
+                self.b.strings.push(s);
+            }
+            (PackedKind::Symbol, Value::Symbol { addr, name }) => {
+                self.b.values.push(*addr);
+                let s = self.string(name.as_deref().unwrap_or("").as_bytes());
+                self.b.strings.push(s);
+            }
+            (PackedKind::Unsigned | PackedKind::Hex, Value::Unsigned { value, .. })
+            | (PackedKind::Unsigned | PackedKind::Hex, Value::Hex { value, .. }) => {
+                self.b.values.push(*value)
+            }
+            (PackedKind::Signed, Value::Signed { value, .. }) => self.b.values.push(*value as u64),
+            (PackedKind::Char, Value::Char { value }) => self.b.values.push(u64::from(*value)),
+            _ => {
+                self.b.unavailable.push(n);
+                empty(self.b);
+            }
         }
     }
 }
@@ -304,7 +340,7 @@ mod tests {
     fn slots_columns_and_markers() {
         let mut enc = PackedEncoder::default();
         enc.push(
-            entry(
+            &entry(
                 7,
                 0,
                 vec![
@@ -342,7 +378,7 @@ mod tests {
             comm: *b"sh\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
             exe: Some(b"/bin/busybox".to_vec().into()),
         });
-        enc.push(second, None);
+        enc.push(&second, None);
         assert_eq!(enc.len(), 2);
         assert_eq!(enc.known(), HashSet::from([7]));
         let out = enc.take();
@@ -375,7 +411,7 @@ mod tests {
         // Empty after take; the schema is not sent again.
         assert!(enc.take().is_empty());
         enc.push(
-            entry(7, 2, vec![Value::Signed { bits: 32, value: 1 }]),
+            &entry(7, 2, vec![Value::Signed { bits: 32, value: 1 }]),
             None,
         );
         let out = enc.take();
