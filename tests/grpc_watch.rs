@@ -16,6 +16,16 @@ use tonic::Code;
 
 const N: u64 = 40;
 
+async fn watches(
+    c: &mut v1::hv_probe_client::HvProbeClient<tonic::transport::Channel>,
+) -> Vec<v1::WatchInfo> {
+    c.list_watches(v1::ListWatchesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .watches
+}
+
 fn wait_ready(h: &Harness) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !h.console().contains("watch ready") {
@@ -87,12 +97,7 @@ fn watches_over_grpc_and_the_cli() {
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
-        let listed = c
-            .list_watches(v1::ListWatchesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .watches;
+        let listed = watches(&mut c).await;
         assert_eq!(listed.len(), 1, "refusals leave nothing: {listed:?}");
         assert_eq!(listed[0].mechanism, v1::WatchMechanism::WatchPage as i32);
         assert_eq!(listed[0].address, symbol("hv_watch_page"));
@@ -127,12 +132,7 @@ fn watches_over_grpc_and_the_cli() {
             let new = u64::from_le_bytes(hit.new_value[..8].try_into().unwrap());
             assert_eq!(new, 3 * i as u64 + 1);
         }
-        let listed = c
-            .list_watches(v1::ListWatchesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .watches;
+        let listed = watches(&mut c).await;
         assert_eq!(listed[0].hits, N);
     });
     let (code, out, err) = cli(&["ls"]);

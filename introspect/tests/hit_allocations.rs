@@ -104,36 +104,36 @@ fn payload(shape: Shape) -> f64 {
     }
 }
 
-#[test]
-fn the_engine_allocates_nothing_per_hit_without_a_taker() {
-    let got: Vec<(Shape, f64)> = Shape::ALL
+/// `measure` run for each shape on a fresh rig with the shape's probe.
+fn per_shape(measure: impl Fn(&Rig, Shape) -> f64) -> Vec<(Shape, f64)> {
+    Shape::ALL
         .iter()
         .map(|&shape| {
             let r = rig();
             shape.register(&r);
-            (shape, allocations_per_hit(&r, shape, &|| {}, &|| {}))
+            (shape, measure(&r, shape))
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn the_engine_allocates_nothing_per_hit_without_a_taker() {
+    let got = per_shape(|r, shape| allocations_per_hit(r, shape, &|| {}, &|| {}));
     let want: Vec<(Shape, f64)> = Shape::ALL.iter().map(|&s| (s, 0.0)).collect();
     assert_eq!(got, want, "allocations per hit, no subscriber");
 }
 
 #[test]
 fn a_subscriber_that_selects_other_probes_costs_no_allocation() {
-    let got: Vec<(Shape, f64)> = Shape::ALL
-        .iter()
-        .map(|&shape| {
-            let r = rig();
-            shape.register(&r);
-            let sub = r.engine.subscribe_with(SubscribeOptions {
-                select: Some(Box::new(|_| false)),
-                ..SubscribeOptions::new(16)
-            });
-            let n = allocations_per_hit(&r, shape, &|| {}, &|| {});
-            assert!(sub.is_empty());
-            (shape, n)
-        })
-        .collect();
+    let got = per_shape(|r, shape| {
+        let sub = r.engine.subscribe_with(SubscribeOptions {
+            select: Some(Box::new(|_| false)),
+            ..SubscribeOptions::new(16)
+        });
+        let n = allocations_per_hit(r, shape, &|| {}, &|| {});
+        assert!(sub.is_empty());
+        n
+    });
     let want: Vec<(Shape, f64)> = Shape::ALL.iter().map(|&s| (s, 0.0)).collect();
     assert_eq!(
         got, want,
@@ -143,41 +143,31 @@ fn a_subscriber_that_selects_other_probes_costs_no_allocation() {
 
 #[test]
 fn a_delivered_event_allocates_only_its_own_payload() {
-    let got: Vec<(Shape, f64)> = Shape::ALL
-        .iter()
-        .map(|&shape| {
-            let r = rig();
-            shape.register(&r);
-            let sub = r.engine.subscribe(4 * HITS as usize, None, None);
-            let n = allocations_per_hit(&r, shape, &|| drop(sub.drain(usize::MAX)), &|| {});
-            assert_eq!(sub.dropped_total(), 0);
-            (shape, n)
-        })
-        .collect();
+    let got = per_shape(|r, shape| {
+        let sub = r.engine.subscribe(4 * HITS as usize, None, None);
+        let n = allocations_per_hit(r, shape, &|| drop(sub.drain(usize::MAX)), &|| {});
+        assert_eq!(sub.dropped_total(), 0);
+        n
+    });
     let want: Vec<(Shape, f64)> = Shape::ALL.iter().map(|&s| (s, payload(s))).collect();
     assert_eq!(got, want, "allocations per delivered event");
 }
 
 #[test]
 fn a_delivered_event_allocates_nothing_when_the_consumer_gives_events_back() {
-    let got: Vec<(Shape, f64)> = Shape::ALL
-        .iter()
-        .map(|&shape| {
-            let r = rig();
-            shape.register(&r);
-            let sub = r.engine.subscribe(4 * HITS as usize, None, None);
-            // A consumer that takes events one by one as they come and
-            // gives each back once done with it.
-            let recycle = || {
-                while let Some(e) = sub.pop() {
-                    sub.recycle(e);
-                }
-            };
-            let n = allocations_per_hit(&r, shape, &recycle, &recycle);
-            assert_eq!(sub.dropped_total(), 0);
-            (shape, n)
-        })
-        .collect();
+    let got = per_shape(|r, shape| {
+        let sub = r.engine.subscribe(4 * HITS as usize, None, None);
+        // A consumer that takes events one by one as they come and gives
+        // each back once done with it.
+        let recycle = || {
+            while let Some(e) = sub.pop() {
+                sub.recycle(e);
+            }
+        };
+        let n = allocations_per_hit(r, shape, &recycle, &recycle);
+        assert_eq!(sub.dropped_total(), 0);
+        n
+    });
     let want: Vec<(Shape, f64)> = Shape::ALL.iter().map(|&s| (s, 0.0)).collect();
     assert_eq!(
         got, want,
