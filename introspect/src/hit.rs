@@ -128,14 +128,10 @@ impl Engine {
             }
             None => virt,
         };
-        if let Some(value) = overridden {
-            // Read [RSP] now: a kretprobe at this entry has just pointed it
-            // at the return trap, and then reports the value returned here.
-            if let Some(out) = action::override_return(&regs, &virt, value) {
-                if vcpu.set_regs(&out).is_ok() {
-                    return BreakpointAction::Resume;
-                }
-            }
+        // Read [RSP] now: a kretprobe at this entry has just pointed it at
+        // the return trap, and then reports the value returned here.
+        if overridden.is_some_and(|v| returned_at_once(vcpu, &regs, &virt, v)) {
+            return BreakpointAction::Resume;
         }
         if site.handling == Handling::Emulated && self.emulate(&site, vcpu, virt, &regs) {
             return BreakpointAction::Resume;
@@ -178,12 +174,9 @@ impl Engine {
         let trap = self.kret.trap_addr.load(Ordering::Relaxed);
         let sregs = vcpu.system_regs().unwrap_or_default();
         let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
-        if let Some(value) = self.report_hit(&site, vcpu.index() as u32, &virt, &regs, trap) {
-            if let Some(out) = action::override_return(&regs, &virt, value) {
-                if vcpu.set_regs(&out).is_ok() {
-                    return BreakpointAction::Resume;
-                }
-            }
+        let overridden = self.report_hit(&site, vcpu.index() as u32, &virt, &regs, trap);
+        if overridden.is_some_and(|v| returned_at_once(vcpu, &regs, &virt, v)) {
+            return BreakpointAction::Resume;
         }
         if site.handling == Handling::Emulated && self.emulate(&site, vcpu, virt, &regs) {
             return BreakpointAction::Resume;
@@ -427,4 +420,11 @@ impl Engine {
         text::step_in_place(&world, vm.memory(), &current, vcpu);
         BreakpointAction::Resume
     }
+}
+
+/// An `override` action: the function returns `value` at once (RAX set,
+/// the return emulated); false if the return address could not be read or
+/// the registers not set, and the function then runs as usual.
+fn returned_at_once(vcpu: &mut dyn Vcpu, regs: &Regs, virt: &GuestVirt<'_>, value: u64) -> bool {
+    action::override_return(regs, virt, value).is_some_and(|out| vcpu.set_regs(&out).is_ok())
 }
