@@ -205,8 +205,19 @@ pub(crate) fn start_observed(
         (t.named_upto.clone(), t.filtered.clone())
     };
     let probes = streams.probes.clone();
+    // Hits of a probe armed but not yet named, lost to a stream that takes
+    // every probe (one that names ids or groups cannot know it wants them).
+    let unnamed = Arc::new(AtomicU64::new(0));
+    let takes_all = ids.is_empty() && groups.is_empty();
+    let unnamed_hits = unnamed.clone();
+    let bell = Arc::new(Doorbell::default());
+    let unnamed_bell = bell.clone();
     let select = move |id: ProbeId| -> bool {
         if id > named_upto.load(Ordering::Acquire) {
+            if takes_all {
+                unnamed_hits.fetch_add(1, Ordering::Relaxed);
+                unnamed_bell.ring();
+            }
             return false;
         }
         if !ids.is_empty() && ids.binary_search(&id).is_err() {
@@ -245,7 +256,6 @@ pub(crate) fn start_observed(
             && policy.is_none_or(|p| p.admit(ev))
             && filter.as_ref().is_none_or(|f| f.matches(&view))
     };
-    let bell = Arc::new(Doorbell::default());
     let b = bell.clone();
     let sub = streams.source.subscribe_with(SubscribeOptions {
         capacity: capacity as usize,
@@ -280,7 +290,7 @@ pub(crate) fn start_observed(
         // stream's task ends.
         let _admission = admission;
         let _exe = exe_interest;
-        pump(streams, sub, bell, tx, params).await
+        pump(streams, sub, bell, unnamed, tx, params).await
     });
     Ok((ReceiverStream::new(rx), queued))
 }
@@ -412,6 +422,8 @@ async fn pump(
     streams: Arc<Streams>,
     mut sub: Subscription,
     bell: Arc<Doorbell>,
+    // Hits of probes not yet named that this stream would have taken.
+    unnamed: Arc<AtomicU64>,
     tx: Tx,
     p: Params,
 ) {
@@ -424,6 +436,7 @@ async fn pump(
         // queued were pushed (a full queue takes nothing new until drained),
         // so those events go out first, then the lost record.
         let lost = sub.take_dropped();
+        let unnamed_lost = unnamed.swap(0, Ordering::Relaxed);
         let room = p.batch - pending.len();
         sub.drain_into(&mut evs, room);
         if !evs.is_empty() {
@@ -468,6 +481,26 @@ async fn pump(
             if tx.send(Ok(msg)).await.is_err() {
                 break 'serve;
             }
+        }
+        if unnamed_lost > 0 {
+            streams
+                .totals
+                .lost
+                .fetch_add(unnamed_lost, Ordering::Relaxed);
+            let msg = v1::SubscribeResponse {
+                payload: Some(Payload::Lost(v1::LostEvents {
+                    count: unnamed_lost,
+                    since_ns: last_ts,
+                    until_ns: now_ns(),
+                    probe_ids: Vec::new(),
+                    reason: v1::LostReason::ProbeNotYetNamed as i32,
+                })),
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                break 'serve;
+            }
+        }
+        if lost > 0 || unnamed_lost > 0 {
             continue;
         }
         if !sub.is_empty() {
@@ -475,7 +508,11 @@ async fn pump(
         }
         let wait = match batch_started {
             Some(t) => p.delay.saturating_sub(t.elapsed()).min(FILL_POLL),
-            None if bell.sleep_if_empty(|| sub.is_empty()) => Duration::from_secs(3600),
+            None if bell
+                .sleep_if_empty(|| sub.is_empty() && unnamed.load(Ordering::Relaxed) == 0) =>
+            {
+                Duration::from_secs(3600)
+            }
             None => continue,
         };
         tokio::select! {

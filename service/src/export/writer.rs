@@ -36,9 +36,10 @@ pub struct ExportStats {
     pub gzip_errors: AtomicU64,
 }
 
-const REASONS: [v1::LostReason; 2] = [
+const REASONS: [v1::LostReason; 3] = [
     v1::LostReason::SubscriberQueueFull,
     v1::LostReason::ExportWriteFailed,
+    v1::LostReason::ProbeNotYetNamed,
 ];
 
 pub(super) struct Writer {
@@ -47,7 +48,7 @@ pub(super) struct Writer {
     vm: v1::VmIdentity,
     record_seq: u64,
     /// By `REASONS` index.
-    unreported: [Owed; 2],
+    unreported: [Owed; 3],
 }
 
 /// A line waiting to be written: its bytes and what it stands for.
@@ -63,7 +64,7 @@ impl Writer {
             stats,
             vm,
             record_seq: 0,
-            unreported: [Owed::default(), Owed::default()],
+            unreported: Default::default(),
         }
     }
 
@@ -87,10 +88,17 @@ impl Writer {
                 self.write(lines);
             }
             Some(Payload::Lost(l)) => {
-                self.stats
-                    .lost_queue_full
-                    .fetch_add(l.count, Ordering::Relaxed);
-                self.unreported[0].add(l.count, l.since_ns, l.until_ns);
+                // The stream's own reasons: its queue was full, or a probe
+                // was not named yet.
+                let i = if l.reason == v1::LostReason::ProbeNotYetNamed as i32 {
+                    2
+                } else {
+                    self.stats
+                        .lost_queue_full
+                        .fetch_add(l.count, Ordering::Relaxed);
+                    0
+                };
+                self.unreported[i].add(l.count, l.since_ns, l.until_ns);
                 self.retry_unreported();
             }
             _ => {}

@@ -599,3 +599,67 @@ policies:
     assert_eq!(r.policies()["deny"].probes[0].id, before);
     assert_eq!(action_of(&r, "deny"), None);
 }
+
+/// A probe the engine has armed but the service has not named yet (inside
+/// CreateProbe, between registration and naming): its hits reach no stream,
+/// and a stream that takes every probe counts them as lost, with their
+/// reason; one that names groups cannot know it wants them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn hits_of_a_probe_not_yet_named_are_counted_lost_by_streams_taking_all() {
+    let r = Arc::new(rig());
+    let all = r
+        .svc
+        .subscribe_stream(v1::SubscribeRequest {
+            max_batch_delay_ms: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    let by_group = r
+        .svc
+        .subscribe_stream(v1::SubscribeRequest {
+            max_batch_delay_ms: 1,
+            groups: vec!["early".into()],
+            ..Default::default()
+        })
+        .unwrap();
+    let def = v1::ProbeDefinition {
+        definition: Some(v1::probe_definition::Definition::KprobeEvents(
+            "p:early/fib hv_fib n=%di:s32".into(),
+        )),
+        ..Default::default()
+    };
+    let prepared = r.svc.inner.prepare(&def, None).unwrap();
+    r.engine.register_batch(vec![prepared.request]).unwrap();
+    let r2 = r.clone();
+    tokio::task::spawn_blocking(move || r2.hit("hv_fib", 5))
+        .await
+        .unwrap();
+    tokio::pin!(all);
+    let mut lost = Vec::new();
+    while lost.iter().map(|l: &v1::LostEvents| l.count).sum::<u64>() < 5 {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(5), all.next())
+            .await
+            .expect("a lost record")
+            .unwrap()
+            .unwrap();
+        match m.payload {
+            Some(Payload::Lost(l)) => lost.push(l),
+            Some(Payload::Events(b)) => panic!("events of an unnamed probe: {b:?}"),
+            _ => {}
+        }
+    }
+    assert!(lost
+        .iter()
+        .all(|l| l.reason == v1::LostReason::ProbeNotYetNamed as i32));
+    assert_eq!(lost.iter().map(|l| l.count).sum::<u64>(), 5);
+    tokio::pin!(by_group);
+    while let Ok(m) =
+        tokio::time::timeout(std::time::Duration::from_millis(200), by_group.next()).await
+    {
+        let p = m.unwrap().unwrap().payload;
+        assert!(
+            matches!(p, Some(Payload::Started(_))),
+            "a group stream got {p:?}"
+        );
+    }
+}
