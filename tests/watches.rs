@@ -151,9 +151,29 @@ fn locked_read_modify_writes_on_a_watched_page_stay_atomic_while_watches_churn()
         let counter = symbol(WATCH_WRITES_SYMBOL);
         std::thread::spawn(move || {
             let mut rounds = 0u64;
+            // The guest may end between a round and `stop`: its paging is
+            // gone then, and a watch by virtual address is refused
+            // (NoPaging). That ends the churn; any other refusal fails.
+            let ended = |e: &dyn std::fmt::Debug| {
+                let e = format!("{e:?}");
+                assert!(e.starts_with("NoPaging"), "watch refused mid-run: {e}");
+            };
             while !stop.load(Ordering::SeqCst) {
-                let a = engine.watch(write_watch("lock", page + 16, 4)).unwrap();
-                let b = engine.watch(write_watch("writes", counter, 8)).unwrap();
+                let a = match engine.watch(write_watch("lock", page + 16, 4)) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        ended(&e);
+                        break;
+                    }
+                };
+                let b = match engine.watch(write_watch("writes", counter, 8)) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        ended(&e);
+                        engine.unwatch(a).unwrap();
+                        break;
+                    }
+                };
                 std::thread::sleep(Duration::from_millis(3));
                 engine.unwatch(b).unwrap();
                 engine.unwatch(a).unwrap();
