@@ -42,16 +42,27 @@ fn guest_count(g: &mut DebianGuest, pid: i32, what: &str) -> usize {
     g.type_line(&format!(
         "echo \"HVT-COUNT $(grep -c -e '-{pid} .*{what}' {T}/trace)\""
     ));
-    let line = g.wait_console("HVT-COUNT ", 300);
-    line["HVT-COUNT ".len()..].trim().parse().unwrap()
+    echoed_number(g, "HVT-COUNT ")
 }
 
 fn trouble_lines(g: &mut DebianGuest) -> usize {
     g.type_line(&format!(
         "echo \"HVT-TROUBLE $(dmesg | grep -c {TROUBLE})\""
     ));
-    let line = g.wait_console("HVT-TROUBLE ", 300);
-    line["HVT-TROUBLE ".len()..].trim().parse().unwrap()
+    echoed_number(g, "HVT-TROUBLE ")
+}
+
+/// The number the guest echoed after `tag`. The shell's echo of the typed
+/// command can start a console record too, when a kernel log line splits
+/// it ("HVT-COUNT $(grep ..."): only a number is the answer.
+fn echoed_number(g: &mut DebianGuest, tag: &str) -> usize {
+    loop {
+        let line = g.wait_console(tag, 300);
+        if let Ok(n) = line[tag.len()..].trim().parse() {
+            return n;
+        }
+        eprintln!("not the number: {line:?}");
+    }
 }
 
 fn sh(g: &mut DebianGuest, cmd: &str) {
