@@ -91,6 +91,23 @@ pub fn writers(code: &[u8], rip: u64, gprs: &[u64; 16], gpa: u64, len: usize) ->
         .collect()
 }
 
+/// Up to [`MAX_INSN`] code bytes ending just before `rip`, read with `read`
+/// (address, buffer; false when unreadable); fewer when the page before
+/// `rip`'s is unmapped, none when nothing is readable.
+pub fn code_before(rip: u64, mut read: impl FnMut(u64, &mut [u8]) -> bool) -> Vec<u8> {
+    let mut buf = vec![0u8; MAX_INSN];
+    if read(rip.wrapping_sub(MAX_INSN as u64), &mut buf) {
+        return buf;
+    }
+    let n = usize::try_from(rip & 0xfff).unwrap_or(0).min(MAX_INSN);
+    buf.truncate(n);
+    if read(rip - n as u64, &mut buf) {
+        buf
+    } else {
+        Vec::new()
+    }
+}
+
 /// A repeated string store (`rep stos`, `rep movs`) starting at `rip`
 /// (`code` holds the bytes from `rip` on): KVM leaves RIP on such an
 /// instruction until its last iteration, so the writes of the others exit

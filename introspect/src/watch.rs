@@ -379,7 +379,8 @@ impl Engine {
             return;
         };
         let virt = GuestVirt::new(vm.memory(), sregs, regs.rflags);
-        let code = code_before(&virt, w.rip_after);
+        let code =
+            writer::code_before(w.rip_after, |a, b| virt.read(a, b, Access::Inspect).is_ok());
         let mut at_rip = [0u8; MAX_INSN];
         let rep = virt
             .read(w.rip_after, &mut at_rip, Access::Inspect)
@@ -426,24 +427,6 @@ impl Engine {
         }
         q.push_back(hit);
         self.watches.hits_cv.notify_all();
-    }
-}
-
-/// Up to 15 code bytes before `rip` (fewer where the page before is unmapped).
-fn code_before(virt: &GuestVirt<'_>, rip: u64) -> Vec<u8> {
-    let mut buf = vec![0u8; MAX_INSN];
-    if virt
-        .read(rip.wrapping_sub(MAX_INSN as u64), &mut buf, Access::Inspect)
-        .is_ok()
-    {
-        return buf;
-    }
-    let n = usize::try_from(rip & 0xfff).unwrap_or(0).min(MAX_INSN);
-    let mut buf = vec![0u8; n];
-    if virt.read(rip - n as u64, &mut buf, Access::Inspect).is_ok() {
-        buf
-    } else {
-        Vec::new()
     }
 }
 

@@ -5,7 +5,7 @@
 use guest_access::Regs;
 use iced_x86::{Mnemonic, OpKind};
 pub(crate) use insn_emu::writer::{
-    is_rmw, rep_string_store_at, trusted_writer, writers, Writer, MAX_INSN,
+    code_before, is_rmw, rep_string_store_at, trusted_writer, writers, Writer, MAX_INSN,
 };
 use insn_emu::writer::{mask, read_reg, write_reg};
 

@@ -96,7 +96,7 @@ impl VcpuRunner {
             Ok(()) => rmw::rep_string_store_at(&at_rip, regs.rip),
             Err(_) => None,
         };
-        let code = self.code_before(regs.rip);
+        let code = rmw::code_before(regs.rip, |a, b| self.read_virt(a, b).is_ok());
         let writers = rmw::writers(&code, regs.rip, &regs.gprs(), gpa, len);
         match rmw::trusted_writer(&code, regs.rip, &writers, rep.as_ref()) {
             Some(w) => rmw::on_conflict(&w, &regs, data),
@@ -108,21 +108,6 @@ impl VcpuRunner {
                 writers.len(),
                 regs.rip
             )),
-        }
-    }
-
-    /// Up to 15 code bytes before `rip` (fewer where the page before is unmapped).
-    fn code_before(&mut self, rip: u64) -> Vec<u8> {
-        let mut buf = vec![0u8; MAX_INSN];
-        if self.read_virt(rip - MAX_INSN as u64, &mut buf).is_ok() {
-            return buf;
-        }
-        let in_page = usize::try_from(rip & 0xfff).unwrap_or(0).min(MAX_INSN);
-        let mut buf = vec![0u8; in_page];
-        if self.read_virt(rip - in_page as u64, &mut buf).is_ok() {
-            buf
-        } else {
-            Vec::new()
         }
     }
 }
